@@ -1,0 +1,732 @@
+//! Identity normalization and hashing per platform: raw identifiers come in, only hashes leave.
+//!
+//! Meta and Google disagree on email (Google folds gmail addresses) and phone (Google keeps the
+//! `+`), so ingest computes both forms while the raw values are still in memory; the store and
+//! the logs only ever see the results. Invalid values are dropped with a warning that names the
+//! field and the reason, never the value, and never fail the event.
+
+use crate::hashing::sha256_hex;
+use phonenumber::country::Id as Region;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Identifiers as a CRM sends them. Deliberately not `Serialize` and with a redacting `Debug`,
+/// so a raw value cannot reach a log line or the store by accident.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityInput {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub city: Option<String>,
+    pub state: Option<String>,
+    pub zip: Option<String>,
+    pub country: Option<String>,
+    pub external_id: Option<String>,
+    pub client_ip_address: Option<String>,
+    pub client_user_agent: Option<String>,
+    pub gclid: Option<String>,
+    pub gbraid: Option<String>,
+    pub wbraid: Option<String>,
+    pub fbp: Option<String>,
+    pub fbc: Option<String>,
+    pub fbclid: Option<String>,
+    pub lead_id: Option<String>,
+}
+
+impl fmt::Debug for IdentityInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdentityInput(<redacted>)")
+    }
+}
+
+/// Meta `user_data` keys that must be hashed, in Meta's normalized form.
+#[derive(Serialize, Deserialize, Default, Clone, Debug, PartialEq, Eq)]
+pub struct MetaHashes {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub em: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ph: Option<String>,
+    #[serde(rename = "fn", skip_serializing_if = "Option::is_none")]
+    pub first_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ln: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ct: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub st: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+}
+
+/// Google identifiers: hashed email, phone and names; region and postal code stay plain, as
+/// Google's address matching requires.
+#[derive(Serialize, Deserialize, Default, Clone, Debug, PartialEq, Eq)]
+pub struct GoogleHashes {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub given_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<String>,
+}
+
+/// Identifiers that the platforms require unhashed: click ids, browser ids, IP and user agent.
+#[derive(Serialize, Deserialize, Default, Clone, Debug, PartialEq, Eq)]
+pub struct ClickIds {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gclid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbraid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wbraid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fbp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fbc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lead_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ip_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_user_agent: Option<String>,
+}
+
+/// Everything the bridge keeps about a person: per-platform hashes and click ids.
+#[derive(Serialize, Deserialize, Default, Clone, Debug, PartialEq, Eq)]
+pub struct HashedIdentity {
+    #[serde(default)]
+    pub meta: MetaHashes,
+    #[serde(default)]
+    pub google: GoogleHashes,
+    #[serde(default)]
+    pub click: ClickIds,
+}
+
+impl HashedIdentity {
+    /// True when nothing could identify the person on either platform.
+    pub fn is_empty(&self) -> bool {
+        self == &HashedIdentity::default()
+    }
+}
+
+/// A dropped identifier: the field and why, never the value.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct IdentityWarning {
+    pub field: String,
+    pub reason: String,
+}
+
+impl IdentityWarning {
+    fn new(field: &str, reason: &str) -> Self {
+        IdentityWarning {
+            field: format!("identity.{field}"),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// What normalization needs besides the identifiers themselves.
+#[derive(Clone, Copy, Debug)]
+pub struct IdentityContext {
+    /// Region for national phone numbers when the event names no country.
+    pub default_region: Region,
+    /// The event's business time in Unix milliseconds: the `fbc` creation time when `fbc` is
+    /// built from an `fbclid`, so a retried event yields the very same `fbc`.
+    pub occurred_at_ms: i64,
+}
+
+/// Parses a configured default region such as `US`.
+pub fn parse_region(code: &str) -> Option<Region> {
+    Region::from_str(&code.trim().to_ascii_uppercase()).ok()
+}
+
+/// Pays the `phonenumber` crate's lazy metadata load now (it costs 60-90 ms), so the first
+/// request after a cold start does not.
+pub fn warm_up() {
+    let _ = phonenumber::parse(Some(Region::US), "+1 650 555 1234");
+}
+
+/// Normalizes and hashes every identifier for both platforms.
+pub fn normalize(
+    input: &IdentityInput,
+    ctx: &IdentityContext,
+) -> (HashedIdentity, Vec<IdentityWarning>) {
+    let mut out = HashedIdentity::default();
+    let mut warnings = Vec::new();
+    let mut warn = |f: &str, r: &str| warnings.push(IdentityWarning::new(f, r));
+
+    if let Some(raw) = present(&input.email) {
+        match normalize_email(raw) {
+            Some(meta_form) => {
+                let google_form = google_email(&meta_form);
+                let meta_hash = sha256_hex(&meta_form);
+                out.google.email = Some(if google_form == meta_form {
+                    meta_hash.clone()
+                } else {
+                    sha256_hex(&google_form)
+                });
+                out.meta.em = Some(meta_hash);
+            }
+            None => warn("email", "not a valid email address"),
+        }
+    }
+
+    let country = match present(&input.country) {
+        Some(raw) => match normalize_country(raw) {
+            Some(c) => Some(c),
+            None => {
+                warn("country", "not an ISO 3166-1 alpha-2 country code");
+                None
+            }
+        },
+        None => None,
+    };
+
+    if let Some(raw) = present(&input.phone) {
+        let region = country
+            .as_deref()
+            .and_then(parse_region)
+            .unwrap_or(ctx.default_region);
+        match normalize_phone_e164(raw, region) {
+            Some(e164) => {
+                out.meta.ph = Some(sha256_hex(&e164[1..]));
+                out.google.phone = Some(sha256_hex(&e164));
+            }
+            None => warn("phone", "not a valid phone number for its country"),
+        }
+    }
+
+    for (field, raw, meta_slot, google_slot) in [
+        (
+            "first_name",
+            &input.first_name,
+            &mut out.meta.first_name,
+            &mut out.google.given_name,
+        ),
+        (
+            "last_name",
+            &input.last_name,
+            &mut out.meta.ln,
+            &mut out.google.family_name,
+        ),
+    ] {
+        if let Some(raw) = present(raw) {
+            let meta_form = normalize_name(raw);
+            let google_form = google_name(&meta_form);
+            if meta_form.is_empty() {
+                warn(field, "no letters left after normalization");
+                continue;
+            }
+            let meta_hash = sha256_hex(&meta_form);
+            if !google_form.is_empty() {
+                *google_slot = Some(if google_form == meta_form {
+                    meta_hash.clone()
+                } else {
+                    sha256_hex(&google_form)
+                });
+            }
+            *meta_slot = Some(meta_hash);
+        }
+    }
+
+    if let Some(raw) = present(&input.city) {
+        let c: String = raw
+            .chars()
+            .filter(|c| c.is_alphabetic())
+            .flat_map(char::to_lowercase)
+            .collect();
+        if c.is_empty() {
+            warn("city", "no letters left after normalization");
+        } else {
+            out.meta.ct = Some(sha256_hex(&c));
+        }
+    }
+
+    if let Some(raw) = present(&input.state) {
+        match normalize_state(raw, country.as_deref()) {
+            Some(s) => out.meta.st = Some(sha256_hex(&s)),
+            None => warn("state", "not a recognisable state or region"),
+        }
+    }
+
+    if let Some(raw) = present(&input.zip) {
+        match normalize_zip(raw, country.as_deref()) {
+            Some(z) => {
+                out.meta.zp = Some(sha256_hex(&z));
+                out.google.postal_code = Some(z);
+            }
+            None => warn("zip", "not a valid postal code"),
+        }
+    }
+
+    if let Some(c) = &country {
+        out.meta.country = Some(sha256_hex(c));
+        out.google.region_code = Some(c.to_ascii_uppercase());
+    }
+
+    if let Some(raw) = present(&input.external_id) {
+        out.meta.external_id = Some(sha256_hex(raw));
+    }
+
+    normalize_clicks(input, ctx, &mut out.click, &mut warn);
+    (out, warnings)
+}
+
+fn present(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Meta's form: trimmed, lowercased, shaped like `x@y.z`.
+pub fn normalize_email(raw: &str) -> Option<String> {
+    let e = raw.trim().to_lowercase();
+    let (local, domain) = e.split_once('@')?;
+    let valid = !local.is_empty()
+        && !domain.contains('@')
+        && !e.chars().any(char::is_whitespace)
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..");
+    valid.then_some(e)
+}
+
+/// Google's form of an already normalized email: for gmail.com and googlemail.com only, drop
+/// everything from the first `+` in the local part and every `.` in it.
+pub fn google_email(normalized: &str) -> String {
+    match normalized.split_once('@') {
+        Some((local, domain)) if domain == "gmail.com" || domain == "googlemail.com" => {
+            let local = local.split('+').next().unwrap_or_default();
+            let local: String = local.chars().filter(|&c| c != '.').collect();
+            format!("{local}@{domain}")
+        }
+        _ => normalized.to_string(),
+    }
+}
+
+/// E.164 with the `+`, using the number's own country code when it has one, else `region`.
+pub fn normalize_phone_e164(raw: &str, region: Region) -> Option<String> {
+    let number = phonenumber::parse(Some(region), raw).ok()?;
+    if !phonenumber::is_valid(&number) {
+        return None;
+    }
+    Some(number.format().mode(phonenumber::Mode::E164).to_string())
+}
+
+/// Lowercase with punctuation removed; letters, digits and single inner spaces kept.
+fn normalize_name(raw: &str) -> String {
+    let mut s = String::with_capacity(raw.len());
+    for word in raw.split_whitespace() {
+        let w: String = word
+            .chars()
+            .filter(|c| c.is_alphanumeric())
+            .flat_map(char::to_lowercase)
+            .collect();
+        if !w.is_empty() {
+            if !s.is_empty() {
+                s.push(' ');
+            }
+            s.push_str(&w);
+        }
+    }
+    s
+}
+
+const TITLES: &[&str] = &[
+    "mr", "mrs", "ms", "miss", "mx", "dr", "prof", "sir", "madam",
+];
+const SUFFIXES: &[&str] = &["jr", "sr", "ii", "iii", "iv", "phd", "md", "esq"];
+
+/// Google's name form: Meta's, minus leading titles and trailing suffixes.
+fn google_name(meta_form: &str) -> String {
+    let mut words: Vec<&str> = meta_form.split(' ').filter(|w| !w.is_empty()).collect();
+    while words.len() > 1 && TITLES.contains(&words[0]) {
+        words.remove(0);
+    }
+    while words.len() > 1 && words.last().is_some_and(|w| SUFFIXES.contains(w)) {
+        words.pop();
+    }
+    words.join(" ")
+}
+
+fn normalize_country(raw: &str) -> Option<String> {
+    let c = raw.trim();
+    (c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) && parse_region(c).is_some())
+        .then(|| c.to_ascii_lowercase())
+}
+
+const US_STATES: &[(&str, &str)] = &[
+    ("alabama", "al"),
+    ("alaska", "ak"),
+    ("arizona", "az"),
+    ("arkansas", "ar"),
+    ("california", "ca"),
+    ("colorado", "co"),
+    ("connecticut", "ct"),
+    ("delaware", "de"),
+    ("districtofcolumbia", "dc"),
+    ("florida", "fl"),
+    ("georgia", "ga"),
+    ("hawaii", "hi"),
+    ("idaho", "id"),
+    ("illinois", "il"),
+    ("indiana", "in"),
+    ("iowa", "ia"),
+    ("kansas", "ks"),
+    ("kentucky", "ky"),
+    ("louisiana", "la"),
+    ("maine", "me"),
+    ("maryland", "md"),
+    ("massachusetts", "ma"),
+    ("michigan", "mi"),
+    ("minnesota", "mn"),
+    ("mississippi", "ms"),
+    ("missouri", "mo"),
+    ("montana", "mt"),
+    ("nebraska", "ne"),
+    ("nevada", "nv"),
+    ("newhampshire", "nh"),
+    ("newjersey", "nj"),
+    ("newmexico", "nm"),
+    ("newyork", "ny"),
+    ("northcarolina", "nc"),
+    ("northdakota", "nd"),
+    ("ohio", "oh"),
+    ("oklahoma", "ok"),
+    ("oregon", "or"),
+    ("pennsylvania", "pa"),
+    ("rhodeisland", "ri"),
+    ("southcarolina", "sc"),
+    ("southdakota", "sd"),
+    ("tennessee", "tn"),
+    ("texas", "tx"),
+    ("utah", "ut"),
+    ("vermont", "vt"),
+    ("virginia", "va"),
+    ("washington", "wa"),
+    ("westvirginia", "wv"),
+    ("wisconsin", "wi"),
+    ("wyoming", "wy"),
+    ("puertorico", "pr"),
+];
+
+/// Meta's state form: letters only, lowercase; US state names become their 2-letter codes.
+fn normalize_state(raw: &str, country: Option<&str>) -> Option<String> {
+    let s: String = raw
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect();
+    if s.is_empty() {
+        return None;
+    }
+    let us = matches!(country, None | Some("us"));
+    if us {
+        if let Some((_, code)) = US_STATES
+            .iter()
+            .find(|(name, code)| *name == s || *code == s)
+        {
+            return Some((*code).to_string());
+        }
+        if country == Some("us") {
+            return None;
+        }
+    }
+    Some(s)
+}
+
+/// Lowercase without spaces or dashes; US codes cut to their first five digits.
+fn normalize_zip(raw: &str, country: Option<&str>) -> Option<String> {
+    let z: String = raw
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect();
+    let all_digits = z.bytes().all(|b| b.is_ascii_digit());
+    match country {
+        Some("us") => (all_digits && (z.len() == 5 || z.len() == 9)).then(|| z[..5].to_string()),
+        None if all_digits && z.len() == 9 => Some(z[..5].to_string()),
+        _ if z.is_empty() || z.len() > 12 => None,
+        _ => Some(z),
+    }
+}
+
+fn click_id_ok(s: &str) -> bool {
+    s.len() <= 512
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn fb_cookie_ok(s: &str) -> bool {
+    let mut parts = s.splitn(4, '.');
+    parts.next() == Some("fb")
+        && parts.next().is_some_and(|p| p.parse::<u8>().is_ok())
+        && parts
+            .next()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts
+            .next()
+            .is_some_and(|p| !p.is_empty() && p.len() <= 512 && !p.contains(char::is_whitespace))
+}
+
+fn normalize_clicks(
+    input: &IdentityInput,
+    ctx: &IdentityContext,
+    out: &mut ClickIds,
+    warn: &mut impl FnMut(&str, &str),
+) {
+    for (field, raw, slot) in [
+        ("gclid", &input.gclid, &mut out.gclid),
+        ("gbraid", &input.gbraid, &mut out.gbraid),
+        ("wbraid", &input.wbraid, &mut out.wbraid),
+    ] {
+        if let Some(v) = present(raw) {
+            if click_id_ok(v) {
+                *slot = Some(v.to_string());
+            } else {
+                warn(field, "contains characters a click id cannot have");
+            }
+        }
+    }
+    for (field, raw, slot) in [
+        ("fbp", &input.fbp, &mut out.fbp),
+        ("fbc", &input.fbc, &mut out.fbc),
+    ] {
+        if let Some(v) = present(raw) {
+            if fb_cookie_ok(v) {
+                *slot = Some(v.to_string());
+            } else {
+                warn(field, "not of the form fb.<n>.<unix ms>.<value>");
+            }
+        }
+    }
+    if out.fbc.is_none()
+        && let Some(v) = present(&input.fbclid) {
+            if v.len() <= 500 && !v.contains(char::is_whitespace) {
+                out.fbc = Some(format!("fb.1.{}.{v}", ctx.occurred_at_ms));
+            } else {
+                warn("fbclid", "not a valid click id");
+            }
+        }
+    if let Some(v) = present(&input.lead_id) {
+        if v.len() <= 32 && v.bytes().all(|b| b.is_ascii_digit()) {
+            out.lead_id = Some(v.to_string());
+        } else {
+            warn("lead_id", "a Meta lead id is digits only");
+        }
+    }
+    if let Some(v) = present(&input.client_ip_address) {
+        match v.parse::<std::net::IpAddr>() {
+            Ok(ip) => out.client_ip_address = Some(ip.to_string()),
+            Err(_) => warn("client_ip_address", "not an IPv4 or IPv6 address"),
+        }
+    }
+    if let Some(v) = present(&input.client_user_agent) {
+        if v.len() <= 1024 {
+            out.client_user_agent = Some(v.to_string());
+        } else {
+            warn("client_user_agent", "longer than 1024 bytes");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn ctx(region: &str) -> IdentityContext {
+        IdentityContext {
+            default_region: parse_region(region).unwrap(),
+            occurred_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// Every case of the shared reference vectors, both platforms, normalized form and hash.
+    #[test]
+    fn reference_vectors() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/identity.jsonl");
+        let text = std::fs::read_to_string(path).expect("vectors file");
+        let mut cases = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let case: Value = serde_json::from_str(line).unwrap();
+            let field = case["field"].as_str().unwrap();
+            let input = case["input"].as_str().unwrap();
+            let region = case["default_region"].as_str().unwrap_or("US");
+            let mut id = IdentityInput::default();
+            let (meta_norm, google_norm) = match field {
+                "email" => {
+                    id.email = Some(input.into());
+                    let m = normalize_email(input).unwrap();
+                    (m.clone(), google_email(&m))
+                }
+                "phone" => {
+                    id.phone = Some(input.into());
+                    let g = normalize_phone_e164(input, parse_region(region).unwrap()).unwrap();
+                    (g[1..].to_string(), g)
+                }
+                other => panic!("unexpected field {other}"),
+            };
+            assert_eq!(
+                meta_norm,
+                case["meta"]["normalized"].as_str().unwrap(),
+                "meta form of {input:?}"
+            );
+            assert_eq!(
+                google_norm,
+                case["google"]["normalized"].as_str().unwrap(),
+                "google form of {input:?}"
+            );
+            let (h, warnings) = normalize(&id, &ctx(region));
+            assert!(warnings.is_empty(), "{input:?}: {warnings:?}");
+            let (meta_hash, google_hash) = match field {
+                "email" => (h.meta.em, h.google.email),
+                _ => (h.meta.ph, h.google.phone),
+            };
+            assert_eq!(
+                meta_hash.as_deref(),
+                case["meta"]["sha256"].as_str(),
+                "meta hash of {input:?}"
+            );
+            assert_eq!(
+                google_hash.as_deref(),
+                case["google"]["sha256"].as_str(),
+                "google hash of {input:?}"
+            );
+            cases += 1;
+        }
+        assert_eq!(cases, 18, "every vector must run");
+    }
+
+    #[test]
+    fn invalid_values_are_dropped_with_a_warning_naming_the_field() {
+        let id = IdentityInput {
+            email: Some("not-an-email".into()),
+            phone: Some("12".into()),
+            country: Some("Narnia".into()),
+            client_ip_address: Some("999.1.1.1".into()),
+            fbc: Some("garbage".into()),
+            gclid: Some("bad gclid!".into()),
+            ..Default::default()
+        };
+        let (h, w) = normalize(&id, &ctx("US"));
+        assert!(h.is_empty());
+        let fields: Vec<&str> = w.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "identity.email",
+                "identity.country",
+                "identity.phone",
+                "identity.gclid",
+                "identity.fbc",
+                "identity.client_ip_address"
+            ]
+        );
+        let text = serde_json::to_string(&w).unwrap();
+        assert!(
+            !text.contains("not-an-email") && !text.contains("Narnia"),
+            "warnings never carry values"
+        );
+    }
+
+    #[test]
+    fn phone_uses_event_country_before_default_region() {
+        let id = IdentityInput {
+            phone: Some("020 7946 0958".into()),
+            country: Some("GB".into()),
+            ..Default::default()
+        };
+        let (h, w) = normalize(&id, &ctx("US"));
+        assert!(w.is_empty());
+        assert_eq!(h.google.phone, Some(sha256_hex("+442079460958")));
+        assert_eq!(h.meta.ph, Some(sha256_hex("442079460958")));
+        assert_eq!(h.google.region_code.as_deref(), Some("GB"));
+        assert_eq!(h.meta.country, Some(sha256_hex("gb")));
+    }
+
+    #[test]
+    fn names_and_address() {
+        let id = IdentityInput {
+            first_name: Some("  Dr. Mary-Ann ".into()),
+            last_name: Some("O'Brien Jr.".into()),
+            city: Some("San Francisco 2".into()),
+            state: Some("California".into()),
+            zip: Some("94105-1234".into()),
+            country: Some("us".into()),
+            ..Default::default()
+        };
+        let (h, w) = normalize(&id, &ctx("US"));
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(h.meta.first_name, Some(sha256_hex("dr maryann")));
+        assert_eq!(h.google.given_name, Some(sha256_hex("maryann")));
+        assert_eq!(h.meta.ln, Some(sha256_hex("obrien jr")));
+        assert_eq!(h.google.family_name, Some(sha256_hex("obrien")));
+        assert_eq!(h.meta.ct, Some(sha256_hex("sanfrancisco")));
+        assert_eq!(h.meta.st, Some(sha256_hex("ca")));
+        assert_eq!(h.meta.zp, Some(sha256_hex("94105")));
+        assert_eq!(h.google.postal_code.as_deref(), Some("94105"));
+    }
+
+    #[test]
+    fn fbc_is_built_from_fbclid_deterministically() {
+        let id = IdentityInput {
+            fbclid: Some("IwAR2xyz".into()),
+            ..Default::default()
+        };
+        let (a, _) = normalize(&id, &ctx("US"));
+        let (b, _) = normalize(&id, &ctx("US"));
+        assert_eq!(a.click.fbc.as_deref(), Some("fb.1.1700000000000.IwAR2xyz"));
+        assert_eq!(a, b);
+        let given = IdentityInput {
+            fbclid: Some("IwAR2xyz".into()),
+            fbc: Some("fb.1.1600000000000.other".into()),
+            ..Default::default()
+        };
+        let (c, _) = normalize(&given, &ctx("US"));
+        assert_eq!(
+            c.click.fbc.as_deref(),
+            Some("fb.1.1600000000000.other"),
+            "an explicit fbc wins"
+        );
+    }
+
+    #[test]
+    fn click_ids_and_browser_fields_stay_unhashed() {
+        let id = IdentityInput {
+            gclid: Some("Cj0KCQ_abc-1".into()),
+            wbraid: Some("wb1".into()),
+            client_ip_address: Some("2001:db8::1".into()),
+            client_user_agent: Some("Mozilla/5.0".into()),
+            lead_id: Some("1234567890".into()),
+            ..Default::default()
+        };
+        let (h, w) = normalize(&id, &ctx("US"));
+        assert!(w.is_empty());
+        assert_eq!(h.click.gclid.as_deref(), Some("Cj0KCQ_abc-1"));
+        assert_eq!(h.click.wbraid.as_deref(), Some("wb1"));
+        assert_eq!(h.click.client_ip_address.as_deref(), Some("2001:db8::1"));
+        assert_eq!(h.click.lead_id.as_deref(), Some("1234567890"));
+    }
+
+    #[test]
+    fn debug_never_prints_raw_values() {
+        let id = IdentityInput {
+            email: Some("secret@example.com".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{id:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,20 @@
+//! The core of the CRM-to-ads conversion bridge: canonical events, identity hashing, consent,
+//! the mapping contract, delivery rules, and the store and queue ports with their adapters.
+//!
+//! Domain modules (`event`, `identity`, `consent`, `mapping`, `destination`, `delivery`) are
+//! plain functions and types; AWS appears only in the adapters (`store::dynamodb`,
+//! `queue::sqs`, `aws`).
+
+pub mod aws;
+pub mod config;
+pub mod consent;
+pub mod delivery;
+pub mod destination;
+pub mod event;
+pub mod hashing;
+pub mod identity;
+pub mod mapping;
+pub mod money;
+pub mod queue;
+pub mod store;
+pub mod timestamp;

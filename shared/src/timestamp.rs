@@ -1,0 +1,180 @@
+//! UTC instants with one canonical text form, so the same instant always hashes the same way.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime, UtcOffset};
+
+/// An instant in UTC at millisecond precision.
+///
+/// Millisecond precision is the canonical form: inputs carrying micro- or nanoseconds are
+/// truncated, so `12:00:00.123Z` and `12:00:00.123456Z` are one instant for event ids.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(OffsetDateTime);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TimestampError {
+    #[error("not an RFC 3339 date-time with an offset (e.g. 2026-11-28T14:05:00Z)")]
+    NotRfc3339,
+    #[error("out of the supported range (years 2000 to 2100)")]
+    OutOfRange,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from_unix_ms(OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000)
+    }
+
+    /// Parses RFC 3339 in any offset and converts to UTC.
+    pub fn parse_rfc3339(s: &str) -> Result<Self, TimestampError> {
+        let t =
+            OffsetDateTime::parse(s.trim(), &Rfc3339).map_err(|_| TimestampError::NotRfc3339)?;
+        if !(2000..=2100).contains(&t.year()) {
+            return Err(TimestampError::OutOfRange);
+        }
+        Ok(Self::from_unix_ms(
+            (t.unix_timestamp_nanos() / 1_000_000) as i64,
+        ))
+    }
+
+    pub fn from_unix_ms(ms: i64) -> Self {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        Timestamp(t)
+    }
+
+    pub fn from_unix_secs(secs: i64) -> Self {
+        Self::from_unix_ms(secs.saturating_mul(1000))
+    }
+
+    pub fn unix_ms(&self) -> i64 {
+        (self.0.unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    pub fn unix_secs(&self) -> i64 {
+        self.0.unix_timestamp()
+    }
+
+    pub fn plus_secs(&self, secs: i64) -> Self {
+        Timestamp(self.0 + Duration::seconds(secs))
+    }
+
+    pub fn minus_secs(&self, secs: i64) -> Self {
+        Timestamp(self.0 - Duration::seconds(secs))
+    }
+
+    /// Seconds from `earlier` to `self` (negative when `earlier` is later).
+    pub fn secs_since(&self, earlier: &Timestamp) -> i64 {
+        (self.0 - earlier.0).whole_seconds()
+    }
+
+    /// The canonical text form: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    pub fn canonical(&self) -> String {
+        let t = self.0;
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            t.month() as u8,
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        )
+    }
+
+    /// Google Ads' `yyyy-mm-dd hh:mm:ss+hh:mm`, written in the given offset.
+    pub fn google_ads_datetime(&self, offset: UtcOffset) -> String {
+        let t = self.0.to_offset(offset);
+        let (h, m, _) = offset.as_hms();
+        let sign = if offset.is_negative() { '-' } else { '+' };
+        format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}{sign}{:02}:{:02}",
+            t.year(),
+            t.month() as u8,
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            h.unsigned_abs(),
+            m.unsigned_abs()
+        )
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.canonical())
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.canonical())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.canonical())
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Timestamp::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_instant_two_ways_is_one_canonical_form() {
+        let a = Timestamp::parse_rfc3339("2026-03-01T12:00:00Z").unwrap();
+        let b = Timestamp::parse_rfc3339("2026-03-01T07:00:00.000-05:00").unwrap();
+        let c = Timestamp::parse_rfc3339("2026-03-01T13:00:00.000400+01:00").unwrap();
+        assert_eq!(a.canonical(), "2026-03-01T12:00:00.000Z");
+        assert_eq!(a, b);
+        assert_eq!(a, c, "sub-millisecond digits are truncated");
+    }
+
+    #[test]
+    fn rejects_non_rfc3339() {
+        assert_eq!(
+            Timestamp::parse_rfc3339("2026-03-01 12:00:00"),
+            Err(TimestampError::NotRfc3339)
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339("2026-03-01T12:00:00"),
+            Err(TimestampError::NotRfc3339)
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339("1970-01-01T00:00:00Z"),
+            Err(TimestampError::OutOfRange)
+        );
+    }
+
+    #[test]
+    fn google_format_carries_the_offset() {
+        let t = Timestamp::parse_rfc3339("2026-04-17T17:34:56Z").unwrap();
+        assert_eq!(
+            t.google_ads_datetime(UtcOffset::UTC),
+            "2026-04-17 17:34:56+00:00"
+        );
+        let cdt = UtcOffset::from_hms(-5, 0, 0).unwrap();
+        assert_eq!(t.google_ads_datetime(cdt), "2026-04-17 12:34:56-05:00");
+        let ist = UtcOffset::from_hms(5, 30, 0).unwrap();
+        assert_eq!(t.google_ads_datetime(ist), "2026-04-17 23:04:56+05:30");
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let t = Timestamp::from_unix_ms(1_764_300_000_123);
+        let s = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::from_str::<Timestamp>(&s).unwrap(), t);
+        assert_eq!(t.plus_secs(10).secs_since(&t), 10);
+    }
+}
