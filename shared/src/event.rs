@@ -9,6 +9,7 @@ use crate::money::{Money, currency_code};
 use crate::timestamp::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -168,6 +169,155 @@ pub struct ConsentInput {
     pub captured_at: Option<String>,
     pub ad_user_data: Option<String>,
     pub ad_personalization: Option<String>,
+}
+
+/// The generic JSON shape, borrowed from the request body: the fast path for well-formed
+/// events. Anything it rejects (an unknown field, a wrong type) goes through [`parse_event`],
+/// which names every problem.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastEvent<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    event_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    crm_stage: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    occurred_at: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    entity_type: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    entity_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    order_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    value: Option<f64>,
+    #[serde(borrow, default)]
+    currency: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    identity: Option<FastIdentity<'a>>,
+    #[serde(borrow, default)]
+    consent: Option<FastConsent<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastIdentity<'a> {
+    #[serde(borrow, default)]
+    email: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    phone: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    first_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    last_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    city: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    state: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    zip: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    country: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    external_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    client_ip_address: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    client_user_agent: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    gclid: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    gbraid: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    wbraid: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    fbp: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    fbc: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    fbclid: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    lead_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FastConsent<'a> {
+    #[serde(borrow, default)]
+    status: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    basis: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    captured_at: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    ad_user_data: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    ad_personalization: Option<Cow<'a, str>>,
+}
+
+fn own(v: Option<Cow<'_, str>>) -> Option<String> {
+    v.map(Cow::into_owned)
+}
+
+/// Reads one event in the generic JSON shape from its text: a typed, borrowing parse for
+/// well-formed input, and the field-by-field reader for anything else, so every problem is
+/// still named.
+pub fn parse_event_json(raw: &str) -> Result<EventInput, Vec<FieldError>> {
+    match serde_json::from_str::<FastEvent<'_>>(raw) {
+        Ok(f) => {
+            let identity = match f.identity {
+                Some(i) => IdentityInput {
+                    email: own(i.email),
+                    phone: own(i.phone),
+                    first_name: own(i.first_name),
+                    last_name: own(i.last_name),
+                    city: own(i.city),
+                    state: own(i.state),
+                    zip: own(i.zip),
+                    country: own(i.country),
+                    external_id: own(i.external_id),
+                    client_ip_address: own(i.client_ip_address),
+                    client_user_agent: own(i.client_user_agent),
+                    gclid: own(i.gclid),
+                    gbraid: own(i.gbraid),
+                    wbraid: own(i.wbraid),
+                    fbp: own(i.fbp),
+                    fbc: own(i.fbc),
+                    fbclid: own(i.fbclid),
+                    lead_id: own(i.lead_id),
+                },
+                None => IdentityInput::default(),
+            };
+            Ok(EventInput {
+                event_id: own(f.event_id),
+                source: own(f.source),
+                event_name: own(f.event_name),
+                crm_stage: own(f.crm_stage),
+                occurred_at: own(f.occurred_at),
+                entity_type: own(f.entity_type),
+                entity_id: own(f.entity_id),
+                order_id: own(f.order_id),
+                value: f.value,
+                currency: own(f.currency),
+                identity,
+                consent: f.consent.map(|c| ConsentInput {
+                    status: own(c.status),
+                    basis: own(c.basis),
+                    captured_at: own(c.captured_at),
+                    ad_user_data: own(c.ad_user_data),
+                    ad_personalization: own(c.ad_personalization),
+                }),
+            })
+        }
+        Err(_) => match serde_json::from_str::<Value>(raw) {
+            Ok(v) => parse_event(&v),
+            Err(e) => Err(vec![FieldError::new("$", format!("not valid JSON: {e}"))]),
+        },
+    }
 }
 
 const TOP_FIELDS: &[&str] = &[
@@ -385,12 +535,12 @@ pub fn validate(
             || !s
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'))
-        {
-            errors.push(FieldError::new(
-                "source",
-                "must be 1-64 characters of a-z, 0-9, _ or -",
-            ));
-        }
+    {
+        errors.push(FieldError::new(
+            "source",
+            "must be 1-64 characters of a-z, 0-9, _ or -",
+        ));
+    }
     let event_name = match input.event_name.as_deref().map(str::trim) {
         None | Some("") => {
             errors.push(FieldError::new("event_name", "is required"));
@@ -693,8 +843,22 @@ mod tests {
         })
     }
 
+    /// Validates through both readers and checks they agree.
     fn check(v: Value) -> Result<CanonicalEvent, Vec<FieldError>> {
-        validate(&parse_event(&v)?, &ctx())
+        let slow = parse_event(&v).and_then(|i| validate(&i, &ctx()));
+        let fast = parse_event_json(&v.to_string()).and_then(|i| validate(&i, &ctx()));
+        assert_eq!(
+            fast, slow,
+            "the typed fast path and the field reader disagree"
+        );
+        slow
+    }
+
+    #[test]
+    fn malformed_json_is_named() {
+        let errs = parse_event_json("{\"source\": ").unwrap_err();
+        assert_eq!(errs[0].field, "$");
+        assert!(errs[0].reason.starts_with("not valid JSON"));
     }
 
     fn fields(r: Result<CanonicalEvent, Vec<FieldError>>) -> Vec<String> {

@@ -6,7 +6,7 @@
 //! field and the reason, never the value, and never fail the event.
 
 use crate::hashing::sha256_hex;
-use phonenumber::country::Id as Region;
+pub use phonenumber::country::Id as Region;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -319,10 +319,43 @@ pub fn google_email(normalized: &str) -> String {
 /// E.164 with the `+`, using the number's own country code when it has one, else `region`.
 pub fn normalize_phone_e164(raw: &str, region: Region) -> Option<String> {
     let number = phonenumber::parse(Some(region), raw).ok()?;
-    if !phonenumber::is_valid(&number) {
+    if !(valid_for_region(&number, region) || phonenumber::is_valid(&number)) {
         return None;
     }
     Some(number.format().mode(phonenumber::Mode::E164).to_string())
+}
+
+/// libphonenumber's validity test against one region's metadata. `phonenumber::is_valid`
+/// first works out which region a number belongs to by testing every region that shares its
+/// country code (about 25 for +1), which costs 4 µs; a number valid for the region it was
+/// parsed against is valid whatever that search would find, so that region is tried first
+/// and the full test only runs when this one says no.
+fn valid_for_region(number: &phonenumber::PhoneNumber, region: Region) -> bool {
+    let Some(meta) = phonenumber::metadata::DATABASE.by_id(region.as_ref()) else {
+        return false;
+    };
+    if meta.country_code() != number.code().value() {
+        return false;
+    }
+    let national = number.national().to_string();
+    let d = meta.descriptors();
+    d.general().is_match(&national)
+        // Validity only asks whether any type matches, so the common types go first.
+        && [
+            d.fixed_line(),
+            d.mobile(),
+            d.toll_free(),
+            d.voip(),
+            d.premium_rate(),
+            d.shared_cost(),
+            d.personal_number(),
+            d.pager(),
+            d.uan(),
+            d.voicemail(),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|x| x.is_match(&national))
 }
 
 /// Lowercase with punctuation removed; letters, digits and single inner spaces kept.
@@ -513,13 +546,14 @@ fn normalize_clicks(
         }
     }
     if out.fbc.is_none()
-        && let Some(v) = present(&input.fbclid) {
-            if v.len() <= 500 && !v.contains(char::is_whitespace) {
-                out.fbc = Some(format!("fb.1.{}.{v}", ctx.occurred_at_ms));
-            } else {
-                warn("fbclid", "not a valid click id");
-            }
+        && let Some(v) = present(&input.fbclid)
+    {
+        if v.len() <= 500 && !v.contains(char::is_whitespace) {
+            out.fbc = Some(format!("fb.1.{}.{v}", ctx.occurred_at_ms));
+        } else {
+            warn("fbclid", "not a valid click id");
         }
+    }
     if let Some(v) = present(&input.lead_id) {
         if v.len() <= 32 && v.bytes().all(|b| b.is_ascii_digit()) {
             out.lead_id = Some(v.to_string());
@@ -719,6 +753,53 @@ mod tests {
         assert_eq!(h.click.wbraid.as_deref(), Some("wb1"));
         assert_eq!(h.click.client_ip_address.as_deref(), Some("2001:db8::1"));
         assert_eq!(h.click.lead_id.as_deref(), Some("1234567890"));
+    }
+
+    #[test]
+    fn region_fast_path_agrees_with_full_validation() {
+        let numbers = [
+            "(650) 555-1234",
+            "+1 650 555 1234",
+            "650-253-0000",
+            "+1 2530000",
+            "+1 800 555 0100",
+            "+1 (212) 555-0199",
+            "911",
+            "+1 999 555 1234",
+            "+44 20 7946 0958",
+            "020 7946 0958",
+            "07911 123456",
+            "+44 7911 123456",
+            "+49 30 901820",
+            "030 901820",
+            "+33 1 42 68 53 00",
+            "06 12 34 56 78",
+            "+61 2 9374 4000",
+            "+81 3-1234-5678",
+            "+1 876 555 1234",
+            "+1 441 295 1234",
+            "+1 204 555 0100",
+            "+1 268 464 1234",
+            "12",
+            "+999 1234",
+            "+1 000 000 0000",
+        ];
+        for region in ["US", "GB", "DE", "FR", "CA", "JM", "AU"] {
+            let r = parse_region(region).unwrap();
+            for raw in numbers {
+                let Ok(n) = phonenumber::parse(Some(r), raw) else {
+                    continue;
+                };
+                let fast = valid_for_region(&n, r) || phonenumber::is_valid(&n);
+                assert_eq!(fast, phonenumber::is_valid(&n), "{raw} in {region}");
+                if valid_for_region(&n, r) {
+                    assert!(
+                        phonenumber::is_valid(&n),
+                        "fast path never accepts more: {raw} in {region}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

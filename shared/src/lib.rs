@@ -17,4 +17,5 @@ pub mod mapping;
 pub mod money;
 pub mod queue;
 pub mod store;
+pub mod telemetry;
 pub mod timestamp;

@@ -309,9 +309,10 @@ impl Mapping {
             for (stage, lifecycle) in &src.stages {
                 let loc = format!("{at}.stages.\"{stage}\"");
                 if let Some(e) = err.lifecycle(loc.clone(), lifecycle)
-                    && stages.insert(stage.trim().to_lowercase(), e).is_some() {
-                        err.push(loc, "duplicates another stage once case is ignored");
-                    }
+                    && stages.insert(stage.trim().to_lowercase(), e).is_some()
+                {
+                    err.push(loc, "duplicates another stage once case is ignored");
+                }
             }
             sources.insert(
                 name.clone(),
@@ -518,9 +519,10 @@ fn validate_google(g: &RawGoogle, err: &mut Errors) -> Option<GoogleMapping> {
     };
     let login_customer_id = g.login_customer_id.as_deref().map(|s| s.replace('-', ""));
     if let Some(l) = &login_customer_id
-        && !digits(l, 10) {
-            err.push("google.login_customer_id", "must be a 10-digit customer id");
-        }
+        && !digits(l, 10)
+    {
+        err.push("google.login_customer_id", "must be a 10-digit customer id");
+    }
     let refund_policy = match g.refund_policy.as_deref().unwrap_or("adjust") {
         "adjust" => GoogleRefundPolicy::Adjust,
         "skip" => GoogleRefundPolicy::Skip,

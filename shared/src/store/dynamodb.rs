@@ -190,9 +190,10 @@ fn from_item(item: &Item, now: Timestamp) -> Result<Option<CanonicalEvent>, Stor
         reason,
     };
     if let Some(AttributeValue::N(ttl)) = item.get("ttl")
-        && ttl.parse::<i64>().is_ok_and(|t| t < now.unix_secs()) {
-            return Ok(None);
-        }
+        && ttl.parse::<i64>().is_ok_and(|t| t < now.unix_secs())
+    {
+        return Ok(None);
+    }
     let event_id = key
         .strip_prefix("EV#")
         .ok_or_else(|| corrupt("pk is not an event key".into()))?;

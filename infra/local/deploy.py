@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Creates the template's AWS resources in the local emulator, from infra/template.yaml itself.
+
+The SAM transform is expanded offline with aws-sam-translator (moto ignores it), then the
+resources an emulator can host (tables, queues, buckets) are created as a CloudFormation stack.
+The functions are not created there: locally they run natively (see infra/local/README.md).
+Prints the stack outputs as environment variables (TABLE_NAME=..., META_QUEUE_URL=...).
+
+Usage: deploy.py [--stack-name NAME] [--param Key=Value ...] [--env-file PATH] [--delete]
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import boto3
+from samcli.yamlhelper import yaml_parse
+from samtranslator.translator.transform import transform
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "infra" / "template.yaml"
+
+# Resource types the local emulator hosts. Everything else (functions, roles, event source
+# mappings, schedules) is provided natively by the local runtime.
+LOCAL_TYPES = {
+    "AWS::DynamoDB::Table",
+    "AWS::SQS::Queue",
+    "AWS::SQS::QueuePolicy",
+    "AWS::S3::Bucket",
+    "AWS::S3::BucketPolicy",
+}
+
+# Stack outputs (CloudFormation only allows alphanumeric names) to the environment variables
+# the functions read.
+OUTPUT_ENV = {
+    "TableName": "TABLE_NAME",
+    "MetaQueueUrl": "META_QUEUE_URL",
+    "MetaDlqUrl": "META_DLQ_URL",
+    "GoogleQueueUrl": "GOOGLE_QUEUE_URL",
+    "GoogleDlqUrl": "GOOGLE_DLQ_URL",
+    "ReportsBucketName": "REPORTS_BUCKET",
+}
+
+
+class _NoManagedPolicies:
+    """The translator asks IAM for managed policy ARNs; offline, build them from their names."""
+
+    def load(self):
+        return _AnyPolicy()
+
+
+class _AnyPolicy(dict):
+    def __contains__(self, name):
+        return True
+
+    def __getitem__(self, name):
+        return f"arn:aws:iam::aws:policy/service-role/{name}"
+
+    def get(self, name, default=None):
+        return self[name]
+
+
+def expand(template_path=TEMPLATE):
+    """The SAM template as plain CloudFormation."""
+    sam = yaml_parse(Path(template_path).read_text())
+    for res in sam.get("Resources", {}).values():
+        if res.get("Type") == "AWS::Serverless::Function":
+            # The translator wants packaged code; the local runtime runs the binaries natively.
+            res["Properties"]["CodeUri"] = "s3://local-artifacts/bootstrap.zip"
+    # The translator reads the region from boto3's default session.
+    os.environ.setdefault("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1"))
+    return transform(sam, {}, _NoManagedPolicies())
+
+
+def refs(node):
+    """Logical ids a template fragment refers to."""
+    found = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "Ref" and isinstance(v, str):
+                found.add(v)
+            elif k == "Fn::GetAtt":
+                found.add(v[0] if isinstance(v, list) else v.split(".")[0])
+            elif k == "Fn::Sub":
+                text = v[0] if isinstance(v, list) else v
+                found.update(m.split(".")[0] for m in re.findall(r"\$\{([^}!]+)\}", text))
+                if isinstance(v, list):
+                    found |= refs(v[1])
+            else:
+                found |= refs(v)
+    elif isinstance(node, list):
+        for x in node:
+            found |= refs(x)
+    return found
+
+
+def local_template(cfn):
+    """Only the resources the emulator hosts, and the outputs that refer to nothing else."""
+    resources = {k: v for k, v in cfn["Resources"].items() if v["Type"] in LOCAL_TYPES}
+    params = set(cfn.get("Parameters", {}))
+    known = set(resources) | params | {"AWS::StackName", "AWS::Region", "AWS::AccountId", "AWS::Partition", "AWS::URLSuffix"}
+    outputs = {k: v for k, v in cfn.get("Outputs", {}).items() if refs(v) <= known}
+    out = dict(cfn)
+    out["Resources"] = resources
+    out["Outputs"] = outputs
+    out.pop("Conditions", None) if not any("Condition" in r for r in resources.values()) else None
+    return out
+
+
+def client(service):
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
+    return boto3.client(
+        service,
+        endpoint_url=endpoint,
+        region_name=os.environ.get("AWS_REGION", "us-east-1"),
+        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+    )
+
+
+def deploy(stack, params):
+    cfn = client("cloudformation")
+    body = json.dumps(local_template(expand()))
+    cfn.create_stack(
+        StackName=stack,
+        TemplateBody=body,
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()],
+    )
+    deadline = time.time() + 60
+    while True:
+        st = cfn.describe_stacks(StackName=stack)["Stacks"][0]
+        status = st["StackStatus"]
+        if status == "CREATE_COMPLETE":
+            break
+        if status.endswith("FAILED") or status.startswith("ROLLBACK") or time.time() > deadline:
+            events = cfn.describe_stack_events(StackName=stack)["StackEvents"]
+            reasons = [f"{e['LogicalResourceId']}: {e.get('ResourceStatusReason')}" for e in events if "FAILED" in e["ResourceStatus"]]
+            sys.exit(f"stack {stack} did not create ({status}): {reasons}")
+        time.sleep(0.2)
+    apply_unsupported(cfn, stack)
+    env = {}
+    for o in st.get("Outputs", []):
+        name = OUTPUT_ENV.get(o["OutputKey"])
+        if name:
+            env[name] = o["OutputValue"]
+    return env
+
+
+def apply_unsupported(cfn, stack):
+    """Table settings moto's CloudFormation ignores, applied through the API from the template."""
+    template = local_template(expand())
+    ddb = client("dynamodb")
+    for res in cfn.describe_stack_resources(StackName=stack)["StackResources"]:
+        if res["ResourceType"] != "AWS::DynamoDB::Table":
+            continue
+        props = template["Resources"][res["LogicalResourceId"]]["Properties"]
+        table = res["PhysicalResourceId"]
+        ttl = props.get("TimeToLiveSpecification")
+        if ttl and ttl.get("Enabled"):
+            ddb.update_time_to_live(TableName=table, TimeToLiveSpecification=ttl)
+        pitr = props.get("PointInTimeRecoverySpecification")
+        if pitr:
+            ddb.update_continuous_backups(TableName=table, PointInTimeRecoverySpecification=pitr)
+
+
+def delete(stack):
+    cfn = client("cloudformation")
+    cfn.delete_stack(StackName=stack)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stack-name", default="bridge-local")
+    ap.add_argument("--param", action="append", default=[], help="template parameter Key=Value")
+    ap.add_argument("--env-file", help="also write the variables to this file")
+    ap.add_argument("--delete", action="store_true", help="delete the stack instead")
+    ap.add_argument("--print-template", action="store_true", help="print the expanded local template and exit")
+    a = ap.parse_args()
+    if a.print_template:
+        print(json.dumps(local_template(expand()), indent=2))
+        return
+    if a.delete:
+        delete(a.stack_name)
+        return
+    params = dict(p.split("=", 1) for p in a.param)
+    env = deploy(a.stack_name, params)
+    lines = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
+    if a.env_file:
+        Path(a.env_file).write_text(lines)
+    sys.stdout.write(lines)
+
+
+if __name__ == "__main__":
+    main()

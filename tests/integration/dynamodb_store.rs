@@ -1,0 +1,456 @@
+//! The DynamoDB event store against the emulator, and the in-memory store held to the same
+//! behaviour by one shared scenario.
+
+use bridge_tests::{Stack, sample_event, sdk_config};
+use futures::future::join_all;
+use shared::destination::{Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo};
+use shared::store::dynamodb::DynamoStore;
+use shared::store::memory::MemoryStore;
+use shared::store::{ClaimOutcome, EventStore, PutOutcome, Transition};
+use shared::timestamp::Timestamp;
+use std::sync::Arc;
+
+async fn dynamo(test: &str) -> DynamoStore {
+    let stack = Stack::create(test, &[]);
+    DynamoStore::new(
+        shared::aws::dynamodb(&sdk_config().await),
+        stack.var("TABLE_NAME"),
+        400,
+    )
+}
+
+fn log(attempt: u32, result: &str, now: Timestamp) -> DeliveryLogEntry {
+    DeliveryLogEntry {
+        attempt,
+        result: result.into(),
+        request_at: now,
+        response_at: now,
+        error: None,
+        platform_ref: Some("trace-1".into()),
+    }
+}
+
+fn transition(status: DeliveryStatus, now: Timestamp, attempt: u32) -> Transition {
+    Transition {
+        status,
+        now,
+        next_attempt_at: None,
+        error: None,
+        log: log(attempt, status.as_str(), now),
+    }
+}
+
+/// The delivery life cycle every store must implement identically.
+async fn lifecycle_scenario(store: &dyn EventStore) {
+    let now = Timestamp::now();
+    let e = sample_event("C-1", "lead", None, None, "2026-11-27T10:00:00Z");
+    assert_eq!(store.put_new(&e).await.unwrap(), PutOutcome::Created);
+    assert_eq!(
+        store.put_new(&e).await.unwrap(),
+        PutOutcome::Duplicate,
+        "second put of one event_id"
+    );
+    let back = store.get(&e.event_id).await.unwrap().expect("stored");
+    assert_eq!(
+        back, e,
+        "the stored event reads back unchanged (hashes included)"
+    );
+
+    // Claim, lose the lease, let another worker take over; the first worker's late result loses.
+    let lease = now.plus_secs(60);
+    let ClaimOutcome::Claimed(c1) = store
+        .claim(&e.event_id, Destination::Meta, now, lease)
+        .await
+        .unwrap()
+    else {
+        panic!("first claim wins")
+    };
+    assert_eq!(c1.destinations[&Destination::Meta].attempts, 1);
+    assert_eq!(
+        c1.destinations[&Destination::Meta].status,
+        DeliveryStatus::Sending
+    );
+    match store
+        .claim(
+            &e.event_id,
+            Destination::Meta,
+            now.plus_secs(1),
+            now.plus_secs(61),
+        )
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Refused(Claimability::Leased { until }, _) => assert_eq!(until, lease),
+        other => panic!("a live lease refuses: {other:?}"),
+    }
+    let later = now.plus_secs(61);
+    let ClaimOutcome::Claimed(c2) = store
+        .claim(&e.event_id, Destination::Meta, later, later.plus_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("an expired lease can be taken over")
+    };
+    assert_eq!(c2.destinations[&Destination::Meta].attempts, 2);
+    assert!(
+        !store
+            .complete(
+                &e.event_id,
+                Destination::Meta,
+                1,
+                &transition(DeliveryStatus::Delivered, later, 1)
+            )
+            .await
+            .unwrap()
+    );
+
+    // Retry with a due time; an early claim is refused; on time it succeeds.
+    let retry_at = later.plus_secs(300);
+    let t = Transition {
+        status: DeliveryStatus::Retry,
+        now: later,
+        next_attempt_at: Some(retry_at),
+        error: Some(ErrorInfo {
+            code: "http_503".into(),
+            message: "unavailable".into(),
+        }),
+        log: log(2, "retry", later),
+    };
+    assert!(
+        store
+            .complete(&e.event_id, Destination::Meta, 2, &t)
+            .await
+            .unwrap()
+    );
+    match store
+        .claim(
+            &e.event_id,
+            Destination::Meta,
+            later.plus_secs(10),
+            later.plus_secs(70),
+        )
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Refused(Claimability::NotDue { at }, _) => assert_eq!(at, retry_at),
+        other => panic!("not due yet: {other:?}"),
+    }
+    let ClaimOutcome::Claimed(_) = store
+        .claim(
+            &e.event_id,
+            Destination::Meta,
+            retry_at,
+            retry_at.plus_secs(60),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("due retry claims")
+    };
+    assert!(
+        store
+            .complete(
+                &e.event_id,
+                Destination::Meta,
+                3,
+                &transition(DeliveryStatus::Delivered, retry_at, 3)
+            )
+            .await
+            .unwrap()
+    );
+    match store
+        .claim(
+            &e.event_id,
+            Destination::Meta,
+            retry_at,
+            retry_at.plus_secs(60),
+        )
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Refused(Claimability::AlreadyDelivered, _) => {}
+        other => panic!("a delivered pair is never sent again: {other:?}"),
+    }
+    let done = store.get(&e.event_id).await.unwrap().unwrap();
+    let meta = &done.destinations[&Destination::Meta];
+    assert_eq!(meta.status, DeliveryStatus::Delivered);
+    assert_eq!(meta.attempts, 3);
+    assert_eq!(
+        meta.log
+            .iter()
+            .map(|l| l.result.as_str())
+            .collect::<Vec<_>>(),
+        ["retry", "delivered"]
+    );
+    assert_eq!(
+        meta.last_error.as_ref().map(|e| e.code.as_str()),
+        Some("http_503")
+    );
+    assert_eq!(meta.next_attempt_at, None);
+    assert_eq!(meta.lease_until, None);
+    assert_eq!(
+        done.destinations[&Destination::Google].status,
+        DeliveryStatus::Pending,
+        "destinations are independent"
+    );
+
+    // Dead letter, then an operator redrive makes it claimable again with a fresh budget.
+    let ClaimOutcome::Claimed(_) = store
+        .claim(&e.event_id, Destination::Google, now, now.plus_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        store
+            .complete(
+                &e.event_id,
+                Destination::Google,
+                1,
+                &transition(DeliveryStatus::DeadLetter, now, 1)
+            )
+            .await
+            .unwrap()
+    );
+    let ClaimOutcome::Claimed(re) = store
+        .claim(&e.event_id, Destination::Google, now, now.plus_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("a dead-lettered pair is claimable after a redrive")
+    };
+    let g = &re.destinations[&Destination::Google];
+    assert_eq!(
+        (g.attempts, g.attempts_base, g.attempts_in_budget()),
+        (2, 1, 1)
+    );
+
+    // Unknown events.
+    assert_eq!(
+        store
+            .claim("no-such-event", Destination::Meta, now, now)
+            .await
+            .unwrap(),
+        ClaimOutcome::Missing
+    );
+    assert!(store.get("no-such-event").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn lifecycle_against_dynamodb() {
+    lifecycle_scenario(&dynamo("lifecycle").await).await;
+}
+
+#[tokio::test]
+async fn lifecycle_against_memory_store() {
+    lifecycle_scenario(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn concurrent_claims_of_one_event_have_exactly_one_winner() {
+    let store = Arc::new(dynamo("claim_race").await);
+    let e = sample_event("C-race", "lead", None, None, "2026-11-27T10:00:00Z");
+    store.put_new(&e).await.unwrap();
+    let now = Timestamp::now();
+    let attempts = (0..8).map(|_| {
+        let store = store.clone();
+        let id = e.event_id.clone();
+        tokio::spawn(async move {
+            store
+                .claim(&id, Destination::Meta, now, now.plus_secs(60))
+                .await
+                .unwrap()
+        })
+    });
+    let results: Vec<_> = join_all(attempts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let winners = results
+        .iter()
+        .filter(|r| matches!(r, ClaimOutcome::Claimed(_)))
+        .count();
+    let leased = results
+        .iter()
+        .filter(|r| matches!(r, ClaimOutcome::Refused(Claimability::Leased { .. }, _)))
+        .count();
+    assert_eq!((winners, leased), (1, 7));
+    let stored = store.get(&e.event_id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.destinations[&Destination::Meta].attempts,
+        1,
+        "losers changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn revenue_events_are_found_by_order_id() {
+    let store = dynamo("by_order").await;
+    let won = sample_event(
+        "D-1",
+        "won",
+        Some("ORD-77"),
+        Some(500.0),
+        "2026-11-20T10:00:00Z",
+    );
+    let r2 = sample_event(
+        "D-1",
+        "refund",
+        Some("ORD-77"),
+        Some(50.0),
+        "2026-11-25T10:00:00Z",
+    );
+    let r1 = sample_event(
+        "D-1",
+        "refund",
+        Some("ORD-77"),
+        Some(100.0),
+        "2026-11-22T10:00:00Z",
+    );
+    let other = sample_event(
+        "D-2",
+        "won",
+        Some("ORD-78"),
+        Some(10.0),
+        "2026-11-20T10:00:00Z",
+    );
+    let lead = sample_event("D-1", "lead", None, None, "2026-11-19T10:00:00Z");
+    for e in [&won, &r2, &r1, &other, &lead] {
+        store.put_new(e).await.unwrap();
+    }
+    let found = store.find_by_order("ORD-77").await.unwrap();
+    let ids: Vec<&str> = found.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [&won.event_id, &r1.event_id, &r2.event_id],
+        "oldest first, only this order"
+    );
+    assert_eq!(
+        found[1].value.map(|v| v.to_string()).as_deref(),
+        Some("100")
+    );
+    assert!(store.find_by_order("ORD-none").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sweep_index_holds_open_pairs_only() {
+    let store = dynamo("sweep").await;
+    let now = Timestamp::now();
+    let a = sample_event("S-a", "lead", None, None, "2026-11-27T10:00:00Z");
+    let b = sample_event("S-b", "lead", None, None, "2026-11-27T10:00:01Z");
+    store.put_new(&a).await.unwrap();
+    store.put_new(&b).await.unwrap();
+    // b is delivered to Meta, so only a is open for Meta.
+    let ClaimOutcome::Claimed(_) = store
+        .claim(&b.event_id, Destination::Meta, now, now.plus_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        store
+            .complete(
+                &b.event_id,
+                Destination::Meta,
+                1,
+                &transition(DeliveryStatus::Delivered, now, 1)
+            )
+            .await
+            .unwrap()
+    );
+
+    let far = now.plus_secs(3600);
+    let stuck = store.stuck(Destination::Meta, far, 100).await.unwrap();
+    assert_eq!(
+        stuck
+            .iter()
+            .map(|s| s.event_id.as_str())
+            .collect::<Vec<_>>(),
+        [a.event_id.as_str()]
+    );
+    assert_eq!(stuck[0].status, DeliveryStatus::Pending);
+    assert!(
+        store
+            .stuck(Destination::Meta, now, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not overdue yet"
+    );
+    assert_eq!(
+        store
+            .stuck(Destination::Google, far, 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    assert!(
+        store
+            .defer_sweep(
+                &a.event_id,
+                Destination::Meta,
+                DeliveryStatus::Pending,
+                far.plus_secs(600)
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .stuck(Destination::Meta, far, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "deferred until re-enqueue has had time"
+    );
+    assert!(
+        !store
+            .defer_sweep(&b.event_id, Destination::Meta, DeliveryStatus::Pending, far)
+            .await
+            .unwrap(),
+        "status changed"
+    );
+}
+
+#[tokio::test]
+async fn batch_reads_span_several_round_trips() {
+    let store = dynamo("batch_get").await;
+    let mut ids = Vec::new();
+    for i in 0..130 {
+        let e = sample_event(
+            &format!("B-{i}"),
+            "lead",
+            None,
+            None,
+            "2026-11-27T10:00:00Z",
+        );
+        store.put_new(&e).await.unwrap();
+        ids.push(e.event_id);
+    }
+    ids.push("missing".into());
+    let got = store.get_many(&ids).await.unwrap();
+    assert_eq!(got.len(), 130);
+    assert_eq!(got[0].event_id, ids[0], "request order is kept");
+}
+
+#[tokio::test]
+async fn expired_items_read_as_missing() {
+    let stack = Stack::create("ttl", &[]);
+    let store = DynamoStore::new(
+        shared::aws::dynamodb(&sdk_config().await),
+        stack.var("TABLE_NAME"),
+        1,
+    );
+    let mut e = sample_event("T-1", "lead", None, None, "2026-11-27T10:00:00Z");
+    e.received_at = Timestamp::now().minus_secs(2 * 86_400);
+    store.put_new(&e).await.unwrap();
+    assert!(
+        store.get(&e.event_id).await.unwrap().is_none(),
+        "the TTL is checked on read"
+    );
+}
