@@ -18,7 +18,7 @@ case "${1:-start}" in
   start)
     if up; then echo "http://127.0.0.1:$port"; exit 0; fi
     bash "$root/infra/local/setup.sh"
-    nohup "$root/.venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$state/moto-$port.log" 2>&1 &
+    nohup "$root/.venv/bin/python" "$root/infra/local/moto_server.py" -H 127.0.0.1 -p "$port" > "$state/moto-$port.log" 2>&1 &
     echo $! > "$pidfile"
     for _ in $(seq 1 100); do
       if up; then echo "http://127.0.0.1:$port"; exit 0; fi

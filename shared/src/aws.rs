@@ -15,3 +15,37 @@ pub fn dynamodb(cfg: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
 pub fn sqs(cfg: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
     aws_sdk_sqs::Client::new(cfg)
 }
+
+pub fn ssm(cfg: &aws_config::SdkConfig) -> aws_sdk_ssm::Client {
+    aws_sdk_ssm::Client::new(cfg)
+}
+
+/// Every parameter under `path` (decrypted), keyed by its last path segment. Read once at
+/// init: secrets are cached for the life of the execution environment.
+pub async fn parameters_by_path(
+    client: &aws_sdk_ssm::Client,
+    path: &str,
+) -> Result<std::collections::HashMap<String, String>, aws_sdk_ssm::Error> {
+    let mut out = std::collections::HashMap::new();
+    let mut token = None;
+    loop {
+        let page = client
+            .get_parameters_by_path()
+            .path(path)
+            .recursive(true)
+            .with_decryption(true)
+            .set_next_token(token)
+            .send()
+            .await?;
+        for p in page.parameters() {
+            if let (Some(name), Some(value)) = (p.name(), p.value()) {
+                let key = name.rsplit('/').next().unwrap_or(name).to_string();
+                out.insert(key, value.to_string());
+            }
+        }
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            return Ok(out);
+        }
+    }
+}

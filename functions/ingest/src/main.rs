@@ -1,23 +1,57 @@
-//! The ingest Lambda (Function URL): CRM webhooks in. Its handler is not built yet: until
-//! then it answers /health and refuses webhooks with 503 so a CRM retries later instead of
-//! believing an event was recorded.
+//! The ingest Lambda (Function URL): CRM webhooks in, stored and enqueued events out.
+//! Clients, secrets and the mapping are loaded once here, at init.
 
-use lambda_http::{Body, Error, Request, Response, service_fn};
-
-async fn handler(req: Request) -> Result<Response<Body>, Error> {
-    let (status, body) = match req.uri().path() {
-        "/health" => (200, r#"{"status":"ok"}"#),
-        _ => (503, r#"{"error":"ingest is not available yet"}"#),
-    };
-    Ok(Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Body::from(body))?)
-}
+use ingest::App;
+use lambda_http::{Error, service_fn};
+use shared::config::Settings;
+use shared::queue::sqs::SqsQueue;
+use shared::store::dynamodb::DynamoStore;
+use shared::webhook::hubspot::{HubSpotClient, HubSpotRecords};
+use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
+    // Pay phonenumber's lazy metadata load now, not on the first request.
     shared::identity::warm_up();
-    lambda_http::run(service_fn(handler)).await
+    let settings = Settings::from_env()?;
+    let aws = shared::aws::sdk_config().await;
+    let secrets = match std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH") {
+        Ok(path) => shared::aws::parameters_by_path(&shared::aws::ssm(&aws), &path).await?,
+        Err(_) => Default::default(),
+    };
+    let hubspot: Option<Arc<dyn HubSpotRecords>> = secrets.get("hubspot-token").map(|token| {
+        let base = std::env::var("HUBSPOT_API_BASE_URL")
+            .unwrap_or_else(|_| "https://api.hubapi.com".into());
+        Arc::new(HubSpotClient::new(
+            reqwest::Client::new(),
+            base,
+            token.clone(),
+        )) as Arc<dyn HubSpotRecords>
+    });
+    let app = App {
+        store: Arc::new(DynamoStore::new(
+            shared::aws::dynamodb(&aws),
+            &settings.table_name,
+            settings.retention_days,
+        )),
+        queue: Arc::new(SqsQueue::new(
+            shared::aws::sqs(&aws),
+            settings.queues.clone(),
+        )),
+        secrets,
+        hubspot,
+        max_body_bytes: std::env::var("MAX_BODY_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1 << 20),
+        public_base_url: std::env::var("PUBLIC_BASE_URL").ok(),
+        settings,
+    };
+    tracing::info!(mapping_version = %app.settings.mapping.version, sources = app.settings.mapping.sources.len(), "ingest ready");
+    let app = &app;
+    lambda_http::run(service_fn(move |req| async move {
+        Ok::<_, Error>(app.handle(req).await)
+    }))
+    .await
 }

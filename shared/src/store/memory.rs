@@ -34,6 +34,14 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// The stored event; panics when absent (tests only).
+    pub fn get_sync(&self, id: &str) -> CanonicalEvent {
+        self.lock()
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| panic!("event {id} is not stored"))
+    }
+
     pub fn all(&self) -> Vec<CanonicalEvent> {
         let mut v: Vec<_> = self.lock().values().cloned().collect();
         v.sort_by(|a, b| a.event_id.cmp(&b.event_id));

@@ -1,0 +1,249 @@
+//! The ingest function's HTTP layer: route, bound, authenticate, parse, hand the items to
+//! `shared::ingest`, and shape the response. Built once at init, called per request.
+
+use lambda_http::http::{HeaderMap, Method, StatusCode};
+use lambda_http::{Body, Request, RequestExt, Response};
+use serde_json::{Value, json};
+use shared::config::Settings;
+use shared::event::parse_event_json;
+use shared::ingest::{IngestConfig, IngestReport, ItemStatus, ingest};
+use shared::queue::DeliveryQueue;
+use shared::store::EventStore;
+use shared::timestamp::Timestamp;
+use shared::webhook::hubspot::{self, HubSpotRecords};
+use shared::webhook::signature::{self, SignatureError};
+use shared::webhook::{Incoming, salesforce, split_items};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// At most this many events in one request (the endpoint contract).
+pub const MAX_ITEMS: usize = 500;
+
+/// Everything a request needs, built once per execution environment.
+pub struct App {
+    pub settings: Settings,
+    pub store: Arc<dyn EventStore>,
+    pub queue: Arc<dyn DeliveryQueue>,
+    /// Secrets by name: `<source>` is that source's `X-Bridge-Signature` secret,
+    /// `hubspot-app-secret` verifies HubSpot's v3 signature.
+    pub secrets: HashMap<String, String>,
+    pub hubspot: Option<Arc<dyn HubSpotRecords>>,
+    pub max_body_bytes: usize,
+    /// The public base URL HubSpot calls (for its signature); else taken from the request.
+    pub public_base_url: Option<String>,
+}
+
+fn respond(status: StatusCode, body: Value) -> Response<Body> {
+    let mut r = Response::new(Body::from(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        lambda_http::http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, field: &str, reason: impl Into<String>) -> Response<Body> {
+    respond(
+        status,
+        json!({"error": {"field": field, "reason": reason.into()}}),
+    )
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `webhooks/<source>` anywhere in the path (a local front may add a prefix).
+fn webhook_source(path: &str) -> Option<&str> {
+    let (_, rest) = path.split_once("/webhooks/")?;
+    let s = rest.trim_end_matches('/');
+    (!s.is_empty() && !s.contains('/')).then_some(s)
+}
+
+impl App {
+    pub fn ingest_config(&self) -> IngestConfig {
+        IngestConfig {
+            default_region: self.settings.default_region,
+            max_future_skew_secs: self.settings.max_future_skew_secs,
+        }
+    }
+
+    pub async fn handle(&self, req: Request) -> Response<Body> {
+        // Lambda events carry the raw path; a request built elsewhere only has its URI.
+        let path = match req.raw_http_path() {
+            "" => req.uri().path().to_string(),
+            p => p.to_string(),
+        };
+        if path.ends_with("/health") && req.method() == Method::GET {
+            return respond(
+                StatusCode::OK,
+                json!({"status": "ok", "mapping_version": self.settings.mapping.version}),
+            );
+        }
+        let Some(source) = webhook_source(&path).map(str::to_string) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "path",
+                "POST /webhooks/{source} or GET /health",
+            );
+        };
+        if req.method() != Method::POST {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                "webhooks take POST",
+            );
+        }
+        if self.settings.mapping.source(&source).is_none() {
+            return error(
+                StatusCode::NOT_FOUND,
+                "source",
+                format!("`{source}` is not a source in the mapping contract"),
+            );
+        }
+        let body: &[u8] = req.body().as_ref();
+        if body.len() > self.max_body_bytes {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "$",
+                format!("body over {} bytes", self.max_body_bytes),
+            );
+        }
+        let now = Timestamp::now();
+        let headers = req.headers();
+        let hubspot_format =
+            source == "hubspot" && header(headers, "x-hubspot-signature-v3").is_some();
+        let auth = if hubspot_format {
+            let secret = self.secrets.get("hubspot-app-secret").map(String::as_bytes);
+            match secret {
+                None => Err(SignatureError::NoSecret(
+                    "hubspot (hubspot-app-secret)".into(),
+                )),
+                Some(s) => {
+                    let uri = self.public_uri(&req);
+                    signature::verify_hubspot(
+                        s,
+                        req.method().as_str(),
+                        &uri,
+                        body,
+                        header(headers, "x-hubspot-signature-v3"),
+                        header(headers, "x-hubspot-request-timestamp"),
+                        now.unix_secs(),
+                    )
+                }
+            }
+        } else {
+            match self.secrets.get(&source) {
+                None => Err(SignatureError::NoSecret(source.clone())),
+                Some(s) => signature::verify_bridge(
+                    s.as_bytes(),
+                    header(headers, "x-bridge-signature"),
+                    body,
+                    now.unix_secs(),
+                ),
+            }
+        };
+        if let Err(e) = auth {
+            tracing::warn!(source = %source, result = "unauthorized", reason = %e, "webhook rejected");
+            let status = if matches!(e, SignatureError::NoSecret(_)) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            return error(status, "signature", e.to_string());
+        }
+        let Ok(text) = std::str::from_utf8(body) else {
+            return error(StatusCode::BAD_REQUEST, "$", "the body is not UTF-8");
+        };
+        let mapping = &self.settings.mapping;
+        let (items, batch): (Vec<Incoming>, bool) = if hubspot_format {
+            let Some(api) = &self.hubspot else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "hubspot",
+                    "no HubSpot API token is configured (hubspot-token)",
+                );
+            };
+            match hubspot::parse_delivery(text, MAX_ITEMS) {
+                Ok(events) => (hubspot::resolve(&events, api.as_ref(), mapping).await, true),
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e.field, e.reason),
+            }
+        } else {
+            match split_items(text, MAX_ITEMS) {
+                Ok((raw, batch)) => {
+                    let items = raw
+                        .into_iter()
+                        .map(|r| {
+                            if source == "salesforce" {
+                                salesforce::parse_item(r, &source, mapping)
+                            } else {
+                                match parse_event_json(r) {
+                                    Ok(i) => Incoming::Event(Box::new(i)),
+                                    Err(e) => Incoming::Invalid(e),
+                                }
+                            }
+                        })
+                        .collect();
+                    (items, batch)
+                }
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e.field, e.reason),
+            }
+        };
+        let report = ingest(
+            items,
+            &source,
+            mapping,
+            &self.ingest_config(),
+            now,
+            self.store.as_ref(),
+            self.queue.as_ref(),
+        )
+        .await;
+        shape(report, batch)
+    }
+
+    fn public_uri(&self, req: &Request) -> String {
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
+        match &self.public_base_url {
+            Some(base) => format!("{}{}", base.trim_end_matches('/'), path_and_query),
+            None => {
+                let proto = header(req.headers(), "x-forwarded-proto").unwrap_or("https");
+                let host = header(req.headers(), "host").unwrap_or_default();
+                format!("{proto}://{host}{path_and_query}")
+            }
+        }
+    }
+}
+
+/// Status codes: 202 when something new was stored, 200 for duplicates and unmapped stages,
+/// 400 when nothing was valid, 207 for a batch that mixes valid and invalid items, and 503
+/// whenever an item could not be stored (the CRM retries; stored items then dedupe).
+fn shape(report: IngestReport, batch: bool) -> Response<Body> {
+    let any = |s| report.any(s);
+    let status = if any(ItemStatus::Unavailable) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if report
+        .results
+        .iter()
+        .all(|r| r.status == ItemStatus::Invalid)
+    {
+        StatusCode::BAD_REQUEST
+    } else if any(ItemStatus::Invalid) {
+        StatusCode::MULTI_STATUS
+    } else if any(ItemStatus::Accepted) {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    let body = if batch {
+        json!({"results": report.results})
+    } else {
+        serde_json::to_value(&report.results[0]).unwrap_or(Value::Null)
+    };
+    respond(status, body)
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Runs moto's server with DynamoDB requests applied one at a time.
+
+moto's server handles requests on concurrent threads and its DynamoDB backend does not lock
+an item between checking a condition and writing it, so two conditional UpdateItem calls can
+both pass (seen here: two workers winning one claim). DynamoDB guarantees that a conditional
+write is atomic; serializing DynamoDB requests reproduces that. Other services (SQS long
+polls in particular) stay concurrent.
+
+Usage: moto_server.py [--host 127.0.0.1] [--port 5000]
+"""
+
+import argparse
+import threading
+
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import run_simple
+
+_dynamodb = threading.Lock()
+
+
+def serialize_dynamodb(app):
+    def wrapped(environ, start_response):
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if target.startswith("DynamoDB"):
+            with _dynamodb:
+                # Consume the body inside the lock: the response is computed here.
+                return list(app(environ, start_response))
+        return app(environ, start_response)
+
+    return wrapped
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-H", "--host", default="127.0.0.1")
+    ap.add_argument("-p", "--port", type=int, default=5000)
+    a = ap.parse_args()
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple(a.host, a.port, serialize_dynamodb(app), threaded=True, use_reloader=False, use_debugger=False)
+
+
+if __name__ == "__main__":
+    main()

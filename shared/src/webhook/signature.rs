@@ -1,0 +1,229 @@
+//! Webhook authentication: the bridge's own `X-Bridge-Signature` and HubSpot's v3 signature.
+
+use base64::Engine;
+use hmac::{KeyInit, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// How far a signature's timestamp may be from now: replayed or badly delayed requests fail.
+pub const MAX_SKEW_SECS: i64 = 300;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureError {
+    #[error("missing {0} header")]
+    Missing(&'static str),
+    #[error("malformed {0} header")]
+    Malformed(&'static str),
+    #[error("signature timestamp is more than 5 minutes from now")]
+    Stale,
+    #[error("signature does not match")]
+    Mismatch,
+    #[error("no signing secret is configured for source {0}")]
+    NoSecret(String),
+}
+
+fn mac(secret: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length, so this cannot fail; an empty key is refused earlier.
+    <HmacSha256 as KeyInit>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+}
+
+/// Signs a body the way callers must: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+pub fn bridge_sign(secret: &[u8], t: i64, body: &[u8]) -> String {
+    let mut m = mac(secret);
+    m.update(t.to_string().as_bytes());
+    m.update(b".");
+    m.update(body);
+    format!(
+        "t={t},v1={}",
+        crate::hashing::hex(&m.finalize().into_bytes())
+    )
+}
+
+/// Verifies `X-Bridge-Signature` over the raw body, in constant time.
+pub fn verify_bridge(
+    secret: &[u8],
+    header: Option<&str>,
+    body: &[u8],
+    now_secs: i64,
+) -> Result<(), SignatureError> {
+    const H: &str = "X-Bridge-Signature";
+    let header = header.ok_or(SignatureError::Missing(H))?;
+    let mut t = None;
+    let mut sigs = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => {
+                sigs.push(crate::hashing::unhex(v).ok_or(SignatureError::Malformed(H))?)
+            }
+            _ => {}
+        }
+    }
+    let t = t.ok_or(SignatureError::Malformed(H))?;
+    if sigs.is_empty() {
+        return Err(SignatureError::Malformed(H));
+    }
+    if (now_secs - t).abs() > MAX_SKEW_SECS {
+        return Err(SignatureError::Stale);
+    }
+    // Several v1 values are allowed so a secret can be rotated without downtime.
+    for sig in sigs {
+        let mut m = mac(secret);
+        m.update(t.to_string().as_bytes());
+        m.update(b".");
+        m.update(body);
+        if m.verify_slice(&sig).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(SignatureError::Mismatch)
+}
+
+/// HubSpot's v3 signature: base64 HMAC-SHA256 of method + full URI + body + timestamp (ms).
+pub fn hubspot_sign(
+    secret: &[u8],
+    method: &str,
+    uri: &str,
+    body: &[u8],
+    timestamp_ms: &str,
+) -> String {
+    let mut m = mac(secret);
+    m.update(method.as_bytes());
+    m.update(uri.as_bytes());
+    m.update(body);
+    m.update(timestamp_ms.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(m.finalize().into_bytes())
+}
+
+/// Verifies `X-HubSpot-Signature-v3` with `X-HubSpot-Request-Timestamp` (milliseconds).
+pub fn verify_hubspot(
+    secret: &[u8],
+    method: &str,
+    uri: &str,
+    body: &[u8],
+    signature: Option<&str>,
+    timestamp_ms: Option<&str>,
+    now_secs: i64,
+) -> Result<(), SignatureError> {
+    let sig = signature.ok_or(SignatureError::Missing("X-HubSpot-Signature-v3"))?;
+    let ts = timestamp_ms.ok_or(SignatureError::Missing("X-HubSpot-Request-Timestamp"))?;
+    let ms: i64 = ts
+        .trim()
+        .parse()
+        .map_err(|_| SignatureError::Malformed("X-HubSpot-Request-Timestamp"))?;
+    if (now_secs - ms / 1000).abs() > MAX_SKEW_SECS {
+        return Err(SignatureError::Stale);
+    }
+    let expected = base64::engine::general_purpose::STANDARD
+        .decode(sig.trim())
+        .map_err(|_| SignatureError::Malformed("X-HubSpot-Signature-v3"))?;
+    let mut m = mac(secret);
+    m.update(method.as_bytes());
+    m.update(uri.as_bytes());
+    m.update(body);
+    m.update(ts.trim().as_bytes());
+    m.verify_slice(&expected)
+        .map_err(|_| SignatureError::Mismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn bridge_signature_valid_wrong_stale() {
+        let body = br#"{"event_name":"lead"}"#;
+        let h = bridge_sign(b"s3cret", NOW, body);
+        assert_eq!(verify_bridge(b"s3cret", Some(&h), body, NOW + 10), Ok(()));
+        assert_eq!(
+            verify_bridge(b"other", Some(&h), body, NOW),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_bridge(b"s3cret", Some(&h), b"{}", NOW),
+            Err(SignatureError::Mismatch),
+            "body tampered"
+        );
+        assert_eq!(
+            verify_bridge(b"s3cret", Some(&h), body, NOW + 301),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            verify_bridge(b"s3cret", Some(&h), body, NOW - 301),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            verify_bridge(b"s3cret", None, body, NOW),
+            Err(SignatureError::Missing("X-Bridge-Signature"))
+        );
+        assert_eq!(
+            verify_bridge(b"s3cret", Some("t=abc,v1=zz"), body, NOW),
+            Err(SignatureError::Malformed("X-Bridge-Signature"))
+        );
+    }
+
+    #[test]
+    fn bridge_signature_matches_an_independent_hmac() {
+        // Computed with: printf '%s' '1800000000.{}' | openssl dgst -sha256 -hmac key
+        let h = bridge_sign(b"key", NOW, b"{}");
+        assert_eq!(
+            h,
+            "t=1800000000,v1=7321475872b03ff21bdc2dfd86ea2d99ec29c479fbe4a77aa6acf4509505493f"
+        );
+    }
+
+    #[test]
+    fn rotation_accepts_either_signature() {
+        let body = b"x";
+        let new = bridge_sign(b"new", NOW, body);
+        let old = bridge_sign(b"old", NOW, body);
+        let both = format!("{new},v1={}", old.split("v1=").nth(1).unwrap());
+        assert_eq!(verify_bridge(b"old", Some(&both), body, NOW), Ok(()));
+    }
+
+    #[test]
+    fn hubspot_v3() {
+        let uri = "https://hooks.example.com/webhooks/hubspot?x=1";
+        let ts = (NOW * 1000).to_string();
+        let sig = hubspot_sign(b"app-secret", "POST", uri, b"[]", &ts);
+        let ok = verify_hubspot(
+            b"app-secret",
+            "POST",
+            uri,
+            b"[]",
+            Some(&sig),
+            Some(&ts),
+            NOW + 5,
+        );
+        assert_eq!(ok, Ok(()));
+        let wrong_uri = verify_hubspot(
+            b"app-secret",
+            "POST",
+            "https://other/webhooks/hubspot",
+            b"[]",
+            Some(&sig),
+            Some(&ts),
+            NOW,
+        );
+        assert_eq!(wrong_uri, Err(SignatureError::Mismatch));
+        let stale = verify_hubspot(
+            b"app-secret",
+            "POST",
+            uri,
+            b"[]",
+            Some(&sig),
+            Some(&ts),
+            NOW + 400,
+        );
+        assert_eq!(stale, Err(SignatureError::Stale));
+        let missing = verify_hubspot(b"app-secret", "POST", uri, b"[]", None, Some(&ts), NOW);
+        assert_eq!(
+            missing,
+            Err(SignatureError::Missing("X-HubSpot-Signature-v3"))
+        );
+    }
+}
