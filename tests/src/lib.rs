@@ -1,6 +1,8 @@
 //! Test helpers: isolated stacks from infra/template.yaml in the local emulator, AWS clients
 //! pointed at it, and sample events.
 
+pub mod fakes;
+
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use shared::consent::ConsentStatus;
 use shared::destination::{DeliveryStatus, Destination, DestinationState};

@@ -247,3 +247,61 @@ fn shape(report: IngestReport, batch: bool) -> Response<Body> {
     };
     respond(status, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use shared::mapping::Mapping;
+    use shared::webhook::{Incoming, hubspot, salesforce, split_items};
+
+    fn sample(name: &str) -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../events/webhooks/");
+        std::fs::read_to_string(format!("{path}{name}")).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// The samples in events/ are documentation: keep them readable by the real parsers.
+    #[test]
+    fn sample_webhooks_parse_as_documented() {
+        let mapping = Mapping::bundled().unwrap();
+        for (name, invalid_items) in [
+            ("generic-lead.json", 0),
+            ("generic-batch-mixed.json", 0),
+            ("hubspot-refund.json", 0),
+        ] {
+            let body = sample(name);
+            let (items, _) = split_items(&body, 500).unwrap();
+            let bad = items
+                .iter()
+                .filter(|i| shared::event::parse_event_json(i).is_err())
+                .count();
+            assert_eq!(bad, invalid_items, "{name}");
+        }
+        let body = sample("salesforce-closed-won.json");
+        assert!(matches!(
+            salesforce::parse_item(&body, "salesforce", &mapping),
+            Incoming::Event(_)
+        ));
+        let body = sample("salesforce-lead-status.json");
+        let (items, _) = split_items(&body, 500).unwrap();
+        let parsed: Vec<_> = items
+            .iter()
+            .map(|i| salesforce::parse_item(i, "salesforce", &mapping))
+            .collect();
+        assert!(matches!(parsed[0], Incoming::Event(_)));
+        assert!(matches!(parsed[1], Incoming::Unmapped { .. }));
+        assert_eq!(
+            hubspot::parse_delivery(&sample("hubspot-delivery.json"), 500)
+                .unwrap()
+                .len(),
+            2
+        );
+        for f in [
+            "function-url-generic-lead.json",
+            "function-url-health.json",
+            "sqs-meta-batch.json",
+        ] {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../events/lambda/");
+            let text = std::fs::read_to_string(format!("{path}{f}")).unwrap();
+            serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+}

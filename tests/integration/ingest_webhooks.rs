@@ -1,0 +1,451 @@
+//! The ingest handler end to end against the emulator: signed webhooks from every source,
+//! then the table and the queues checked; HubSpot records come from a local fake of its API.
+
+use aws_sdk_sqs::Client as Sqs;
+use bridge_tests::fakes::hubspot::FakeHubSpot;
+use bridge_tests::{Stack, sdk_config};
+use ingest::App;
+use lambda_http::http::StatusCode;
+use lambda_http::{Body, Request};
+use serde_json::{Value, json};
+use shared::config::Settings;
+use shared::destination::{DeliveryStatus, Destination};
+use shared::hashing::sha256_hex;
+use shared::queue::DeliveryMessage;
+use shared::queue::sqs::SqsQueue;
+use shared::store::EventStore;
+use shared::store::dynamodb::DynamoStore;
+use shared::timestamp::Timestamp;
+use shared::webhook::hubspot::{HubSpotClient, HubSpotRecords};
+use shared::webhook::signature::{bridge_sign, hubspot_sign};
+use std::sync::Arc;
+
+struct Env {
+    app: App,
+    store: Arc<DynamoStore>,
+    sqs: Sqs,
+    stack: Stack,
+}
+
+async fn env(test: &str, hubspot: Option<&FakeHubSpot>) -> Env {
+    let stack = Stack::create(test, &[]);
+    let aws = sdk_config().await;
+    // Secrets go through SSM exactly as in AWS: one SecureString per name under a path.
+    let ssm = shared::aws::ssm(&aws);
+    let path = format!("/{}/webhooks", stack.name);
+    let mut params = vec![
+        ("generic", "generic-secret"),
+        ("salesforce", "sf-secret"),
+        ("hubspot", "hs-bridge-secret"),
+        ("hubspot-app-secret", "hs-app-secret"),
+    ];
+    if let Some(h) = hubspot {
+        params.push(("hubspot-token", h.token.as_str()));
+    }
+    for (k, v) in params {
+        ssm.put_parameter()
+            .name(format!("{path}/{k}"))
+            .value(v)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .send()
+            .await
+            .unwrap();
+    }
+    let secrets = shared::aws::parameters_by_path(&ssm, &path).await.unwrap();
+    let vars = stack.env.clone();
+    let settings = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let store = Arc::new(DynamoStore::new(
+        shared::aws::dynamodb(&aws),
+        &settings.table_name,
+        settings.retention_days,
+    ));
+    let sqs = shared::aws::sqs(&aws);
+    let hubspot_api: Option<Arc<dyn HubSpotRecords>> = match (hubspot, secrets.get("hubspot-token"))
+    {
+        (Some(h), Some(token)) => Some(Arc::new(HubSpotClient::new(
+            reqwest::Client::new(),
+            &h.base_url,
+            token,
+        ))),
+        _ => None,
+    };
+    let app = App {
+        queue: Arc::new(SqsQueue::new(sqs.clone(), settings.queues.clone())),
+        store: store.clone(),
+        secrets,
+        hubspot: hubspot_api,
+        max_body_bytes: 64 * 1024,
+        public_base_url: Some("https://bridge.example.com".into()),
+        settings,
+    };
+    Env {
+        app,
+        store,
+        sqs,
+        stack,
+    }
+}
+
+fn signed(source: &str, body: &str, secret: &str, t: i64) -> Request {
+    lambda_http::http::Request::builder()
+        .method("POST")
+        .uri(format!("https://bridge.example.com/webhooks/{source}"))
+        .header(
+            "x-bridge-signature",
+            bridge_sign(secret.as_bytes(), t, body.as_bytes()),
+        )
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+async fn call(app: &App, req: Request) -> (StatusCode, Value) {
+    let resp = app.handle(req).await;
+    let status = resp.status();
+    let body: Value = serde_json::from_slice(resp.body().as_ref()).unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Every message now on a queue, as delivery messages (received with a long visibility so
+/// none is counted twice).
+async fn drain(sqs: &Sqs, url: &str) -> Vec<DeliveryMessage> {
+    let mut out = Vec::new();
+    loop {
+        let r = sqs
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(10)
+            .visibility_timeout(300)
+            .send()
+            .await
+            .unwrap();
+        if r.messages().is_empty() {
+            return out;
+        }
+        out.extend(
+            r.messages()
+                .iter()
+                .map(|m| DeliveryMessage::from_body(m.body().unwrap()).unwrap()),
+        );
+    }
+}
+
+fn lead(entity: &str, consent: &str) -> Value {
+    json!({"event_name": "lead", "occurred_at": Timestamp::now().minus_secs(600).canonical(), "entity_type": "lead",
+           "entity_id": entity, "identity": {"email": format!("{entity}@example.com"), "phone": "+1 650 555 0000"},
+           "consent": {"status": consent}})
+}
+
+#[tokio::test]
+async fn generic_batch_stores_valid_items_names_bad_fields_and_enqueues_only_what_consent_allows() {
+    let e = env("generic_batch", None).await;
+    let body = json!([
+        lead("L-granted", "granted"),
+        lead("L-denied", "denied"),
+        {"event_name": "won", "occurred_at": "yesterday", "entity_type": "opportunity", "entity_id": "D-9", "value": -1}
+    ])
+    .to_string();
+    let (status, resp) = call(
+        &e.app,
+        signed(
+            "generic",
+            &body,
+            "generic-secret",
+            Timestamp::now().unix_secs(),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::MULTI_STATUS, "{resp}");
+    let results = resp["results"].as_array().unwrap();
+    assert_eq!(
+        results
+            .iter()
+            .map(|r| r["status"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["accepted", "accepted", "invalid"]
+    );
+    let bad: Vec<&str> = results[2]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(bad, ["occurred_at", "order_id", "value", "currency"]);
+
+    let granted = results[0]["event_id"].as_str().unwrap();
+    let denied = results[1]["event_id"].as_str().unwrap();
+    let g = e.store.get(granted).await.unwrap().unwrap();
+    assert_eq!(
+        g.destinations[&Destination::Meta].status,
+        DeliveryStatus::Pending
+    );
+    assert_eq!(
+        g.identity.meta.em,
+        Some(sha256_hex("l-granted@example.com"))
+    );
+    let d = e.store.get(denied).await.unwrap().unwrap();
+    assert_eq!(
+        d.destinations[&Destination::Meta].status,
+        DeliveryStatus::BlockedConsent
+    );
+    assert!(
+        d.identity.is_empty(),
+        "a blocked event keeps no identifiers"
+    );
+
+    let meta = drain(&e.sqs, &e.stack.var("META_QUEUE_URL")).await;
+    assert_eq!(meta, [DeliveryMessage::new(granted, Destination::Meta)]);
+    assert!(
+        drain(&e.sqs, &e.stack.var("GOOGLE_QUEUE_URL"))
+            .await
+            .is_empty(),
+        "lead is not mapped to Google"
+    );
+}
+
+#[tokio::test]
+async fn ten_deliveries_of_one_webhook_store_one_event_and_enqueue_once_per_destination() {
+    let e = env("duplicates", None).await;
+    let body = json!({"event_name": "won", "occurred_at": Timestamp::now().minus_secs(600).canonical(),
+        "entity_type": "opportunity", "entity_id": "D-1", "order_id": "O-1", "value": 250.0, "currency": "USD",
+        "identity": {"email": "buyer@example.com", "gclid": "Cj0abc"}, "consent": {"status": "granted"}})
+    .to_string();
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let (status, resp) = call(
+            &e.app,
+            signed(
+                "hubspot",
+                &body,
+                "hs-bridge-secret",
+                Timestamp::now().unix_secs(),
+            ),
+        )
+        .await;
+        assert_eq!(
+            status,
+            if n == 0 {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            },
+            "{resp}"
+        );
+        assert_eq!(resp["duplicate"].as_bool().unwrap_or(false), n > 0);
+        ids.push(resp["event_id"].as_str().unwrap().to_string());
+    }
+    assert!(
+        ids.windows(2).all(|w| w[0] == w[1]),
+        "one deterministic event_id"
+    );
+    assert_eq!(drain(&e.sqs, &e.stack.var("META_QUEUE_URL")).await.len(), 1);
+    assert_eq!(
+        drain(&e.sqs, &e.stack.var("GOOGLE_QUEUE_URL")).await.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn signatures_wrong_stale_or_missing_are_refused_and_nothing_is_stored() {
+    let e = env("signatures", None).await;
+    let body = lead("L-sig", "granted").to_string();
+    let now = Timestamp::now().unix_secs();
+    let (wrong, _) = call(&e.app, signed("generic", &body, "not-the-secret", now)).await;
+    let (stale, resp) = call(
+        &e.app,
+        signed("generic", &body, "generic-secret", now - 301),
+    )
+    .await;
+    assert!(
+        resp["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("5 minutes")
+    );
+    let mut missing = signed("generic", &body, "generic-secret", now);
+    missing.headers_mut().remove("x-bridge-signature");
+    let (missing, _) = call(&e.app, missing).await;
+    assert_eq!(
+        (wrong, stale, missing),
+        (
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED
+        )
+    );
+    assert!(
+        drain(&e.sqs, &e.stack.var("META_QUEUE_URL"))
+            .await
+            .is_empty()
+    );
+
+    let big = "x".repeat(70 * 1024);
+    let (too_big, _) = call(&e.app, signed("generic", &big, "generic-secret", now)).await;
+    assert_eq!(too_big, StatusCode::PAYLOAD_TOO_LARGE);
+    let (unknown, _) = call(&e.app, signed("pipedrive", &body, "generic-secret", now)).await;
+    assert_eq!(unknown, StatusCode::NOT_FOUND);
+    let health = lambda_http::http::Request::builder()
+        .method("GET")
+        .uri("https://bridge.example.com/health")
+        .body(Body::Empty)
+        .unwrap();
+    assert_eq!(call(&e.app, health).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn salesforce_revenue_is_stored_but_never_sent_when_hubspot_is_the_system_of_record() {
+    let e = env("salesforce_sor", None).await;
+    let body = json!({"object": "Opportunity", "id": "006XYZ", "stage": "Closed Won",
+        "changed_at": Timestamp::now().minus_secs(60).canonical(), "amount": 5000, "currency": "USD",
+        "email": "cfo@example.com", "consent": {"status": "granted"}})
+    .to_string();
+    let (status, resp) = call(
+        &e.app,
+        signed(
+            "salesforce",
+            &body,
+            "sf-secret",
+            Timestamp::now().unix_secs(),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+    assert_eq!(
+        resp["destinations"]["meta"],
+        "rejected_not_system_of_record"
+    );
+    let stored = e
+        .store
+        .get(resp["event_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.order_id.as_deref(), Some("006XYZ"));
+    assert_eq!(stored.crm_stage.as_deref(), Some("Closed Won"));
+    assert!(
+        drain(&e.sqs, &e.stack.var("META_QUEUE_URL"))
+            .await
+            .is_empty()
+    );
+    assert!(
+        drain(&e.sqs, &e.stack.var("GOOGLE_QUEUE_URL"))
+            .await
+            .is_empty()
+    );
+
+    let unmapped = json!({"object": "Lead", "id": "00Q1", "stage": "Nurturing", "changed_at": Timestamp::now().canonical()}).to_string();
+    let (status, resp) = call(
+        &e.app,
+        signed(
+            "salesforce",
+            &unmapped,
+            "sf-secret",
+            Timestamp::now().unix_secs(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, resp["status"].as_str()),
+        (StatusCode::OK, Some("unmapped"))
+    );
+}
+
+#[tokio::test]
+async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
+    let hs = FakeHubSpot::start("pat-test-token").await;
+    {
+        let mut d = hs.data.lock().unwrap();
+        d.contacts.insert(
+            "101".into(),
+            json!({"email": "Ada@Example.com", "firstname": "Ada", "lastname": "Lovelace", "phone": "+44 20 7946 0958",
+                   "hs_google_click_id": "Cj0KCQ-ada", "ads_consent_status": "granted", "hs_legal_basis": "Freely given consent"}),
+        );
+        d.deals.insert(
+            "9001".into(),
+            (
+                json!({"amount": "1200.50", "deal_currency_code": "GBP", "dealstage": "closedwon"}),
+                Some("101".into()),
+            ),
+        );
+    }
+    let e = env("hubspot_fetch", Some(&hs)).await;
+    let occurred = Timestamp::now().minus_secs(120).unix_ms();
+    let body = json!([
+        {"eventId": 1, "subscriptionId": 7, "portalId": 62515, "appId": 1, "occurredAt": occurred,
+         "subscriptionType": "deal.propertyChange", "attemptNumber": 0, "objectId": 9001,
+         "propertyName": "dealstage", "propertyValue": "closedwon", "changeSource": "CRM"},
+        {"eventId": 2, "subscriptionId": 8, "portalId": 62515, "appId": 1, "occurredAt": occurred,
+         "subscriptionType": "contact.propertyChange", "attemptNumber": 0, "objectId": 101,
+         "propertyName": "lifecyclestage", "propertyValue": "customer", "changeSource": "CRM"}
+    ])
+    .to_string();
+    let ts = Timestamp::now().unix_ms().to_string();
+    let uri = "https://bridge.example.com/webhooks/hubspot";
+    let req = lambda_http::http::Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header(
+            "x-hubspot-signature-v3",
+            hubspot_sign(b"hs-app-secret", "POST", uri, body.as_bytes(), &ts),
+        )
+        .header("x-hubspot-request-timestamp", &ts)
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (status, resp) = call(&e.app, req).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+    let results = resp["results"].as_array().unwrap();
+    assert_eq!(results[0]["status"], "accepted");
+    assert_eq!(
+        results[1]["status"], "unmapped",
+        "`customer` is not in the mapping"
+    );
+    let stored = e
+        .store
+        .get(results[0]["event_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.order_id.as_deref(), Some("9001"));
+    assert_eq!(
+        stored.value.map(|v| v.to_string()).as_deref(),
+        Some("1200.5")
+    );
+    assert_eq!(stored.currency.as_deref(), Some("GBP"));
+    assert_eq!(stored.identity.meta.em, Some(sha256_hex("ada@example.com")));
+    assert_eq!(
+        stored.identity.google.phone,
+        Some(sha256_hex("+442079460958"))
+    );
+    assert_eq!(
+        stored.consent.basis.as_deref(),
+        Some("Freely given consent")
+    );
+    let contact_request = format!(
+        "contact 101 properties={}",
+        shared::webhook::hubspot::CONTACT_PROPERTIES.join(",")
+    );
+    assert_eq!(
+        hs.requests(),
+        [
+            "deal 9001 associations=contacts".to_string(),
+            contact_request
+        ]
+    );
+    let meta = drain(&e.sqs, &e.stack.var("META_QUEUE_URL")).await;
+    let google = drain(&e.sqs, &e.stack.var("GOOGLE_QUEUE_URL")).await;
+    assert_eq!((meta.len(), google.len()), (1, 1));
+
+    // A tampered delivery is refused before anything is fetched.
+    let before = hs.requests().len();
+    let bad = lambda_http::http::Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header(
+            "x-hubspot-signature-v3",
+            hubspot_sign(b"hs-app-secret", "POST", uri, b"[]", &ts),
+        )
+        .header("x-hubspot-request-timestamp", &ts)
+        .body(Body::from(body))
+        .unwrap();
+    assert_eq!(call(&e.app, bad).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(hs.requests().len(), before);
+}

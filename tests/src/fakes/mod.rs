@@ -1,0 +1,3 @@
+//! Local fakes of the outside APIs the bridge calls, enforcing the rules the real ones do.
+
+pub mod hubspot;
