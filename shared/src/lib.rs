@@ -10,6 +10,7 @@ pub mod config;
 pub mod consent;
 pub mod delivery;
 pub mod destination;
+pub mod destinations;
 pub mod event;
 pub mod hashing;
 pub mod identity;

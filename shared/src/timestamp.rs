@@ -59,6 +59,10 @@ impl Timestamp {
         Timestamp(self.0 + Duration::seconds(secs))
     }
 
+    pub fn plus_millis(&self, ms: i64) -> Self {
+        Timestamp(self.0 + Duration::milliseconds(ms))
+    }
+
     pub fn minus_secs(&self, secs: i64) -> Self {
         Timestamp(self.0 - Duration::seconds(secs))
     }

@@ -1,5 +1,7 @@
 //! What every destination shares: delivery outcomes and retry timing with full jitter.
 
+pub mod pipeline;
+
 use crate::destination::ErrorInfo;
 use std::time::Duration;
 
