@@ -49,3 +49,21 @@ pub async fn parameters_by_path(
         }
     }
 }
+
+/// One parameter's decrypted value.
+pub async fn parameter(
+    client: &aws_sdk_ssm::Client,
+    name: &str,
+) -> Result<String, aws_sdk_ssm::Error> {
+    let out = client
+        .get_parameter()
+        .name(name)
+        .with_decryption(true)
+        .send()
+        .await?;
+    Ok(out
+        .parameter()
+        .and_then(|p| p.value())
+        .unwrap_or_default()
+        .to_string())
+}

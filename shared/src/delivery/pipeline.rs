@@ -312,7 +312,29 @@ pub async fn process_batch<P: Platform>(
             tracing::warn!(destination = %dest, count = failed.len(), "visibility not changed; messages return after the queue's timeout");
         }
     }
+    crate::metrics::emit(&report.metrics_line(dest, clock().unix_ms()));
     report
+}
+
+impl BatchReport {
+    /// Counts per result as one EMF line (`config_errors` drives the configuration alarm).
+    pub fn metrics_line(&self, dest: Destination, timestamp_ms: i64) -> String {
+        let count = |r: &str| self.results.values().filter(|v| v.as_str() == r).count() as f64;
+        let delivered = count("delivered") + count("delivered_replay");
+        crate::metrics::emf_line(
+            timestamp_ms,
+            &[("destination", dest.as_str())],
+            &[
+                ("delivered", delivered),
+                ("skipped_duplicate", count("skipped_duplicate")),
+                ("retry", count("retry")),
+                ("rejected", count("rejected")),
+                ("dead_letter", count("dead_letter")),
+                ("blocked_consent", count("blocked_consent")),
+                ("config_errors", self.alerts as f64),
+            ],
+        )
+    }
 }
 
 enum Route {
@@ -568,6 +590,20 @@ mod tests {
         let r = process_batch(records, &p, &store, &queue, &cfg(), now()).await;
         assert_eq!(r.failures, ["m1"], "only the retry stays on the queue");
         assert_eq!(r.alerts, 1);
+        let emf: serde_json::Value =
+            serde_json::from_str(&r.metrics_line(Destination::Meta, 0)).unwrap();
+        assert_eq!(
+            (
+                emf["delivered"].as_f64(),
+                emf["retry"].as_f64(),
+                emf["dead_letter"].as_f64()
+            ),
+            (Some(1.0), Some(1.0), Some(1.0))
+        );
+        assert_eq!(
+            (emf["rejected"].as_f64(), emf["config_errors"].as_f64()),
+            (Some(1.0), Some(1.0))
+        );
         let st = |i: usize| store.get_sync(&ids[i]).destinations[&Destination::Meta].clone();
         assert_eq!(st(0).status, DeliveryStatus::Delivered);
         assert_eq!(st(0).log[0].platform_ref.as_deref(), Some("trace"));

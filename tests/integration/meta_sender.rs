@@ -1,0 +1,335 @@
+//! The Meta sender's pipeline against the strict fake Conversions API, with real SQS batches
+//! and the DynamoDB store in the emulator (and in memory where only batching is measured).
+
+use aws_sdk_sqs::Client as Sqs;
+use bridge_tests::fakes::meta::{FakeMeta, Fault};
+use bridge_tests::{Stack, sample_event, sdk_config};
+use serde_json::json;
+use shared::delivery::Backoff;
+use shared::delivery::pipeline::{PipelineConfig, Record, process_batch};
+use shared::destination::{DeliveryStatus, Destination, DestinationState};
+use shared::destinations::meta::{MetaConfig, MetaPlatform};
+use shared::event::CanonicalEvent;
+use shared::mapping::Mapping;
+use shared::queue::memory::MemoryQueue;
+use shared::queue::sqs::SqsQueue;
+use shared::queue::{DeliveryMessage, DeliveryQueue};
+use shared::store::EventStore;
+use shared::store::dynamodb::DynamoStore;
+use shared::store::memory::MemoryStore;
+use shared::timestamp::Timestamp;
+use std::time::Duration;
+
+fn platform(fake: &FakeMeta, timeout_ms: u64) -> MetaPlatform {
+    let cfg = MetaConfig {
+        base_url: fake.base_url.clone(),
+        api_version: "v26.0".into(),
+        pixel_id: "1234567890".into(),
+        access_token: fake.token.clone(),
+        app_secret: Some("app-secret".into()),
+        test_event_code: None,
+        timeout: Duration::from_millis(timeout_ms),
+    };
+    MetaPlatform::new(reqwest::Client::new(), cfg, Mapping::bundled().unwrap())
+}
+
+fn fast_retries() -> PipelineConfig {
+    PipelineConfig {
+        lease_secs: 30,
+        max_attempts: 5,
+        backoff: Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(2),
+            floor: Duration::from_secs(1),
+        },
+    }
+}
+
+fn recent(entity: &str) -> CanonicalEvent {
+    sample_event(
+        entity,
+        "won",
+        Some(&format!("O-{entity}")),
+        Some(100.0),
+        &Timestamp::now().minus_secs(3600).canonical(),
+    )
+}
+
+/// Receives up to 10 messages as the Lambda event source mapping would hand them over.
+async fn receive(sqs: &Sqs, url: &str) -> Vec<Record> {
+    let out = sqs
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .unwrap();
+    out.messages()
+        .iter()
+        .map(|m| Record {
+            message_id: m.message_id().unwrap().to_string(),
+            receipt: m.receipt_handle().unwrap().to_string(),
+            body: m.body().unwrap().to_string(),
+        })
+        .collect()
+}
+
+/// What the event source mapping does after an invocation: delete what is not a failure.
+async fn settle(sqs: &Sqs, url: &str, records: &[Record], failures: &[String]) {
+    for r in records.iter().filter(|r| !failures.contains(&r.message_id)) {
+        sqs.delete_message()
+            .queue_url(url)
+            .receipt_handle(&r.receipt)
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
+    let fake = FakeMeta::start("meta-token").await;
+    let stack = Stack::create("meta_sqs", &[("MaxReceiveCount", "5")]);
+    let aws = sdk_config().await;
+    let store = DynamoStore::new(shared::aws::dynamodb(&aws), stack.var("TABLE_NAME"), 400);
+    let sqs = shared::aws::sqs(&aws);
+    let vars = stack.env.clone();
+    let settings = shared::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let queue = SqsQueue::new(sqs.clone(), settings.queues.clone());
+    let url = stack.var("META_QUEUE_URL");
+    let p = platform(&fake, 5000);
+    let cfg = fast_retries();
+
+    let events: Vec<_> = (0..3).map(|i| recent(&format!("D-{i}"))).collect();
+    for e in &events {
+        store.put_new(e).await.unwrap();
+    }
+    queue
+        .enqueue(
+            &events
+                .iter()
+                .map(|e| DeliveryMessage::new(&e.event_id, Destination::Meta))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+
+    // Meta is down: every message is a batch item failure, hidden for the backoff delay.
+    fake.inject(Fault::Respond(503, json!({"error": {"message": "Service temporarily unavailable", "code": 2, "is_transient": true}})));
+    let batch = receive(&sqs, &url).await;
+    assert_eq!(batch.len(), 3);
+    let r = process_batch(batch.clone(), &p, &store, &queue, &cfg, Timestamp::now()).await;
+    assert_eq!(r.failures.len(), 3);
+    settle(&sqs, &url, &batch, &r.failures).await;
+    let s = store
+        .get(&events[0].event_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .destinations[&Destination::Meta]
+        .clone();
+    assert_eq!(
+        (s.status, s.last_error.unwrap().code),
+        (DeliveryStatus::Retry, "meta_2".to_string())
+    );
+    assert!(
+        receive(&sqs, &url).await.is_empty(),
+        "hidden by ChangeMessageVisibility"
+    );
+
+    // After the delay the same messages come back and are delivered once.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let batch = receive(&sqs, &url).await;
+    assert_eq!(batch.len(), 3);
+    let r = process_batch(batch.clone(), &p, &store, &queue, &cfg, Timestamp::now()).await;
+    assert!(r.failures.is_empty(), "{r:?}");
+    settle(&sqs, &url, &batch, &r.failures).await;
+    for e in &events {
+        let s =
+            store.get(&e.event_id).await.unwrap().unwrap().destinations[&Destination::Meta].clone();
+        assert_eq!(s.status, DeliveryStatus::Delivered);
+        assert_eq!(
+            s.log.iter().map(|l| l.result.as_str()).collect::<Vec<_>>(),
+            ["retry", "delivered"]
+        );
+        assert_eq!(s.log[1].platform_ref.as_deref(), Some("FakeTraceOk"));
+    }
+    assert_eq!(fake.distinct().len(), 3);
+    let sent = fake.accepted();
+    assert_eq!(sent[0]["event_name"], "Purchase");
+    assert_eq!(sent[0]["custom_data"]["currency"], "USD");
+
+    // A redelivered message (SQS at-least-once, or a console redrive) sends nothing.
+    let before = fake.requests();
+    queue
+        .enqueue(&[DeliveryMessage::new(&events[0].event_id, Destination::Meta)])
+        .await;
+    let batch = receive(&sqs, &url).await;
+    let r = process_batch(batch.clone(), &p, &store, &queue, &cfg, Timestamp::now()).await;
+    assert_eq!(r.results[&batch[0].message_id], "skipped_duplicate");
+    settle(&sqs, &url, &batch, &r.failures).await;
+    assert_eq!(fake.requests(), before);
+
+    // A token error is a configuration error: dead-lettered with its reason, not retried.
+    let bad = recent("D-token");
+    store.put_new(&bad).await.unwrap();
+    queue
+        .enqueue(&[DeliveryMessage::new(&bad.event_id, Destination::Meta)])
+        .await;
+    fake.inject(Fault::Respond(400, json!({"error": {"message": "Invalid OAuth access token.", "type": "OAuthException", "code": 190, "fbtrace_id": "x"}})));
+    let batch = receive(&sqs, &url).await;
+    let r = process_batch(batch.clone(), &p, &store, &queue, &cfg, Timestamp::now()).await;
+    assert!(r.failures.is_empty());
+    assert_eq!(r.alerts, 1);
+    settle(&sqs, &url, &batch, &r.failures).await;
+    assert!(
+        receive(&sqs, &url).await.is_empty(),
+        "removed from the source queue"
+    );
+    let dlq = sqs
+        .receive_message()
+        .queue_url(stack.var("META_DLQ_URL"))
+        .message_attribute_names("All")
+        .send()
+        .await
+        .unwrap();
+    let m = &dlq.messages()[0];
+    assert_eq!(
+        m.message_attributes().unwrap()["error_code"].string_value(),
+        Some("meta_190")
+    );
+    assert_eq!(
+        DeliveryMessage::from_body(m.body().unwrap())
+            .unwrap()
+            .event_id,
+        bad.event_id
+    );
+    let s = store
+        .get(&bad.event_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .destinations[&Destination::Meta]
+        .clone();
+    assert_eq!(s.status, DeliveryStatus::DeadLetter);
+}
+
+async fn in_memory(events: &[CanonicalEvent]) -> (MemoryStore, MemoryQueue, Vec<Record>) {
+    let store = MemoryStore::new();
+    for e in events {
+        store.put_new(e).await.unwrap();
+    }
+    let records = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Record {
+            message_id: format!("m{i}"),
+            receipt: format!("r{i}"),
+            body: DeliveryMessage::new(&e.event_id, Destination::Meta).to_body(),
+        })
+        .collect();
+    (store, MemoryQueue::new(5, Duration::from_secs(30)), records)
+}
+
+#[tokio::test]
+async fn two_thousand_five_hundred_events_make_three_requests() {
+    let fake = FakeMeta::start("meta-token").await;
+    let events: Vec<_> = (0..2500).map(|i| recent(&format!("B-{i}"))).collect();
+    let (store, queue, records) = in_memory(&events).await;
+    let r = process_batch(
+        records,
+        &platform(&fake, 10_000),
+        &store,
+        &queue,
+        &fast_retries(),
+        Timestamp::now(),
+    )
+    .await;
+    assert!(r.failures.is_empty());
+    assert_eq!(fake.batch_sizes(), [1000, 1000, 500]);
+    assert_eq!(fake.distinct().len(), 2500);
+}
+
+#[tokio::test]
+async fn one_invalid_event_is_isolated_and_the_rest_are_delivered() {
+    let fake = FakeMeta::start("meta-token").await;
+    let events: Vec<_> = (0..10).map(|i| recent(&format!("P-{i}"))).collect();
+    fake.poison(&events[6].event_id);
+    let (store, queue, records) = in_memory(&events).await;
+    let r = process_batch(
+        records,
+        &platform(&fake, 10_000),
+        &store,
+        &queue,
+        &fast_retries(),
+        Timestamp::now(),
+    )
+    .await;
+    assert!(r.failures.is_empty());
+    assert_eq!(fake.distinct().len(), 9);
+    for (i, e) in events.iter().enumerate() {
+        let s = store.get_sync(&e.event_id).destinations[&Destination::Meta].clone();
+        let want = if i == 6 {
+            DeliveryStatus::DeadLetter
+        } else {
+            DeliveryStatus::Delivered
+        };
+        assert_eq!(s.status, want, "event {i}");
+    }
+    let poisoned = store.get_sync(&events[6].event_id).destinations[&Destination::Meta]
+        .last_error
+        .clone()
+        .unwrap();
+    assert_eq!(poisoned.code, "meta_100");
+    assert_eq!(queue.dlq(Destination::Meta).len(), 1);
+}
+
+#[tokio::test]
+async fn accepted_then_timed_out_is_resent_with_the_same_ids_and_meta_counts_one() {
+    let fake = FakeMeta::start("meta-token").await;
+    let events: Vec<_> = (0..4).map(|i| recent(&format!("T-{i}"))).collect();
+    let (store, queue, records) = in_memory(&events).await;
+    let p = platform(&fake, 300);
+    fake.inject(Fault::AcceptThenTimeout(Duration::from_millis(1500)));
+    let r = process_batch(
+        records.clone(),
+        &p,
+        &store,
+        &queue,
+        &fast_retries(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(r.failures.len(), 4, "a timeout is retried");
+    let later = Timestamp::now().plus_secs(5);
+    let r = process_batch(records, &p, &store, &queue, &fast_retries(), later).await;
+    assert!(r.failures.is_empty());
+    let counts = fake.distinct();
+    assert_eq!(counts.len(), 4, "four distinct (event_name, event_id) keys");
+    assert!(
+        counts.values().all(|&n| n == 2),
+        "each sent twice with the same id: Meta deduplicates"
+    );
+}
+
+#[tokio::test]
+async fn consent_blocked_events_are_never_sent_even_if_a_message_arrives() {
+    let fake = FakeMeta::start("meta-token").await;
+    let mut e = recent("C-denied");
+    e.destinations.insert(
+        Destination::Meta,
+        DestinationState::new(DeliveryStatus::BlockedConsent, Timestamp::now()),
+    );
+    let (store, queue, records) = in_memory(&[e]).await;
+    let r = process_batch(
+        records,
+        &platform(&fake, 10_000),
+        &store,
+        &queue,
+        &fast_retries(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(r.results["m0"], "blocked_consent");
+    assert!(r.failures.is_empty());
+    assert_eq!(fake.requests(), 0);
+}
