@@ -109,15 +109,9 @@ impl FakeHubSpot {
             .route("/crm/v3/objects/contacts/{id}", get(contact))
             .route("/crm/v3/objects/deals/{id}", get(deal))
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let base_url = super::serve(app).await;
         FakeHubSpot {
-            base_url: format!("http://{addr}"),
+            base_url,
             token: token.to_string(),
             data,
         }

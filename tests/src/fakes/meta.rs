@@ -217,17 +217,8 @@ impl FakeMeta {
         let app = Router::new()
             .route("/{version}/{pixel}/events", post(events))
             .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        FakeMeta {
-            base_url: format!("http://{addr}"),
-            ..fake
-        }
+        let base_url = super::serve(app).await;
+        FakeMeta { base_url, ..fake }
     }
 
     pub fn inject(&self, f: Fault) {
