@@ -4,7 +4,7 @@
 
 use super::{Backoff, Outcome};
 use crate::destination::{Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo};
-use crate::event::CanonicalEvent;
+use crate::event::{CanonicalEvent, EventName};
 use crate::queue::{DeadLetter, DeliveryMessage, DeliveryQueue};
 use crate::store::{ClaimOutcome, EventStore, Transition};
 use crate::timestamp::Timestamp;
@@ -178,9 +178,24 @@ pub async fn process_batch<P: Platform>(
         }
     }
 
-    // Prepare; what can never be valid is closed as rejected and never sent.
+    // A refund goes out only after its original conversion reached this destination, so a
+    // platform never sees an adjustment before the conversion it adjusts.
     let mut settled: Vec<(usize, Outcome, Timestamp)> = Vec::new();
+    let mut waiting = vec![false; claimed.len()];
+    for (i, c) in claimed.iter().enumerate() {
+        if c.event.event_name == EventName::Refund {
+            if let Some(o) = refund_gate(&c.event, dest, store).await {
+                settled.push((i, o, now));
+                waiting[i] = true;
+            }
+        }
+    }
+
+    // Prepare; what can never be valid is closed as rejected and never sent.
     for (i, c) in claimed.iter_mut().enumerate() {
+        if waiting[i] {
+            continue;
+        }
         match platform.prepare(&c.event, now) {
             Ok(item) => c.item = Some(item),
             Err(error) => settled.push((
@@ -335,6 +350,81 @@ impl BatchReport {
             ],
         )
     }
+}
+
+/// How long a refund waits before looking for its delivered original again.
+pub const REFUND_WAIT: Duration = Duration::from_secs(900);
+
+/// `None` when the refund may be sent; else why it waits (or can never go).
+async fn refund_gate(
+    refund: &CanonicalEvent,
+    dest: Destination,
+    store: &dyn EventStore,
+) -> Option<Outcome> {
+    let order = refund.order_id.as_deref().unwrap_or_default();
+    let originals = match store.find_by_order(order).await {
+        Ok(events) => events,
+        Err(e) => {
+            return Some(Outcome::Retryable {
+                error: ErrorInfo {
+                    code: "store_unavailable".into(),
+                    message: e.to_string(),
+                },
+                after: None,
+            });
+        }
+    };
+    let won: Vec<_> = originals
+        .iter()
+        .filter(|e| e.event_name == EventName::Won)
+        .collect();
+    if won.iter().any(|w| {
+        w.destinations
+            .get(&dest)
+            .is_some_and(|s| s.status.is_delivered())
+    }) {
+        return None;
+    }
+    // An original that will never be sent (blocked, rejected) means the refund never can be.
+    let closed = |s: DeliveryStatus| {
+        matches!(
+            s,
+            DeliveryStatus::BlockedConsent
+                | DeliveryStatus::Rejected
+                | DeliveryStatus::RejectedNotSystemOfRecord
+        )
+    };
+    if let Some(w) = won
+        .iter()
+        .find(|w| w.destinations.get(&dest).is_none_or(|s| closed(s.status)))
+    {
+        let status = w
+            .destinations
+            .get(&dest)
+            .map_or("not mapped", |s| s.status.as_str());
+        return Some(Outcome::Rejected {
+            error: ErrorInfo {
+                code: "original_not_sent".into(),
+                message: format!(
+                    "the won event for order {order} was not sent to {dest} ({status})"
+                ),
+            },
+            dead_letter: false,
+            alert: false,
+        });
+    }
+    let why = if won.is_empty() {
+        "is not known yet"
+    } else {
+        "has not been delivered yet"
+    };
+    Some(Outcome::Retryable {
+        error: ErrorInfo {
+            code: "original_not_delivered".into(),
+            message: format!("the won event for order {order} {why} to {dest}"),
+        },
+        after: Some(REFUND_WAIT),
+    })
 }
 
 enum Route {
@@ -726,6 +816,120 @@ mod tests {
         assert_eq!(
             (r.failures.as_slice(), r.results["m0"].as_str()),
             (["m0".to_string()].as_slice(), "deferred")
+        );
+        assert!(p.sent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refund_waits_for_its_won_event_to_be_delivered() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let ctx = ValidationContext {
+            now: now(),
+            max_future_skew_secs: 300,
+            default_region: crate::identity::Region::US,
+            mapping_version: "t".into(),
+            default_consent: ConsentStatus::Granted,
+        };
+        let mk = |name: &str, at: &str, value: f64| {
+            let v = json!({"source": "hubspot", "event_name": name, "occurred_at": at, "entity_type": "opportunity",
+                           "entity_id": "D-1", "order_id": "O-1", "value": value, "currency": "USD",
+                           "identity": {"email": "x@example.com"}});
+            let mut e = validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap();
+            e.destinations.insert(
+                Destination::Meta,
+                DestinationState::new(DeliveryStatus::Pending, now()),
+            );
+            e
+        };
+        let refund = mk("refund", "2026-11-28T11:00:00Z", 20.0);
+        store.put_new(&refund).await.unwrap();
+        let p = Scripted::new(vec![]);
+        // The refund arrives first: it waits and nothing is sent.
+        let r = process_batch(
+            vec![record(0, &refund.event_id)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        assert_eq!(r.failures, ["m0"]);
+        let s = store.get_sync(&refund.event_id).destinations[&Destination::Meta].clone();
+        assert_eq!(
+            (s.status, s.last_error.unwrap().code.as_str()),
+            (DeliveryStatus::Retry, "original_not_delivered")
+        );
+        assert_eq!(
+            s.next_attempt_at,
+            Some(now().plus_secs(REFUND_WAIT.as_secs() as i64))
+        );
+        assert!(p.sent().is_empty());
+        // The won event is delivered; the refund goes out on its next attempt.
+        let won = mk("won", "2026-11-28T10:00:00Z", 100.0);
+        store.put_new(&won).await.unwrap();
+        process_batch(
+            vec![record(1, &won.event_id)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        let later = now().plus_secs(REFUND_WAIT.as_secs() as i64);
+        let r = process_batch(
+            vec![record(2, &refund.event_id)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            later,
+        )
+        .await;
+        assert!(r.failures.is_empty());
+        assert_eq!(
+            store.get_sync(&refund.event_id).destinations[&Destination::Meta].status,
+            DeliveryStatus::Delivered
+        );
+        assert_eq!(
+            p.sent(),
+            [vec![won.event_id.clone()], vec![refund.event_id.clone()]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refund_of_a_won_event_that_was_never_sent_is_rejected() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let ctx = ValidationContext {
+            now: now(),
+            max_future_skew_secs: 300,
+            default_region: crate::identity::Region::US,
+            mapping_version: "t".into(),
+            default_consent: ConsentStatus::Granted,
+        };
+        let mut ids = Vec::new();
+        for (name, status) in [
+            ("won", DeliveryStatus::BlockedConsent),
+            ("refund", DeliveryStatus::Pending),
+        ] {
+            let v = json!({"source": "hubspot", "event_name": name, "occurred_at": "2026-11-28T10:00:00Z", "entity_type": "opportunity",
+                           "entity_id": "D-2", "order_id": "O-2", "value": 5, "currency": "USD"});
+            let mut e = validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap();
+            e.destinations
+                .insert(Destination::Meta, DestinationState::new(status, now()));
+            store.put_new(&e).await.unwrap();
+            ids.push(e.event_id);
+        }
+        let p = Scripted::new(vec![]);
+        let r = process_batch(vec![record(0, &ids[1])], &p, &store, &queue, &cfg(), now()).await;
+        assert!(r.failures.is_empty());
+        let s = store.get_sync(&ids[1]).destinations[&Destination::Meta].clone();
+        assert_eq!(
+            (s.status, s.last_error.unwrap().code.as_str()),
+            (DeliveryStatus::Rejected, "original_not_sent")
         );
         assert!(p.sent().is_empty());
     }
