@@ -183,11 +183,11 @@ pub async fn process_batch<P: Platform>(
     let mut settled: Vec<(usize, Outcome, Timestamp)> = Vec::new();
     let mut waiting = vec![false; claimed.len()];
     for (i, c) in claimed.iter().enumerate() {
-        if c.event.event_name == EventName::Refund {
-            if let Some(o) = refund_gate(&c.event, dest, store).await {
-                settled.push((i, o, now));
-                waiting[i] = true;
-            }
+        if c.event.event_name == EventName::Refund
+            && let Some(o) = refund_gate(&c.event, dest, store).await
+        {
+            settled.push((i, o, now));
+            waiting[i] = true;
         }
     }
 
