@@ -12,8 +12,9 @@ use std::sync::Arc;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    // Pay phonenumber's lazy metadata load now, not on the first request.
-    shared::identity::warm_up();
+    // Pay phonenumber's lazy metadata load (tens of ms) during init, not on the first request,
+    // and on its own thread so it overlaps the network-bound SDK and SSM setup below.
+    let warm = tokio::task::spawn_blocking(shared::identity::warm_up);
     let settings = Settings::from_env()?;
     let aws = shared::aws::sdk_config().await;
     let secrets = match std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH") {
@@ -48,6 +49,7 @@ async fn main() -> Result<(), Error> {
         public_base_url: std::env::var("PUBLIC_BASE_URL").ok(),
         settings,
     };
+    warm.await?;
     tracing::info!(mapping_version = %app.settings.mapping.version, sources = app.settings.mapping.sources.len(), "ingest ready");
     let app = &app;
     lambda_http::run(service_fn(move |req| async move {
