@@ -107,7 +107,9 @@ def local_template(cfn):
     out = dict(cfn)
     out["Resources"] = resources
     out["Outputs"] = outputs
-    out.pop("Conditions", None) if not any("Condition" in r for r in resources.values()) else None
+    if not any("Condition" in r for r in resources.values()):
+        # The template's conditions only guard resources the emulator does not host.
+        out.pop("Conditions", None)
     return out
 
 

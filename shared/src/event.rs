@@ -492,6 +492,20 @@ pub struct ValidationContext {
     pub default_consent: ConsentStatus,
 }
 
+#[cfg(test)]
+impl ValidationContext {
+    /// The context unit tests share: US phones, 5 minutes of skew, consent granted by default.
+    pub(crate) fn for_tests(now: Timestamp) -> Self {
+        ValidationContext {
+            now,
+            max_future_skew_secs: 300,
+            default_region: crate::identity::Region::US,
+            mapping_version: "t".into(),
+            default_consent: ConsentStatus::Granted,
+        }
+    }
+}
+
 const MAX_ID_LEN: usize = 256;
 
 fn check_id(

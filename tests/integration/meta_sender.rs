@@ -333,3 +333,35 @@ async fn consent_blocked_events_are_never_sent_even_if_a_message_arrives() {
     assert!(r.failures.is_empty());
     assert_eq!(fake.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_configured_test_event_code_goes_on_every_request() {
+    let fake = FakeMeta::start("meta-token").await;
+    let cfg = MetaConfig {
+        base_url: fake.base_url.clone(),
+        api_version: "v26.0".into(),
+        pixel_id: "1234567890".into(),
+        access_token: fake.token.clone(),
+        app_secret: None,
+        test_event_code: Some("TEST4242".into()),
+        timeout: Duration::from_secs(10),
+    };
+    let p = MetaPlatform::new(reqwest::Client::new(), cfg, Mapping::bundled().unwrap());
+    let events: Vec<_> = (0..1500).map(|i| recent(&format!("X-{i}"))).collect();
+    let (store, queue, records) = in_memory(&events).await;
+    let r = process_batch(
+        records,
+        &p,
+        &store,
+        &queue,
+        &fast_retries(),
+        Timestamp::now(),
+    )
+    .await;
+    assert!(r.failures.is_empty());
+    assert_eq!(
+        fake.test_event_codes(),
+        ["TEST4242", "TEST4242"],
+        "both requests of the batch are dry runs"
+    );
+}

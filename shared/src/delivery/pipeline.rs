@@ -538,7 +538,6 @@ fn decide<I>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consent::ConsentStatus;
     use crate::destination::DestinationState;
     use crate::event::{ValidationContext, parse_event_json, validate};
     use crate::queue::memory::MemoryQueue;
@@ -614,13 +613,7 @@ mod tests {
     async fn stored(store: &MemoryStore, entity: &str) -> String {
         let v = json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:00:00Z",
                        "entity_type": "lead", "entity_id": entity, "identity": {"email": "x@example.com"}});
-        let ctx = ValidationContext {
-            now: now(),
-            max_future_skew_secs: 300,
-            default_region: crate::identity::Region::US,
-            mapping_version: "t".into(),
-            default_consent: ConsentStatus::Granted,
-        };
+        let ctx = ValidationContext::for_tests(now());
         let mut e = validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap();
         e.destinations.insert(
             Destination::Meta,
@@ -824,13 +817,7 @@ mod tests {
     async fn a_refund_waits_for_its_won_event_to_be_delivered() {
         let store = MemoryStore::new();
         let queue = MemoryQueue::new(5, Duration::from_secs(30));
-        let ctx = ValidationContext {
-            now: now(),
-            max_future_skew_secs: 300,
-            default_region: crate::identity::Region::US,
-            mapping_version: "t".into(),
-            default_consent: ConsentStatus::Granted,
-        };
+        let ctx = ValidationContext::for_tests(now());
         let mk = |name: &str, at: &str, value: f64| {
             let v = json!({"source": "hubspot", "event_name": name, "occurred_at": at, "entity_type": "opportunity",
                            "entity_id": "D-1", "order_id": "O-1", "value": value, "currency": "USD",
@@ -903,13 +890,7 @@ mod tests {
     async fn a_refund_of_a_won_event_that_was_never_sent_is_rejected() {
         let store = MemoryStore::new();
         let queue = MemoryQueue::new(5, Duration::from_secs(30));
-        let ctx = ValidationContext {
-            now: now(),
-            max_future_skew_secs: 300,
-            default_region: crate::identity::Region::US,
-            mapping_version: "t".into(),
-            default_consent: ConsentStatus::Granted,
-        };
+        let ctx = ValidationContext::for_tests(now());
         let mut ids = Vec::new();
         for (name, status) in [
             ("won", DeliveryStatus::BlockedConsent),

@@ -349,7 +349,6 @@ impl Platform for MetaPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consent::ConsentStatus;
     use crate::event::{ValidationContext, parse_event_json, validate};
     use crate::hashing::sha256_hex;
 
@@ -358,13 +357,7 @@ mod tests {
     }
 
     fn event(v: Value) -> CanonicalEvent {
-        let ctx = ValidationContext {
-            now: now(),
-            max_future_skew_secs: 300,
-            default_region: crate::identity::Region::US,
-            mapping_version: "t".into(),
-            default_consent: ConsentStatus::Granted,
-        };
+        let ctx = ValidationContext::for_tests(now());
         validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap()
     }
 

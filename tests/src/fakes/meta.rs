@@ -269,6 +269,14 @@ impl FakeMeta {
             .clone()
     }
 
+    pub fn test_event_codes(&self) -> Vec<String> {
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .test_event_codes
+            .clone()
+    }
+
     pub fn requests(&self) -> usize {
         self.data.lock().unwrap_or_else(|p| p.into_inner()).requests
     }
