@@ -77,6 +77,16 @@ struct RawGoogle {
     full_refund_policy: Option<String>,
     #[serde(default)]
     conversions: BTreeMap<String, RawConversion>,
+    #[serde(default)]
+    accounts: BTreeMap<String, RawAccount>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize, Default)]
+struct RawAccount {
+    backend: Option<String>,
+    login_customer_id: Option<String>,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -166,13 +176,39 @@ pub struct GoogleConversion {
     pub allow_without_click_id: bool,
 }
 
+/// Per-customer overrides: the back end is chosen per account, because whether a developer
+/// token may still import conversions through the Ads API is decided per account.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GoogleMapping {
+pub struct GoogleAccount {
     pub backend: GoogleBackend,
     pub login_customer_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoogleMapping {
+    /// The default back end; `accounts` may override it per customer.
+    pub backend: GoogleBackend,
+    pub login_customer_id: Option<String>,
+    pub accounts: BTreeMap<String, GoogleAccount>,
     pub conversions: BTreeMap<EventName, GoogleConversion>,
     pub refund_policy: GoogleRefundPolicy,
     pub full_refund_policy: FullRefundPolicy,
+}
+
+impl GoogleMapping {
+    pub fn backend_for(&self, customer_id: &str) -> GoogleBackend {
+        self.accounts
+            .get(customer_id)
+            .map_or(self.backend, |a| a.backend)
+    }
+
+    /// The manager account to send as `login-customer-id` / `loginAccount`, if any.
+    pub fn login_for(&self, customer_id: &str) -> Option<&str> {
+        self.accounts
+            .get(customer_id)
+            .and_then(|a| a.login_customer_id.as_deref())
+            .or(self.login_customer_id.as_deref())
+    }
 }
 
 /// One problem in the mapping file, with where it is.
@@ -507,21 +543,56 @@ fn validate_meta(m: &RawMeta, err: &mut Errors) -> Option<MetaMapping> {
     })
 }
 
-fn validate_google(g: &RawGoogle, err: &mut Errors) -> Option<GoogleMapping> {
-    err.unknown("google", &g.extra);
-    let backend = match g.backend.as_deref().unwrap_or("ads_api") {
+fn parse_backend(v: Option<&str>, at: &str, err: &mut Errors) -> GoogleBackend {
+    match v.unwrap_or("ads_api") {
         "ads_api" => GoogleBackend::AdsApi,
         "data_manager" => GoogleBackend::DataManager,
         _ => {
-            err.push("google.backend", "must be ads_api or data_manager");
+            err.push(at, "must be ads_api or data_manager");
             GoogleBackend::AdsApi
         }
-    };
-    let login_customer_id = g.login_customer_id.as_deref().map(|s| s.replace('-', ""));
-    if let Some(l) = &login_customer_id
+    }
+}
+
+fn parse_login(v: Option<&str>, at: &str, err: &mut Errors) -> Option<String> {
+    let login = v.map(|s| s.replace('-', ""));
+    if let Some(l) = &login
         && !digits(l, 10)
     {
-        err.push("google.login_customer_id", "must be a 10-digit customer id");
+        err.push(at, "must be a 10-digit customer id");
+    }
+    login
+}
+
+fn validate_google(g: &RawGoogle, err: &mut Errors) -> Option<GoogleMapping> {
+    err.unknown("google", &g.extra);
+    let backend = parse_backend(g.backend.as_deref(), "google.backend", err);
+    let login_customer_id = parse_login(
+        g.login_customer_id.as_deref(),
+        "google.login_customer_id",
+        err,
+    );
+    let mut accounts = BTreeMap::new();
+    for (cid, a) in &g.accounts {
+        let at = format!("google.accounts.{cid}");
+        err.unknown(&at, &a.extra);
+        let id = cid.replace('-', "");
+        if !digits(&id, 10) {
+            err.push(&at, "the key must be a 10-digit customer id");
+        }
+        let account = GoogleAccount {
+            backend: parse_backend(
+                a.backend.as_deref().or(g.backend.as_deref()),
+                &format!("{at}.backend"),
+                err,
+            ),
+            login_customer_id: parse_login(
+                a.login_customer_id.as_deref(),
+                &format!("{at}.login_customer_id"),
+                err,
+            ),
+        };
+        accounts.insert(id, account);
     }
     let refund_policy = match g.refund_policy.as_deref().unwrap_or("adjust") {
         "adjust" => GoogleRefundPolicy::Adjust,
@@ -585,6 +656,7 @@ fn validate_google(g: &RawGoogle, err: &mut Errors) -> Option<GoogleMapping> {
     g.enabled.unwrap_or(true).then_some(GoogleMapping {
         backend,
         login_customer_id,
+        accounts,
         conversions,
         refund_policy,
         full_refund_policy,

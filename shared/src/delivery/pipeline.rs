@@ -34,12 +34,20 @@ pub trait Platform: Send + Sync {
 
     /// The request item for one event and the key it is grouped by (pixel, customer), or why
     /// the event can never be valid for this platform (it is then `rejected`, not sent, so it
-    /// cannot sink a batch).
+    /// cannot sink a batch). For a refund, `order` holds every stored event of its order (the
+    /// won event it adjusts and all refunds so far); for other events it is empty.
     fn prepare(
         &self,
         event: &CanonicalEvent,
+        order: &[CanonicalEvent],
         now: Timestamp,
     ) -> Result<(String, Self::Item), ErrorInfo>;
+
+    /// The status a delivered item is recorded with: `Delivered`, or a delivered-with-a-caveat
+    /// status such as `RetractionUnsupported` (a full refund restated to zero).
+    fn delivered_status(&self, _item: &Self::Item) -> DeliveryStatus {
+        DeliveryStatus::Delivered
+    }
 
     /// Sends one group (at most `max_batch` items); one outcome per item, in order.
     async fn send(&self, group: &str, items: &[Self::Item]) -> Vec<Outcome>;
@@ -69,6 +77,7 @@ struct Claimed<I> {
     attempt: u32,
     budget_used: u32,
     item: Option<(String, I)>,
+    delivered_as: DeliveryStatus,
     request_at: Timestamp,
 }
 
@@ -133,6 +142,7 @@ pub async fn process_batch<P: Platform>(
                         attempt,
                         budget_used,
                         item: None,
+                        delivered_as: DeliveryStatus::Delivered,
                         request_at: now,
                     });
                 }
@@ -181,23 +191,29 @@ pub async fn process_batch<P: Platform>(
     // A refund goes out only after its original conversion reached this destination, so a
     // platform never sees an adjustment before the conversion it adjusts.
     let mut settled: Vec<(usize, Outcome, Timestamp)> = Vec::new();
-    let mut waiting = vec![false; claimed.len()];
+    let mut orders: Vec<Option<Vec<CanonicalEvent>>> = vec![Some(Vec::new()); claimed.len()];
     for (i, c) in claimed.iter().enumerate() {
-        if c.event.event_name == EventName::Refund
-            && let Some(o) = refund_gate(&c.event, dest, store).await
-        {
-            settled.push((i, o, now));
-            waiting[i] = true;
+        if c.event.event_name == EventName::Refund {
+            match refund_gate(&c.event, dest, store).await {
+                Ok(order) => orders[i] = Some(order),
+                Err(o) => {
+                    settled.push((i, o, now));
+                    orders[i] = None;
+                }
+            }
         }
     }
 
     // Prepare; what can never be valid is closed as rejected and never sent.
     for (i, c) in claimed.iter_mut().enumerate() {
-        if waiting[i] {
+        let Some(order) = &orders[i] else {
             continue;
-        }
-        match platform.prepare(&c.event, now) {
-            Ok(item) => c.item = Some(item),
+        };
+        match platform.prepare(&c.event, order, now) {
+            Ok(item) => {
+                c.delivered_as = platform.delivered_status(&item.1);
+                c.item = Some(item);
+            }
             Err(error) => settled.push((
                 i,
                 Outcome::Rejected {
@@ -355,17 +371,17 @@ impl BatchReport {
 /// How long a refund waits before looking for its delivered original again.
 pub const REFUND_WAIT: Duration = Duration::from_secs(900);
 
-/// `None` when the refund may be sent; else why it waits (or can never go).
+/// The order's stored events when the refund may be sent; else why it waits (or can never go).
 async fn refund_gate(
     refund: &CanonicalEvent,
     dest: Destination,
     store: &dyn EventStore,
-) -> Option<Outcome> {
+) -> Result<Vec<CanonicalEvent>, Outcome> {
     let order = refund.order_id.as_deref().unwrap_or_default();
     let originals = match store.find_by_order(order).await {
         Ok(events) => events,
         Err(e) => {
-            return Some(Outcome::Retryable {
+            return Err(Outcome::Retryable {
                 error: ErrorInfo {
                     code: "store_unavailable".into(),
                     message: e.to_string(),
@@ -383,7 +399,7 @@ async fn refund_gate(
             .get(&dest)
             .is_some_and(|s| s.status.is_delivered())
     }) {
-        return None;
+        return Ok(originals);
     }
     // An original that will never be sent (blocked, rejected) means the refund never can be.
     let closed = |s: DeliveryStatus| {
@@ -402,7 +418,7 @@ async fn refund_gate(
             .destinations
             .get(&dest)
             .map_or("not mapped", |s| s.status.as_str());
-        return Some(Outcome::Rejected {
+        return Err(Outcome::Rejected {
             error: ErrorInfo {
                 code: "original_not_sent".into(),
                 message: format!(
@@ -418,7 +434,7 @@ async fn refund_gate(
     } else {
         "has not been delivered yet"
     };
-    Some(Outcome::Retryable {
+    Err(Outcome::Retryable {
         error: ErrorInfo {
             code: "original_not_delivered".into(),
             message: format!("the won event for order {order} {why} to {dest}"),
@@ -467,7 +483,7 @@ fn decide<I>(
             };
             (
                 t(
-                    DeliveryStatus::Delivered,
+                    c.delivered_as,
                     None,
                     None,
                     log(label, None, platform_ref.clone()),
@@ -574,7 +590,12 @@ mod tests {
         fn max_batch(&self) -> usize {
             self.max
         }
-        fn prepare(&self, e: &CanonicalEvent, _: Timestamp) -> Result<(String, String), ErrorInfo> {
+        fn prepare(
+            &self,
+            e: &CanonicalEvent,
+            _: &[CanonicalEvent],
+            _: Timestamp,
+        ) -> Result<(String, String), ErrorInfo> {
             if e.entity_id.starts_with("BAD") {
                 return Err(ErrorInfo {
                     code: "invalid".into(),

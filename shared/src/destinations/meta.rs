@@ -2,8 +2,8 @@
 //! response classification, and the HTTP client (batches of up to 1,000, bisected on a
 //! whole-request rejection so one bad event never blocks the others).
 
-use crate::delivery::Outcome;
 use crate::delivery::pipeline::Platform;
+use crate::delivery::{Answer, Attempt, Outcome, deliver_isolating};
 use crate::destination::{Destination, ErrorInfo};
 use crate::event::{CanonicalEvent, EventName};
 use crate::mapping::{Mapping, MetaRefundPolicy};
@@ -294,27 +294,18 @@ impl MetaPlatform {
             },
         }
     }
+}
 
-    /// Sends `events`; when Meta rejects the whole request for a permanent reason and it holds
-    /// more than one event, splits it in halves and sends each, so the bad event ends alone with
-    /// its own error and the rest are delivered.
-    fn send_isolating<'a>(
-        &'a self,
-        pixel: &'a str,
-        events: &'a [Value],
-    ) -> futures::future::BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(async move {
-            let outcome = self.post(pixel, events).await;
-            match &outcome {
-                Outcome::Rejected { alert: false, .. } if events.len() > 1 => {
-                    let (a, b) = events.split_at(events.len() / 2);
-                    let mut out = self.send_isolating(pixel, a).await;
-                    out.extend(self.send_isolating(pixel, b).await);
-                    out
-                }
-                _ => vec![outcome; events.len()],
-            }
-        })
+/// One request for one pixel: Meta answers for the whole request.
+struct PixelRequest<'a> {
+    platform: &'a MetaPlatform,
+    pixel: &'a str,
+}
+
+#[async_trait]
+impl Attempt<Value> for PixelRequest<'_> {
+    async fn attempt(&self, events: &[Value]) -> Answer {
+        Answer::Whole(self.platform.post(self.pixel, events).await)
     }
 }
 
@@ -333,6 +324,7 @@ impl Platform for MetaPlatform {
     fn prepare(
         &self,
         event: &CanonicalEvent,
+        _order: &[CanonicalEvent],
         now: Timestamp,
     ) -> Result<(String, Value), ErrorInfo> {
         Ok((
@@ -341,8 +333,14 @@ impl Platform for MetaPlatform {
         ))
     }
 
+    /// A whole-request rejection holding more than one event is bisected, so the bad event
+    /// ends alone with its own error and the rest are delivered.
     async fn send(&self, pixel: &str, items: &[Value]) -> Vec<Outcome> {
-        self.send_isolating(pixel, items).await
+        let request = PixelRequest {
+            platform: self,
+            pixel,
+        };
+        deliver_isolating(&request, items).await
     }
 }
 
