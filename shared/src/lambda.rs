@@ -25,3 +25,44 @@ pub fn batch_response(report: &BatchReport) -> SqsBatchResponse {
     }
     resp
 }
+
+/// Runs a sender Lambda: every SQS batch through `process_batch` for `platform`, with the
+/// store, queue and pipeline settings built once at init from `settings`.
+pub async fn run_sender<P: crate::delivery::pipeline::Platform>(
+    platform: P,
+    settings: &crate::config::Settings,
+    aws: &aws_config::SdkConfig,
+) -> Result<(), lambda_runtime::Error> {
+    use crate::delivery::pipeline::{PipelineConfig, process_batch};
+    let store = crate::store::dynamodb::DynamoStore::new(
+        crate::aws::dynamodb(aws),
+        &settings.table_name,
+        settings.retention_days,
+    );
+    let queue = crate::queue::sqs::SqsQueue::new(crate::aws::sqs(aws), settings.queues.clone());
+    let pipeline = PipelineConfig {
+        lease_secs: settings.lease_secs,
+        max_attempts: settings.max_attempts,
+        backoff: crate::delivery::Backoff::default(),
+    };
+    let (platform, store, queue, pipeline) = (&platform, &store, &queue, &pipeline);
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
+            let records = sqs_records(event.payload);
+            let now = crate::timestamp::Timestamp::now();
+            let report = process_batch(records, platform, store, queue, pipeline, now).await;
+            Ok::<SqsBatchResponse, lambda_runtime::Error>(batch_response(&report))
+        },
+    ))
+    .await
+}
+
+/// A non-empty environment variable.
+pub fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// A duration in seconds from the environment, or `default`.
+pub fn env_secs(k: &str, default: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(env(k).and_then(|v| v.parse().ok()).unwrap_or(default))
+}

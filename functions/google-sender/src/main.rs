@@ -1,26 +1,31 @@
-//! The Google sender Lambda (SQS-triggered). Its delivery handler is not built yet: until then
-//! it reports every record as a batch item failure, so SQS keeps each message (and, after
-//! maxReceiveCount, moves it to the DLQ) and nothing is lost or falsely acknowledged.
+//! The Google sender Lambda (SQS-triggered): delivers claimed events to the Google Ads API or
+//! the Data Manager API, per account. Clients, credentials and the mapping are loaded once here.
 
-use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
-use lambda_runtime::{Error, LambdaEvent, service_fn};
-
-async fn handler(event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, Error> {
-    let mut response = SqsBatchResponse::default();
-    for record in event.payload.records {
-        let mut failure = BatchItemFailure::default();
-        failure.item_identifier = record.message_id.unwrap_or_default();
-        response.batch_item_failures.push(failure);
-    }
-    tracing::error!(
-        count = response.batch_item_failures.len(),
-        "sender not implemented yet: records left on the queue"
-    );
-    Ok(response)
-}
+use lambda_runtime::Error;
+use shared::config::Settings;
+use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use shared::lambda::{env, env_secs};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    lambda_runtime::run(service_fn(handler)).await
+    let settings = Settings::from_env()?;
+    let aws = shared::aws::sdk_config().await;
+    let ssm = shared::aws::ssm(&aws);
+    let param =
+        env("GOOGLE_CREDENTIALS_PARAMETER").ok_or("GOOGLE_CREDENTIALS_PARAMETER is required")?;
+    let credentials = GoogleCredentials::from_json(&shared::aws::parameter(&ssm, &param).await?)?;
+    let e = &settings.endpoints;
+    let cfg = GoogleConfig {
+        ads_base_url: e.google_ads_base_url.clone(),
+        ads_api_version: e.google_ads_api_version.clone(),
+        datamanager_base_url: e.google_datamanager_base_url.clone(),
+        token_url: e.google_oauth_token_url.clone(),
+        credentials,
+        validate_only: env("GOOGLE_VALIDATE_ONLY").is_some_and(|v| v == "true"),
+        timeout: env_secs("GOOGLE_TIMEOUT_SECS", 30),
+        terms_ttl: env_secs("GOOGLE_TERMS_TTL_SECS", 3600),
+    };
+    let platform = GooglePlatform::new(reqwest::Client::new(), cfg, settings.mapping.clone());
+    shared::lambda::run_sender(platform, &settings, &aws).await
 }

@@ -1,20 +1,10 @@
 //! The Meta sender Lambda (SQS-triggered): delivers claimed events to the Conversions API.
 //! Clients, the access token and the mapping are loaded once here, at init.
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
-use lambda_runtime::{Error, LambdaEvent, service_fn};
+use lambda_runtime::Error;
 use shared::config::Settings;
-use shared::delivery::Backoff;
-use shared::delivery::pipeline::{PipelineConfig, process_batch};
 use shared::destinations::meta::{MetaConfig, MetaPlatform};
-use shared::queue::sqs::SqsQueue;
-use shared::store::dynamodb::DynamoStore;
-use shared::timestamp::Timestamp;
-use std::time::Duration;
-
-fn env(k: &str) -> Option<String> {
-    std::env::var(k).ok().filter(|v| !v.is_empty())
-}
+use shared::lambda::{env, env_secs};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -36,30 +26,8 @@ async fn main() -> Result<(), Error> {
         access_token,
         app_secret,
         test_event_code: env("META_TEST_EVENT_CODE"),
-        timeout: Duration::from_secs(
-            env("META_TIMEOUT_SECS")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(20),
-        ),
+        timeout: env_secs("META_TIMEOUT_SECS", 20),
     };
     let platform = MetaPlatform::new(reqwest::Client::new(), cfg, settings.mapping.clone());
-    let store = DynamoStore::new(
-        shared::aws::dynamodb(&aws),
-        &settings.table_name,
-        settings.retention_days,
-    );
-    let queue = SqsQueue::new(shared::aws::sqs(&aws), settings.queues.clone());
-    let pipeline = PipelineConfig {
-        lease_secs: settings.lease_secs,
-        max_attempts: settings.max_attempts,
-        backoff: Backoff::default(),
-    };
-    let (platform, store, queue, pipeline) = (&platform, &store, &queue, &pipeline);
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        let records = shared::lambda::sqs_records(event.payload);
-        let report =
-            process_batch(records, platform, store, queue, pipeline, Timestamp::now()).await;
-        Ok::<SqsBatchResponse, Error>(shared::lambda::batch_response(&report))
-    }))
-    .await
+    shared::lambda::run_sender(platform, &settings, &aws).await
 }

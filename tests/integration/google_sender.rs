@@ -1,0 +1,620 @@
+//! The Google sender's pipeline against the strict fake Google Ads API, Data Manager API and
+//! OAuth endpoint, with the DynamoDB store and SQS queues in the emulator (and in memory where
+//! only batching and classification are measured).
+
+use bridge_tests::fakes::google::{FakeGoogle, Fault};
+use bridge_tests::{Stack, sample_event, sdk_config};
+use serde_json::json;
+use shared::delivery::Backoff;
+use shared::delivery::pipeline::{BatchReport, PipelineConfig, Record, process_batch};
+use shared::destination::{DeliveryStatus, Destination};
+use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use shared::event::CanonicalEvent;
+use shared::mapping::{GoogleBackend, Mapping};
+use shared::queue::DeliveryMessage;
+use shared::queue::memory::MemoryQueue;
+use shared::queue::sqs::SqsQueue;
+use shared::store::EventStore;
+use shared::store::dynamodb::DynamoStore;
+use shared::store::memory::MemoryStore;
+use shared::timestamp::Timestamp;
+use std::time::Duration;
+
+fn mapping(backend: GoogleBackend) -> Mapping {
+    let mut m = Mapping::bundled().unwrap();
+    m.google.as_mut().unwrap().backend = backend;
+    m
+}
+
+fn platform_with(
+    fake: &FakeGoogle,
+    m: Mapping,
+    timeout_ms: u64,
+    validate_only: bool,
+) -> GooglePlatform {
+    let cfg = GoogleConfig {
+        ads_base_url: fake.base_url.clone(),
+        ads_api_version: "v26".into(),
+        datamanager_base_url: fake.base_url.clone(),
+        token_url: fake.token_url(),
+        credentials: GoogleCredentials::from_json(&fake.credentials_json()).unwrap(),
+        validate_only,
+        timeout: Duration::from_millis(timeout_ms),
+        terms_ttl: Duration::from_secs(3600),
+    };
+    GooglePlatform::new(reqwest::Client::new(), cfg, m)
+}
+
+fn platform(fake: &FakeGoogle, backend: GoogleBackend) -> GooglePlatform {
+    platform_with(fake, mapping(backend), 10_000, false)
+}
+
+fn cfg() -> PipelineConfig {
+    PipelineConfig {
+        lease_secs: 30,
+        max_attempts: 5,
+        backoff: Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(2),
+            floor: Duration::from_secs(1),
+        },
+    }
+}
+
+fn hours_ago(h: i64) -> String {
+    Timestamp::now().minus_secs(h * 3600).canonical()
+}
+
+fn won(entity: &str, value: f64) -> CanonicalEvent {
+    sample_event(
+        entity,
+        "won",
+        Some(&format!("O-{entity}")),
+        Some(value),
+        &hours_ago(30),
+    )
+}
+
+fn refund(entity: &str, value: f64, h: i64) -> CanonicalEvent {
+    let mut r = sample_event(
+        &format!("{entity}-r{value}"),
+        "refund",
+        Some(&format!("O-{entity}")),
+        Some(value),
+        &hours_ago(h),
+    );
+    r.entity_type = shared::event::EntityType::Order;
+    r
+}
+
+fn records(events: &[CanonicalEvent], tag: &str) -> Vec<Record> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Record {
+            message_id: format!("{tag}{i}"),
+            receipt: format!("r-{tag}{i}"),
+            body: DeliveryMessage::new(&e.event_id, Destination::Google).to_body(),
+        })
+        .collect()
+}
+
+async fn memory(events: &[CanonicalEvent]) -> (MemoryStore, MemoryQueue) {
+    let store = MemoryStore::new();
+    for e in events {
+        store.put_new(e).await.unwrap();
+    }
+    (store, MemoryQueue::new(5, Duration::from_secs(30)))
+}
+
+fn status(store: &MemoryStore, e: &CanonicalEvent) -> (DeliveryStatus, String) {
+    let s = store.get_sync(&e.event_id).destinations[&Destination::Google].clone();
+    (s.status, s.last_error.map(|e| e.code).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn two_thousand_rows_with_three_bad_ones_deliver_1997_in_one_request() {
+    let fake = FakeGoogle::start().await;
+    let mut events: Vec<_> = (0..2000).map(|i| won(&format!("B{i}"), 10.0)).collect();
+    // Three rows Google refuses, each for its own reason.
+    events[10].identity.click.gclid = Some("unknown-click".into());
+    fake.with(|d| {
+        d.unknown_clicks.insert("unknown-click".into());
+        d.poison.insert("O-B500".into());
+        d.too_recent.insert("O-B1999".into());
+    });
+    let (store, queue) = memory(&events).await;
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(
+        fake.with(|d| d.batch_sizes.clone()),
+        [2000],
+        "one request of 2,000 rows"
+    );
+    assert_eq!(fake.conversions().len(), 1997);
+    let delivered = events
+        .iter()
+        .filter(|e| status(&store, e).0 == DeliveryStatus::Delivered)
+        .count();
+    assert_eq!(delivered, 1997);
+    assert_eq!(
+        status(&store, &events[10]),
+        (DeliveryStatus::Rejected, "CLICK_NOT_FOUND".into()),
+        "terminal, not dead-lettered"
+    );
+    assert_eq!(
+        status(&store, &events[500]),
+        (
+            DeliveryStatus::DeadLetter,
+            "CONVERSION_PRECEDES_EVENT".into()
+        )
+    );
+    assert_eq!(
+        status(&store, &events[1999]),
+        (DeliveryStatus::Retry, "TOO_RECENT_EVENT".into())
+    );
+    let s = store.get_sync(&events[1999].event_id).destinations[&Destination::Google].clone();
+    let wait = s.next_attempt_at.unwrap().secs_since(&Timestamp::now());
+    assert!(
+        (6 * 3600 - 60..=6 * 3600 + 60).contains(&wait),
+        "retried in about 6 hours: {wait}s"
+    );
+    assert_eq!(r.failures, ["m1999"], "only the retry stays on the queue");
+    assert_eq!(r.alerts, 0, "none of these needs a person");
+    assert_eq!(queue.dlq(Destination::Google).len(), 1);
+    // The row itself is in the API's form.
+    let req = &fake.requests("uploadClickConversions")[0];
+    assert_eq!(req["partialFailure"], true);
+    let row = &req["conversions"][0];
+    assert_eq!(row["orderId"], "O-B0");
+    assert_eq!(
+        row["userIdentifiers"].as_array().unwrap().len(),
+        2,
+        "email and phone, one per object"
+    );
+    assert!(
+        row["conversionDateTime"]
+            .as_str()
+            .unwrap()
+            .ends_with("+00:00")
+    );
+}
+
+#[tokio::test]
+async fn replay_after_accept_then_timeout_is_not_double_counted() {
+    let fake = FakeGoogle::start().await;
+    let events: Vec<_> = (0..4).map(|i| won(&format!("T{i}"), 25.0)).collect();
+    let (store, queue) = memory(&events).await;
+    let p = platform_with(&fake, mapping(GoogleBackend::AdsApi), 400, false);
+    fake.inject(Fault::AcceptThenTimeout(Duration::from_millis(1500)));
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(r.failures.len(), 4, "a timeout is retried");
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now().plus_secs(5),
+    )
+    .await;
+    assert!(r.failures.is_empty(), "{r:?}");
+    assert!(r.results.values().all(|v| v == "delivered_replay"), "{r:?}");
+    assert_eq!(fake.conversions().len(), 4, "four distinct order ids");
+    assert_eq!(fake.revenue()["USD"], 100.0, "counted once each");
+    assert_eq!(fake.requests("uploadClickConversions").len(), 2);
+}
+
+#[tokio::test]
+async fn token_expiry_mid_run_refreshes_once_and_delivers() {
+    let fake = FakeGoogle::start().await;
+    let first: Vec<_> = (0..3).map(|i| won(&format!("K{i}"), 5.0)).collect();
+    let second: Vec<_> = (0..3).map(|i| won(&format!("L{i}"), 5.0)).collect();
+    let (store, queue) = memory(&[first.clone(), second.clone()].concat()).await;
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    let r = process_batch(
+        records(&first, "a"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert!(r.failures.is_empty());
+    assert_eq!(
+        fake.with(|d| d.token_grants),
+        1,
+        "one token for the terms check and the upload"
+    );
+    fake.expire_tokens();
+    let r = process_batch(
+        records(&second, "b"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert!(r.failures.is_empty(), "{r:?}");
+    assert_eq!(
+        fake.with(|d| (d.token_grants, d.unauthenticated)),
+        (2, 1),
+        "one 401, one refresh"
+    );
+    assert_eq!(fake.conversions().len(), 6);
+}
+
+#[tokio::test]
+async fn quota_errors_honour_retry_delay_and_outages_retry() {
+    let fake = FakeGoogle::start().await;
+    let events: Vec<_> = (0..2).map(|i| won(&format!("Q{i}"), 5.0)).collect();
+    let (store, queue) = memory(&events).await;
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    fake.inject(Fault::Respond(429, json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota",
+        "details": [{"@type": "type.googleapis.com/google.ads.googleads.v26.errors.GoogleAdsFailure",
+            "errors": [{"errorCode": {"quotaError": "RESOURCE_EXHAUSTED"}, "message": "Too many requests. Retry in 900 seconds.",
+                "details": {"quotaErrorDetails": {"rateScope": "DEVELOPER", "rateName": "Requests", "retryDelay": "900s"}}}]}]}})));
+    let now = Timestamp::now();
+    let r = process_batch(records(&events, "m"), &p, &store, &queue, &cfg(), now).await;
+    assert_eq!(r.failures.len(), 2);
+    let s = store.get_sync(&events[0].event_id).destinations[&Destination::Google].clone();
+    assert_eq!(s.last_error.unwrap().code, "RESOURCE_EXHAUSTED");
+    let wait = s.next_attempt_at.unwrap().secs_since(&now);
+    assert!(
+        (899..=905).contains(&wait),
+        "retryDelay honoured, not shortened by jitter: {wait}"
+    );
+    fake.inject(Fault::Respond(503, json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "The service is currently unavailable."}})));
+    let later = now.plus_secs(901);
+    let r = process_batch(records(&events, "m"), &p, &store, &queue, &cfg(), later).await;
+    assert_eq!(r.failures.len(), 2, "5xx retried");
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        later.plus_secs(10),
+    )
+    .await;
+    assert!(r.failures.is_empty(), "{r:?}");
+    assert_eq!(fake.conversions().len(), 2);
+}
+
+#[tokio::test]
+async fn terms_not_accepted_holds_events_with_user_data_and_alerts() {
+    let fake = FakeGoogle::start().await;
+    fake.with(|d| d.terms.insert("1234567890".into(), false));
+    let with_data = won("U1", 5.0);
+    let mut click_only = won("U2", 5.0);
+    click_only.identity.google = Default::default();
+    let (store, queue) = memory(&[with_data.clone(), click_only.clone()]).await;
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    let r = process_batch(
+        records(&[with_data.clone(), click_only.clone()], "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(r.alerts, 1);
+    assert_eq!(
+        status(&store, &with_data),
+        (
+            DeliveryStatus::DeadLetter,
+            "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS".into()
+        )
+    );
+    assert_eq!(
+        status(&store, &click_only).0,
+        DeliveryStatus::Delivered,
+        "no user data: nothing to hold"
+    );
+    let dlq = queue.dlq(Destination::Google);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        fake.requests("uploadClickConversions")[0]["conversions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // The answer is cached: a second batch does not ask again.
+    let more = won("U3", 5.0);
+    store.put_new(&more).await.unwrap();
+    process_batch(
+        records(&[more], "n"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(fake.with(|d| d.searches), 1);
+}
+
+#[tokio::test]
+async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emulator() {
+    let fake = FakeGoogle::start().await;
+    let stack = Stack::create("google_refunds", &[]);
+    let aws = sdk_config().await;
+    let store = DynamoStore::new(shared::aws::dynamodb(&aws), stack.var("TABLE_NAME"), 400);
+    let vars = stack.env.clone();
+    let settings = shared::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let queue = SqsQueue::new(shared::aws::sqs(&aws), settings.queues.clone());
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    let run = |evs: Vec<CanonicalEvent>, now: Timestamp| {
+        let (p, store, queue) = (&p, &store, &queue);
+        async move {
+            let recs = records(&evs, "m");
+            process_batch(recs, p, store, queue, &cfg(), now).await
+        }
+    };
+    let final_status = |e: &CanonicalEvent| {
+        let (store, id) = (&store, e.event_id.clone());
+        async move {
+            let s =
+                store.get(&id).await.unwrap().unwrap().destinations[&Destination::Google].clone();
+            (s.status, s.last_error.map(|e| e.code).unwrap_or_default())
+        }
+    };
+
+    // In order: won 100, refund 20 (restate 80), refund 30 (restate 50), refund 50 (retract).
+    let w = won("A", 100.0);
+    let (r1, r2, r3) = (
+        refund("A", 20.0, 20),
+        refund("A", 30.0, 10),
+        refund("A", 50.0, 5),
+    );
+    // Each refund reaches the store as the CRM records it; each restatement states the total
+    // given every refund known at that moment.
+    let now = Timestamp::now();
+    store.put_new(&w).await.unwrap();
+    run(vec![w.clone()], now).await;
+    store.put_new(&r1).await.unwrap();
+    run(vec![r1.clone()], now).await;
+    assert_eq!(fake.conversions()["O-A"].value, 80.0);
+    store.put_new(&r2).await.unwrap();
+    run(vec![r2.clone()], now).await;
+    assert_eq!(fake.conversions()["O-A"].value, 50.0);
+    store.put_new(&r3).await.unwrap();
+    run(vec![r3.clone()], now).await;
+    let c = fake.conversions()["O-A"].clone();
+    assert!(
+        c.retracted,
+        "the last refund takes the total to zero: RETRACTION"
+    );
+    let adj = fake.requests("uploadConversionAdjustments");
+    assert_eq!(adj.len(), 3);
+    assert!(
+        adj[2]["conversionAdjustments"][0]
+            .get("restatementValue")
+            .is_none()
+    );
+    for e in [&r1, &r2, &r3] {
+        assert_eq!(final_status(e).await.0, DeliveryStatus::Delivered);
+    }
+
+    // Out of order: the refund arrives before its won event, waits, then restates correctly;
+    // an older refund learnt after a newer one was sent still moves the total on.
+    let w2 = won("B", 200.0);
+    let late = refund("B", 50.0, 2);
+    store.put_new(&late).await.unwrap();
+    let r = run(vec![late.clone()], now).await;
+    assert_eq!(r.failures.len(), 1, "held back: {r:?}");
+    assert_eq!(
+        final_status(&late).await,
+        (DeliveryStatus::Retry, "original_not_delivered".into())
+    );
+    assert!(
+        fake.requests("uploadConversionAdjustments").len() == 3,
+        "nothing sent before the conversion"
+    );
+    store.put_new(&w2).await.unwrap();
+    run(vec![w2.clone()], now).await;
+    let after_wait = now.plus_secs(shared::delivery::pipeline::REFUND_WAIT.as_secs() as i64 + 5);
+    run(vec![late.clone()], after_wait).await;
+    assert_eq!(fake.conversions()["O-B"].value, 150.0);
+    let older = refund("B", 25.0, 3);
+    store.put_new(&older).await.unwrap();
+    run(vec![older.clone()], after_wait).await;
+    assert_eq!(
+        fake.conversions()["O-B"].value,
+        125.0,
+        "the new total, with a later adjustment time"
+    );
+    assert_eq!(final_status(&older).await.0, DeliveryStatus::Delivered);
+    // A redelivered refund message sends nothing; a replayed restatement is a duplicate.
+    let before = fake.requests("uploadConversionAdjustments").len();
+    let r = run(vec![older.clone()], after_wait).await;
+    assert_eq!(r.results["m0"], "skipped_duplicate");
+    assert_eq!(fake.requests("uploadConversionAdjustments").len(), before);
+    assert_eq!(
+        fake.revenue()["USD"],
+        125.0,
+        "A retracted, B at 200 - 50 - 25"
+    );
+}
+
+#[tokio::test]
+async fn adjustment_before_google_has_the_conversion_is_retried_then_dead_lettered() {
+    let fake = FakeGoogle::start().await;
+    let mut w = won("N", 100.0);
+    // The store says delivered (e.g. by another bridge instance), but Google has no such order.
+    w.destinations.get_mut(&Destination::Google).unwrap().status = DeliveryStatus::Delivered;
+    let r = refund("N", 10.0, 1);
+    let (store, queue) = memory(&[w, r.clone()]).await;
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    let mut now = Timestamp::now();
+    let long = PipelineConfig {
+        max_attempts: 10,
+        ..cfg()
+    };
+    for attempt in 1..=4 {
+        let rep = process_batch(
+            records(std::slice::from_ref(&r), "m"),
+            &p,
+            &store,
+            &queue,
+            &long,
+            now,
+        )
+        .await;
+        let (st, code) = status(&store, &r);
+        assert_eq!(code, "CONVERSION_NOT_FOUND");
+        if attempt < 4 {
+            assert_eq!(
+                (st, rep.failures.len()),
+                (DeliveryStatus::Retry, 1),
+                "attempt {attempt}"
+            );
+        } else {
+            assert_eq!(
+                st,
+                DeliveryStatus::DeadLetter,
+                "a few delayed retries, then the DLQ"
+            );
+        }
+        now = now.plus_secs(3700);
+    }
+    assert_eq!(queue.dlq(Destination::Google).len(), 1);
+}
+
+#[tokio::test]
+async fn data_manager_delivers_isolates_bad_events_and_restates_refunds() {
+    let fake = FakeGoogle::start().await;
+    let wins: Vec<_> = (0..6).map(|i| won(&format!("D{i}"), 100.0)).collect();
+    fake.with(|d| d.poison.insert("O-D3".into()));
+    let full = refund("D0", 100.0, 2);
+    let partial = refund("D1", 40.0, 2);
+    let (store, queue) =
+        memory(&[wins.clone(), vec![full.clone(), partial.clone()]].concat()).await;
+    let p = platform(&fake, GoogleBackend::DataManager);
+    let r = process_batch(
+        records(&wins, "w"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert!(r.failures.is_empty(), "{r:?}");
+    let ingests = fake.requests("events:ingest");
+    assert_eq!(
+        ingests.len(),
+        1,
+        "fast-fail: the named event is dropped and the rest resent"
+    );
+    assert_eq!(ingests[0]["events"].as_array().unwrap().len(), 5);
+    assert_eq!(ingests[0]["encoding"], "HEX");
+    assert_eq!(
+        ingests[0]["destinations"][0]["productDestinationId"],
+        "987654321"
+    );
+    let (st, code) = status(&store, &wins[3]);
+    assert_eq!(
+        (st, code.as_str()),
+        (DeliveryStatus::DeadLetter, "INVALID_ARGUMENT")
+    );
+    let bad = store.get_sync(&wins[3].event_id).destinations[&Destination::Google]
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(
+        bad.message.contains("events[3].transaction_id"),
+        "{}",
+        bad.message
+    );
+    let s = store.get_sync(&wins[0].event_id).destinations[&Destination::Google].clone();
+    assert_eq!(s.status, DeliveryStatus::Delivered);
+    assert_eq!(
+        s.log[0].platform_ref.as_deref(),
+        Some("fake-request-1"),
+        "requestId kept for reconciliation"
+    );
+
+    let r = process_batch(
+        records(&[full.clone(), partial.clone()], "f"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert!(r.failures.is_empty(), "{r:?}");
+    assert_eq!(
+        status(&store, &full).0,
+        DeliveryStatus::RetractionUnsupported,
+        "restated to zero, recorded"
+    );
+    assert_eq!(status(&store, &partial).0, DeliveryStatus::Delivered);
+    let events = fake.with(|d| d.dm_events.clone());
+    let key = |o: &str| ("987654321".to_string(), o.to_string());
+    assert_eq!(events[&key("O-D0")]["conversionValue"], 0.0);
+    assert_eq!(
+        events[&key("O-D1")]["conversionValue"],
+        60.0,
+        "the new total, not the refunded amount"
+    );
+    assert_eq!(
+        fake.with(|d| d.dm_sends[&key("O-D1")]),
+        2,
+        "same transactionId: a restatement"
+    );
+    assert!(fake.with(|d| {
+        d.requests
+            .iter()
+            .all(|(_, b)| b.get("developer-token").is_none())
+    }));
+}
+
+#[tokio::test]
+async fn validate_only_dry_run_imports_nothing() {
+    let fake = FakeGoogle::start().await;
+    let events: Vec<_> = (0..3).map(|i| won(&format!("V{i}"), 10.0)).collect();
+    for (backend, kind) in [
+        (GoogleBackend::AdsApi, "uploadClickConversions"),
+        (GoogleBackend::DataManager, "events:ingest"),
+    ] {
+        let (store, queue) = memory(&events).await;
+        let p = platform_with(&fake, mapping(backend), 10_000, true);
+        let r: BatchReport = process_batch(
+            records(&events, "m"),
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            Timestamp::now(),
+        )
+        .await;
+        assert!(r.failures.is_empty(), "{r:?}");
+        let req = fake.requests(kind);
+        assert_eq!(req.len(), 1);
+        assert_eq!(req[0]["validateOnly"], true);
+    }
+    assert!(fake.conversions().is_empty());
+    assert!(fake.with(|d| d.dm_events.is_empty()));
+}
