@@ -6,7 +6,13 @@ resources an emulator can host (tables, queues, buckets) are created as a CloudF
 The functions are not created there: locally they run natively (see infra/local/README.md).
 Prints the stack outputs as environment variables (TABLE_NAME=..., META_QUEUE_URL=...).
 
-Usage: deploy.py [--stack-name NAME] [--param Key=Value ...] [--env-file PATH] [--delete]
+With --plan PATH it also writes what the local runtime needs to stand in for Lambda, from the
+same expanded template: each function's binary, resolved environment, timeout and memory; each
+SQS event source mapping (queue, BatchSize, MaximumBatchingWindowInSeconds, response types);
+each schedule; each function URL; and each queue's redrive target (for the console redrive).
+
+Usage: deploy.py [--stack-name NAME] [--param Key=Value ...] [--env-file PATH] [--plan PATH]
+                 [--reuse] [--delete]
 """
 
 import argparse
@@ -169,6 +175,130 @@ def apply_unsupported(cfn, stack):
             ddb.update_continuous_backups(TableName=table, PointInTimeRecoverySpecification=pitr)
 
 
+class Resolver:
+    """Evaluates the intrinsic functions the template uses, against the stack in the emulator."""
+
+    def __init__(self, cfn_template, stack, params):
+        self.t = cfn_template
+        self.stack = stack
+        self.region = os.environ.get("AWS_REGION", "us-east-1")
+        self.account = "123456789012"
+        self.params = {k: str(v.get("Default", "")) for k, v in cfn_template.get("Parameters", {}).items()}
+        self.params.update(params)
+        cfn = client("cloudformation")
+        self.physical = {
+            r["LogicalResourceId"]: r["PhysicalResourceId"]
+            for r in cfn.describe_stack_resources(StackName=stack)["StackResources"]
+        }
+        self.sqs = client("sqs")
+        self.ddb = client("dynamodb")
+
+    def queue_url(self, logical):
+        pid = self.physical[logical]
+        if pid.startswith("http"):
+            return pid
+        return self.sqs.get_queue_url(QueueName=pid.rsplit(":", 1)[-1])["QueueUrl"]
+
+    def ref(self, name):
+        pseudo = {"AWS::Region": self.region, "AWS::AccountId": self.account, "AWS::Partition": "aws",
+                  "AWS::StackName": self.stack, "AWS::URLSuffix": "amazonaws.com"}
+        if name in pseudo:
+            return pseudo[name]
+        if name in self.params:
+            return self.params[name]
+        kind = self.t["Resources"].get(name, {}).get("Type")
+        if kind == "AWS::SQS::Queue":
+            return self.queue_url(name)
+        if kind == "AWS::Lambda::Function":
+            return name
+        if name in self.physical:
+            return self.physical[name]
+        raise KeyError(f"cannot resolve Ref {name}")
+
+    def getatt(self, name, attr):
+        kind = self.t["Resources"][name]["Type"]
+        if kind == "AWS::SQS::Queue":
+            attrs = self.sqs.get_queue_attributes(QueueUrl=self.queue_url(name), AttributeNames=["QueueArn"])
+            arn = attrs["Attributes"]["QueueArn"]
+            return {"Arn": arn, "QueueName": arn.rsplit(":", 1)[-1], "QueueUrl": self.queue_url(name)}[attr]
+        if kind == "AWS::DynamoDB::Table" and attr == "Arn":
+            return self.ddb.describe_table(TableName=self.physical[name])["Table"]["TableArn"]
+        if kind == "AWS::Lambda::Function" and attr == "Arn":
+            return f"arn:aws:lambda:{self.region}:{self.account}:function:{name}"
+        raise KeyError(f"cannot resolve GetAtt {name}.{attr}")
+
+    def eval(self, node):
+        if isinstance(node, dict) and len(node) == 1:
+            (k, v), = node.items()
+            if k == "Ref":
+                return self.ref(v)
+            if k == "Fn::GetAtt":
+                name, attr = v if isinstance(v, list) else v.split(".", 1)
+                return self.getatt(name, attr)
+            if k == "Fn::Sub":
+                text, extra = (v[0], v[1]) if isinstance(v, list) else (v, {})
+                def sub(m):
+                    key = m.group(1)
+                    if key in extra:
+                        return str(self.eval(extra[key]))
+                    if "." in key:
+                        return str(self.getatt(*key.split(".", 1)))
+                    return str(self.ref(key))
+                return re.sub(r"\$\{([^}!]+)\}", sub, text)
+        if isinstance(node, dict):
+            return {k: self.eval(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self.eval(x) for x in node]
+        return node
+
+
+def plan(stack, params):
+    """What the local runtime runs, resolved from the expanded template and the stack."""
+    cfn = expand()
+    r = Resolver(cfn, stack, params)
+    res = cfn["Resources"]
+    out = {"stack": stack, "functions": {}, "sqs": [], "schedules": [], "urls": [], "queues": {}}
+    for name, v in res.items():
+        p = v.get("Properties", {})
+        if v["Type"] == "AWS::Lambda::Function":
+            env = r.eval(p.get("Environment", {}).get("Variables", {}))
+            out["functions"][name] = {
+                "binary": v.get("Metadata", {}).get("BuildProperties", {}).get("Binary", name),
+                "env": {k: str(x) for k, x in env.items()},
+                "timeout": int(r.eval(p.get("Timeout", 3))),
+                "memory": int(r.eval(p.get("MemorySize", 128))),
+            }
+        elif v["Type"] == "AWS::Lambda::EventSourceMapping":
+            source = p["EventSourceArn"]["Fn::GetAtt"][0]
+            out["sqs"].append({
+                "function": p["FunctionName"]["Ref"],
+                "queue": source,
+                "queue_url": r.queue_url(source),
+                "queue_arn": r.getatt(source, "Arn"),
+                "batch_size": int(r.eval(p.get("BatchSize", 10))),
+                "window_secs": int(r.eval(p.get("MaximumBatchingWindowInSeconds", 0))),
+                "report_batch_item_failures": "ReportBatchItemFailures" in p.get("FunctionResponseTypes", []),
+            })
+        elif v["Type"] == "AWS::Events::Rule":
+            for t in p.get("Targets", []):
+                out["schedules"].append({
+                    "function": t["Arn"]["Fn::GetAtt"][0],
+                    "expression": r.eval(p["ScheduleExpression"]),
+                })
+        elif v["Type"] == "AWS::Lambda::Url":
+            out["urls"].append({"function": p["TargetFunctionArn"]["Ref"], "auth": p.get("AuthType")})
+        elif v["Type"] == "AWS::SQS::Queue":
+            redrive = p.get("RedrivePolicy")
+            q = {"url": r.queue_url(name), "arn": r.getatt(name, "Arn")}
+            if redrive:
+                dlq = redrive["deadLetterTargetArn"]["Fn::GetAtt"][0]
+                q["dlq"] = dlq
+                q["dlq_url"] = r.queue_url(dlq)
+                q["max_receive_count"] = int(r.eval(redrive["maxReceiveCount"]))
+            out["queues"][name] = q
+    return out
+
+
 def delete(stack):
     cfn = client("cloudformation")
     cfn.delete_stack(StackName=stack)
@@ -180,6 +310,8 @@ def main():
     ap.add_argument("--param", action="append", default=[], help="template parameter Key=Value")
     ap.add_argument("--env-file", help="also write the variables to this file")
     ap.add_argument("--delete", action="store_true", help="delete the stack instead")
+    ap.add_argument("--plan", help="write the local runtime's plan (functions, mappings, schedules) here")
+    ap.add_argument("--reuse", action="store_true", help="use the stack if it already exists")
     ap.add_argument("--print-template", action="store_true", help="print the expanded local template and exit")
     a = ap.parse_args()
     if a.print_template:
@@ -189,7 +321,15 @@ def main():
         delete(a.stack_name)
         return
     params = dict(p.split("=", 1) for p in a.param)
-    env = deploy(a.stack_name, params)
+    try:
+        env = deploy(a.stack_name, params)
+    except client("cloudformation").exceptions.AlreadyExistsException:
+        if not a.reuse:
+            raise
+        st = client("cloudformation").describe_stacks(StackName=a.stack_name)["Stacks"][0]
+        env = {OUTPUT_ENV[o["OutputKey"]]: o["OutputValue"] for o in st.get("Outputs", []) if o["OutputKey"] in OUTPUT_ENV}
+    if a.plan:
+        Path(a.plan).write_text(json.dumps(plan(a.stack_name, params), indent=2))
     lines = "".join(f"{k}={v}\n" for k, v in sorted(env.items()))
     if a.env_file:
         Path(a.env_file).write_text(lines)

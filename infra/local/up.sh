@@ -1,32 +1,21 @@
 #!/usr/bin/env bash
-# Runs the bridge's AWS side locally: moto on 127.0.0.1:${MOTO_PORT:-5000} with the table and
-# queues created from infra/template.yaml, the functions' environment written to
-# .local/bridge.env, and everything stopped again on Ctrl-C.
+# Runs the whole bridge on this machine: moto with the resources of infra/template.yaml, the
+# four functions' release binaries under a local Lambda runtime, the SQS event source mappings
+# and the reconcile schedule as the template declares them, the function URL at
+# http://127.0.0.1:${BRIDGE_PORT:-9000}, and (unless BRIDGE_REAL_DESTINATIONS=1) the strict
+# Meta, Google and HubSpot fakes. Ctrl-C stops everything it started.
+#   up.sh [--port N] [--instances N] [--param TemplateParam=Value ...]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
-port="${MOTO_PORT:-5000}"
-stack="${STACK_NAME:-bridge-local}"
+export MOTO_PORT="${MOTO_PORT:-5000}"
 mkdir -p .local
 bash infra/local/setup.sh
+echo "building the release binaries and the local runtime (first run takes a few minutes)"
+cargo build --release --quiet -p ingest -p meta-sender -p google-sender -p reconcile
+cargo build --quiet -p bridge-tests --bin bridge-local
 endpoint="$(bash infra/local/moto.sh start)"
-trap 'echo; echo "stopping moto"; bash infra/local/moto.sh stop' EXIT INT TERM
+trap 'bash infra/local/moto.sh stop' EXIT
 export AWS_ENDPOINT_URL="$endpoint" AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
-if ! .venv/bin/python infra/local/deploy.py --stack-name "$stack" --env-file .local/bridge.env > /dev/null 2> .local/deploy.err; then
-  if grep -q AlreadyExists .local/deploy.err; then
-    echo "stack $stack already exists in this moto; reusing it"
-  else
-    cat .local/deploy.err >&2
-    exit 1
-  fi
-fi
-{
-  echo "AWS_ENDPOINT_URL=$endpoint"
-  echo "AWS_REGION=us-east-1"
-} >> .local/bridge.env
-echo "local AWS (moto) at $endpoint with stack $stack from infra/template.yaml"
-echo "function environment (.local/bridge.env):"
-sed 's/^/  /' .local/bridge.env
-echo "Ctrl-C stops everything this script started."
-while true; do sleep 3600; done
+target/debug/bridge-local up --bin-dir target/release "$@"

@@ -140,3 +140,4 @@ pub fn sample_event(
 fn phonenumber_us() -> shared::identity::Region {
     shared::identity::parse_region("US").expect("US is a region")
 }
+pub mod local;

@@ -100,6 +100,11 @@ async fn deal(
 impl FakeHubSpot {
     /// Serves on an ephemeral loopback port until the test process ends.
     pub async fn start(token: &str) -> FakeHubSpot {
+        Self::start_on("127.0.0.1:0", token).await
+    }
+
+    /// Serves on `addr` until the process ends.
+    pub async fn start_on(addr: &str, token: &str) -> FakeHubSpot {
         let data = Arc::new(Mutex::new(Data::default()));
         let state = AppState {
             token: token.to_string(),
@@ -109,7 +114,7 @@ impl FakeHubSpot {
             .route("/crm/v3/objects/contacts/{id}", get(contact))
             .route("/crm/v3/objects/deals/{id}", get(deal))
             .with_state(state);
-        let base_url = super::serve(app).await;
+        let base_url = super::serve_on(addr, app).await;
         FakeHubSpot {
             base_url,
             token: token.to_string(),

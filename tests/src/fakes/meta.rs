@@ -209,6 +209,11 @@ async fn events(
 
 impl FakeMeta {
     pub async fn start(token: &str) -> FakeMeta {
+        Self::start_on("127.0.0.1:0", token).await
+    }
+
+    /// Serves on `addr` (the local stack uses a fixed port).
+    pub async fn start_on(addr: &str, token: &str) -> FakeMeta {
         let fake = FakeMeta {
             base_url: String::new(),
             token: token.into(),
@@ -217,7 +222,7 @@ impl FakeMeta {
         let app = Router::new()
             .route("/{version}/{pixel}/events", post(events))
             .with_state(fake.clone());
-        let base_url = super::serve(app).await;
+        let base_url = super::serve_on(addr, app).await;
         FakeMeta { base_url, ..fake }
     }
 
