@@ -7,21 +7,35 @@ both pass (seen here: two workers winning one claim). DynamoDB guarantees that a
 write is atomic; serializing DynamoDB requests reproduces that. Other services (SQS long
 polls in particular) stay concurrent.
 
+It also counts requests per operation (GET /_bridge/requests answers the counts as JSON), so
+tests can state how many AWS requests each delivered conversion cost.
+
 Usage: moto_server.py [--host 127.0.0.1] [--port 5000]
 """
 
 import argparse
+import json
 import threading
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import run_simple
 
 _dynamodb = threading.Lock()
+_counts = {}
+_counts_lock = threading.Lock()
 
 
 def serialize_dynamodb(app):
     def wrapped(environ, start_response):
+        if environ.get("PATH_INFO") == "/_bridge/requests":
+            with _counts_lock:
+                body = json.dumps(_counts).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         target = environ.get("HTTP_X_AMZ_TARGET", "")
+        op = target or environ.get("QUERY_STRING", "").partition("Action=")[2].partition("&")[0] or "other"
+        with _counts_lock:
+            _counts[op] = _counts.get(op, 0) + 1
         if target.startswith("DynamoDB"):
             with _dynamodb:
                 # Consume the body inside the lock: the response is computed here.

@@ -39,6 +39,11 @@ pub struct Settings {
     pub retention_days: i64,
     pub lease_secs: i64,
     pub max_attempts: u32,
+    /// Backoff: the first retry waits up to this long, doubling per attempt up to the cap.
+    pub retry_base_secs: u64,
+    pub retry_cap_secs: u64,
+    /// How long a refund whose won event is not delivered yet waits before looking again.
+    pub refund_wait_secs: u64,
     pub endpoints: Endpoints,
     pub mapping: Mapping,
 }
@@ -130,6 +135,9 @@ impl Settings {
             retention_days: parse_num(&get, "EVENT_RETENTION_DAYS", 400, 1, 3650)?,
             lease_secs: parse_num(&get, "LEASE_SECS", 120, 5, 900)?,
             max_attempts: parse_num(&get, "MAX_ATTEMPTS", 8, 1, 100)?,
+            retry_base_secs: parse_num(&get, "RETRY_BASE_SECS", 30, 1, 3600)?,
+            retry_cap_secs: parse_num(&get, "RETRY_CAP_SECS", 3600, 1, 43_200)?,
+            refund_wait_secs: parse_num(&get, "REFUND_WAIT_SECS", 900, 1, 43_200)?,
             endpoints: Endpoints {
                 meta_graph_base_url: url(
                     &get,

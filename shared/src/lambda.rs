@@ -43,7 +43,12 @@ pub async fn run_sender<P: crate::delivery::pipeline::Platform>(
     let pipeline = PipelineConfig {
         lease_secs: settings.lease_secs,
         max_attempts: settings.max_attempts,
-        backoff: crate::delivery::Backoff::default(),
+        backoff: crate::delivery::Backoff {
+            base: std::time::Duration::from_secs(settings.retry_base_secs),
+            cap: std::time::Duration::from_secs(settings.retry_cap_secs),
+            ..crate::delivery::Backoff::default()
+        },
+        refund_wait: std::time::Duration::from_secs(settings.refund_wait_secs),
     };
     let (platform, store, queue, pipeline) = (&platform, &store, &queue, &pipeline);
     lambda_runtime::run(lambda_runtime::service_fn(

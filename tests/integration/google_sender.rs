@@ -58,6 +58,7 @@ fn cfg() -> PipelineConfig {
             cap: Duration::from_secs(2),
             floor: Duration::from_secs(1),
         },
+        refund_wait: shared::delivery::pipeline::REFUND_WAIT,
     }
 }
 

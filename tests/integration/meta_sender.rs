@@ -42,6 +42,7 @@ fn fast_retries() -> PipelineConfig {
             cap: Duration::from_secs(2),
             floor: Duration::from_secs(1),
         },
+        refund_wait: shared::delivery::pipeline::REFUND_WAIT,
     }
 }
 

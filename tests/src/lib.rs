@@ -54,6 +54,19 @@ impl Stack {
     /// instructions when the emulator is not running: an integration test must not pass
     /// without the thing it tests.
     pub fn create(test: &str, params: &[(&str, &str)]) -> Stack {
+        Self::create_inner(test, params, None)
+    }
+
+    /// Like `create`, and also writes the local runtime's plan (functions, mappings,
+    /// schedules) resolved from the same template; returns its path.
+    pub fn create_with_plan(test: &str, params: &[(&str, &str)]) -> (Stack, PathBuf) {
+        let dir = repo_root().join("target/local-plans");
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(format!("{test}-{}.json", std::process::id()));
+        (Self::create_inner(test, params, Some(&path)), path)
+    }
+
+    fn create_inner(test: &str, params: &[(&str, &str)], plan: Option<&std::path::Path>) -> Stack {
         let name = format!(
             "it-{}-{}-{}",
             test.replace('_', "-"),
@@ -70,6 +83,9 @@ impl Stack {
             .env("AWS_ENDPOINT_URL", endpoint());
         for (k, v) in params {
             cmd.arg("--param").arg(format!("{k}={v}"));
+        }
+        if let Some(p) = plan {
+            cmd.arg("--plan").arg(p);
         }
         let out = cmd.output().unwrap_or_else(|e| {
             panic!("cannot run {}: {e}. Run the tests through infra/local/test.sh, which sets up the venv and moto.", python.display())

@@ -58,6 +58,8 @@ pub struct PipelineConfig {
     pub lease_secs: i64,
     pub max_attempts: u32,
     pub backoff: Backoff,
+    /// How long a refund waits before looking for its delivered original again.
+    pub refund_wait: Duration,
 }
 
 /// What happened to each message, for logs and tests.
@@ -194,7 +196,7 @@ pub async fn process_batch<P: Platform>(
     let mut orders: Vec<Option<Vec<CanonicalEvent>>> = vec![Some(Vec::new()); claimed.len()];
     for (i, c) in claimed.iter().enumerate() {
         if c.event.event_name == EventName::Refund {
-            match refund_gate(&c.event, dest, store).await {
+            match refund_gate(&c.event, dest, store, cfg.refund_wait).await {
                 Ok(order) => orders[i] = Some(order),
                 Err(o) => {
                     settled.push((i, o, now));
@@ -368,7 +370,7 @@ impl BatchReport {
     }
 }
 
-/// How long a refund waits before looking for its delivered original again.
+/// The default of `PipelineConfig::refund_wait`.
 pub const REFUND_WAIT: Duration = Duration::from_secs(900);
 
 /// The order's stored events when the refund may be sent; else why it waits (or can never go).
@@ -376,6 +378,7 @@ async fn refund_gate(
     refund: &CanonicalEvent,
     dest: Destination,
     store: &dyn EventStore,
+    wait: Duration,
 ) -> Result<Vec<CanonicalEvent>, Outcome> {
     let order = refund.order_id.as_deref().unwrap_or_default();
     let originals = match store.find_by_order(order).await {
@@ -439,7 +442,7 @@ async fn refund_gate(
             code: "original_not_delivered".into(),
             message: format!("the won event for order {order} {why} to {dest}"),
         },
-        after: Some(REFUND_WAIT),
+        after: Some(wait),
     })
 }
 
@@ -628,6 +631,7 @@ mod tests {
             lease_secs: 60,
             max_attempts: 3,
             backoff: Backoff::default(),
+            refund_wait: REFUND_WAIT,
         }
     }
 

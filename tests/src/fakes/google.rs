@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Fault {
     /// Answer the next upload/ingest with this status and body instead of processing it.
     Respond(u16, Value),
@@ -22,6 +22,8 @@ pub enum Fault {
     Slow(Duration),
     /// Import the next upload/ingest, then answer only after this delay (past the client's timeout).
     AcceptThenTimeout(Duration),
+    /// Import the next upload/ingest, then run the callback (which kills the sender) before answering.
+    AcceptThenCrash(Arc<dyn Fn() + Send + Sync>),
 }
 
 /// One imported Ads API conversion, by order id.
@@ -64,6 +66,7 @@ pub struct Data {
     pub too_recent: HashSet<String>,
     /// Requests answered 401 because the token was missing, unknown or expired.
     pub unauthenticated: usize,
+    pub chaos: Option<super::Chaos>,
 }
 
 #[derive(Clone)]
@@ -247,7 +250,22 @@ fn ads_headers(s: &FakeGoogle, headers: &HeaderMap) -> Result<(), Reply> {
 
 /// Takes the next fault; a `Respond` is answered at once.
 async fn fault(s: &FakeGoogle) -> Result<Option<Fault>, Reply> {
-    let f = lock(&s.data).faults.pop_front();
+    let f = {
+        let mut d = lock(&s.data);
+        let chaos = d.chaos.clone();
+        d.faults.pop_front().or_else(|| {
+            let c = chaos?;
+            Some(match c.roll()? {
+                super::ChaosKind::Throttled => Fault::Respond(429, json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota",
+                    "details": [ads_failure(vec![json!({"errorCode": {"quotaError": "RESOURCE_EXHAUSTED"}, "message": "Too many requests. Retry in 1 seconds.",
+                        "details": {"quotaErrorDetails": {"rateScope": "DEVELOPER", "retryDelay": "1s"}}})])]}})),
+                super::ChaosKind::ServerError => Fault::Respond(503, json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "The service is currently unavailable."}})),
+                super::ChaosKind::Slow => Fault::Slow(c.hold),
+                super::ChaosKind::AcceptThenTimeout => Fault::AcceptThenTimeout(c.hold),
+                super::ChaosKind::AcceptThenCrash => Fault::AcceptThenCrash(c.crash?),
+            })
+        })
+    };
     match &f {
         Some(Fault::Respond(status, body)) => Err((
             StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -270,6 +288,18 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Reply> {
             vec![],
         )
     })
+}
+
+/// After an accepted request: hold the answer past the client's timeout, or crash the sender.
+async fn hold(fault: Option<Fault>) {
+    match fault {
+        Some(Fault::AcceptThenTimeout(d)) => tokio::time::sleep(d).await,
+        Some(Fault::AcceptThenCrash(crash)) => {
+            crash();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        _ => {}
+    }
 }
 
 // ---- Google Ads API ----
@@ -762,9 +792,7 @@ async fn ads(
         "uploadConversionAdjustments" => upload_adjustments(&s, &customer, &body),
         _ => return rpc_error(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown method", vec![]),
     };
-    if let Some(Fault::AcceptThenTimeout(d)) = fault {
-        tokio::time::sleep(d).await;
-    }
+    hold(fault).await;
     answer
 }
 
@@ -1229,9 +1257,7 @@ async fn ingest(State(s): State<FakeGoogle>, headers: HeaderMap, body: Bytes) ->
         }
         request_id
     };
-    if let Some(Fault::AcceptThenTimeout(t)) = fault {
-        tokio::time::sleep(t).await;
-    }
+    hold(fault).await;
     (StatusCode::OK, Json(json!({"requestId": request_id})))
 }
 

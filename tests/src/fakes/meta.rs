@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Fault {
     /// Answer with this status and body instead of processing.
     Respond(u16, Value),
@@ -21,6 +21,8 @@ pub enum Fault {
     Slow(Duration),
     /// Accept and record the events, then answer only after this delay (past the client's timeout).
     AcceptThenTimeout(Duration),
+    /// Accept and record the events, then run the callback (which kills the sender) before answering.
+    AcceptThenCrash(std::sync::Arc<dyn Fn() + Send + Sync>),
 }
 
 #[derive(Default)]
@@ -33,6 +35,7 @@ pub struct Data {
     /// Event ids the fake treats as invalid (a whole-request 400, as Meta does).
     pub poison: HashSet<String>,
     pub test_event_codes: Vec<String>,
+    pub chaos: Option<super::Chaos>,
 }
 
 #[derive(Clone)]
@@ -152,7 +155,17 @@ async fn events(
     let fault = {
         let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
         d.requests += 1;
-        d.faults.pop_front()
+        let chaos = d.chaos.clone();
+        d.faults.pop_front().or_else(|| {
+            let c = chaos?;
+            Some(match c.roll()? {
+                super::ChaosKind::Throttled => Fault::Respond(400, json!({"error": {"message": "(#80004) There have been too many calls", "type": "OAuthException", "code": 80004, "is_transient": true, "fbtrace_id": "FakeChaos"}})),
+                super::ChaosKind::ServerError => Fault::Respond(500, json!({"error": {"message": "An unexpected error has occurred.", "type": "OAuthException", "code": 2, "is_transient": true, "fbtrace_id": "FakeChaos"}})),
+                super::ChaosKind::Slow => Fault::Slow(c.hold),
+                super::ChaosKind::AcceptThenTimeout => Fault::AcceptThenTimeout(c.hold),
+                super::ChaosKind::AcceptThenCrash => Fault::AcceptThenCrash(c.crash?),
+            })
+        })
     };
     match &fault {
         Some(Fault::Respond(status, body)) => {
@@ -198,8 +211,13 @@ async fn events(
             d.test_event_codes.push(code.to_string());
         }
     }
-    if let Some(Fault::AcceptThenTimeout(d)) = fault {
-        tokio::time::sleep(d).await;
+    match fault {
+        Some(Fault::AcceptThenTimeout(d)) => tokio::time::sleep(d).await,
+        Some(Fault::AcceptThenCrash(crash)) => {
+            crash();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        _ => {}
     }
     (
         StatusCode::OK,
@@ -232,6 +250,18 @@ impl FakeMeta {
             .unwrap_or_else(|p| p.into_inner())
             .faults
             .push_back(f);
+    }
+
+    pub fn set_chaos(&self, chaos: Option<super::Chaos>) {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).chaos = chaos;
+    }
+
+    pub fn unpoison_all(&self) {
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .poison
+            .clear();
     }
 
     pub fn poison(&self, event_id: &str) {

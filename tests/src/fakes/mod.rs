@@ -20,3 +20,50 @@ pub async fn serve_on(addr: &str, app: axum::Router) -> String {
     });
     format!("http://{addr}")
 }
+
+/// Random faults a fake injects into a share of its requests (the chaos tests' weather).
+#[derive(Clone)]
+pub struct Chaos {
+    /// Share of requests that get a fault, 0..1.
+    pub rate: f64,
+    /// Called after a request was accepted and before it is answered, to kill the sender
+    /// between its send and its status write (`AcceptThenCrash`).
+    pub crash: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
+    /// How long `Slow` and `AcceptThenTimeout` hold the answer.
+    pub hold: std::time::Duration,
+}
+
+/// The kinds of chaos a fake can inject; each fake answers them in its API's own shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChaosKind {
+    Throttled,
+    ServerError,
+    Slow,
+    AcceptThenTimeout,
+    AcceptThenCrash,
+}
+
+impl Chaos {
+    pub fn roll(&self) -> Option<ChaosKind> {
+        if fastrand::f64() >= self.rate {
+            return None;
+        }
+        let kinds: &[ChaosKind] = if self.crash.is_some() {
+            &[
+                ChaosKind::Throttled,
+                ChaosKind::ServerError,
+                ChaosKind::Slow,
+                ChaosKind::AcceptThenTimeout,
+                ChaosKind::AcceptThenCrash,
+            ]
+        } else {
+            &[
+                ChaosKind::Throttled,
+                ChaosKind::ServerError,
+                ChaosKind::Slow,
+                ChaosKind::AcceptThenTimeout,
+            ]
+        };
+        Some(kinds[fastrand::usize(..kinds.len())])
+    }
+}

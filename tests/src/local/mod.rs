@@ -3,6 +3,7 @@
 //! Lambda runtime, SQS event source mappings, the reconcile schedule, the function URL, and
 //! the console's DLQ redrive.
 
+pub mod harness;
 pub mod runtime;
 
 use aws_sdk_sqs::Client as Sqs;

@@ -1,0 +1,256 @@
+//! End to end on one machine: webhooks from every source through the function URL into the
+//! real release binaries under the local Lambda runtime, SQS mappings read from the template,
+//! to the strict Meta and Google fakes; checked field by field at the fakes and in the store,
+//! and no raw identifier in any log line or stored item.
+
+use bridge_tests::local::harness::LocalBridge;
+use serde_json::{Value, json};
+use shared::destination::{DeliveryStatus, Destination};
+use shared::hashing::sha256_hex;
+use shared::timestamp::Timestamp;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn ago(mins: i64) -> String {
+    Timestamp::now().minus_secs(mins * 60).canonical()
+}
+
+fn ids(resp: &Value) -> Vec<String> {
+    let items = match resp["results"].as_array() {
+        Some(a) => a.clone(),
+        None => vec![resp.clone()],
+    };
+    items
+        .iter()
+        .filter(|i| i["status"] == "accepted")
+        .filter_map(|i| i["event_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test]
+async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
+    let b = LocalBridge::start("e2e", &[], 1).await;
+    {
+        let mut d = b.hubspot.data.lock().unwrap();
+        d.contacts.insert(
+            "101".into(),
+            json!({"email": "Ada@Example.com", "firstname": "Ada", "lastname": "Lovelace", "phone": "+44 20 7946 0958",
+                   "hs_google_click_id": "Cj0KCQ-ada", "ads_consent_status": "granted", "hs_legal_basis": "Freely given consent"}),
+        );
+        d.deals.insert(
+            "9001".into(),
+            (
+                json!({"amount": "1200.50", "deal_currency_code": "GBP", "dealstage": "closedwon"}),
+                Some("101".into()),
+            ),
+        );
+    }
+    let mut accepted = Vec::new();
+
+    // Generic: a lead (granted) and an MQL whose consent is denied.
+    let lead = json!({"event_name": "lead", "occurred_at": ago(30), "entity_type": "lead", "entity_id": "L-1",
+        "identity": {"email": " Jane.Doe@Example.com ", "phone": "(650) 555-1234", "first_name": "Jane", "last_name": "Doe", "country": "US"},
+        "consent": {"status": "granted"}});
+    let (status, r) = b.post("generic", &lead).await;
+    assert_eq!(status, 202, "{r}");
+    let lead_id = ids(&r)[0].clone();
+    accepted.push(lead_id.clone());
+    let denied = json!({"event_name": "mql", "occurred_at": ago(29), "entity_type": "contact", "entity_id": "C-9",
+        "identity": {"email": "nobody@example.org"}, "consent": {"status": "denied"}});
+    let (_, r) = b.post("generic", &denied).await;
+    let denied_id = ids(&r)[0].clone();
+    accepted.push(denied_id.clone());
+    // The same webhook again: nothing new.
+    let (_, r) = b.post("generic", &lead).await;
+    assert_eq!(r["status"], "duplicate", "{r}");
+
+    // Salesforce: a qualified lead (sql) and a closed-won opportunity from a source that is
+    // not the system of record.
+    let sf = json!([
+        {"object": "Lead", "id": "00Q-1", "stage": "Qualified", "changed_at": ago(25), "email": "lead@prospect.example", "consent": {"status": "granted"}},
+        {"object": "Opportunity", "id": "006-1", "stage": "Closed Won", "changed_at": ago(24), "amount": 500, "currency": "USD",
+         "email": "buyer@prospect.example", "gclid": "Cj0-sf", "consent": {"status": "granted"}}
+    ]);
+    let (status, r) = b.post("salesforce", &sf).await;
+    assert!(status == 202 || status == 207, "{status} {r}");
+    let sf_ids = ids(&r);
+    assert_eq!(sf_ids.len(), 2, "{r}");
+    accepted.extend(sf_ids.clone());
+
+    // HubSpot: the deal closes (fetched from the CRM API) and the contact becomes an MQL.
+    let occurred = Timestamp::now().minus_secs(20 * 60).unix_ms();
+    let hs = json!([
+        {"eventId": 1, "subscriptionId": 7, "portalId": 62515, "appId": 1, "occurredAt": occurred, "subscriptionType": "deal.propertyChange",
+         "attemptNumber": 0, "objectId": 9001, "propertyName": "dealstage", "propertyValue": "closedwon", "changeSource": "CRM"},
+        {"eventId": 2, "subscriptionId": 8, "portalId": 62515, "appId": 1, "occurredAt": occurred, "subscriptionType": "contact.propertyChange",
+         "attemptNumber": 0, "objectId": 101, "propertyName": "lifecyclestage", "propertyValue": "marketingqualifiedlead", "changeSource": "CRM"}
+    ]);
+    let (status, r) = b.post_hubspot(&hs).await;
+    assert_eq!(status, 202, "{r}");
+    let hs_ids = ids(&r);
+    assert_eq!(hs_ids.len(), 2, "{r}");
+    accepted.extend(hs_ids.clone());
+    let won_id = hs_ids[0].clone();
+
+    // Billing posts a partial refund for the system of record, before the won event was sent.
+    let refund = json!({"event_name": "refund", "occurred_at": ago(10), "entity_type": "order", "entity_id": "R-9001",
+        "order_id": "9001", "value": 200.0, "currency": "GBP", "identity": {"email": "ada@example.com"}, "consent": {"status": "granted"}});
+    let (status, r) = b.post("hubspot", &refund).await;
+    assert_eq!(status, 202, "{r}");
+    let refund_id = ids(&r)[0].clone();
+    accepted.push(refund_id.clone());
+
+    let events = b.settle(&accepted, Duration::from_secs(120)).await;
+    let state = |id: &str, d: Destination| events[id].destinations.get(&d).map(|s| s.status);
+
+    // Meta: exactly these (event_name, event_id) keys, once each.
+    let meta: BTreeSet<(String, String)> = b.meta.distinct().into_keys().collect();
+    let want: BTreeSet<(String, String)> = [
+        ("Lead", lead_id.as_str()),
+        ("SalesQualifiedLead", sf_ids[0].as_str()),
+        ("Purchase", won_id.as_str()),
+        ("MarketingQualifiedLead", hs_ids[1].as_str()),
+        ("Refund", refund_id.as_str()),
+    ]
+    .iter()
+    .map(|(n, i)| (n.to_string(), i.to_string()))
+    .collect();
+    assert_eq!(meta, want);
+    let sent = b.meta.accepted();
+    let by_id = |id: &str| sent.iter().find(|e| e["event_id"] == id).cloned().unwrap();
+    let l = by_id(&lead_id);
+    assert_eq!(
+        l["user_data"]["em"],
+        json!([sha256_hex("jane.doe@example.com")])
+    );
+    assert_eq!(l["user_data"]["ph"], json!([sha256_hex("16505551234")]));
+    assert_eq!(l["user_data"]["fn"], json!([sha256_hex("jane")]));
+    assert_eq!(l["action_source"], "system_generated");
+    assert_eq!(l["custom_data"]["lead_event_source"], "HubSpot");
+    let p = by_id(&won_id);
+    assert_eq!(p["custom_data"]["value"], 1200.5);
+    assert_eq!(p["custom_data"]["currency"], "GBP");
+    assert_eq!(p["custom_data"]["order_id"], "9001");
+    assert_eq!(p["event_time"], occurred / 1000);
+    assert_eq!(by_id(&refund_id)["custom_data"]["value"], 200.0);
+
+    // Google: the won deal as a click conversion, then restated to the new total; the SQL as an
+    // enhanced conversion for leads (no click id, matched on the hashed email).
+    let conv = b.google.conversions();
+    assert_eq!(conv.len(), 2, "{conv:?}");
+    let deal = &conv["9001"];
+    assert_eq!(
+        (deal.value, deal.currency.as_str(), deal.retracted),
+        (1000.5, "GBP", false)
+    );
+    assert_eq!(
+        deal.action,
+        "customers/1234567890/conversionActions/987654321"
+    );
+    assert!(
+        conv.contains_key(&sf_ids[0]),
+        "the SQL's order id is its event id"
+    );
+    let uploads: Vec<Value> = b
+        .google
+        .requests("uploadClickConversions")
+        .iter()
+        .flat_map(|r| r["conversions"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let row = uploads.iter().find(|r| r["orderId"] == "9001").unwrap();
+    assert_eq!(row["gclid"], "Cj0KCQ-ada");
+    assert_eq!(row["conversionValue"], 1200.5);
+    assert_eq!(row["currencyCode"], "GBP");
+    assert!(
+        row["conversionDateTime"]
+            .as_str()
+            .unwrap()
+            .ends_with("+00:00")
+    );
+    assert_eq!(
+        row["userIdentifiers"],
+        json!([{"hashedEmail": sha256_hex("ada@example.com"), "userIdentifierSource": "FIRST_PARTY"},
+               {"hashedPhoneNumber": sha256_hex("+442079460958"), "userIdentifierSource": "FIRST_PARTY"}])
+    );
+    let adj = b.google.requests("uploadConversionAdjustments");
+    assert_eq!(adj.len(), 1);
+    let a = &adj[0]["conversionAdjustments"][0];
+    assert_eq!(a["adjustmentType"], "RESTATEMENT");
+    assert_eq!(
+        a["restatementValue"],
+        json!({"adjustedValue": 1000.5, "currencyCode": "GBP"})
+    );
+
+    // The store: every event's final state per destination, and the consent decision kept.
+    assert_eq!(
+        state(&lead_id, Destination::Meta),
+        Some(DeliveryStatus::Delivered)
+    );
+    assert_eq!(
+        state(&lead_id, Destination::Google),
+        None,
+        "lead is not mapped to Google"
+    );
+    assert_eq!(
+        state(&denied_id, Destination::Meta),
+        Some(DeliveryStatus::BlockedConsent)
+    );
+    let reason = events[&denied_id].destinations[&Destination::Meta]
+        .consent_reason
+        .clone();
+    assert_eq!(reason.as_deref(), Some("consent denied (payload)"));
+    assert_eq!(
+        state(&sf_ids[1], Destination::Meta),
+        Some(DeliveryStatus::RejectedNotSystemOfRecord)
+    );
+    assert_eq!(
+        state(&sf_ids[1], Destination::Google),
+        Some(DeliveryStatus::RejectedNotSystemOfRecord)
+    );
+    assert_eq!(
+        state(&won_id, Destination::Google),
+        Some(DeliveryStatus::Delivered)
+    );
+    assert_eq!(
+        state(&refund_id, Destination::Google),
+        Some(DeliveryStatus::Delivered)
+    );
+    let log = &events[&won_id].destinations[&Destination::Meta].log;
+    assert_eq!(log.last().map(|l| l.result.as_str()), Some("delivered"));
+    assert!(log.last().and_then(|l| l.platform_ref.as_deref()).is_some());
+
+    // No raw identifier anywhere: every function log line and every stored item.
+    let raw = [
+        "jane.doe@example.com",
+        "Jane.Doe@Example.com",
+        "Ada@Example.com",
+        "ada@example.com",
+        "Lovelace",
+        "lead@prospect.example",
+        "buyer@prospect.example",
+        "nobody@example.org",
+        "555-1234",
+        "7946 0958",
+        "+442079460958",
+    ];
+    let lines = b.log_lines();
+    assert!(lines.len() > 10, "the functions logged");
+    for l in &lines {
+        for r in raw {
+            assert!(!l.contains(r), "raw identifier {r:?} in a log line: {l}");
+        }
+    }
+    let ddb = shared::aws::dynamodb(&bridge_tests::sdk_config().await);
+    let items = ddb
+        .scan()
+        .table_name(b.stack.var("TABLE_NAME"))
+        .send()
+        .await
+        .unwrap();
+    let dump = format!("{:?}", items.items());
+    assert!(items.count() >= accepted.len() as i32);
+    for r in raw {
+        assert!(!dump.contains(r), "raw identifier {r:?} in a stored item");
+    }
+    b.running.stop();
+}
