@@ -297,8 +297,13 @@ pub async fn process_batch<P: Platform>(
         match kept {
             Ok(true) => {}
             Ok(false) => {
-                // Our lease lapsed and another worker took over; its result stands.
+                // Our lease lapsed and another worker took over; its result stands. The message
+                // stays on the queue: the takeover may have come from this very message
+                // (redelivered after its visibility timeout), and deleting it with our stale
+                // receipt could leave the other worker's retry with no message. When it returns,
+                // the claim sees the other worker's state.
                 tracing::warn!(event_id = %c.event.event_id, destination = %dest, attempt = c.attempt, result = "lease_lost", "result discarded");
+                report.failures.push(mid.clone());
                 report.results.insert(mid, "lease_lost".into());
                 continue;
             }

@@ -66,7 +66,10 @@ impl LocalBridge {
             ("GoogleCredentialsParameter".into(), google_param.clone()),
             ("MetaBatchingWindowSeconds".into(), "1".into()),
             ("GoogleBatchingWindowSeconds".into(), "1".into()),
-            ("QueueVisibilityTimeoutSeconds".into(), "30".into()),
+            // AWS's advice: visibility at least six times the function timeout, so a message
+            // is not redelivered while an invocation still works on it.
+            ("QueueVisibilityTimeoutSeconds".into(), "60".into()),
+            ("SenderTimeoutSeconds".into(), "10".into()),
             ("LeaseSeconds".into(), "5".into()),
             ("RetryBaseSeconds".into(), "1".into()),
             ("RetryCapSeconds".into(), "3".into()),
@@ -218,6 +221,7 @@ impl LocalBridge {
         limit: Duration,
     ) -> BTreeMap<String, CanonicalEvent> {
         let start = Instant::now();
+        let mut shown = Instant::now();
         loop {
             let events = self.events(ids).await;
             let open: Vec<String> = events
@@ -236,6 +240,15 @@ impl LocalBridge {
             if open.is_empty() && queued == 0 && events.len() == ids.len() {
                 return events;
             }
+            if shown.elapsed() > Duration::from_secs(15) {
+                eprintln!(
+                    "[{:>4.0} s] {} open pairs, {queued} queued; {}",
+                    start.elapsed().as_secs_f64(),
+                    open.len(),
+                    self.running.stats.line()
+                );
+                shown = Instant::now();
+            }
             assert!(
                 start.elapsed() < limit,
                 "not settled after {limit:?}: {} open pairs (first: {:?}), {queued} queued, {}/{} stored; {}",
@@ -245,7 +258,7 @@ impl LocalBridge {
                 ids.len(),
                 self.running.stats.line()
             );
-            tokio::time::sleep(Duration::from_millis(1000)).await;
+            tokio::time::sleep(Duration::from_millis(2000)).await;
         }
     }
 

@@ -1,0 +1,358 @@
+//! Chaos on the whole local bridge: realistic CRM traffic (leads moving through MQL, SQL and
+//! won; partial and full refunds, some arriving before their won event; duplicate webhooks;
+//! a consent mix) against fakes that throttle, fail, stall, time out after accepting, and
+//! crash the sender between its send and its status write, with permanent errors on a known
+//! subset. Invariants: delivered exactly once per platform dedupe key, nothing lost, revenue
+//! equals won minus refunds, the DLQ holds exactly the permanent failures, and after the fault
+//! is cleared and the DLQs redriven everything lands with no duplicates.
+//!
+//! Scale with `CHAOS_ENTITIES` (default 800, about 2,000 events; 4,000 gives 10,000+):
+//!   CHAOS_ENTITIES=4000 bash infra/local/test.sh -p bridge-tests --test local_chaos -- --nocapture
+
+use bridge_tests::fakes::Chaos;
+use bridge_tests::local::harness::{LocalBridge, aws_request_counts};
+use serde_json::{Value, json};
+use shared::destination::{DeliveryStatus, Destination};
+use shared::timestamp::Timestamp;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One CRM lifecycle change as the generator plans it, with what each platform must end with.
+#[derive(Clone, Debug)]
+struct Planned {
+    body: Value,
+    event_id: String,
+    stage: &'static str,
+
+    /// Order of posting: lower first.
+    key: f64,
+}
+
+struct Traffic {
+    posts: Vec<Planned>,
+    duplicates: Vec<Planned>,
+    /// (event_name, event_id) Meta must hold, and the poisoned ones it must not until redrive.
+    meta_keys: BTreeSet<(String, String)>,
+    meta_poison: BTreeSet<String>,
+    /// Order ids (sql: event ids) Google must hold, and the poisoned won events / orders.
+    google_orders: BTreeSet<String>,
+    google_poison_events: BTreeSet<String>,
+    google_poison_orders: BTreeSet<String>,
+    /// Revenue per currency: won minus refunds, what each platform must be told.
+    meta_revenue: BTreeMap<String, f64>,
+    google_revenue: BTreeMap<String, f64>,
+    poisoned_revenue: BTreeMap<String, f64>,
+}
+
+fn meta_name(stage: &str) -> &'static str {
+    match stage {
+        "lead" => "Lead",
+        "mql" => "MarketingQualifiedLead",
+        "sql" => "SalesQualifiedLead",
+        "won" => "Purchase",
+        _ => "Refund",
+    }
+}
+
+fn cents(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn generate(entities: usize, seed: u64) -> Traffic {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let base = Timestamp::now().minus_secs(3 * 3600);
+    let mut t = Traffic {
+        posts: Vec::new(),
+        duplicates: Vec::new(),
+        meta_keys: BTreeSet::new(),
+        meta_poison: BTreeSet::new(),
+        google_orders: BTreeSet::new(),
+        google_poison_events: BTreeSet::new(),
+        google_poison_orders: BTreeSet::new(),
+        meta_revenue: BTreeMap::new(),
+        google_revenue: BTreeMap::new(),
+        poisoned_revenue: BTreeMap::new(),
+    };
+    for i in 0..entities {
+        let r = rng.f64();
+        let consent = if r < 0.8 { Some("granted") } else if r < 0.9 { Some("denied") } else { None };
+        let granted = consent == Some("granted");
+        let gclid = rng.f64() < 0.9;
+        let start = base.plus_secs(rng.i64(0..7200));
+        let mut identity = json!({"email": format!("person{i}@chaos.example"), "phone": "+1 650 555 1234", "first_name": format!("Name{i}")});
+        if gclid {
+            identity["gclid"] = json!(format!("Cj0-chaos-{i}"));
+        }
+        let event = |stage: &'static str, minutes: i64, extra: Value, key: f64| -> Planned {
+            let id = format!("chaos-{seed}-{i}-{stage}");
+            let mut body = json!({"event_id": id, "event_name": stage, "occurred_at": start.plus_secs(minutes * 60).canonical(),
+                "entity_type": if stage == "won" { "opportunity" } else { "contact" }, "entity_id": format!("E-{i}"), "identity": identity});
+            if let Some(c) = consent {
+                body["consent"] = json!({"status": c});
+            }
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                body[k] = v.clone();
+            }
+            Planned { body, event_id: id, stage, key }
+        };
+        let mut stages = vec![event("lead", 0, json!({}), rng.f64())];
+        let poison_lead = granted && rng.f64() < 0.01;
+        if rng.f64() < 0.7 {
+            stages.push(event("mql", 1, json!({}), 1.0 + rng.f64()));
+            if rng.f64() < 0.7 {
+                stages.push(event("sql", 2, json!({}), 2.0 + rng.f64()));
+                if rng.f64() < 0.7 {
+                    let currency = if rng.f64() < 0.8 { "USD" } else { "EUR" };
+                    let value = cents(10.0 + rng.f64() * 4990.0);
+                    let order = format!("O-{seed}-{i}");
+                    stages.push(event("won", 3, json!({"order_id": order, "value": value, "currency": currency}), 3.0 + rng.f64()));
+                    let r = rng.f64();
+                    let refunds: Vec<f64> = if r < 0.25 {
+                        vec![cents(value * 0.3)]
+                    } else if r < 0.35 {
+                        let a = cents(value * 0.6);
+                        vec![a, cents(value - a)]
+                    } else {
+                        vec![]
+                    };
+                    let poison_order = granted && gclid && refunds.is_empty() && rng.f64() < 0.03;
+                    let refunded: f64 = refunds.iter().sum();
+                    if granted {
+                        *t.meta_revenue.entry(currency.into()).or_insert(0.0) += value - refunded;
+                        if gclid {
+                            if poison_order {
+                                t.google_poison_orders.insert(order.clone());
+                                t.google_poison_events.insert(format!("chaos-{seed}-{i}-won"));
+                                *t.poisoned_revenue.entry(currency.into()).or_insert(0.0) += value;
+                            } else {
+                                t.google_orders.insert(order.clone());
+                                *t.google_revenue.entry(currency.into()).or_insert(0.0) += (value - refunded).max(0.0);
+                            }
+                        }
+                    }
+                    let early = rng.f64() < 0.3;
+                    for (k, amount) in refunds.into_iter().enumerate() {
+                        let stage_key = if early { 2.5 + rng.f64() * 0.4 } else { 4.0 + k as f64 + rng.f64() };
+                        let mut p = event("refund", 10 + k as i64, json!({"order_id": order, "value": amount, "currency": currency, "entity_type": "order"}), stage_key);
+                        p.event_id = format!("chaos-{seed}-{i}-refund-{k}");
+                        p.body["event_id"] = json!(p.event_id);
+                        p.body["entity_id"] = json!(format!("R-{i}-{k}"));
+                        stages.push(p);
+                    }
+                }
+            }
+        }
+        for p in stages {
+            if granted {
+                if p.stage == "lead" && poison_lead {
+                    t.meta_poison.insert(p.event_id.clone());
+                } else {
+                    t.meta_keys.insert((meta_name(p.stage).into(), p.event_id.clone()));
+                }
+                if p.stage == "sql" {
+                    t.google_orders.insert(p.event_id.clone());
+                }
+            }
+            if rng.f64() < 0.05 {
+                t.duplicates.push(p.clone());
+            }
+            t.posts.push(p);
+        }
+    }
+    t.posts.sort_by(|a, b| a.key.total_cmp(&b.key));
+    t
+}
+
+fn round_map(m: &BTreeMap<String, f64>) -> BTreeMap<String, i64> {
+    m.iter().map(|(k, v)| (k.clone(), (v * 100.0).round() as i64)).collect()
+}
+
+fn meta_revenue(accepted: &[Value]) -> BTreeMap<String, f64> {
+    // One per dedupe key: Meta counts a repeated (event_name, event_id) once.
+    let mut seen = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for e in accepted {
+        let key = (e["event_name"].to_string(), e["event_id"].to_string());
+        if !seen.insert(key) {
+            continue;
+        }
+        let v = e["custom_data"]["value"].as_f64().unwrap_or(0.0);
+        let c = e["custom_data"]["currency"].as_str().unwrap_or("").to_string();
+        match e["event_name"].as_str() {
+            Some("Purchase") => *out.entry(c).or_insert(0.0) += v,
+            Some("Refund") => *out.entry(c).or_insert(0.0) -= v,
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
+    let entities: usize = std::env::var("CHAOS_ENTITIES").ok().and_then(|v| v.parse().ok()).unwrap_or(800);
+    let rate: f64 = std::env::var("CHAOS_FAULT_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.15);
+    let traffic = generate(entities, 7);
+    let b = LocalBridge::start(
+        "chaos",
+        &[
+            ("MetaBatchSize", "100"),
+            ("GoogleBatchSize", "100"),
+            ("MetaTimeoutSeconds", "2"),
+            ("GoogleTimeoutSeconds", "2"),
+            ("MaxAttempts", "30"),
+            // Time is compressed here (retries in seconds, a 30 s visibility timeout), so a
+            // healthy message is received more often than in production.
+            ("MaxReceiveCount", "100"),
+            ("RefundWaitSeconds", "4"),
+        ],
+        2,
+    )
+    .await;
+    for e in &traffic.meta_poison {
+        b.meta.poison(e);
+    }
+    b.google.with(|d| d.poison.extend(traffic.google_poison_orders.iter().cloned()));
+    let (meta_fn, google_fn) = (
+        b.running.function("MetaSenderFunction").clone(),
+        b.running.function("GoogleSenderFunction").clone(),
+    );
+    let hold = Duration::from_secs(3);
+    b.meta.set_chaos(Some(Chaos { rate, crash: Some(Arc::new(move || meta_fn.crash())), hold }));
+    b.google.with(|d| d.chaos = Some(Chaos { rate, crash: Some(Arc::new(move || google_fn.crash())), hold }));
+
+    let requests_before = aws_request_counts().await;
+    let started = Instant::now();
+    // Post in webhook batches of 50, four at a time; duplicates go out again at the end.
+    let mut all: Vec<&Planned> = traffic.posts.iter().collect();
+    all.extend(traffic.duplicates.iter());
+    let mut accepted = BTreeSet::new();
+    for window in all.chunks(200) {
+        let posts = window.chunks(50).map(|chunk| {
+            let body = Value::Array(chunk.iter().map(|p| p.body.clone()).collect());
+            let b = &b;
+            async move { b.post("hubspot", &body).await }
+        });
+        for (status, r) in futures::future::join_all(posts).await {
+            assert!(status == 202 || status == 207 || status == 200, "{status} {r}");
+            for item in r["results"].as_array().into_iter().flatten() {
+                assert_ne!(item["status"], "invalid", "{item}");
+                if let Some(id) = item["event_id"].as_str() {
+                    accepted.insert(id.to_string());
+                }
+            }
+        }
+    }
+    let ids: Vec<String> = accepted.into_iter().collect();
+    assert_eq!(ids.len(), traffic.posts.len(), "every distinct event stored once");
+    let events = b.settle(&ids, Duration::from_secs(420)).await;
+    let elapsed = started.elapsed();
+
+    // Nothing lost: every pair ended, and only the poisoned ones are dead letters.
+    let mut dead: BTreeMap<Destination, BTreeSet<String>> = BTreeMap::new();
+    let mut delivered_pairs = 0usize;
+    for e in events.values() {
+        for (d, s) in &e.destinations {
+            assert!(!s.status.is_open(), "{} {d} still {}", e.event_id, s.status.as_str());
+            if s.status == DeliveryStatus::DeadLetter {
+                dead.entry(*d).or_default().insert(e.event_id.clone());
+            }
+            if s.status.is_delivered() {
+                delivered_pairs += 1;
+            }
+        }
+    }
+    assert_eq!(dead.get(&Destination::Meta).cloned().unwrap_or_default(), traffic.meta_poison, "Meta dead letters");
+    assert_eq!(dead.get(&Destination::Google).cloned().unwrap_or_default(), traffic.google_poison_events, "Google dead letters");
+    // The DLQs hold exactly those.
+    let meta_dlq = b.dlq_event_ids(Destination::Meta).await;
+    assert_eq!(meta_dlq.iter().cloned().collect::<BTreeSet<_>>(), traffic.meta_poison);
+    assert_eq!(meta_dlq.len(), traffic.meta_poison.len(), "one DLQ message each");
+    let google_dlq = b.dlq_event_ids(Destination::Google).await;
+    assert_eq!(google_dlq.iter().cloned().collect::<BTreeSet<_>>(), traffic.google_poison_events);
+
+    // Exactly once per dedupe key, and revenue is won minus refunds on both platforms.
+    let meta_keys: BTreeSet<(String, String)> = b.meta.distinct().into_keys().collect();
+    assert_eq!(meta_keys, traffic.meta_keys, "Meta (event_name, event_id) keys");
+    let google_orders: BTreeSet<String> = b.google.conversions().into_keys().collect();
+    assert_eq!(google_orders, traffic.google_orders, "Google order ids");
+    assert_eq!(round_map(&meta_revenue(&b.meta.accepted())), round_map(&traffic.meta_revenue), "Meta revenue");
+    assert_eq!(round_map(&b.google.revenue()), round_map(&traffic.google_revenue), "Google revenue");
+
+    // Clear the faults, redrive the DLQs as an operator would: everything lands, once.
+    b.meta.set_chaos(None);
+    b.meta.unpoison_all();
+    b.google.with(|d| {
+        d.chaos = None;
+        d.poison.clear();
+    });
+    for d in [Destination::Meta, Destination::Google] {
+        bridge_tests::local::redrive(&b.sqs, &b.dlq_url(d), &b.queue_url(d)).await.unwrap();
+    }
+    let events = b.settle(&ids, Duration::from_secs(180)).await;
+    for e in events.values() {
+        for (d, s) in &e.destinations {
+            assert_ne!(s.status, DeliveryStatus::DeadLetter, "{} {d} after redrive", e.event_id);
+        }
+    }
+    let mut want_meta = traffic.meta_keys.clone();
+    want_meta.extend(traffic.meta_poison.iter().map(|id| ("Lead".to_string(), id.clone())));
+    let meta_keys: BTreeSet<(String, String)> = b.meta.distinct().into_keys().collect();
+    assert_eq!(meta_keys, want_meta);
+    let mut want_google = traffic.google_orders.clone();
+    want_google.extend(traffic.google_poison_orders.iter().cloned());
+    let google_orders: BTreeSet<String> = b.google.conversions().into_keys().collect();
+    assert_eq!(google_orders, want_google);
+    let mut want_revenue = traffic.google_revenue.clone();
+    for (c, v) in &traffic.poisoned_revenue {
+        *want_revenue.entry(c.clone()).or_insert(0.0) += v;
+    }
+    assert_eq!(round_map(&b.google.revenue()), round_map(&want_revenue));
+    assert!(b.dlq_event_ids(Destination::Meta).await.is_empty());
+
+    // Throughput, printed: end to end, AWS requests per delivered conversion, and the
+    // emulator's own rate for the same number of calls.
+    let after = aws_request_counts().await;
+    let calls: u64 = after.iter().map(|(k, v)| v - requests_before.get(k).copied().unwrap_or(0)).sum();
+    let rate_start = Instant::now();
+    let ddb = shared::aws::dynamodb(&bridge_tests::sdk_config().await);
+    let table = b.stack.var("TABLE_NAME");
+    let sample = 300u64;
+    let probes = (0..sample).map(|i| {
+        let (ddb, table) = (ddb.clone(), table.clone());
+        async move {
+            let _ = ddb
+                .get_item()
+                .table_name(table)
+                .key("pk", aws_sdk_dynamodb::types::AttributeValue::S(format!("EV#probe-{i}")))
+                .key("sk", aws_sdk_dynamodb::types::AttributeValue::S("EVENT".into()))
+                .send()
+                .await;
+        }
+    });
+    futures::future::join_all(probes).await;
+    let raw_rate = sample as f64 / rate_start.elapsed().as_secs_f64();
+    let crashes: u64 = b.running.functions.values().map(|f| f.cold_starts()).sum::<u64>() - 8;
+    println!(
+        "chaos: {} events ({} webhooks incl. {} duplicates), {delivered_pairs} delivered pairs in {:.1} s = {:.0} events/s end to end; \
+         {calls} AWS requests = {:.2} per delivered conversion (bridge {:.0} req/s; emulator raw {:.0} req/s); \
+         fault rate {rate}, sender restarts after crashes {crashes}; {}",
+        ids.len(),
+        all.len(),
+        traffic.duplicates.len(),
+        elapsed.as_secs_f64(),
+        ids.len() as f64 / elapsed.as_secs_f64(),
+        calls as f64 / delivered_pairs.max(1) as f64,
+        calls as f64 / elapsed.as_secs_f64(),
+        raw_rate,
+        b.running.stats.line()
+    );
+    let mut ops: Vec<(String, u64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - requests_before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    ops.sort_by_key(|(_, v)| std::cmp::Reverse(*v));
+    println!("AWS requests by operation: {ops:?}");
+    b.running.stop();
+}
