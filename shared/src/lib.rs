@@ -20,6 +20,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod money;
 pub mod queue;
+pub mod reconcile;
 pub mod store;
 pub mod telemetry;
 pub mod timestamp;

@@ -76,7 +76,13 @@ fn generate(entities: usize, seed: u64) -> Traffic {
     };
     for i in 0..entities {
         let r = rng.f64();
-        let consent = if r < 0.8 { Some("granted") } else if r < 0.9 { Some("denied") } else { None };
+        let consent = if r < 0.8 {
+            Some("granted")
+        } else if r < 0.9 {
+            Some("denied")
+        } else {
+            None
+        };
         let granted = consent == Some("granted");
         let gclid = rng.f64() < 0.9;
         let start = base.plus_secs(rng.i64(0..7200));
@@ -94,7 +100,12 @@ fn generate(entities: usize, seed: u64) -> Traffic {
             for (k, v) in extra.as_object().into_iter().flatten() {
                 body[k] = v.clone();
             }
-            Planned { body, event_id: id, stage, key }
+            Planned {
+                body,
+                event_id: id,
+                stage,
+                key,
+            }
         };
         let mut stages = vec![event("lead", 0, json!({}), rng.f64())];
         let poison_lead = granted && rng.f64() < 0.01;
@@ -106,7 +117,12 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                     let currency = if rng.f64() < 0.8 { "USD" } else { "EUR" };
                     let value = cents(10.0 + rng.f64() * 4990.0);
                     let order = format!("O-{seed}-{i}");
-                    stages.push(event("won", 3, json!({"order_id": order, "value": value, "currency": currency}), 3.0 + rng.f64()));
+                    stages.push(event(
+                        "won",
+                        3,
+                        json!({"order_id": order, "value": value, "currency": currency}),
+                        3.0 + rng.f64(),
+                    ));
                     let r = rng.f64();
                     let refunds: Vec<f64> = if r < 0.25 {
                         vec![cents(value * 0.3)]
@@ -123,18 +139,29 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                         if gclid {
                             if poison_order {
                                 t.google_poison_orders.insert(order.clone());
-                                t.google_poison_events.insert(format!("chaos-{seed}-{i}-won"));
+                                t.google_poison_events
+                                    .insert(format!("chaos-{seed}-{i}-won"));
                                 *t.poisoned_revenue.entry(currency.into()).or_insert(0.0) += value;
                             } else {
                                 t.google_orders.insert(order.clone());
-                                *t.google_revenue.entry(currency.into()).or_insert(0.0) += (value - refunded).max(0.0);
+                                *t.google_revenue.entry(currency.into()).or_insert(0.0) +=
+                                    (value - refunded).max(0.0);
                             }
                         }
                     }
                     let early = rng.f64() < 0.3;
                     for (k, amount) in refunds.into_iter().enumerate() {
-                        let stage_key = if early { 2.5 + rng.f64() * 0.4 } else { 4.0 + k as f64 + rng.f64() };
-                        let mut p = event("refund", 10 + k as i64, json!({"order_id": order, "value": amount, "currency": currency, "entity_type": "order"}), stage_key);
+                        let stage_key = if early {
+                            2.5 + rng.f64() * 0.4
+                        } else {
+                            4.0 + k as f64 + rng.f64()
+                        };
+                        let mut p = event(
+                            "refund",
+                            10 + k as i64,
+                            json!({"order_id": order, "value": amount, "currency": currency, "entity_type": "order"}),
+                            stage_key,
+                        );
                         p.event_id = format!("chaos-{seed}-{i}-refund-{k}");
                         p.body["event_id"] = json!(p.event_id);
                         p.body["entity_id"] = json!(format!("R-{i}-{k}"));
@@ -148,7 +175,8 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                 if p.stage == "lead" && poison_lead {
                     t.meta_poison.insert(p.event_id.clone());
                 } else {
-                    t.meta_keys.insert((meta_name(p.stage).into(), p.event_id.clone()));
+                    t.meta_keys
+                        .insert((meta_name(p.stage).into(), p.event_id.clone()));
                 }
                 if p.stage == "sql" {
                     t.google_orders.insert(p.event_id.clone());
@@ -165,7 +193,9 @@ fn generate(entities: usize, seed: u64) -> Traffic {
 }
 
 fn round_map(m: &BTreeMap<String, f64>) -> BTreeMap<String, i64> {
-    m.iter().map(|(k, v)| (k.clone(), (v * 100.0).round() as i64)).collect()
+    m.iter()
+        .map(|(k, v)| (k.clone(), (v * 100.0).round() as i64))
+        .collect()
 }
 
 fn meta_revenue(accepted: &[Value]) -> BTreeMap<String, f64> {
@@ -178,7 +208,10 @@ fn meta_revenue(accepted: &[Value]) -> BTreeMap<String, f64> {
             continue;
         }
         let v = e["custom_data"]["value"].as_f64().unwrap_or(0.0);
-        let c = e["custom_data"]["currency"].as_str().unwrap_or("").to_string();
+        let c = e["custom_data"]["currency"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         match e["event_name"].as_str() {
             Some("Purchase") => *out.entry(c).or_insert(0.0) += v,
             Some("Refund") => *out.entry(c).or_insert(0.0) -= v,
@@ -190,8 +223,14 @@ fn meta_revenue(accepted: &[Value]) -> BTreeMap<String, f64> {
 
 #[tokio::test]
 async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
-    let entities: usize = std::env::var("CHAOS_ENTITIES").ok().and_then(|v| v.parse().ok()).unwrap_or(800);
-    let rate: f64 = std::env::var("CHAOS_FAULT_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.15);
+    let entities: usize = std::env::var("CHAOS_ENTITIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(800);
+    let rate: f64 = std::env::var("CHAOS_FAULT_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.15);
     let traffic = generate(entities, 7);
     let b = LocalBridge::start(
         "chaos",
@@ -212,14 +251,27 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     for e in &traffic.meta_poison {
         b.meta.poison(e);
     }
-    b.google.with(|d| d.poison.extend(traffic.google_poison_orders.iter().cloned()));
+    b.google.with(|d| {
+        d.poison
+            .extend(traffic.google_poison_orders.iter().cloned())
+    });
     let (meta_fn, google_fn) = (
         b.running.function("MetaSenderFunction").clone(),
         b.running.function("GoogleSenderFunction").clone(),
     );
     let hold = Duration::from_secs(3);
-    b.meta.set_chaos(Some(Chaos { rate, crash: Some(Arc::new(move || meta_fn.crash())), hold }));
-    b.google.with(|d| d.chaos = Some(Chaos { rate, crash: Some(Arc::new(move || google_fn.crash())), hold }));
+    b.meta.set_chaos(Some(Chaos {
+        rate,
+        crash: Some(Arc::new(move || meta_fn.crash())),
+        hold,
+    }));
+    b.google.with(|d| {
+        d.chaos = Some(Chaos {
+            rate,
+            crash: Some(Arc::new(move || google_fn.crash())),
+            hold,
+        })
+    });
 
     let requests_before = aws_request_counts().await;
     let started = Instant::now();
@@ -234,7 +286,10 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
             async move { b.post("hubspot", &body).await }
         });
         for (status, r) in futures::future::join_all(posts).await {
-            assert!(status == 202 || status == 207 || status == 200, "{status} {r}");
+            assert!(
+                status == 202 || status == 207 || status == 200,
+                "{status} {r}"
+            );
             for item in r["results"].as_array().into_iter().flatten() {
                 assert_ne!(item["status"], "invalid", "{item}");
                 if let Some(id) = item["event_id"].as_str() {
@@ -244,7 +299,11 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         }
     }
     let ids: Vec<String> = accepted.into_iter().collect();
-    assert_eq!(ids.len(), traffic.posts.len(), "every distinct event stored once");
+    assert_eq!(
+        ids.len(),
+        traffic.posts.len(),
+        "every distinct event stored once"
+    );
     let events = b.settle(&ids, Duration::from_secs(420)).await;
     let elapsed = started.elapsed();
 
@@ -253,7 +312,12 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     let mut delivered_pairs = 0usize;
     for e in events.values() {
         for (d, s) in &e.destinations {
-            assert!(!s.status.is_open(), "{} {d} still {}", e.event_id, s.status.as_str());
+            assert!(
+                !s.status.is_open(),
+                "{} {d} still {}",
+                e.event_id,
+                s.status.as_str()
+            );
             if s.status == DeliveryStatus::DeadLetter {
                 dead.entry(*d).or_default().insert(e.event_id.clone());
             }
@@ -262,22 +326,51 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
             }
         }
     }
-    assert_eq!(dead.get(&Destination::Meta).cloned().unwrap_or_default(), traffic.meta_poison, "Meta dead letters");
-    assert_eq!(dead.get(&Destination::Google).cloned().unwrap_or_default(), traffic.google_poison_events, "Google dead letters");
+    assert_eq!(
+        dead.get(&Destination::Meta).cloned().unwrap_or_default(),
+        traffic.meta_poison,
+        "Meta dead letters"
+    );
+    assert_eq!(
+        dead.get(&Destination::Google).cloned().unwrap_or_default(),
+        traffic.google_poison_events,
+        "Google dead letters"
+    );
     // The DLQs hold exactly those.
     let meta_dlq = b.dlq_event_ids(Destination::Meta).await;
-    assert_eq!(meta_dlq.iter().cloned().collect::<BTreeSet<_>>(), traffic.meta_poison);
-    assert_eq!(meta_dlq.len(), traffic.meta_poison.len(), "one DLQ message each");
+    assert_eq!(
+        meta_dlq.iter().cloned().collect::<BTreeSet<_>>(),
+        traffic.meta_poison
+    );
+    assert_eq!(
+        meta_dlq.len(),
+        traffic.meta_poison.len(),
+        "one DLQ message each"
+    );
     let google_dlq = b.dlq_event_ids(Destination::Google).await;
-    assert_eq!(google_dlq.iter().cloned().collect::<BTreeSet<_>>(), traffic.google_poison_events);
+    assert_eq!(
+        google_dlq.iter().cloned().collect::<BTreeSet<_>>(),
+        traffic.google_poison_events
+    );
 
     // Exactly once per dedupe key, and revenue is won minus refunds on both platforms.
     let meta_keys: BTreeSet<(String, String)> = b.meta.distinct().into_keys().collect();
-    assert_eq!(meta_keys, traffic.meta_keys, "Meta (event_name, event_id) keys");
+    assert_eq!(
+        meta_keys, traffic.meta_keys,
+        "Meta (event_name, event_id) keys"
+    );
     let google_orders: BTreeSet<String> = b.google.conversions().into_keys().collect();
     assert_eq!(google_orders, traffic.google_orders, "Google order ids");
-    assert_eq!(round_map(&meta_revenue(&b.meta.accepted())), round_map(&traffic.meta_revenue), "Meta revenue");
-    assert_eq!(round_map(&b.google.revenue()), round_map(&traffic.google_revenue), "Google revenue");
+    assert_eq!(
+        round_map(&meta_revenue(&b.meta.accepted())),
+        round_map(&traffic.meta_revenue),
+        "Meta revenue"
+    );
+    assert_eq!(
+        round_map(&b.google.revenue()),
+        round_map(&traffic.google_revenue),
+        "Google revenue"
+    );
 
     // Clear the faults, redrive the DLQs as an operator would: everything lands, once.
     b.meta.set_chaos(None);
@@ -287,16 +380,28 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         d.poison.clear();
     });
     for d in [Destination::Meta, Destination::Google] {
-        bridge_tests::local::redrive(&b.sqs, &b.dlq_url(d), &b.queue_url(d)).await.unwrap();
+        bridge_tests::local::redrive(&b.sqs, &b.dlq_url(d), &b.queue_url(d))
+            .await
+            .unwrap();
     }
     let events = b.settle(&ids, Duration::from_secs(180)).await;
     for e in events.values() {
         for (d, s) in &e.destinations {
-            assert_ne!(s.status, DeliveryStatus::DeadLetter, "{} {d} after redrive", e.event_id);
+            assert_ne!(
+                s.status,
+                DeliveryStatus::DeadLetter,
+                "{} {d} after redrive",
+                e.event_id
+            );
         }
     }
     let mut want_meta = traffic.meta_keys.clone();
-    want_meta.extend(traffic.meta_poison.iter().map(|id| ("Lead".to_string(), id.clone())));
+    want_meta.extend(
+        traffic
+            .meta_poison
+            .iter()
+            .map(|id| ("Lead".to_string(), id.clone())),
+    );
     let meta_keys: BTreeSet<(String, String)> = b.meta.distinct().into_keys().collect();
     assert_eq!(meta_keys, want_meta);
     let mut want_google = traffic.google_orders.clone();
@@ -313,7 +418,10 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     // Throughput, printed: end to end, AWS requests per delivered conversion, and the
     // emulator's own rate for the same number of calls.
     let after = aws_request_counts().await;
-    let calls: u64 = after.iter().map(|(k, v)| v - requests_before.get(k).copied().unwrap_or(0)).sum();
+    let calls: u64 = after
+        .iter()
+        .map(|(k, v)| v - requests_before.get(k).copied().unwrap_or(0))
+        .sum();
     let rate_start = Instant::now();
     let ddb = shared::aws::dynamodb(&bridge_tests::sdk_config().await);
     let table = b.stack.var("TABLE_NAME");
@@ -324,15 +432,27 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
             let _ = ddb
                 .get_item()
                 .table_name(table)
-                .key("pk", aws_sdk_dynamodb::types::AttributeValue::S(format!("EV#probe-{i}")))
-                .key("sk", aws_sdk_dynamodb::types::AttributeValue::S("EVENT".into()))
+                .key(
+                    "pk",
+                    aws_sdk_dynamodb::types::AttributeValue::S(format!("EV#probe-{i}")),
+                )
+                .key(
+                    "sk",
+                    aws_sdk_dynamodb::types::AttributeValue::S("EVENT".into()),
+                )
                 .send()
                 .await;
         }
     });
     futures::future::join_all(probes).await;
     let raw_rate = sample as f64 / rate_start.elapsed().as_secs_f64();
-    let crashes: u64 = b.running.functions.values().map(|f| f.cold_starts()).sum::<u64>() - 8;
+    let crashes: u64 = b
+        .running
+        .functions
+        .values()
+        .map(|f| f.cold_starts())
+        .sum::<u64>()
+        - 8;
     println!(
         "chaos: {} events ({} webhooks incl. {} duplicates), {delivered_pairs} delivered pairs in {:.1} s = {:.0} events/s end to end; \
          {calls} AWS requests = {:.2} per delivered conversion (bridge {:.0} req/s; emulator raw {:.0} req/s); \

@@ -200,6 +200,7 @@ impl App {
             self.queue.as_ref(),
         )
         .await;
+        shared::metrics::emit(&ingest_metrics(&report, &source, now.unix_ms()));
         shape(report, batch)
     }
 
@@ -218,6 +219,33 @@ impl App {
             }
         }
     }
+}
+
+/// One EMF line per webhook delivery: items by result, and consent blocks per destination
+/// (`blocked_consent` with the destination dimension, as the senders report theirs).
+fn ingest_metrics(report: &IngestReport, source: &str, timestamp_ms: i64) -> String {
+    use shared::destination::{DeliveryStatus, Destination};
+    let count = |s: ItemStatus| report.results.iter().filter(|r| r.status == s).count() as f64;
+    let blocked = |d: Destination| {
+        report
+            .results
+            .iter()
+            .filter(|r| r.destinations.get(&d) == Some(&DeliveryStatus::BlockedConsent))
+            .count() as f64
+    };
+    shared::metrics::emf_line(
+        timestamp_ms,
+        &[("source", source)],
+        &[
+            ("accepted", count(ItemStatus::Accepted)),
+            ("duplicate", count(ItemStatus::Duplicate)),
+            ("invalid", count(ItemStatus::Invalid)),
+            ("unmapped", count(ItemStatus::Unmapped)),
+            ("unavailable", count(ItemStatus::Unavailable)),
+            ("blocked_consent_meta", blocked(Destination::Meta)),
+            ("blocked_consent_google", blocked(Destination::Google)),
+        ],
+    )
 }
 
 /// Status codes: 202 when something new was stored, 200 for duplicates and unmapped stages,

@@ -1,16 +1,112 @@
-//! The reconcile Lambda (EventBridge schedule). The sweep and the report are not built yet:
-//! until then each scheduled run only logs that it ran.
+//! The reconcile Lambda (EventBridge schedule): sweeps stuck pairs back onto their queues,
+//! then writes the report (last day and rolling 7 days) as JSON and CSV to the reports
+//! bucket, logs a summary and emits EMF metrics. Clients are built once here, at init.
 
+use aws_sdk_s3::primitives::ByteStream;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
-use serde_json::Value;
+use serde_json::{Value, json};
+use shared::config::Settings;
+use shared::destination::Destination;
+use shared::queue::sqs::SqsQueue;
+use shared::reconcile::{build_report, sweep};
+use shared::store::EventStore;
+use shared::store::dynamodb::DynamoStore;
+use shared::timestamp::Timestamp;
+use std::collections::BTreeMap;
 
-async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
-    tracing::warn!(request_id = %event.context.request_id, "reconcile not implemented yet");
-    Ok(serde_json::json!({"status": "not_implemented"}))
+const SWEEP_LIMIT: usize = 1000;
+const PERIODS: [(&str, i64); 2] = [("last_day", 1), ("last_7_days", 7)];
+
+struct App {
+    store: DynamoStore,
+    queue: SqsQueue,
+    s3: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl App {
+    async fn run(&self, now: Timestamp) -> Result<Value, Error> {
+        let mut sweeps = BTreeMap::new();
+        let mut queues = BTreeMap::new();
+        for dest in Destination::ALL {
+            let swept = sweep(&self.store, &self.queue, dest, now, SWEEP_LIMIT).await?;
+            sweeps.insert(dest, swept);
+            if let Some(f) = self.queue.dead_letter_figures(dest, now).await {
+                queues.insert(dest, f);
+            }
+        }
+        let mut written = Vec::new();
+        for (period, days) in PERIODS {
+            let from = now.minus_secs(days * 86_400);
+            let events = self.store.events_between(from, now).await?;
+            let report = build_report(period, from, now, now, &events, &queues, &sweeps);
+            let stem = format!("reports/{period}/{}", now.canonical());
+            for (ext, body, ctype) in [
+                ("json", report.to_json(), "application/json"),
+                ("csv", report.to_csv(), "text/csv"),
+            ] {
+                let key = format!("{stem}.{ext}");
+                self.s3
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .content_type(ctype)
+                    .body(ByteStream::from(body.into_bytes()))
+                    .send()
+                    .await?;
+                written.push(key);
+            }
+            for line in report.metrics_lines(now.unix_ms()) {
+                shared::metrics::emit(&line);
+            }
+            for (d, f) in &report.destinations {
+                for (currency, c) in &f.currencies {
+                    tracing::info!(period, destination = %d, currency = %currency, crm_revenue = %c.crm_revenue,
+                        delivered_revenue = %c.delivered_revenue, difference = %c.difference,
+                        explained_by = c.explained_by.len(), dead_letter_depth = f.dead_letter_queue.depth,
+                        re_enqueued = f.sweep.re_enqueued, "reconciliation");
+                }
+            }
+        }
+        Ok(json!({"swept": sweeps, "reports": written}))
+    }
+}
+
+/// The schedule's own time, so a re-run of the same event writes the same report.
+fn event_time(v: &Value) -> Timestamp {
+    v["time"]
+        .as_str()
+        .and_then(|t| Timestamp::parse_rfc3339(t).ok())
+        .unwrap_or_else(Timestamp::now)
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    lambda_runtime::run(service_fn(handler)).await
+    let settings = Settings::from_env()?;
+    let aws = shared::aws::sdk_config().await;
+    let bucket = std::env::var("REPORTS_BUCKET").map_err(|_| "REPORTS_BUCKET is required")?;
+    // Emulators serve buckets by path, not by virtual host.
+    let path_style =
+        std::env::var("AWS_ENDPOINT_URL").is_ok() || std::env::var("AWS_ENDPOINT_URL_S3").is_ok();
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws)
+            .force_path_style(path_style)
+            .build(),
+    );
+    let app = App {
+        store: DynamoStore::new(
+            shared::aws::dynamodb(&aws),
+            &settings.table_name,
+            settings.retention_days,
+        ),
+        queue: SqsQueue::new(shared::aws::sqs(&aws), settings.queues.clone()),
+        s3,
+        bucket,
+    };
+    let app = &app;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        app.run(event_time(&event.payload)).await
+    }))
+    .await
 }

@@ -355,21 +355,30 @@ pub async fn process_batch<P: Platform>(
 }
 
 impl BatchReport {
-    /// Counts per result as one EMF line (`config_errors` drives the configuration alarm).
+    /// Counts per result as one EMF line (`config_errors` drives the configuration alarm,
+    /// `failed` / `attempted` the error-rate alarm).
     pub fn metrics_line(&self, dest: Destination, timestamp_ms: i64) -> String {
         let count = |r: &str| self.results.values().filter(|v| v.as_str() == r).count() as f64;
         let delivered = count("delivered") + count("delivered_replay");
+        let failed = count("rejected") + count("dead_letter");
+        let retry = count("retry");
+        let attempted = delivered + failed + retry;
+        let rate = |n: f64| if attempted > 0.0 { n / attempted } else { 0.0 };
         crate::metrics::emf_line(
             timestamp_ms,
             &[("destination", dest.as_str())],
             &[
                 ("delivered", delivered),
                 ("skipped_duplicate", count("skipped_duplicate")),
-                ("retry", count("retry")),
+                ("retry", retry),
                 ("rejected", count("rejected")),
                 ("dead_letter", count("dead_letter")),
                 ("blocked_consent", count("blocked_consent")),
                 ("config_errors", self.alerts as f64),
+                ("attempted", attempted),
+                ("failed", failed),
+                ("retry_rate", rate(retry)),
+                ("error_rate", rate(failed)),
             ],
         )
     }

@@ -41,6 +41,62 @@ impl SqsQueue {
         SqsQueue { client, urls }
     }
 
+    /// A destination's dead-letter queue: its depth, and its oldest message's age from a peek
+    /// at up to ten messages (a zero visibility timeout hides nothing; a DLQ has no redrive
+    /// policy, so the receive count it adds does not matter). `None` without a DLQ.
+    pub async fn dead_letter_figures(
+        &self,
+        d: Destination,
+        now: crate::timestamp::Timestamp,
+    ) -> Option<crate::reconcile::QueueFigures> {
+        let url = self.urls.get(&d)?.dlq.clone()?;
+        let attrs = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .ok()?;
+        let depth = attrs
+            .attributes()
+            .and_then(|a| {
+                a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut oldest = None;
+        if depth > 0
+            && let Ok(peek) = self
+                .client
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(10)
+                .visibility_timeout(0)
+                .message_system_attribute_names(
+                    aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp,
+                )
+                .send()
+                .await
+        {
+            oldest = peek
+                .messages()
+                .iter()
+                .filter_map(|m| {
+                    m.attributes()?
+                        .get(&aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp)?
+                        .parse::<i64>()
+                        .ok()
+                })
+                .min()
+                .map(|sent| (now.unix_ms() - sent) / 1000);
+        }
+        Some(crate::reconcile::QueueFigures {
+            depth,
+            oldest_age_secs: oldest,
+        })
+    }
+
     fn queue_url(&self, d: Destination) -> Result<&str, QueueError> {
         self.urls
             .get(&d)

@@ -514,6 +514,41 @@ impl EventStore for DynamoStore {
         }
     }
 
+    async fn events_between(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("sk = :ev AND occurred_at >= :from AND occurred_at < :to")
+                .expression_attribute_values(":ev", s("EVENT".to_string()))
+                .expression_attribute_values(":from", s(from.canonical()))
+                .expression_attribute_values(":to", s(to.canonical()))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(unavailable)?;
+            for item in page.items() {
+                if let Some(e) = from_item(item, now)? {
+                    out.push(e);
+                }
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        Ok(out)
+    }
+
     async fn stuck(
         &self,
         destination: Destination,

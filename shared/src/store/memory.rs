@@ -144,6 +144,21 @@ impl EventStore for MemoryStore {
         Ok(true)
     }
 
+    async fn events_between(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let mut v: Vec<CanonicalEvent> = self
+            .lock()
+            .values()
+            .filter(|e| e.occurred_at >= from && e.occurred_at < to)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        Ok(v)
+    }
+
     async fn stuck(
         &self,
         destination: Destination,

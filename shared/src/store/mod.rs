@@ -108,4 +108,14 @@ pub trait EventStore: Send + Sync {
         status: DeliveryStatus,
         due: Timestamp,
     ) -> Result<bool, StoreError>;
+
+    /// Every stored event whose business time (`occurred_at`) is in `[from, to)`, for the
+    /// reconciliation report. The DynamoDB adapter scans with a filter: its cost grows with
+    /// the table, which suits a daily report over a CRM's volume; a by-day index is the next
+    /// step if it ever does not.
+    async fn events_between(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CanonicalEvent>, StoreError>;
 }

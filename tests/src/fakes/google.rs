@@ -1356,7 +1356,11 @@ impl FakeGoogle {
     /// value, retracted ones excluded.
     pub fn revenue(&self) -> BTreeMap<String, f64> {
         let mut m = BTreeMap::new();
-        for c in self.conversions().values().filter(|c| !c.retracted) {
+        for c in self
+            .conversions()
+            .values()
+            .filter(|c| !c.retracted && !c.currency.is_empty())
+        {
             *m.entry(c.currency.clone()).or_insert(0.0) += c.value;
         }
         m

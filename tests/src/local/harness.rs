@@ -223,6 +223,24 @@ impl LocalBridge {
         let start = Instant::now();
         let mut shown = Instant::now();
         loop {
+            let mut queued = 0;
+            for q in ["MetaQueue", "GoogleQueue"] {
+                queued += super::depth(&self.sqs, &self.plan.queues[q].url).await;
+            }
+            // Reading every event costs the emulator's serialized DynamoDB as much as the
+            // senders' work; look only once the queues have drained.
+            if queued > 0 && start.elapsed() < limit {
+                if shown.elapsed() > Duration::from_secs(15) {
+                    eprintln!(
+                        "[{:>4.0} s] {queued} queued; {}",
+                        start.elapsed().as_secs_f64(),
+                        self.running.stats.line()
+                    );
+                    shown = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                continue;
+            }
             let events = self.events(ids).await;
             let open: Vec<String> = events
                 .values()
@@ -233,10 +251,6 @@ impl LocalBridge {
                         .map(move |(d, s)| format!("{} {d} {}", e.event_id, s.status.as_str()))
                 })
                 .collect();
-            let mut queued = 0;
-            for q in ["MetaQueue", "GoogleQueue"] {
-                queued += super::depth(&self.sqs, &self.plan.queues[q].url).await;
-            }
             if open.is_empty() && queued == 0 && events.len() == ids.len() {
                 return events;
             }
