@@ -6,6 +6,7 @@
 //! `queue::sqs`, `aws`).
 
 pub mod aws;
+pub mod backfill;
 pub mod config;
 pub mod consent;
 pub mod delivery;

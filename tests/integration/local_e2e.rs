@@ -252,5 +252,109 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     for r in raw {
         assert!(!dump.contains(r), "raw identifier {r:?} in a stored item");
     }
+
+    // Backfill through the same ingest path: the second run stores nothing new.
+    let history: String = (0..3)
+        .map(|i| format!("{}\n", json!({"event_name": "lead", "occurred_at": ago(120 + i), "entity_type": "lead", "entity_id": format!("H-{i}"),
+            "identity": {"email": format!("history{i}@example.com")}, "consent": {"status": "granted"}})))
+        .collect();
+    let first = shared::backfill::load(
+        &b.url,
+        "hubspot",
+        &history,
+        bridge_tests::local::harness::SECRET,
+    )
+    .await
+    .unwrap();
+    assert_eq!(first["results"], json!({"accepted": 3}), "{first}");
+    let second = shared::backfill::load(
+        &b.url,
+        "hubspot",
+        &history,
+        bridge_tests::local::harness::SECRET,
+    )
+    .await
+    .unwrap();
+    assert_eq!(second["results"], json!({"duplicate": 3}), "{second}");
+
+    // The sweep: a pair left pending with no message (an enqueue that failed after the
+    // write) is re-enqueued by the scheduled reconcile run and delivered.
+    let mut orphan = bridge_tests::sample_event("ORPHAN-1", "lead", None, None, &ago(90));
+    for s in orphan.destinations.values_mut() {
+        s.updated_at = Timestamp::now().minus_secs(3600);
+    }
+    orphan.destinations.remove(&Destination::Google);
+    shared::store::EventStore::put_new(&b.store, &orphan)
+        .await
+        .unwrap();
+    let reconcile = b.running.function("ReconcileFunction").clone();
+    let out = reconcile
+        .invoke(bridge_tests::local::scheduled_event("e2e"))
+        .await
+        .expect("reconcile runs");
+    assert_eq!(out["swept"]["meta"]["re_enqueued"], 1, "{out}");
+    let mut all = accepted.clone();
+    all.push(orphan.event_id.clone());
+    let events = b.settle(&all, Duration::from_secs(60)).await;
+    assert_eq!(
+        events[&orphan.event_id].destinations[&Destination::Meta].status,
+        DeliveryStatus::Delivered
+    );
+    assert!(
+        b.meta
+            .distinct()
+            .contains_key(&("Lead".to_string(), orphan.event_id.clone()))
+    );
+
+    // The report in the bucket: CRM revenue versus what each platform was told.
+    let aws = bridge_tests::sdk_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = b.stack.var("REPORTS_BUCKET");
+    let keys: Vec<String> = s3
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix("reports/last_day/")
+        .send()
+        .await
+        .unwrap()
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect();
+    assert_eq!(keys.len(), 2, "JSON and CSV: {keys:?}");
+    let json_key = keys.iter().find(|k| k.ends_with(".json")).unwrap();
+    let body = s3
+        .get_object()
+        .bucket(&bucket)
+        .key(json_key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    let report: Value = serde_json::from_slice(&body).unwrap();
+    for d in ["meta", "google"] {
+        let gbp = &report["destinations"][d]["currencies"]["GBP"];
+        assert_eq!(
+            (
+                gbp["crm_revenue"].as_str(),
+                gbp["delivered_revenue"].as_str(),
+                gbp["difference"].as_str()
+            ),
+            (Some("1000.50"), Some("1000.50"), Some("0.00")),
+            "{d}: {gbp}"
+        );
+    }
+    assert_eq!(
+        report["destinations"]["meta"]["by_state"]["blocked_consent"],
+        1
+    );
     b.running.stop();
 }
