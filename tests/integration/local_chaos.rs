@@ -6,7 +6,7 @@
 //! equals won minus refunds, the DLQ holds exactly the permanent failures, and after the fault
 //! is cleared and the DLQs redriven everything lands with no duplicates.
 //!
-//! Scale with `CHAOS_ENTITIES` (default 800, about 2,000 events; 4,000 gives 10,000+):
+//! Scale with `CHAOS_ENTITIES` (default 500, about 1,400 events; 4,000 gives 11,000):
 //!   CHAOS_ENTITIES=4000 bash infra/local/test.sh -p bridge-tests --test local_chaos -- --nocapture
 
 use bridge_tests::fakes::Chaos;
@@ -226,7 +226,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     let entities: usize = std::env::var("CHAOS_ENTITIES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(800);
+        .unwrap_or(500);
     let rate: f64 = std::env::var("CHAOS_FAULT_RATE")
         .ok()
         .and_then(|v| v.parse().ok())
