@@ -100,6 +100,59 @@ pub struct DestinationFigures {
     pub duplicates_prevented: u64,
     pub dead_letter_queue: QueueFigures,
     pub sweep: SweepResult,
+    /// What the platform itself reports for the period's requests (Data Manager
+    /// `requestStatus:retrieve`: request statuses and error counts by reason).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub platform_status: BTreeMap<String, u64>,
+}
+
+/// The Data Manager requestIds recorded on the period's Google deliveries (deduplicated).
+pub fn data_manager_requests(
+    events: &[CanonicalEvent],
+    from: Timestamp,
+    to: Timestamp,
+) -> Vec<String> {
+    let mut ids: Vec<String> = events
+        .iter()
+        .filter(|e| e.occurred_at >= from && e.occurred_at < to)
+        .filter_map(|e| e.destinations.get(&Destination::Google))
+        .flat_map(|s| s.log.iter())
+        .filter_map(|l| {
+            l.platform_ref
+                .as_deref()?
+                .strip_prefix(crate::destinations::google::REQUEST_ID_PREFIX)
+        })
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Folds one `requestStatus:retrieve` answer into counts: `status:<STATUS>` per destination
+/// and `error:<REASON>` record counts.
+pub fn fold_request_status(counts: &mut BTreeMap<String, u64>, status: &serde_json::Value) {
+    for d in status["requestStatusPerDestination"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let st = d["requestStatus"].as_str().unwrap_or("UNKNOWN");
+        *counts.entry(format!("status:{st}")).or_insert(0) += 1;
+        for e in d["errorInfo"]["errorCounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let reason = e["reason"].as_str().unwrap_or("UNKNOWN");
+            let n = e["recordCount"]
+                .as_str()
+                .and_then(|x| x.parse().ok())
+                .or(e["recordCount"].as_u64())
+                .unwrap_or(1);
+            *counts.entry(format!("error:{reason}")).or_insert(0) += n;
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -125,6 +178,7 @@ pub fn build_report(
     events: &[CanonicalEvent],
     queues: &BTreeMap<Destination, QueueFigures>,
     sweeps: &BTreeMap<Destination, SweepResult>,
+    platform_status: &BTreeMap<Destination, BTreeMap<String, u64>>,
 ) -> Report {
     let mut sorted: Vec<&CanonicalEvent> = events
         .iter()
@@ -136,6 +190,7 @@ pub fn build_report(
         let mut f = DestinationFigures {
             dead_letter_queue: queues.get(&dest).cloned().unwrap_or_default(),
             sweep: sweeps.get(&dest).cloned().unwrap_or_default(),
+            platform_status: platform_status.get(&dest).cloned().unwrap_or_default(),
             ..Default::default()
         };
         let mut crm: BTreeMap<String, Money> = BTreeMap::new();
@@ -451,6 +506,7 @@ mod tests {
             &events,
             &queues,
             &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         let meta = &r.destinations["meta"];
         let usd = &meta.currencies["USD"];
@@ -514,6 +570,7 @@ mod tests {
             &shuffled,
             &queues,
             &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         assert_eq!(r.to_json(), again.to_json());
         assert_eq!(r.to_csv(), again.to_csv());
@@ -529,6 +586,20 @@ mod tests {
             );
             assert!(v["dead_letter_size"].is_number());
         }
+    }
+
+    #[test]
+    fn data_manager_statuses_fold_into_counts() {
+        let mut c = BTreeMap::new();
+        fold_request_status(
+            &mut c,
+            &json!({"requestStatusPerDestination": [
+            {"requestStatus": "PARTIAL_SUCCESS", "errorInfo": {"errorCounts": [{"reason": "CLICK_NOT_FOUND", "recordCount": "3"}]}},
+            {"requestStatus": "SUCCESS"}]}),
+        );
+        assert_eq!(c["status:PARTIAL_SUCCESS"], 1);
+        assert_eq!(c["status:SUCCESS"], 1);
+        assert_eq!(c["error:CLICK_NOT_FOUND"], 3);
     }
 
     #[tokio::test]

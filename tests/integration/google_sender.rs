@@ -552,7 +552,7 @@ async fn data_manager_delivers_isolates_bad_events_and_restates_refunds() {
     assert_eq!(s.status, DeliveryStatus::Delivered);
     assert_eq!(
         s.log[0].platform_ref.as_deref(),
-        Some("fake-request-1"),
+        Some("requestId:fake-request-1"),
         "requestId kept for reconciliation"
     );
 

@@ -7,8 +7,9 @@ use lambda_runtime::{Error, LambdaEvent, service_fn};
 use serde_json::{Value, json};
 use shared::config::Settings;
 use shared::destination::Destination;
+use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use shared::queue::sqs::SqsQueue;
-use shared::reconcile::{build_report, sweep};
+use shared::reconcile::{build_report, data_manager_requests, fold_request_status, sweep};
 use shared::store::EventStore;
 use shared::store::dynamodb::DynamoStore;
 use shared::timestamp::Timestamp;
@@ -22,7 +23,12 @@ struct App {
     queue: SqsQueue,
     s3: aws_sdk_s3::Client,
     bucket: String,
+    /// Set when Google credentials are configured: Data Manager request statuses are checked.
+    google: Option<GooglePlatform>,
 }
+
+/// At most this many Data Manager requests are checked per report.
+const STATUS_CHECKS: usize = 200;
 
 impl App {
     async fn run(&self, now: Timestamp) -> Result<Value, Error> {
@@ -39,7 +45,26 @@ impl App {
         for (period, days) in PERIODS {
             let from = now.minus_secs(days * 86_400);
             let events = self.store.events_between(from, now).await?;
-            let report = build_report(period, from, now, now, &events, &queues, &sweeps);
+            let mut platform = BTreeMap::new();
+            if let Some(g) = &self.google {
+                let mut counts = BTreeMap::new();
+                for id in data_manager_requests(&events, from, now)
+                    .iter()
+                    .take(STATUS_CHECKS)
+                {
+                    match g.request_status(id).await {
+                        Ok(v) => fold_request_status(&mut counts, &v),
+                        Err(o) => {
+                            tracing::warn!(request_id = %id, outcome = o.label(), "requestStatus:retrieve failed");
+                            *counts.entry("status:unavailable".to_string()).or_insert(0) += 1;
+                        }
+                    }
+                }
+                if !counts.is_empty() {
+                    platform.insert(Destination::Google, counts);
+                }
+            }
+            let report = build_report(period, from, now, now, &events, &queues, &sweeps, &platform);
             let stem = format!("reports/{period}/{}", now.canonical());
             for (ext, body, ctype) in [
                 ("json", report.to_json(), "application/json"),
@@ -94,7 +119,46 @@ async fn main() -> Result<(), Error> {
             .force_path_style(path_style)
             .build(),
     );
+    let google = match std::env::var("GOOGLE_CREDENTIALS_PARAMETER")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        Some(param) => {
+            let ssm = shared::aws::ssm(&aws);
+            // Without Google (or its credentials) the report simply has no platform status.
+            let read = match shared::aws::parameter(&ssm, &param).await {
+                Ok(text) => GoogleCredentials::from_json(&text).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let credentials = match read {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(parameter = %param, error = %e, "no Google credentials: Data Manager statuses are not checked");
+                    None
+                }
+            };
+            let e = &settings.endpoints;
+            credentials.map(|credentials| {
+                GooglePlatform::new(
+                    reqwest::Client::new(),
+                    GoogleConfig {
+                        ads_base_url: e.google_ads_base_url.clone(),
+                        ads_api_version: e.google_ads_api_version.clone(),
+                        datamanager_base_url: e.google_datamanager_base_url.clone(),
+                        token_url: e.google_oauth_token_url.clone(),
+                        credentials,
+                        validate_only: false,
+                        timeout: std::time::Duration::from_secs(30),
+                        terms_ttl: std::time::Duration::from_secs(3600),
+                    },
+                    settings.mapping.clone(),
+                )
+            })
+        }
+        None => None,
+    };
     let app = App {
+        google,
         store: DynamoStore::new(
             shared::aws::dynamodb(&aws),
             &settings.table_name,

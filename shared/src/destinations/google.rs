@@ -21,6 +21,9 @@ use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// How a Data Manager requestId is kept in the delivery log (`platform_ref`).
+pub const REQUEST_ID_PREFIX: &str = "requestId:";
+
 /// Both APIs take at most 2,000 rows (conversions, adjustments or events) per request.
 pub const MAX_ROWS: usize = 2000;
 /// How long Google asks us to wait after TOO_RECENT_EVENT / TOO_RECENT_CONVERSION_ACTION.
@@ -647,7 +650,8 @@ pub fn classify_partial(body: &str, attempts: &[u32], validate_only: bool) -> Ve
     let job = v["jobId"]
         .as_str()
         .map(str::to_string)
-        .or_else(|| v["jobId"].as_i64().map(|j| j.to_string()));
+        .or_else(|| v["jobId"].as_i64().map(|j| j.to_string()))
+        .map(|j| format!("jobId:{j}"));
     let retry_after = retry_delay(&v["partialFailureError"]);
     let mut by_row: HashMap<usize, Outcome> = HashMap::new();
     let mut unplaced: Option<Outcome> = None;
@@ -742,7 +746,10 @@ pub fn classify_datamanager(status: u16, body: &str) -> Answer {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     if (200..300).contains(&status) {
         return Answer::Whole(Outcome::Delivered {
-            platform_ref: v["requestId"].as_str().map(str::to_string),
+            // Prefixed so reconciliation can tell a Data Manager request from an Ads API job.
+            platform_ref: v["requestId"]
+                .as_str()
+                .map(|r| format!("{REQUEST_ID_PREFIX}{r}")),
             replay: false,
         });
     }
@@ -1486,7 +1493,7 @@ mod tests {
         assert_eq!(
             out[0],
             Outcome::Delivered {
-                platform_ref: Some("42".into()),
+                platform_ref: Some("jobId:42".into()),
                 replay: false
             }
         );
@@ -1496,7 +1503,7 @@ mod tests {
         assert_eq!(
             out[2],
             Outcome::Delivered {
-                platform_ref: Some("42".into()),
+                platform_ref: Some("jobId:42".into()),
                 replay: true
             }
         );
