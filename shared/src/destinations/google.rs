@@ -1580,7 +1580,7 @@ mod tests {
         assert_eq!(
             classify_datamanager(200, r#"{"requestId": "req-1"}"#),
             Answer::Whole(Outcome::Delivered {
-                platform_ref: Some("req-1".into()),
+                platform_ref: Some("requestId:req-1".into()),
                 replay: false
             })
         );
