@@ -169,6 +169,15 @@ fn money(m: Money) -> String {
     format!("{:.2}", m.as_f64())
 }
 
+/// What the reconcile run observed besides the events: DLQ figures, the sweep's result and
+/// what the platform reports about its requests, per destination.
+#[derive(Clone, Debug, Default)]
+pub struct Observations {
+    pub queues: BTreeMap<Destination, QueueFigures>,
+    pub sweeps: BTreeMap<Destination, SweepResult>,
+    pub platform_status: BTreeMap<Destination, BTreeMap<String, u64>>,
+}
+
 /// The report for events whose business time is in `[from, to)`.
 pub fn build_report(
     period: &str,
@@ -176,10 +185,9 @@ pub fn build_report(
     to: Timestamp,
     generated_at: Timestamp,
     events: &[CanonicalEvent],
-    queues: &BTreeMap<Destination, QueueFigures>,
-    sweeps: &BTreeMap<Destination, SweepResult>,
-    platform_status: &BTreeMap<Destination, BTreeMap<String, u64>>,
+    seen: &Observations,
 ) -> Report {
+    let (queues, sweeps, platform_status) = (&seen.queues, &seen.sweeps, &seen.platform_status);
     let mut sorted: Vec<&CanonicalEvent> = events
         .iter()
         .filter(|e| e.occurred_at >= from && e.occurred_at < to)
@@ -489,8 +497,8 @@ mod tests {
     #[test]
     fn report_matches_hand_computed_figures_and_is_deterministic() {
         let events = scenario();
-        let mut queues = BTreeMap::new();
-        queues.insert(
+        let mut seen = Observations::default();
+        seen.queues.insert(
             Destination::Google,
             QueueFigures {
                 depth: 1,
@@ -498,16 +506,7 @@ mod tests {
             },
         );
         let from = now().minus_secs(86_400);
-        let r = build_report(
-            "last_day",
-            from,
-            now(),
-            now(),
-            &events,
-            &queues,
-            &BTreeMap::new(),
-            &BTreeMap::new(),
-        );
+        let r = build_report("last_day", from, now(), now(), &events, &seen);
         let meta = &r.destinations["meta"];
         let usd = &meta.currencies["USD"];
         // CRM: 1000 + 500 + 300 + 50 - 200 = 1650; Meta was told all but the blocked 300.
@@ -562,16 +561,7 @@ mod tests {
         // Identical input, identical bytes, whatever the input order.
         let mut shuffled = events.clone();
         shuffled.reverse();
-        let again = build_report(
-            "last_day",
-            from,
-            now(),
-            now(),
-            &shuffled,
-            &queues,
-            &BTreeMap::new(),
-            &BTreeMap::new(),
-        );
+        let again = build_report("last_day", from, now(), now(), &shuffled, &seen);
         assert_eq!(r.to_json(), again.to_json());
         assert_eq!(r.to_csv(), again.to_csv());
         assert!(

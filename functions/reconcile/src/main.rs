@@ -9,7 +9,9 @@ use shared::config::Settings;
 use shared::destination::Destination;
 use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use shared::queue::sqs::SqsQueue;
-use shared::reconcile::{build_report, data_manager_requests, fold_request_status, sweep};
+use shared::reconcile::{
+    Observations, build_report, data_manager_requests, fold_request_status, sweep,
+};
 use shared::store::EventStore;
 use shared::store::dynamodb::DynamoStore;
 use shared::timestamp::Timestamp;
@@ -32,20 +34,19 @@ const STATUS_CHECKS: usize = 200;
 
 impl App {
     async fn run(&self, now: Timestamp) -> Result<Value, Error> {
-        let mut sweeps = BTreeMap::new();
-        let mut queues = BTreeMap::new();
+        let mut seen = Observations::default();
         for dest in Destination::ALL {
             let swept = sweep(&self.store, &self.queue, dest, now, SWEEP_LIMIT).await?;
-            sweeps.insert(dest, swept);
+            seen.sweeps.insert(dest, swept);
             if let Some(f) = self.queue.dead_letter_figures(dest, now).await {
-                queues.insert(dest, f);
+                seen.queues.insert(dest, f);
             }
         }
         let mut written = Vec::new();
         for (period, days) in PERIODS {
             let from = now.minus_secs(days * 86_400);
             let events = self.store.events_between(from, now).await?;
-            let mut platform = BTreeMap::new();
+            seen.platform_status.clear();
             if let Some(g) = &self.google {
                 let mut counts = BTreeMap::new();
                 for id in data_manager_requests(&events, from, now)
@@ -61,10 +62,10 @@ impl App {
                     }
                 }
                 if !counts.is_empty() {
-                    platform.insert(Destination::Google, counts);
+                    seen.platform_status.insert(Destination::Google, counts);
                 }
             }
-            let report = build_report(period, from, now, now, &events, &queues, &sweeps, &platform);
+            let report = build_report(period, from, now, now, &events, &seen);
             let stem = format!("reports/{period}/{}", now.canonical());
             for (ext, body, ctype) in [
                 ("json", report.to_json(), "application/json"),
@@ -93,7 +94,7 @@ impl App {
                 }
             }
         }
-        Ok(json!({"swept": sweeps, "reports": written}))
+        Ok(json!({"swept": seen.sweeps, "reports": written}))
     }
 }
 
