@@ -16,15 +16,7 @@ trap cleanup EXIT
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 export AWS_REGION="${AWS_REGION:-us-east-1}" AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
-# The end-to-end and chaos tests run the functions' binaries under the local runtime: the
-# release binaries, as deployed, unless BRIDGE_BIN_PROFILE=dev (CI sets it: the release
-# profile's fat LTO costs ten minutes of CI's 30 on two cores; up.sh always runs release).
-bins=(-p ingest -p meta-sender -p google-sender -p reconcile)
-if [[ "${BRIDGE_BIN_PROFILE:-release}" == "dev" ]]; then
-  cargo build "${bins[@]}"
-  export BRIDGE_BIN_DIR="$root/target/debug"
-else
-  cargo build --release "${bins[@]}"
-  export BRIDGE_BIN_DIR="$root/target/release"
-fi
+# The end-to-end and chaos tests run the functions' release binaries, as deployed.
+cargo build --release -p ingest -p meta-sender -p google-sender -p reconcile
+export BRIDGE_BIN_DIR="$root/target/release"
 cargo test --workspace "$@"
