@@ -13,7 +13,7 @@ mkdir -p .local
 bash infra/local/setup.sh
 echo "building the release binaries and the local runtime (first run takes a few minutes)"
 cargo build --release --quiet -p ingest -p meta-sender -p google-sender -p reconcile
-cargo build --quiet -p bridge-tests --bin bridge-local
+cargo build --quiet -p bridge-devstack --bin bridge-local
 endpoint="$(bash infra/local/moto.sh start)"
 trap 'bash infra/local/moto.sh stop' EXIT
 export AWS_ENDPOINT_URL="$endpoint" AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1

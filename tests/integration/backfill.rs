@@ -2,15 +2,15 @@
 //! (Meta `test_event_code`, Google `validateOnly`), nothing is imported anywhere, and the
 //! report says what would be sent and what would be rejected and why.
 
+use bridge_core::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
+use bridge_core::ingest::IngestConfig;
+use bridge_core::mapping::Mapping;
+use bridge_core::timestamp::Timestamp;
+use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use bridge_platforms::meta::{MetaConfig, MetaPlatform};
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::meta::FakeMeta;
 use serde_json::json;
-use shared::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
-use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use shared::destinations::meta::{MetaConfig, MetaPlatform};
-use shared::ingest::IngestConfig;
-use shared::mapping::Mapping;
-use shared::timestamp::Timestamp;
 use std::time::Duration;
 
 #[tokio::test]
@@ -59,7 +59,7 @@ async fn dry_run_validates_everything_and_imports_nothing() {
     ));
     let platforms: [&dyn DryRunPlatform; 2] = [&meta_p, &google_p];
     let cfg = IngestConfig {
-        default_region: shared::identity::parse_region("US").unwrap(),
+        default_region: bridge_core::identity::parse_region("US").unwrap(),
         max_future_skew_secs: 300,
     };
     let report = dry_run(

@@ -1,19 +1,21 @@
 //! The DynamoDB event store against the emulator, and the in-memory store held to the same
 //! behaviour by one shared scenario.
 
+use bridge_aws::dynamodb::DynamoStore;
+use bridge_core::delivery::{
+    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo,
+};
+use bridge_core::store::memory::MemoryStore;
+use bridge_core::store::{ClaimOutcome, EventStore, PutOutcome, Transition};
+use bridge_core::timestamp::Timestamp;
 use bridge_tests::{Stack, sample_event, sdk_config};
 use futures::future::join_all;
-use shared::destination::{Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo};
-use shared::store::dynamodb::DynamoStore;
-use shared::store::memory::MemoryStore;
-use shared::store::{ClaimOutcome, EventStore, PutOutcome, Transition};
-use shared::timestamp::Timestamp;
 use std::sync::Arc;
 
 async fn dynamo(test: &str) -> DynamoStore {
     let stack = Stack::create(test, &[]);
     DynamoStore::new(
-        shared::aws::dynamodb(&sdk_config().await),
+        bridge_aws::clients::dynamodb(&sdk_config().await),
         stack.var("TABLE_NAME"),
         400,
     )
@@ -442,7 +444,7 @@ async fn batch_reads_span_several_round_trips() {
 async fn expired_items_read_as_missing() {
     let stack = Stack::create("ttl", &[]);
     let store = DynamoStore::new(
-        shared::aws::dynamodb(&sdk_config().await),
+        bridge_aws::clients::dynamodb(&sdk_config().await),
         stack.var("TABLE_NAME"),
         1,
     );

@@ -2,22 +2,22 @@
 //! OAuth endpoint, with the DynamoDB store and SQS queues in the emulator (and in memory where
 //! only batching and classification are measured).
 
+use bridge_aws::dynamodb::DynamoStore;
+use bridge_aws::sqs::SqsQueue;
+use bridge_core::delivery::Backoff;
+use bridge_core::delivery::pipeline::{BatchReport, PipelineConfig, Record, process_batch};
+use bridge_core::delivery::{DeliveryStatus, Destination};
+use bridge_core::event::CanonicalEvent;
+use bridge_core::mapping::{GoogleBackend, Mapping};
+use bridge_core::queue::DeliveryMessage;
+use bridge_core::queue::memory::MemoryQueue;
+use bridge_core::store::EventStore;
+use bridge_core::store::memory::MemoryStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_tests::fakes::google::{FakeGoogle, Fault};
 use bridge_tests::{Stack, sample_event, sdk_config};
 use serde_json::json;
-use shared::delivery::Backoff;
-use shared::delivery::pipeline::{BatchReport, PipelineConfig, Record, process_batch};
-use shared::destination::{DeliveryStatus, Destination};
-use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use shared::event::CanonicalEvent;
-use shared::mapping::{GoogleBackend, Mapping};
-use shared::queue::DeliveryMessage;
-use shared::queue::memory::MemoryQueue;
-use shared::queue::sqs::SqsQueue;
-use shared::store::EventStore;
-use shared::store::dynamodb::DynamoStore;
-use shared::store::memory::MemoryStore;
-use shared::timestamp::Timestamp;
 use std::time::Duration;
 
 fn mapping(backend: GoogleBackend) -> Mapping {
@@ -58,7 +58,7 @@ fn cfg() -> PipelineConfig {
             cap: Duration::from_secs(2),
             floor: Duration::from_secs(1),
         },
-        refund_wait: shared::delivery::pipeline::REFUND_WAIT,
+        refund_wait: bridge_core::delivery::pipeline::REFUND_WAIT,
     }
 }
 
@@ -84,7 +84,7 @@ fn refund(entity: &str, value: f64, h: i64) -> CanonicalEvent {
         Some(value),
         &hours_ago(h),
     );
-    r.entity_type = shared::event::EntityType::Order;
+    r.entity_type = bridge_core::event::EntityType::Order;
     r
 }
 
@@ -360,10 +360,14 @@ async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emula
     let fake = FakeGoogle::start().await;
     let stack = Stack::create("google_refunds", &[]);
     let aws = sdk_config().await;
-    let store = DynamoStore::new(shared::aws::dynamodb(&aws), stack.var("TABLE_NAME"), 400);
+    let store = DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        stack.var("TABLE_NAME"),
+        400,
+    );
     let vars = stack.env.clone();
-    let settings = shared::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    let queue = SqsQueue::new(shared::aws::sqs(&aws), settings.queues.clone());
+    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let queue = SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
     let p = platform(&fake, GoogleBackend::AdsApi);
     let run = |evs: Vec<CanonicalEvent>, now: Timestamp| {
         let (p, store, queue) = (&p, &store, &queue);
@@ -434,7 +438,8 @@ async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emula
     );
     store.put_new(&w2).await.unwrap();
     run(vec![w2.clone()], now).await;
-    let after_wait = now.plus_secs(shared::delivery::pipeline::REFUND_WAIT.as_secs() as i64 + 5);
+    let after_wait =
+        now.plus_secs(bridge_core::delivery::pipeline::REFUND_WAIT.as_secs() as i64 + 5);
     run(vec![late.clone()], after_wait).await;
     assert_eq!(fake.conversions()["O-B"].value, 150.0);
     let older = refund("B", 25.0, 3);

@@ -2,22 +2,23 @@
 //! then the table and the queues checked; HubSpot records come from a local fake of its API.
 
 use aws_sdk_sqs::Client as Sqs;
+use bridge_aws::config::Settings;
+use bridge_aws::dynamodb::DynamoStore;
+use bridge_aws::sqs::SqsQueue;
+use bridge_core::delivery::{DeliveryStatus, Destination};
+use bridge_core::hashing::sha256_hex;
+use bridge_core::queue::DeliveryMessage;
+use bridge_core::store::EventStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_core::webhook::hubspot::HubSpotRecords;
+use bridge_core::webhook::signature::{bridge_sign, hubspot_sign};
+use bridge_platforms::hubspot::HubSpotClient;
 use bridge_tests::fakes::hubspot::FakeHubSpot;
 use bridge_tests::{Stack, sdk_config};
 use ingest::App;
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request};
 use serde_json::{Value, json};
-use shared::config::Settings;
-use shared::destination::{DeliveryStatus, Destination};
-use shared::hashing::sha256_hex;
-use shared::queue::DeliveryMessage;
-use shared::queue::sqs::SqsQueue;
-use shared::store::EventStore;
-use shared::store::dynamodb::DynamoStore;
-use shared::timestamp::Timestamp;
-use shared::webhook::hubspot::{HubSpotClient, HubSpotRecords};
-use shared::webhook::signature::{bridge_sign, hubspot_sign};
 use std::sync::Arc;
 
 struct Env {
@@ -31,7 +32,7 @@ async fn env(test: &str, hubspot: Option<&FakeHubSpot>) -> Env {
     let stack = Stack::create(test, &[]);
     let aws = sdk_config().await;
     // Secrets go through SSM exactly as in AWS: one SecureString per name under a path.
-    let ssm = shared::aws::ssm(&aws);
+    let ssm = bridge_aws::clients::ssm(&aws);
     let path = format!("/{}/webhooks", stack.name);
     let mut params = vec![
         ("generic", "generic-secret"),
@@ -51,15 +52,17 @@ async fn env(test: &str, hubspot: Option<&FakeHubSpot>) -> Env {
             .await
             .unwrap();
     }
-    let secrets = shared::aws::parameters_by_path(&ssm, &path).await.unwrap();
+    let secrets = bridge_aws::clients::parameters_by_path(&ssm, &path)
+        .await
+        .unwrap();
     let vars = stack.env.clone();
     let settings = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let store = Arc::new(DynamoStore::new(
-        shared::aws::dynamodb(&aws),
+        bridge_aws::clients::dynamodb(&aws),
         &settings.table_name,
         settings.retention_days,
     ));
-    let sqs = shared::aws::sqs(&aws);
+    let sqs = bridge_aws::clients::sqs(&aws);
     let hubspot_api: Option<Arc<dyn HubSpotRecords>> = match (hubspot, secrets.get("hubspot-token"))
     {
         (Some(h), Some(token)) => Some(Arc::new(HubSpotClient::new(
@@ -421,7 +424,7 @@ async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
     );
     let contact_request = format!(
         "contact 101 properties={}",
-        shared::webhook::hubspot::CONTACT_PROPERTIES.join(",")
+        bridge_core::webhook::hubspot::CONTACT_PROPERTIES.join(",")
     );
     assert_eq!(
         hs.requests(),

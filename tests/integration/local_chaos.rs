@@ -9,11 +9,11 @@
 //! Scale with `CHAOS_ENTITIES` (default 500, about 1,400 events; 4,000 gives 11,000):
 //!   CHAOS_ENTITIES=4000 bash infra/local/test.sh -p bridge-tests --test local_chaos -- --nocapture
 
+use bridge_core::delivery::{DeliveryStatus, Destination};
+use bridge_core::timestamp::Timestamp;
 use bridge_tests::fakes::Chaos;
 use bridge_tests::local::harness::{LocalBridge, aws_request_counts};
 use serde_json::{Value, json};
-use shared::destination::{DeliveryStatus, Destination};
-use shared::timestamp::Timestamp;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -423,7 +423,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         .map(|(k, v)| v - requests_before.get(k).copied().unwrap_or(0))
         .sum();
     let rate_start = Instant::now();
-    let ddb = shared::aws::dynamodb(&bridge_tests::sdk_config().await);
+    let ddb = bridge_aws::clients::dynamodb(&bridge_tests::sdk_config().await);
     let table = b.stack.var("TABLE_NAME");
     let sample = 300u64;
     let probes = (0..sample).map(|i| {

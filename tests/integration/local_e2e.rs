@@ -3,11 +3,11 @@
 //! to the strict Meta and Google fakes; checked field by field at the fakes and in the store,
 //! and no raw identifier in any log line or stored item.
 
+use bridge_core::delivery::{DeliveryStatus, Destination};
+use bridge_core::hashing::sha256_hex;
+use bridge_core::timestamp::Timestamp;
 use bridge_tests::local::harness::LocalBridge;
 use serde_json::{Value, json};
-use shared::destination::{DeliveryStatus, Destination};
-use shared::hashing::sha256_hex;
-use shared::timestamp::Timestamp;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -240,7 +240,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
             assert!(!l.contains(r), "raw identifier {r:?} in a log line: {l}");
         }
     }
-    let ddb = shared::aws::dynamodb(&bridge_tests::sdk_config().await);
+    let ddb = bridge_aws::clients::dynamodb(&bridge_tests::sdk_config().await);
     let items = ddb
         .scan()
         .table_name(b.stack.var("TABLE_NAME"))
@@ -258,7 +258,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         .map(|i| format!("{}\n", json!({"event_name": "lead", "occurred_at": ago(120 + i), "entity_type": "lead", "entity_id": format!("H-{i}"),
             "identity": {"email": format!("history{i}@example.com")}, "consent": {"status": "granted"}})))
         .collect();
-    let first = shared::backfill::load(
+    let first = backfill::load(
         &b.url,
         "hubspot",
         &history,
@@ -267,7 +267,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     .await
     .unwrap();
     assert_eq!(first["results"], json!({"accepted": 3}), "{first}");
-    let second = shared::backfill::load(
+    let second = backfill::load(
         &b.url,
         "hubspot",
         &history,
@@ -284,7 +284,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         s.updated_at = Timestamp::now().minus_secs(3600);
     }
     orphan.destinations.remove(&Destination::Google);
-    shared::store::EventStore::put_new(&b.store, &orphan)
+    bridge_core::store::EventStore::put_new(&b.store, &orphan)
         .await
         .unwrap();
     let reconcile = b.running.function("ReconcileFunction").clone();

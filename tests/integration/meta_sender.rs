@@ -2,22 +2,22 @@
 //! and the DynamoDB store in the emulator (and in memory where only batching is measured).
 
 use aws_sdk_sqs::Client as Sqs;
+use bridge_aws::dynamodb::DynamoStore;
+use bridge_aws::sqs::SqsQueue;
+use bridge_core::delivery::Backoff;
+use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
+use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState};
+use bridge_core::event::CanonicalEvent;
+use bridge_core::mapping::Mapping;
+use bridge_core::queue::memory::MemoryQueue;
+use bridge_core::queue::{DeliveryMessage, DeliveryQueue};
+use bridge_core::store::EventStore;
+use bridge_core::store::memory::MemoryStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_platforms::meta::{MetaConfig, MetaPlatform};
 use bridge_tests::fakes::meta::{FakeMeta, Fault};
 use bridge_tests::{Stack, sample_event, sdk_config};
 use serde_json::json;
-use shared::delivery::Backoff;
-use shared::delivery::pipeline::{PipelineConfig, Record, process_batch};
-use shared::destination::{DeliveryStatus, Destination, DestinationState};
-use shared::destinations::meta::{MetaConfig, MetaPlatform};
-use shared::event::CanonicalEvent;
-use shared::mapping::Mapping;
-use shared::queue::memory::MemoryQueue;
-use shared::queue::sqs::SqsQueue;
-use shared::queue::{DeliveryMessage, DeliveryQueue};
-use shared::store::EventStore;
-use shared::store::dynamodb::DynamoStore;
-use shared::store::memory::MemoryStore;
-use shared::timestamp::Timestamp;
 use std::time::Duration;
 
 fn platform(fake: &FakeMeta, timeout_ms: u64) -> MetaPlatform {
@@ -42,7 +42,7 @@ fn fast_retries() -> PipelineConfig {
             cap: Duration::from_secs(2),
             floor: Duration::from_secs(1),
         },
-        refund_wait: shared::delivery::pipeline::REFUND_WAIT,
+        refund_wait: bridge_core::delivery::pipeline::REFUND_WAIT,
     }
 }
 
@@ -92,10 +92,14 @@ async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
     let fake = FakeMeta::start("meta-token").await;
     let stack = Stack::create("meta_sqs", &[("MaxReceiveCount", "5")]);
     let aws = sdk_config().await;
-    let store = DynamoStore::new(shared::aws::dynamodb(&aws), stack.var("TABLE_NAME"), 400);
-    let sqs = shared::aws::sqs(&aws);
+    let store = DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        stack.var("TABLE_NAME"),
+        400,
+    );
+    let sqs = bridge_aws::clients::sqs(&aws);
     let vars = stack.env.clone();
-    let settings = shared::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let queue = SqsQueue::new(sqs.clone(), settings.queues.clone());
     let url = stack.var("META_QUEUE_URL");
     let p = platform(&fake, 5000);

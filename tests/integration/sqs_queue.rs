@@ -2,16 +2,16 @@
 //! template's redrive policy.
 
 use aws_sdk_sqs::Client;
+use bridge_aws::sqs::{QueueUrls, SqsQueue};
+use bridge_core::delivery::{Destination, ErrorInfo};
+use bridge_core::queue::{DeadLetter, DeliveryMessage, DeliveryQueue};
 use bridge_tests::{Stack, sdk_config};
-use shared::destination::{Destination, ErrorInfo};
-use shared::queue::sqs::{QueueUrls, SqsQueue};
-use shared::queue::{DeadLetter, DeliveryMessage, DeliveryQueue};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 async fn setup(test: &str, params: &[(&str, &str)]) -> (Stack, Client, SqsQueue) {
     let stack = Stack::create(test, params);
-    let client = shared::aws::sqs(&sdk_config().await);
+    let client = bridge_aws::clients::sqs(&sdk_config().await);
     let urls = BTreeMap::from([
         (
             Destination::Meta,
@@ -105,7 +105,7 @@ async fn enqueue_routes_by_destination_in_batches() {
 #[tokio::test]
 async fn enqueue_to_an_unconfigured_destination_reports_failure() {
     let stack = Stack::create("unconfigured", &[]);
-    let client = shared::aws::sqs(&sdk_config().await);
+    let client = bridge_aws::clients::sqs(&sdk_config().await);
     let urls = BTreeMap::from([(
         Destination::Meta,
         QueueUrls {

@@ -12,14 +12,16 @@
 //!       META_TEST_EVENT_CODE; GOOGLE_* base URLs and GOOGLE_CREDENTIALS as JSON); one
 //!       without credentials is checked locally only.
 
+use backfill::load;
+
+use bridge_aws::config::Settings;
+use bridge_aws::lambda::env;
+use bridge_core::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
+use bridge_core::ingest::IngestConfig;
+use bridge_core::timestamp::Timestamp;
+use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use bridge_platforms::meta::{MetaConfig, MetaPlatform};
 use serde_json::{Value, json};
-use shared::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
-use shared::config::Settings;
-use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use shared::destinations::meta::{MetaConfig, MetaPlatform};
-use shared::ingest::IngestConfig;
-use shared::lambda::env;
-use shared::timestamp::Timestamp;
 use std::time::Duration;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -108,8 +110,7 @@ async fn main() {
         } else {
             let secret = env("BRIDGE_SECRET")
                 .ok_or("BRIDGE_SECRET must hold the source's signing secret")?;
-            shared::backfill::load(&arg(&args, "--url").ok_or(usage)?, &source, &text, &secret)
-                .await
+            load(&arg(&args, "--url").ok_or(usage)?, &source, &text, &secret).await
         }
     };
     match run.await {

@@ -1,20 +1,21 @@
 //! The Google sender Lambda (SQS-triggered): delivers claimed events to the Google Ads API or
 //! the Data Manager API, per account. Clients, credentials and the mapping are loaded once here.
 
+use bridge_aws::config::Settings;
+use bridge_aws::lambda::{env, env_secs};
+use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use lambda_runtime::Error;
-use shared::config::Settings;
-use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use shared::lambda::{env, env_secs};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    shared::telemetry::init();
+    bridge_aws::telemetry::init();
     let settings = Settings::from_env()?;
-    let aws = shared::aws::sdk_config().await;
-    let ssm = shared::aws::ssm(&aws);
+    let aws = bridge_aws::clients::sdk_config().await;
+    let ssm = bridge_aws::clients::ssm(&aws);
     let param =
         env("GOOGLE_CREDENTIALS_PARAMETER").ok_or("GOOGLE_CREDENTIALS_PARAMETER is required")?;
-    let credentials = GoogleCredentials::from_json(&shared::aws::parameter(&ssm, &param).await?)?;
+    let credentials =
+        GoogleCredentials::from_json(&bridge_aws::clients::parameter(&ssm, &param).await?)?;
     let e = &settings.endpoints;
     let cfg = GoogleConfig {
         ads_base_url: e.google_ads_base_url.clone(),
@@ -27,5 +28,5 @@ async fn main() -> Result<(), Error> {
         terms_ttl: env_secs("GOOGLE_TERMS_TTL_SECS", 3600),
     };
     let platform = GooglePlatform::new(reqwest::Client::new(), cfg, settings.mapping.clone());
-    shared::lambda::run_sender(platform, &settings, &aws).await
+    bridge_aws::lambda::run_sender(platform, &settings, &aws).await
 }

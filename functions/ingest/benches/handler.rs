@@ -4,14 +4,14 @@
 //!
 //! Run: `cargo bench -p ingest --bench handler`
 
+use bridge_aws::config::Settings;
+use bridge_core::queue::memory::MemoryQueue;
+use bridge_core::store::memory::MemoryStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_core::webhook::signature::bridge_sign;
 use ingest::App;
 use lambda_http::Body;
 use serde_json::json;
-use shared::config::Settings;
-use shared::queue::memory::MemoryQueue;
-use shared::store::memory::MemoryStore;
-use shared::timestamp::Timestamp;
-use shared::webhook::signature::bridge_sign;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    shared::identity::warm_up();
+    bridge_core::identity::warm_up();
     let env: HashMap<&str, &str> = HashMap::from([
         ("TABLE_NAME", "bench"),
         ("META_QUEUE_URL", "q"),

@@ -1,18 +1,18 @@
 //! The ingest function's HTTP layer: route, bound, authenticate, parse, hand the items to
-//! `shared::ingest`, and shape the response. Built once at init, called per request.
+//! `bridge_core::ingest`, and shape the response. Built once at init, called per request.
 
+use bridge_aws::config::Settings;
+use bridge_core::event::parse_event_json;
+use bridge_core::ingest::{IngestConfig, IngestReport, ItemStatus, ingest};
+use bridge_core::queue::DeliveryQueue;
+use bridge_core::store::EventStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_core::webhook::hubspot::{self, HubSpotRecords};
+use bridge_core::webhook::signature::{self, SignatureError};
+use bridge_core::webhook::{Incoming, salesforce, split_items};
 use lambda_http::http::{HeaderMap, Method, StatusCode};
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{Value, json};
-use shared::config::Settings;
-use shared::event::parse_event_json;
-use shared::ingest::{IngestConfig, IngestReport, ItemStatus, ingest};
-use shared::queue::DeliveryQueue;
-use shared::store::EventStore;
-use shared::timestamp::Timestamp;
-use shared::webhook::hubspot::{self, HubSpotRecords};
-use shared::webhook::signature::{self, SignatureError};
-use shared::webhook::{Incoming, salesforce, split_items};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -200,7 +200,7 @@ impl App {
             self.queue.as_ref(),
         )
         .await;
-        shared::metrics::emit(&ingest_metrics(&report, &source, now.unix_ms()));
+        bridge_core::metrics::emit(&ingest_metrics(&report, &source, now.unix_ms()));
         shape(report, batch)
     }
 
@@ -224,7 +224,7 @@ impl App {
 /// One EMF line per webhook delivery: items by result, and consent blocks per destination
 /// (`blocked_consent` with the destination dimension, as the senders report theirs).
 fn ingest_metrics(report: &IngestReport, source: &str, timestamp_ms: i64) -> String {
-    use shared::destination::{DeliveryStatus, Destination};
+    use bridge_core::delivery::{DeliveryStatus, Destination};
     let count = |s: ItemStatus| report.results.iter().filter(|r| r.status == s).count() as f64;
     let blocked = |d: Destination| {
         report
@@ -233,7 +233,7 @@ fn ingest_metrics(report: &IngestReport, source: &str, timestamp_ms: i64) -> Str
             .filter(|r| r.destinations.get(&d) == Some(&DeliveryStatus::BlockedConsent))
             .count() as f64
     };
-    shared::metrics::emf_line(
+    bridge_core::metrics::emf_line(
         timestamp_ms,
         &[("source", source)],
         &[
@@ -278,8 +278,8 @@ fn shape(report: IngestReport, batch: bool) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
-    use shared::mapping::Mapping;
-    use shared::webhook::{Incoming, hubspot, salesforce, split_items};
+    use bridge_core::mapping::Mapping;
+    use bridge_core::webhook::{Incoming, hubspot, salesforce, split_items};
 
     fn sample(name: &str) -> String {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../events/webhooks/");
@@ -299,7 +299,7 @@ mod tests {
             let (items, _) = split_items(&body, 500).unwrap();
             let bad = items
                 .iter()
-                .filter(|i| shared::event::parse_event_json(i).is_err())
+                .filter(|i| bridge_core::event::parse_event_json(i).is_err())
                 .count();
             assert_eq!(bad, invalid_items, "{name}");
         }

@@ -1,24 +1,27 @@
 //! The ingest Lambda (Function URL): CRM webhooks in, stored and enqueued events out.
 //! Clients, secrets and the mapping are loaded once here, at init.
 
+use bridge_aws::config::Settings;
+use bridge_aws::dynamodb::DynamoStore;
+use bridge_aws::sqs::SqsQueue;
+use bridge_core::webhook::hubspot::HubSpotRecords;
+use bridge_platforms::hubspot::HubSpotClient;
 use ingest::App;
 use lambda_http::{Error, service_fn};
-use shared::config::Settings;
-use shared::queue::sqs::SqsQueue;
-use shared::store::dynamodb::DynamoStore;
-use shared::webhook::hubspot::{HubSpotClient, HubSpotRecords};
 use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    shared::telemetry::init();
+    bridge_aws::telemetry::init();
     // Pay phonenumber's lazy metadata load (tens of ms) during init, not on the first request,
     // and on its own thread so it overlaps the network-bound SDK and SSM setup below.
-    let warm = tokio::task::spawn_blocking(shared::identity::warm_up);
+    let warm = tokio::task::spawn_blocking(bridge_core::identity::warm_up);
     let settings = Settings::from_env()?;
-    let aws = shared::aws::sdk_config().await;
+    let aws = bridge_aws::clients::sdk_config().await;
     let secrets = match std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH") {
-        Ok(path) => shared::aws::parameters_by_path(&shared::aws::ssm(&aws), &path).await?,
+        Ok(path) => {
+            bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(&aws), &path).await?
+        }
         Err(_) => Default::default(),
     };
     let hubspot: Option<Arc<dyn HubSpotRecords>> = secrets.get("hubspot-token").map(|token| {
@@ -32,12 +35,12 @@ async fn main() -> Result<(), Error> {
     });
     let app = App {
         store: Arc::new(DynamoStore::new(
-            shared::aws::dynamodb(&aws),
+            bridge_aws::clients::dynamodb(&aws),
             &settings.table_name,
             settings.retention_days,
         )),
         queue: Arc::new(SqsQueue::new(
-            shared::aws::sqs(&aws),
+            bridge_aws::clients::sqs(&aws),
             settings.queues.clone(),
         )),
         secrets,

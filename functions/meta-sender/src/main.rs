@@ -1,22 +1,22 @@
 //! The Meta sender Lambda (SQS-triggered): delivers claimed events to the Conversions API.
 //! Clients, the access token and the mapping are loaded once here, at init.
 
+use bridge_aws::config::Settings;
+use bridge_aws::lambda::{env, env_secs};
+use bridge_platforms::meta::{MetaConfig, MetaPlatform};
 use lambda_runtime::Error;
-use shared::config::Settings;
-use shared::destinations::meta::{MetaConfig, MetaPlatform};
-use shared::lambda::{env, env_secs};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    shared::telemetry::init();
+    bridge_aws::telemetry::init();
     let settings = Settings::from_env()?;
-    let aws = shared::aws::sdk_config().await;
-    let ssm = shared::aws::ssm(&aws);
+    let aws = bridge_aws::clients::sdk_config().await;
+    let ssm = bridge_aws::clients::ssm(&aws);
     let token_param =
         env("META_ACCESS_TOKEN_PARAMETER").ok_or("META_ACCESS_TOKEN_PARAMETER is required")?;
-    let access_token = shared::aws::parameter(&ssm, &token_param).await?;
+    let access_token = bridge_aws::clients::parameter(&ssm, &token_param).await?;
     let app_secret = match env("META_APP_SECRET_PARAMETER") {
-        Some(p) => Some(shared::aws::parameter(&ssm, &p).await?),
+        Some(p) => Some(bridge_aws::clients::parameter(&ssm, &p).await?),
         None => None,
     };
     let cfg = MetaConfig {
@@ -29,5 +29,5 @@ async fn main() -> Result<(), Error> {
         timeout: env_secs("META_TIMEOUT_SECS", 20),
     };
     let platform = MetaPlatform::new(reqwest::Client::new(), cfg, settings.mapping.clone());
-    shared::lambda::run_sender(platform, &settings, &aws).await
+    bridge_aws::lambda::run_sender(platform, &settings, &aws).await
 }

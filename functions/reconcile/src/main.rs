@@ -3,18 +3,18 @@
 //! bucket, logs a summary and emits EMF metrics. Clients are built once here, at init.
 
 use aws_sdk_s3::primitives::ByteStream;
-use lambda_runtime::{Error, LambdaEvent, service_fn};
-use serde_json::{Value, json};
-use shared::config::Settings;
-use shared::destination::Destination;
-use shared::destinations::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use shared::queue::sqs::SqsQueue;
-use shared::reconcile::{
+use bridge_aws::config::Settings;
+use bridge_aws::dynamodb::DynamoStore;
+use bridge_aws::sqs::SqsQueue;
+use bridge_core::delivery::Destination;
+use bridge_core::reconcile::{
     Observations, build_report, data_manager_requests, fold_request_status, sweep,
 };
-use shared::store::EventStore;
-use shared::store::dynamodb::DynamoStore;
-use shared::timestamp::Timestamp;
+use bridge_core::store::EventStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 const SWEEP_LIMIT: usize = 1000;
@@ -83,7 +83,7 @@ impl App {
                 written.push(key);
             }
             for line in report.metrics_lines(now.unix_ms()) {
-                shared::metrics::emit(&line);
+                bridge_core::metrics::emit(&line);
             }
             for (d, f) in &report.destinations {
                 for (currency, c) in &f.currencies {
@@ -108,9 +108,9 @@ fn event_time(v: &Value) -> Timestamp {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    shared::telemetry::init();
+    bridge_aws::telemetry::init();
     let settings = Settings::from_env()?;
-    let aws = shared::aws::sdk_config().await;
+    let aws = bridge_aws::clients::sdk_config().await;
     let bucket = std::env::var("REPORTS_BUCKET").map_err(|_| "REPORTS_BUCKET is required")?;
     // Emulators serve buckets by path, not by virtual host.
     let path_style =
@@ -125,9 +125,9 @@ async fn main() -> Result<(), Error> {
         .filter(|v| !v.is_empty())
     {
         Some(param) => {
-            let ssm = shared::aws::ssm(&aws);
+            let ssm = bridge_aws::clients::ssm(&aws);
             // Without Google (or its credentials) the report simply has no platform status.
-            let read = match shared::aws::parameter(&ssm, &param).await {
+            let read = match bridge_aws::clients::parameter(&ssm, &param).await {
                 Ok(text) => GoogleCredentials::from_json(&text).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
@@ -161,11 +161,11 @@ async fn main() -> Result<(), Error> {
     let app = App {
         google,
         store: DynamoStore::new(
-            shared::aws::dynamodb(&aws),
+            bridge_aws::clients::dynamodb(&aws),
             &settings.table_name,
             settings.retention_days,
         ),
-        queue: SqsQueue::new(shared::aws::sqs(&aws), settings.queues.clone()),
+        queue: SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone()),
         s3,
         bucket,
     };

@@ -1,0 +1,73 @@
+//! Lambda trigger shapes to and from the core: SQS records in, `batchItemFailures` out.
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use bridge_core::delivery::pipeline::{BatchReport, Record};
+
+pub fn sqs_records(event: SqsEvent) -> Vec<Record> {
+    event
+        .records
+        .into_iter()
+        .map(|r| Record {
+            message_id: r.message_id.unwrap_or_default(),
+            receipt: r.receipt_handle.unwrap_or_default(),
+            body: r.body.unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Only the listed messages stay on the queue; the event source mapping deletes the rest.
+pub fn batch_response(report: &BatchReport) -> SqsBatchResponse {
+    let mut resp = SqsBatchResponse::default();
+    for id in &report.failures {
+        let mut f = BatchItemFailure::default();
+        f.item_identifier = id.clone();
+        resp.batch_item_failures.push(f);
+    }
+    resp
+}
+
+/// Runs a sender Lambda: every SQS batch through `process_batch` for `platform`, with the
+/// store, queue and pipeline settings built once at init from `settings`.
+pub async fn run_sender<P: bridge_core::delivery::pipeline::Platform>(
+    platform: P,
+    settings: &crate::config::Settings,
+    aws: &aws_config::SdkConfig,
+) -> Result<(), lambda_runtime::Error> {
+    use bridge_core::delivery::pipeline::{PipelineConfig, process_batch};
+    let store = crate::dynamodb::DynamoStore::new(
+        crate::clients::dynamodb(aws),
+        &settings.table_name,
+        settings.retention_days,
+    );
+    let queue = crate::sqs::SqsQueue::new(crate::clients::sqs(aws), settings.queues.clone());
+    let pipeline = PipelineConfig {
+        lease_secs: settings.lease_secs,
+        max_attempts: settings.max_attempts,
+        backoff: bridge_core::delivery::Backoff {
+            base: std::time::Duration::from_secs(settings.retry_base_secs),
+            cap: std::time::Duration::from_secs(settings.retry_cap_secs),
+            ..bridge_core::delivery::Backoff::default()
+        },
+        refund_wait: std::time::Duration::from_secs(settings.refund_wait_secs),
+    };
+    let (platform, store, queue, pipeline) = (&platform, &store, &queue, &pipeline);
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
+            let records = sqs_records(event.payload);
+            let now = bridge_core::timestamp::Timestamp::now();
+            let report = process_batch(records, platform, store, queue, pipeline, now).await;
+            Ok::<SqsBatchResponse, lambda_runtime::Error>(batch_response(&report))
+        },
+    ))
+    .await
+}
+
+/// A non-empty environment variable.
+pub fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// A duration in seconds from the environment, or `default`.
+pub fn env_secs(k: &str, default: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(env(k).and_then(|v| v.parse().ok()).unwrap_or(default))
+}

@@ -1,0 +1,493 @@
+//! The ingest pipeline: validated inputs become stored canonical events, and each destination
+//! the mapping enables and consent allows gets a delivery message. Stored before enqueued.
+
+use crate::consent::ConsentStatus;
+use crate::delivery::{DeliveryStatus, Destination, DestinationState};
+use crate::event::{CanonicalEvent, FieldError, ValidationContext, validate};
+use crate::identity::{HashedIdentity, IdentityWarning, Region};
+use crate::mapping::Mapping;
+use crate::queue::{DeliveryMessage, DeliveryQueue};
+use crate::store::{EventStore, PutOutcome};
+use crate::timestamp::Timestamp;
+use crate::webhook::Incoming;
+use futures::future::join_all;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Puts in flight at once: enough to hide DynamoDB latency for a 500-item batch, few enough
+/// to stay inside a 128 MB function and the table's burst capacity.
+const CONCURRENT_PUTS: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct IngestConfig {
+    pub default_region: Region,
+    pub max_future_skew_secs: i64,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemStatus {
+    /// Stored now; delivery messages enqueued for the pending destinations.
+    Accepted,
+    /// Already stored earlier under this event_id: nothing changed.
+    Duplicate,
+    Invalid,
+    /// A CRM stage the mapping does not map: recorded, nothing stored or sent.
+    Unmapped,
+    /// The store could not be written: the caller must retry.
+    Unavailable,
+}
+
+/// The answer for one item of a webhook delivery, in request order.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct ItemResult {
+    pub index: usize,
+    pub status: ItemStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub destinations: BTreeMap<Destination, DeliveryStatus>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<IdentityWarning>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}
+
+impl ItemResult {
+    fn new(index: usize, status: ItemStatus) -> Self {
+        ItemResult {
+            index,
+            status,
+            event_id: None,
+            duplicate: false,
+            errors: Vec::new(),
+            destinations: BTreeMap::new(),
+            warnings: Vec::new(),
+            stage: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct IngestReport {
+    pub results: Vec<ItemResult>,
+    /// Delivery messages that could not be enqueued; their events stay `pending` and the
+    /// reconciliation sweep re-enqueues them.
+    pub enqueue_failures: usize,
+}
+
+impl IngestReport {
+    pub fn any(&self, s: ItemStatus) -> bool {
+        self.results.iter().any(|r| r.status == s)
+    }
+}
+
+/// Decides each destination's initial state: `rejected_not_system_of_record` for revenue from
+/// a source that is not the system of record, else the consent gate's answer. When nothing
+/// will be sent, the identifiers are dropped: the store keeps only what the audit needs.
+pub fn plan_destinations(event: &mut CanonicalEvent, mapping: &Mapping) {
+    let not_sor = event.event_name.is_revenue() && !mapping.is_system_of_record(&event.source);
+    for d in mapping.destinations_for(event.event_name) {
+        let mut state;
+        if not_sor {
+            state =
+                DestinationState::new(DeliveryStatus::RejectedNotSystemOfRecord, event.received_at);
+        } else {
+            let decision = event.consent.decide(d);
+            let status = if decision.allowed {
+                DeliveryStatus::Pending
+            } else {
+                DeliveryStatus::BlockedConsent
+            };
+            state = DestinationState::new(status, event.received_at);
+            state.consent_reason = Some(decision.reason);
+        }
+        event.destinations.insert(d, state);
+    }
+    if !event
+        .destinations
+        .values()
+        .any(|s| s.status == DeliveryStatus::Pending)
+    {
+        event.identity = HashedIdentity::default();
+    }
+}
+
+/// Runs one webhook delivery from `source` through validation, the conditional write and the
+/// enqueue. Every item gets a result; one bad item never stops the others.
+pub async fn ingest(
+    items: Vec<Incoming>,
+    source: &str,
+    mapping: &Mapping,
+    cfg: &IngestConfig,
+    now: Timestamp,
+    store: &dyn EventStore,
+    queue: &dyn DeliveryQueue,
+) -> IngestReport {
+    let default_consent = mapping
+        .source(source)
+        .map_or(ConsentStatus::Unknown, |s| s.consent_default);
+    let ctx = ValidationContext {
+        now,
+        max_future_skew_secs: cfg.max_future_skew_secs,
+        default_region: cfg.default_region,
+        mapping_version: mapping.version.clone(),
+        default_consent,
+    };
+
+    // Validate everything first (CPU only), then write the valid events concurrently.
+    let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
+    let mut to_store: Vec<(usize, CanonicalEvent)> = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        match item {
+            Incoming::Invalid(errors) => {
+                let mut r = ItemResult::new(index, ItemStatus::Invalid);
+                r.errors = errors;
+                results.push(r);
+            }
+            Incoming::Unmapped { stage } => {
+                tracing::info!(source, stage = %stage, result = "unmapped", "stage not in the mapping contract");
+                let mut r = ItemResult::new(index, ItemStatus::Unmapped);
+                r.stage = Some(stage);
+                results.push(r);
+            }
+            Incoming::Unavailable(reason) => {
+                tracing::warn!(source, result = "unavailable", reason = %reason, "item could not be completed");
+                let mut r = ItemResult::new(index, ItemStatus::Unavailable);
+                r.errors = vec![FieldError::new(
+                    "$",
+                    "a CRM record could not be read; retry the request",
+                )];
+                results.push(r);
+            }
+            Incoming::Event(mut input) => {
+                match input.source.as_deref() {
+                    None | Some("") => input.source = Some(source.to_string()),
+                    Some(s) if s == source => {}
+                    Some(_) => {
+                        let mut r = ItemResult::new(index, ItemStatus::Invalid);
+                        r.errors = vec![FieldError::new(
+                            "source",
+                            format!("must be `{source}` (the webhook path's source) or absent"),
+                        )];
+                        results.push(r);
+                        continue;
+                    }
+                }
+                match validate(&input, &ctx) {
+                    Ok(mut event) => {
+                        plan_destinations(&mut event, mapping);
+                        results.push(ItemResult::new(index, ItemStatus::Accepted));
+                        to_store.push((index, event));
+                    }
+                    Err(errors) => {
+                        let mut r = ItemResult::new(index, ItemStatus::Invalid);
+                        r.errors = errors;
+                        results.push(r);
+                    }
+                }
+            }
+        }
+    }
+
+    let mut messages = Vec::new();
+    for chunk in to_store.chunks(CONCURRENT_PUTS) {
+        let outcomes = join_all(chunk.iter().map(|(_, e)| store.put_new(e))).await;
+        for ((index, event), outcome) in chunk.iter().zip(outcomes) {
+            let r = &mut results[*index];
+            r.event_id = Some(event.event_id.clone());
+            match outcome {
+                Ok(PutOutcome::Created) => {
+                    r.destinations = event
+                        .destinations
+                        .iter()
+                        .map(|(d, s)| (*d, s.status))
+                        .collect();
+                    r.warnings = event.warnings.clone();
+                    for (d, s) in &event.destinations {
+                        if s.status == DeliveryStatus::Pending {
+                            messages.push(DeliveryMessage::new(event.event_id.clone(), *d));
+                        }
+                    }
+                    tracing::info!(event_id = %event.event_id, source, event_name = %event.event_name, result = "accepted", "event stored");
+                }
+                Ok(PutOutcome::Duplicate) => {
+                    r.status = ItemStatus::Duplicate;
+                    r.duplicate = true;
+                    tracing::info!(event_id = %event.event_id, source, event_name = %event.event_name, result = "duplicate", "event already stored");
+                }
+                Err(e) => {
+                    r.status = ItemStatus::Unavailable;
+                    r.errors = vec![FieldError::new(
+                        "$",
+                        "the event store is unavailable; retry the request",
+                    )];
+                    tracing::error!(event_id = %event.event_id, source, event_name = %event.event_name, result = "unavailable", error = %e, "store write failed");
+                }
+            }
+        }
+    }
+
+    let failed = if messages.is_empty() {
+        Vec::new()
+    } else {
+        queue.enqueue(&messages).await
+    };
+    for m in &failed {
+        tracing::warn!(event_id = %m.event_id, destination = %m.destination, result = "enqueue_failed", "left pending for the reconciliation sweep");
+    }
+    IngestReport {
+        results,
+        enqueue_failures: failed.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse_event_json;
+    use crate::queue::memory::MemoryQueue;
+    use crate::store::memory::MemoryStore;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn cfg() -> IngestConfig {
+        IngestConfig {
+            default_region: Region::US,
+            max_future_skew_secs: 300,
+        }
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::parse_rfc3339("2026-11-28T12:00:00Z").unwrap()
+    }
+
+    fn item(v: serde_json::Value) -> Incoming {
+        match parse_event_json(&v.to_string()) {
+            Ok(i) => Incoming::Event(Box::new(i)),
+            Err(e) => Incoming::Invalid(e),
+        }
+    }
+
+    fn won(consent: &str) -> serde_json::Value {
+        json!({"event_name": "won", "occurred_at": "2026-11-27T10:00:00Z", "entity_type": "opportunity",
+               "entity_id": "D-1", "order_id": "O-1", "value": 100, "currency": "USD",
+               "identity": {"email": "a@example.com", "gclid": "abc"}, "consent": {"status": consent}})
+    }
+
+    async fn run(
+        items: Vec<Incoming>,
+        source: &str,
+        store: &MemoryStore,
+        queue: &MemoryQueue,
+    ) -> IngestReport {
+        let mapping = Mapping::bundled().unwrap();
+        ingest(items, source, &mapping, &cfg(), now(), store, queue).await
+    }
+
+    #[tokio::test]
+    async fn accepted_event_is_stored_then_enqueued_per_destination() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let r = run(vec![item(won("granted"))], "hubspot", &store, &queue).await;
+        assert_eq!(r.results[0].status, ItemStatus::Accepted);
+        let id = r.results[0].event_id.clone().unwrap();
+        let stored = store.get_sync(&id);
+        assert_eq!(
+            stored.destinations[&Destination::Meta].status,
+            DeliveryStatus::Pending
+        );
+        assert_eq!(
+            stored.destinations[&Destination::Meta]
+                .consent_reason
+                .as_deref(),
+            Some("consent granted (payload)")
+        );
+        assert_eq!(queue.depth(Destination::Meta), 1);
+        assert_eq!(queue.depth(Destination::Google), 1);
+        assert!(stored.identity.meta.em.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_same_webhook_ten_times_is_one_event_and_one_enqueue_per_destination() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        for n in 0..10 {
+            let r = run(vec![item(won("granted"))], "hubspot", &store, &queue).await;
+            let want = if n == 0 {
+                ItemStatus::Accepted
+            } else {
+                ItemStatus::Duplicate
+            };
+            assert_eq!(r.results[0].status, want);
+            assert_eq!(r.results[0].duplicate, n > 0);
+        }
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            (
+                queue.depth(Destination::Meta),
+                queue.depth(Destination::Google)
+            ),
+            (1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn consent_denied_or_unknown_is_stored_blocked_sends_nothing_and_keeps_no_identifiers() {
+        for consent in ["denied", "unknown"] {
+            let (store, queue) = (
+                MemoryStore::new(),
+                MemoryQueue::new(5, Duration::from_secs(30)),
+            );
+            let r = run(vec![item(won(consent))], "hubspot", &store, &queue).await;
+            assert_eq!(r.results[0].status, ItemStatus::Accepted);
+            let stored = store.get_sync(r.results[0].event_id.as_deref().unwrap());
+            for d in Destination::ALL {
+                assert_eq!(
+                    stored.destinations[&d].status,
+                    DeliveryStatus::BlockedConsent
+                );
+                assert_eq!(
+                    stored.destinations[&d].consent_reason.as_deref(),
+                    Some(format!("consent {consent} (payload)").as_str())
+                );
+            }
+            assert!(
+                stored.identity.is_empty(),
+                "no identifiers kept for a blocked event"
+            );
+            assert_eq!(
+                queue.depth(Destination::Meta) + queue.depth(Destination::Google),
+                0
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_consent_uses_the_source_default() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let mut v = won("granted");
+        v.as_object_mut().unwrap().remove("consent");
+        let r = run(vec![item(v)], "hubspot", &store, &queue).await;
+        let stored = store.get_sync(r.results[0].event_id.as_deref().unwrap());
+        assert_eq!(
+            stored.destinations[&Destination::Meta]
+                .consent_reason
+                .as_deref(),
+            Some("consent unknown (source default)")
+        );
+    }
+
+    #[tokio::test]
+    async fn revenue_from_a_source_that_is_not_the_system_of_record_is_never_sent() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let r = run(vec![item(won("granted"))], "salesforce", &store, &queue).await;
+        let stored = store.get_sync(r.results[0].event_id.as_deref().unwrap());
+        for d in Destination::ALL {
+            assert_eq!(
+                stored.destinations[&d].status,
+                DeliveryStatus::RejectedNotSystemOfRecord
+            );
+        }
+        assert_eq!(
+            queue.depth(Destination::Meta) + queue.depth(Destination::Google),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn mixed_batch_keeps_valid_items_and_names_every_bad_field() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let bad = json!({"event_name": "won", "occurred_at": "soon", "entity_type": "opportunity", "entity_id": "D-2"});
+        let wrong_source = json!({"source": "salesforce", "event_name": "lead", "occurred_at": "2026-11-27T10:00:00Z",
+                                  "entity_type": "lead", "entity_id": "L-1"});
+        let items = vec![
+            item(won("granted")),
+            item(bad),
+            Incoming::Unmapped { stage: "x".into() },
+            item(wrong_source),
+        ];
+        let r = run(items, "hubspot", &store, &queue).await;
+        let statuses: Vec<_> = r.results.iter().map(|x| x.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                ItemStatus::Accepted,
+                ItemStatus::Invalid,
+                ItemStatus::Unmapped,
+                ItemStatus::Invalid
+            ]
+        );
+        let fields: Vec<_> = r.results[1]
+            .errors
+            .iter()
+            .map(|e| e.field.as_str())
+            .collect();
+        assert_eq!(fields, ["occurred_at", "order_id", "value", "currency"]);
+        assert_eq!(r.results[3].errors[0].field, "source");
+        assert_eq!(
+            r.results.iter().map(|x| x.index).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn enqueue_failure_leaves_the_event_pending_and_the_caller_succeeds() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        queue.break_destination(Destination::Google, true);
+        let r = run(vec![item(won("granted"))], "hubspot", &store, &queue).await;
+        assert_eq!(r.results[0].status, ItemStatus::Accepted);
+        assert_eq!(r.enqueue_failures, 1);
+        let stored = store.get_sync(r.results[0].event_id.as_deref().unwrap());
+        assert_eq!(
+            stored.destinations[&Destination::Google].status,
+            DeliveryStatus::Pending
+        );
+        assert_eq!(queue.depth(Destination::Meta), 1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_many_is_enqueued_in_batches_of_ten() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let items = (0..45)
+            .map(|i| {
+                let mut v = won("granted");
+                v["entity_id"] = json!(format!("D-{i}"));
+                v["order_id"] = json!(format!("O-{i}"));
+                item(v)
+            })
+            .collect();
+        let r = run(items, "hubspot", &store, &queue).await;
+        assert!(r.results.iter().all(|x| x.status == ItemStatus::Accepted));
+        assert_eq!(queue.depth(Destination::Meta), 45);
+        assert_eq!(
+            queue.send_calls(),
+            10,
+            "5 SendMessageBatch calls per destination for 45 messages"
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! The platforms the bridge talks to over HTTP: the Meta Conversions API and Google Ads (the
+//! Ads API and the Data Manager API) as delivery `Platform`s, and the CRM API clients.
+
+pub mod google;
+pub mod hubspot;
+pub mod meta;

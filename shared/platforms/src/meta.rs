@@ -1,0 +1,487 @@
+//! Meta Conversions API: event building per the mapping contract, checks before batching,
+//! response classification, and the HTTP client (batches of up to 1,000, bisected on a
+//! whole-request rejection so one bad event never blocks the others).
+
+use async_trait::async_trait;
+use bridge_core::delivery::pipeline::Platform;
+use bridge_core::delivery::{Answer, Attempt, Outcome, deliver_isolating};
+use bridge_core::delivery::{Destination, ErrorInfo};
+use bridge_core::event::{CanonicalEvent, EventName};
+use bridge_core::mapping::{Mapping, MetaRefundPolicy};
+use bridge_core::timestamp::Timestamp;
+use hmac::{KeyInit, Mac};
+use serde_json::{Map, Value, json};
+use std::time::Duration;
+
+/// Meta accepts at most 1,000 events per request.
+pub const MAX_EVENTS: usize = 1000;
+const DAY: i64 = 86_400;
+
+#[derive(Clone, Debug)]
+pub struct MetaConfig {
+    pub base_url: String,
+    pub api_version: String,
+    pub pixel_id: String,
+    pub access_token: String,
+    /// When set, requests carry `appsecret_proof`.
+    pub app_secret: Option<String>,
+    /// Dry runs: events go to Events Manager's Test Events tool.
+    pub test_event_code: Option<String>,
+    pub timeout: Duration,
+}
+
+fn err(code: &str, message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// The CAPI event for one stored event, or why it can never be valid.
+pub fn build_event(
+    e: &CanonicalEvent,
+    mapping: &Mapping,
+    now: Timestamp,
+) -> Result<Value, ErrorInfo> {
+    let Some(meta) = &mapping.meta else {
+        return Err(err("not_mapped", "Meta is not enabled in the mapping"));
+    };
+    let (mapped, value) = match e.event_name {
+        EventName::Refund => match meta.refund_policy {
+            MetaRefundPolicy::CustomEvent => (
+                meta.events.get(&EventName::Refund),
+                e.value.map(|v| v.as_f64()),
+            ),
+            MetaRefundPolicy::NegativePurchase => (
+                meta.events.get(&EventName::Won),
+                e.value.map(|v| -v.as_f64()),
+            ),
+            MetaRefundPolicy::Skip => (None, None),
+        },
+        other => (meta.events.get(&other), e.value.map(|v| v.as_f64())),
+    };
+    let Some(mapped) = mapped else {
+        return Err(err(
+            "not_mapped",
+            format!("{} is not mapped to a Meta event", e.event_name),
+        ));
+    };
+    let age = now.secs_since(&e.occurred_at);
+    let window = if mapped.action_source == "physical_store" {
+        62 * DAY
+    } else {
+        7 * DAY
+    };
+    if age > window {
+        return Err(err(
+            "event_too_old",
+            format!(
+                "event_time is {} days old; Meta accepts {} days for {}",
+                age / DAY,
+                window / DAY,
+                mapped.action_source
+            ),
+        ));
+    }
+    if age < -60 {
+        return Err(err("event_in_future", "event_time is in the future"));
+    }
+    if mapped.action_source == "website" {
+        return Err(err(
+            "website_fields_missing",
+            "website events need client_user_agent and event_source_url, which CRM events lack",
+        ));
+    }
+
+    let mut ud = Map::new();
+    let m = &e.identity.meta;
+    for (k, v) in [
+        ("em", &m.em),
+        ("ph", &m.ph),
+        ("fn", &m.first_name),
+        ("ln", &m.ln),
+        ("ct", &m.ct),
+        ("st", &m.st),
+        ("zp", &m.zp),
+        ("country", &m.country),
+        ("external_id", &m.external_id),
+    ] {
+        if let Some(v) = v {
+            ud.insert(k.into(), json!([v]));
+        }
+    }
+    let c = &e.identity.click;
+    for (k, v) in [
+        ("fbc", &c.fbc),
+        ("fbp", &c.fbp),
+        ("client_ip_address", &c.client_ip_address),
+        ("client_user_agent", &c.client_user_agent),
+        ("lead_id", &c.lead_id),
+    ] {
+        if let Some(v) = v {
+            ud.insert(k.into(), json!(v));
+        }
+    }
+    if ud.is_empty() {
+        return Err(err(
+            "no_customer_information",
+            "no identifier Meta can match (email, phone, name, click ids...)",
+        ));
+    }
+
+    let mut cd = Map::new();
+    if let Some(v) = value {
+        cd.insert("value".into(), json!(v));
+    }
+    if let Some(cur) = &e.currency {
+        cd.insert("currency".into(), json!(cur));
+    }
+    if mapped.event_name == "Purchase"
+        && (cd.get("value").is_none() || cd.get("currency").is_none())
+    {
+        return Err(err(
+            "purchase_without_value",
+            "Purchase needs value and currency",
+        ));
+    }
+    if let Some(o) = &e.order_id {
+        cd.insert("order_id".into(), json!(o));
+    }
+    if let Some(src) = &meta.lead_event_source {
+        cd.insert("event_source".into(), json!("crm"));
+        cd.insert("lead_event_source".into(), json!(src));
+    }
+
+    let mut ev = json!({
+        "event_name": mapped.event_name,
+        "event_time": e.occurred_at.unix_secs(),
+        "event_id": e.event_id,
+        "action_source": mapped.action_source,
+        "user_data": ud,
+    });
+    if !cd.is_empty() {
+        ev["custom_data"] = Value::Object(cd);
+    }
+    if let Some((country, state)) = meta.limited_data_use {
+        ev["data_processing_options"] = json!(["LDU"]);
+        ev["data_processing_options_country"] = json!(country);
+        ev["data_processing_options_state"] = json!(state);
+    }
+    Ok(ev)
+}
+
+const TRANSIENT_CODES: &[i64] = &[1, 2, 4, 17, 341, 368, 613, 80003, 80004];
+
+/// Reads Meta's answer for a whole request into one outcome for all of its events.
+pub fn classify(status: u16, body: &str, sent: usize) -> Outcome {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    if (200..300).contains(&status) {
+        let received = v["events_received"].as_u64().unwrap_or(0) as usize;
+        let trace = v["fbtrace_id"].as_str().map(str::to_string);
+        if received == sent {
+            return Outcome::Delivered {
+                platform_ref: trace,
+                replay: false,
+            };
+        }
+        return Outcome::Retryable {
+            error: err(
+                "events_received_mismatch",
+                format!("sent {sent}, Meta received {received}"),
+            ),
+            after: None,
+        };
+    }
+    let e = &v["error"];
+    let code = e["code"].as_i64();
+    let message = e["error_user_msg"]
+        .as_str()
+        .or(e["message"].as_str())
+        .unwrap_or("no error message")
+        .to_string();
+    let label = match (code, e["error_subcode"].as_i64()) {
+        (Some(c), Some(s)) => format!("meta_{c}_{s}"),
+        (Some(c), None) => format!("meta_{c}"),
+        _ => format!("http_{status}"),
+    };
+    let info = err(&label, message);
+    let transient = e["is_transient"].as_bool() == Some(true)
+        || code.is_some_and(|c| TRANSIENT_CODES.contains(&c))
+        || status == 429
+        || status >= 500;
+    if transient {
+        return Outcome::Retryable {
+            error: info,
+            after: None,
+        };
+    }
+    let config = code == Some(190)
+        || code.is_some_and(|c| (200..300).contains(&c))
+        || code == Some(10)
+        || code == Some(3);
+    Outcome::Rejected {
+        error: info,
+        dead_letter: true,
+        alert: config,
+    }
+}
+
+/// The Meta destination over HTTP.
+pub struct MetaPlatform {
+    http: reqwest::Client,
+    cfg: MetaConfig,
+    mapping: Mapping,
+    proof: Option<String>,
+}
+
+impl MetaPlatform {
+    pub fn new(http: reqwest::Client, cfg: MetaConfig, mapping: Mapping) -> Self {
+        let proof = cfg.app_secret.as_ref().and_then(|secret| {
+            let mut m =
+                <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).ok()?;
+            m.update(cfg.access_token.as_bytes());
+            Some(bridge_core::hashing::hex(&m.finalize().into_bytes()))
+        });
+        MetaPlatform {
+            http,
+            cfg,
+            mapping,
+            proof,
+        }
+    }
+
+    async fn post(&self, pixel: &str, events: &[Value]) -> Outcome {
+        let url = format!(
+            "{}/{}/{}/events",
+            self.cfg.base_url, self.cfg.api_version, pixel
+        );
+        let mut query = vec![("access_token", self.cfg.access_token.clone())];
+        if let Some(p) = &self.proof {
+            query.push(("appsecret_proof", p.clone()));
+        }
+        let mut body = json!({"data": events});
+        if let Some(code) = &self.cfg.test_event_code {
+            body["test_event_code"] = json!(code);
+        }
+        let resp = self
+            .http
+            .post(url)
+            .query(&query)
+            .json(&body)
+            .timeout(self.cfg.timeout)
+            .send()
+            .await;
+        match resp {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                match r.text().await {
+                    Ok(text) => classify(status, &text, events.len()),
+                    Err(e) => Outcome::Retryable {
+                        error: err("response_read", e.to_string()),
+                        after: None,
+                    },
+                }
+            }
+            // A timeout may come after Meta accepted the batch: the retry sends the same
+            // event ids, and Meta deduplicates on event_name + event_id.
+            Err(e) if e.is_timeout() => Outcome::Retryable {
+                error: err("timeout", "no answer in time"),
+                after: None,
+            },
+            Err(e) => Outcome::Retryable {
+                error: err("network", e.to_string()),
+                after: None,
+            },
+        }
+    }
+}
+
+/// One request for one pixel: Meta answers for the whole request.
+struct PixelRequest<'a> {
+    platform: &'a MetaPlatform,
+    pixel: &'a str,
+}
+
+#[async_trait]
+impl Attempt<Value> for PixelRequest<'_> {
+    async fn attempt(&self, events: &[Value]) -> Answer {
+        Answer::Whole(self.platform.post(self.pixel, events).await)
+    }
+}
+
+#[async_trait]
+impl Platform for MetaPlatform {
+    type Item = Value;
+
+    fn destination(&self) -> Destination {
+        Destination::Meta
+    }
+
+    fn max_batch(&self) -> usize {
+        MAX_EVENTS
+    }
+
+    fn prepare(
+        &self,
+        event: &CanonicalEvent,
+        _order: &[CanonicalEvent],
+        now: Timestamp,
+    ) -> Result<(String, Value), ErrorInfo> {
+        Ok((
+            self.cfg.pixel_id.clone(),
+            build_event(event, &self.mapping, now)?,
+        ))
+    }
+
+    /// A whole-request rejection holding more than one event is bisected, so the bad event
+    /// ends alone with its own error and the rest are delivered.
+    async fn send(&self, pixel: &str, items: &[Value]) -> Vec<Outcome> {
+        let request = PixelRequest {
+            platform: self,
+            pixel,
+        };
+        deliver_isolating(&request, items).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_core::event::{ValidationContext, parse_event_json, validate};
+    use bridge_core::hashing::sha256_hex;
+
+    fn now() -> Timestamp {
+        Timestamp::parse_rfc3339("2026-11-28T12:00:00Z").unwrap()
+    }
+
+    fn event(v: Value) -> CanonicalEvent {
+        let ctx = ValidationContext::for_tests(now());
+        validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap()
+    }
+
+    fn won() -> Value {
+        json!({"source": "hubspot", "event_name": "won", "occurred_at": "2026-11-27T10:00:00Z", "entity_type": "opportunity",
+               "entity_id": "D-1", "order_id": "O-1", "value": 99.5, "currency": "EUR",
+               "identity": {"email": "a@example.com", "phone": "+1 650 555 1234", "fbclid": "IwAR", "client_ip_address": "203.0.113.1"}})
+    }
+
+    #[test]
+    fn won_becomes_a_purchase_with_hashes_and_crm_fields() {
+        let m = Mapping::bundled().unwrap();
+        let e = event(won());
+        let v = build_event(&e, &m, now()).unwrap();
+        assert_eq!(v["event_name"], "Purchase");
+        assert_eq!(v["event_id"], e.event_id.as_str());
+        assert_eq!(v["event_time"], e.occurred_at.unix_secs());
+        assert_eq!(v["action_source"], "system_generated");
+        assert_eq!(v["user_data"]["em"], json!([sha256_hex("a@example.com")]));
+        assert_eq!(v["user_data"]["ph"], json!([sha256_hex("16505551234")]));
+        assert_eq!(
+            v["user_data"]["client_ip_address"], "203.0.113.1",
+            "never hashed"
+        );
+        assert!(v["user_data"]["fbc"].as_str().unwrap().starts_with("fb.1."));
+        assert_eq!(
+            v["custom_data"],
+            json!({"value": 99.5, "currency": "EUR", "order_id": "O-1", "event_source": "crm", "lead_event_source": "HubSpot"})
+        );
+        assert!(v.get("data_processing_options").is_none());
+    }
+
+    #[test]
+    fn refund_policies() {
+        let mut r = won();
+        r["event_name"] = json!("refund");
+        r["value"] = json!(20);
+        let e = event(r);
+        let mut m = Mapping::bundled().unwrap();
+        let v = build_event(&e, &m, now()).unwrap();
+        assert_eq!(
+            (v["event_name"].as_str(), v["custom_data"]["value"].as_f64()),
+            (Some("Refund"), Some(20.0))
+        );
+        m.meta.as_mut().unwrap().refund_policy = MetaRefundPolicy::NegativePurchase;
+        let v = build_event(&e, &m, now()).unwrap();
+        assert_eq!(
+            (v["event_name"].as_str(), v["custom_data"]["value"].as_f64()),
+            (Some("Purchase"), Some(-20.0))
+        );
+        m.meta.as_mut().unwrap().refund_policy = MetaRefundPolicy::Skip;
+        assert_eq!(build_event(&e, &m, now()).unwrap_err().code, "not_mapped");
+    }
+
+    #[test]
+    fn events_that_cannot_be_valid_are_rejected_before_batching() {
+        let m = Mapping::bundled().unwrap();
+        let e = event(won());
+        assert_eq!(
+            build_event(&e, &m, now().plus_secs(8 * DAY))
+                .unwrap_err()
+                .code,
+            "event_too_old"
+        );
+        let mut bare = won();
+        bare["identity"] = json!({});
+        assert_eq!(
+            build_event(&event(bare), &m, now()).unwrap_err().code,
+            "no_customer_information"
+        );
+        let mut ldu = m.clone();
+        ldu.meta.as_mut().unwrap().limited_data_use = Some((1, 1000));
+        let v = build_event(&e, &ldu, now()).unwrap();
+        assert_eq!(
+            (
+                v["data_processing_options"].clone(),
+                v["data_processing_options_state"].clone()
+            ),
+            (json!(["LDU"]), json!(1000))
+        );
+    }
+
+    #[test]
+    fn classification() {
+        let ok = classify(
+            200,
+            r#"{"events_received": 3, "messages": [], "fbtrace_id": "AbC"}"#,
+            3,
+        );
+        assert_eq!(
+            ok,
+            Outcome::Delivered {
+                platform_ref: Some("AbC".into()),
+                replay: false
+            }
+        );
+        for (status, body) in [
+            (500, "{}"),
+            (429, "{}"),
+            (400, r#"{"error": {"message": "x", "code": 613}}"#),
+            (
+                400,
+                r#"{"error": {"message": "x", "code": 100, "is_transient": true}}"#,
+            ),
+            (200, r#"{"events_received": 2}"#),
+        ] {
+            assert!(
+                matches!(classify(status, body, 3), Outcome::Retryable { .. }),
+                "{status} {body}"
+            );
+        }
+        let token = classify(
+            400,
+            r#"{"error": {"message": "Invalid OAuth access token.", "type": "OAuthException", "code": 190}}"#,
+            1,
+        );
+        assert!(
+            matches!(token, Outcome::Rejected { dead_letter: true, alert: true, ref error } if error.code == "meta_190")
+        );
+        let old = classify(
+            400,
+            r#"{"error": {"message": "bad", "code": 100, "error_subcode": 2804003, "error_user_msg": "too old"}}"#,
+            1,
+        );
+        assert!(
+            matches!(old, Outcome::Rejected { dead_letter: true, alert: false, ref error } if error.code == "meta_100_2804003" && error.message == "too old")
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! The local development stack around the bridge's binaries: stacks created from
+//! `infra/template.yaml` in the local AWS emulator, the Lambda Runtime API emulator with the
+//! SQS event source mappings, schedule, function URL and DLQ redrive (`local`), the strict fakes
+//! of Meta, Google and HubSpot (`fakes`), and the `bridge-local` CLI that runs it all.
+
+pub mod fakes;
+pub mod local;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub fn repo_root() -> PathBuf {
+    // This crate lives at tests/devstack.
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// The emulator endpoint: `AWS_ENDPOINT_URL` if set, else moto's default local address.
+pub fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+}
+
+/// AWS SDK config for the emulator, with dummy credentials when none are set.
+pub async fn sdk_config() -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(Region::new(
+            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
+        ));
+    if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
+        loader = loader.credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "test", "test", None, None, "tests",
+        ));
+    }
+    loader.load().await
+}
+
+/// One CloudFormation stack created from the real template, so each test has its own table
+/// and queues with exactly the template's keys, indexes and redrive settings.
+pub struct Stack {
+    pub name: String,
+    pub env: HashMap<String, String>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Stack {
+    /// Creates a stack named after the test, with template parameters `params`. Panics with
+    /// instructions when the emulator is not running: an integration test must not pass
+    /// without the thing it tests.
+    pub fn create(test: &str, params: &[(&str, &str)]) -> Stack {
+        Self::create_inner(test, params, None)
+    }
+
+    /// Like `create`, and also writes the local runtime's plan (functions, mappings,
+    /// schedules) resolved from the same template; returns its path.
+    pub fn create_with_plan(test: &str, params: &[(&str, &str)]) -> (Stack, PathBuf) {
+        let dir = repo_root().join("target/local-plans");
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(format!("{test}-{}.json", std::process::id()));
+        (Self::create_inner(test, params, Some(&path)), path)
+    }
+
+    fn create_inner(test: &str, params: &[(&str, &str)], plan: Option<&std::path::Path>) -> Stack {
+        let name = format!(
+            "it-{}-{}-{}",
+            test.replace('_', "-"),
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let python = std::env::var("BRIDGE_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join(".venv/bin/python"));
+        let mut cmd = Command::new(&python);
+        cmd.arg(repo_root().join("infra/local/deploy.py"))
+            .arg("--stack-name")
+            .arg(&name)
+            .env("AWS_ENDPOINT_URL", endpoint());
+        for (k, v) in params {
+            cmd.arg("--param").arg(format!("{k}={v}"));
+        }
+        if let Some(p) = plan {
+            cmd.arg("--plan").arg(p);
+        }
+        let out = cmd.output().unwrap_or_else(|e| {
+            panic!("cannot run {}: {e}. Run the tests through infra/local/test.sh, which sets up the venv and moto.", python.display())
+        });
+        assert!(
+            out.status.success(),
+            "creating stack {name} at {} failed (is moto running? infra/local/test.sh starts it):\n{}",
+            endpoint(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        Stack { name, env }
+    }
+
+    pub fn var(&self, k: &str) -> String {
+        self.env
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("stack {} has no output {k}", self.name))
+    }
+}

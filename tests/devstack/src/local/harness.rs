@@ -1,0 +1,349 @@
+//! One whole bridge per test: its own stack from the template (with the plan), its own SSM
+//! secrets, the strict fakes as destinations, the release binaries under the local runtime,
+//! and helpers to post signed webhooks and wait until every event has settled.
+
+use super::{Options, Plan, Running};
+use crate::Stack;
+use crate::fakes::google::FakeGoogle;
+use crate::fakes::hubspot::FakeHubSpot;
+use crate::fakes::meta::FakeMeta;
+use bridge_aws::dynamodb::DynamoStore;
+use bridge_core::delivery::Destination;
+use bridge_core::event::CanonicalEvent;
+use bridge_core::store::EventStore;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const META_TOKEN: &str = "e2e-meta-token";
+pub const HUBSPOT_TOKEN: &str = "e2e-hubspot-token";
+pub const SECRET: &str = "e2e-signing-secret";
+pub const HUBSPOT_APP_SECRET: &str = "e2e-hubspot-app-secret";
+
+pub struct LocalBridge {
+    pub stack: Stack,
+    pub plan: Plan,
+    pub running: Running,
+    pub meta: FakeMeta,
+    pub google: FakeGoogle,
+    pub hubspot: FakeHubSpot,
+    pub store: DynamoStore,
+    pub sqs: aws_sdk_sqs::Client,
+    pub url: String,
+    /// Every line every function wrote (for the PII scan).
+    pub logs: Arc<Mutex<Vec<String>>>,
+    http: reqwest::Client,
+}
+
+/// Where the release binaries are: `BRIDGE_BIN_DIR`, else `target/release`.
+pub fn bin_dir() -> PathBuf {
+    std::env::var("BRIDGE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| crate::repo_root().join("target/release"))
+}
+
+impl LocalBridge {
+    /// Starts everything; `params` are template parameters on top of the test defaults.
+    pub async fn start(test: &str, params: &[(&str, &str)], instances: usize) -> LocalBridge {
+        let meta = FakeMeta::start(META_TOKEN).await;
+        let google = FakeGoogle::start().await;
+        let hubspot = FakeHubSpot::start(HUBSPOT_TOKEN).await;
+        let prefix = format!("/e2e/{test}-{}", std::process::id());
+        let secrets_path = format!("{prefix}/webhooks");
+        let meta_param = format!("{prefix}/meta-token");
+        let google_param = format!("{prefix}/google");
+        let mut all: Vec<(String, String)> = vec![
+            ("MetaGraphBaseUrl".into(), meta.base_url.clone()),
+            ("MetaPixelId".into(), "1234567890".into()),
+            ("GoogleAdsBaseUrl".into(), google.base_url.clone()),
+            ("GoogleDataManagerBaseUrl".into(), google.base_url.clone()),
+            ("GoogleOAuthTokenUrl".into(), google.token_url()),
+            ("HubSpotApiBaseUrl".into(), hubspot.base_url.clone()),
+            ("WebhookSecretsParameterPath".into(), secrets_path.clone()),
+            ("MetaAccessTokenParameter".into(), meta_param.clone()),
+            ("GoogleCredentialsParameter".into(), google_param.clone()),
+            ("MetaBatchingWindowSeconds".into(), "1".into()),
+            ("GoogleBatchingWindowSeconds".into(), "1".into()),
+            // AWS's advice: visibility at least six times the function timeout, so a message
+            // is not redelivered while an invocation still works on it.
+            ("QueueVisibilityTimeoutSeconds".into(), "60".into()),
+            ("SenderTimeoutSeconds".into(), "10".into()),
+            ("LeaseSeconds".into(), "5".into()),
+            ("RetryBaseSeconds".into(), "1".into()),
+            ("RetryCapSeconds".into(), "3".into()),
+            ("RefundWaitSeconds".into(), "2".into()),
+            ("PublicBaseUrl".into(), "http://bridge.test".into()),
+        ];
+        for (k, v) in params {
+            all.retain(|(x, _)| x != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let (stack, plan_path) = Stack::create_with_plan(test, &refs);
+        let plan = Plan::load(&plan_path).unwrap_or_else(|e| panic!("{e}"));
+        let aws = crate::sdk_config().await;
+        let ssm = aws_sdk_ssm::Client::new(&aws);
+        let mut params = vec![
+            (meta_param, META_TOKEN.to_string()),
+            (google_param, google.credentials_json()),
+            (
+                format!("{secrets_path}/hubspot-token"),
+                HUBSPOT_TOKEN.to_string(),
+            ),
+            (
+                format!("{secrets_path}/hubspot-app-secret"),
+                HUBSPOT_APP_SECRET.to_string(),
+            ),
+        ];
+        for s in ["generic", "hubspot", "salesforce"] {
+            params.push((format!("{secrets_path}/{s}"), SECRET.to_string()));
+        }
+        for (name, value) in params {
+            ssm.put_parameter()
+                .name(name)
+                .value(value)
+                .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+                .overwrite(true)
+                .send()
+                .await
+                .expect("put SSM parameter");
+        }
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink_logs = logs.clone();
+        let mut env = BTreeMap::new();
+        env.insert("AWS_ENDPOINT_URL".to_string(), crate::endpoint());
+        env.insert("AWS_REGION".to_string(), "us-east-1".to_string());
+        env.insert("AWS_ACCESS_KEY_ID".to_string(), "test".to_string());
+        env.insert("AWS_SECRET_ACCESS_KEY".to_string(), "test".to_string());
+        let dir = bin_dir();
+        assert!(
+            dir.join("bridge-ingest").exists(),
+            "the release binaries are not in {} (infra/local/test.sh builds them: cargo build --release -p ingest -p meta-sender -p google-sender -p reconcile)",
+            dir.display()
+        );
+        let running = Running::start(
+            &plan,
+            bridge_aws::clients::sqs(&aws),
+            Options {
+                bin_dir: dir,
+                url_addr: "127.0.0.1:0".into(),
+                instances,
+                env,
+                schedules: false,
+                sink: Arc::new(move |f: &str, l: &str| {
+                    if let Ok(mut v) = sink_logs.lock() {
+                        v.push(format!("{f}: {l}"));
+                    }
+                }),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let url = running.url.clone().expect("function URL");
+        let store = DynamoStore::new(
+            bridge_aws::clients::dynamodb(&aws),
+            stack.var("TABLE_NAME"),
+            400,
+        );
+        LocalBridge {
+            stack,
+            plan,
+            running,
+            meta,
+            google,
+            hubspot,
+            store,
+            sqs: bridge_aws::clients::sqs(&aws),
+            url,
+            logs,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// POSTs `body` to `/webhooks/{source}` with a valid `X-Bridge-Signature`.
+    pub async fn post(&self, source: &str, body: &Value) -> (u16, Value) {
+        let text = body.to_string();
+        let t = bridge_core::timestamp::Timestamp::now().unix_secs();
+        let sig =
+            bridge_core::webhook::signature::bridge_sign(SECRET.as_bytes(), t, text.as_bytes());
+        let r = self
+            .http
+            .post(format!("{}/webhooks/{source}", self.url))
+            .header("content-type", "application/json")
+            .header("x-bridge-signature", sig)
+            .body(text)
+            .send()
+            .await
+            .expect("post webhook");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POSTs a HubSpot subscription delivery with HubSpot's v3 signature.
+    pub async fn post_hubspot(&self, body: &Value) -> (u16, Value) {
+        let text = body.to_string();
+        let uri = "http://bridge.test/webhooks/hubspot";
+        let ts = bridge_core::timestamp::Timestamp::now()
+            .unix_ms()
+            .to_string();
+        let sig = bridge_core::webhook::signature::hubspot_sign(
+            HUBSPOT_APP_SECRET.as_bytes(),
+            "POST",
+            uri,
+            text.as_bytes(),
+            &ts,
+        );
+        let r = self
+            .http
+            .post(format!("{}/webhooks/hubspot", self.url))
+            .header("content-type", "application/json")
+            .header("x-hubspot-signature-v3", sig)
+            .header("x-hubspot-request-timestamp", ts)
+            .body(text)
+            .send()
+            .await
+            .expect("post webhook");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The stored events, by id.
+    pub async fn events(&self, ids: &[String]) -> BTreeMap<String, CanonicalEvent> {
+        let mut out = BTreeMap::new();
+        for chunk in ids.chunks(100) {
+            for e in self.store.get_many(chunk).await.expect("get_many") {
+                out.insert(e.event_id.clone(), e);
+            }
+        }
+        out
+    }
+
+    /// Waits until no (event, destination) pair of `ids` is still open (pending, sending,
+    /// retry) and the delivery queues are empty; returns the final events.
+    pub async fn settle(
+        &self,
+        ids: &[String],
+        limit: Duration,
+    ) -> BTreeMap<String, CanonicalEvent> {
+        let start = Instant::now();
+        let mut shown = Instant::now();
+        loop {
+            let mut queued = 0;
+            for q in ["MetaQueue", "GoogleQueue"] {
+                queued += super::depth(&self.sqs, &self.plan.queues[q].url).await;
+            }
+            // Reading every event costs the emulator's serialized DynamoDB as much as the
+            // senders' work; look only once the queues have drained.
+            if queued > 0 && start.elapsed() < limit {
+                if shown.elapsed() > Duration::from_secs(15) {
+                    eprintln!(
+                        "[{:>4.0} s] {queued} queued; {}",
+                        start.elapsed().as_secs_f64(),
+                        self.running.stats.line()
+                    );
+                    shown = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                continue;
+            }
+            let events = self.events(ids).await;
+            let open: Vec<String> = events
+                .values()
+                .flat_map(|e| {
+                    e.destinations
+                        .iter()
+                        .filter(|(_, s)| s.status.is_open())
+                        .map(move |(d, s)| format!("{} {d} {}", e.event_id, s.status.as_str()))
+                })
+                .collect();
+            if open.is_empty() && queued == 0 && events.len() == ids.len() {
+                return events;
+            }
+            if shown.elapsed() > Duration::from_secs(15) {
+                eprintln!(
+                    "[{:>4.0} s] {} open pairs, {queued} queued; {}",
+                    start.elapsed().as_secs_f64(),
+                    open.len(),
+                    self.running.stats.line()
+                );
+                shown = Instant::now();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "not settled after {limit:?}: {} open pairs (first: {:?}), {queued} queued, {}/{} stored; {}",
+                open.len(),
+                open.iter().take(5).collect::<Vec<_>>(),
+                events.len(),
+                ids.len(),
+                self.running.stats.line()
+            );
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+        }
+    }
+
+    pub fn dlq_url(&self, d: Destination) -> String {
+        let q = if d == Destination::Meta {
+            "MetaQueue"
+        } else {
+            "GoogleQueue"
+        };
+        self.plan.queues[q].dlq_url.clone().expect("DLQ")
+    }
+
+    pub fn queue_url(&self, d: Destination) -> String {
+        let q = if d == Destination::Meta {
+            "MetaQueue"
+        } else {
+            "GoogleQueue"
+        };
+        self.plan.queues[q].url.clone()
+    }
+
+    /// Event ids of the messages in a destination's DLQ (read without removing them for good:
+    /// they become visible again after a short timeout).
+    pub async fn dlq_event_ids(&self, d: Destination) -> Vec<String> {
+        let url = self.dlq_url(d);
+        let mut ids = Vec::new();
+        let mut empty = 0;
+        while empty < 2 {
+            let r = self
+                .sqs
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(10)
+                .visibility_timeout(2)
+                .send()
+                .await
+                .expect("receive DLQ");
+            let msgs = r.messages.unwrap_or_default();
+            if msgs.is_empty() {
+                empty += 1;
+            }
+            for m in msgs {
+                if let Ok(dm) =
+                    bridge_core::queue::DeliveryMessage::from_body(m.body().unwrap_or_default())
+                {
+                    ids.push(dm.event_id);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ids.sort();
+        ids
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// The emulator's request counts by operation (from infra/local/moto_server.py).
+pub async fn aws_request_counts() -> BTreeMap<String, u64> {
+    let url = format!("{}/_bridge/requests", crate::endpoint());
+    match reqwest::get(url).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => BTreeMap::new(),
+    }
+}
