@@ -3,10 +3,10 @@
 
 use bridge_aws::dynamodb::DynamoStore;
 use bridge_core::delivery::{
-    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo,
+    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo, PairResult,
 };
 use bridge_core::store::memory::MemoryStore;
-use bridge_core::store::{ClaimOutcome, EventStore, PutOutcome, Transition};
+use bridge_core::store::{ClaimOutcome, EventStore, OrderHold, PutOutcome, StoreError, Transition};
 use bridge_core::timestamp::Timestamp;
 use bridge_tests::{Stack, sample_event, sdk_config};
 use futures::future::join_all;
@@ -21,25 +21,49 @@ async fn dynamo(test: &str) -> DynamoStore {
     )
 }
 
-fn log(attempt: u32, result: &str, now: Timestamp) -> DeliveryLogEntry {
+fn log(attempt: u32, result: PairResult, now: Timestamp) -> DeliveryLogEntry {
     DeliveryLogEntry {
         attempt,
-        result: result.into(),
+        result,
         request_at: now,
         response_at: now,
         error: None,
         platform_ref: Some("trace-1".into()),
+        sent_as: None,
     }
 }
 
-fn transition(status: DeliveryStatus, now: Timestamp, attempt: u32) -> Transition {
+fn result_of(status: DeliveryStatus) -> PairResult {
+    match status {
+        DeliveryStatus::Delivered => PairResult::Delivered,
+        DeliveryStatus::DeadLetter => PairResult::DeadLetter,
+        DeliveryStatus::Retry => PairResult::Retry,
+        _ => PairResult::Rejected,
+    }
+}
+
+/// A transition appending one entry to `prior` (the log as claimed).
+fn transition_after(
+    prior: &[DeliveryLogEntry],
+    status: DeliveryStatus,
+    now: Timestamp,
+    attempt: u32,
+) -> Transition {
+    let mut l = prior.to_vec();
+    l.push(log(attempt, result_of(status), now));
     Transition {
         status,
         now,
         next_attempt_at: None,
         error: None,
-        log: log(attempt, status.as_str(), now),
+        log: l,
+        release_attempt: false,
+        waiting_since: None,
     }
+}
+
+fn transition(status: DeliveryStatus, now: Timestamp, attempt: u32) -> Transition {
+    transition_after(&[], status, now, attempt)
 }
 
 /// The delivery life cycle every store must implement identically.
@@ -61,7 +85,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
     // Claim, lose the lease, let another worker take over; the first worker's late result loses.
     let lease = now.plus_secs(60);
     let ClaimOutcome::Claimed(c1) = store
-        .claim(&e.event_id, Destination::Meta, now, lease)
+        .claim(&e.event_id, Destination::Meta, now, lease, None)
         .await
         .unwrap()
     else {
@@ -78,6 +102,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
             Destination::Meta,
             now.plus_secs(1),
             now.plus_secs(61),
+            None,
         )
         .await
         .unwrap()
@@ -87,7 +112,13 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
     }
     let later = now.plus_secs(61);
     let ClaimOutcome::Claimed(c2) = store
-        .claim(&e.event_id, Destination::Meta, later, later.plus_secs(60))
+        .claim(
+            &e.event_id,
+            Destination::Meta,
+            later,
+            later.plus_secs(60),
+            None,
+        )
         .await
         .unwrap()
     else {
@@ -112,11 +143,10 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         status: DeliveryStatus::Retry,
         now: later,
         next_attempt_at: Some(retry_at),
-        error: Some(ErrorInfo {
-            code: "http_503".into(),
-            message: "unavailable".into(),
-        }),
-        log: log(2, "retry", later),
+        error: Some(ErrorInfo::new("http_503", "unavailable")),
+        log: vec![log(2, PairResult::Retry, later)],
+        release_attempt: false,
+        waiting_since: None,
     };
     assert!(
         store
@@ -130,6 +160,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
             Destination::Meta,
             later.plus_secs(10),
             later.plus_secs(70),
+            None,
         )
         .await
         .unwrap()
@@ -143,6 +174,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
             Destination::Meta,
             retry_at,
             retry_at.plus_secs(60),
+            None,
         )
         .await
         .unwrap()
@@ -155,7 +187,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
                 &e.event_id,
                 Destination::Meta,
                 3,
-                &transition(DeliveryStatus::Delivered, retry_at, 3)
+                &transition_after(&t.log, DeliveryStatus::Delivered, retry_at, 3)
             )
             .await
             .unwrap()
@@ -166,6 +198,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
             Destination::Meta,
             retry_at,
             retry_at.plus_secs(60),
+            None,
         )
         .await
         .unwrap()
@@ -196,9 +229,16 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         "destinations are independent"
     );
 
-    // Dead letter, then an operator redrive makes it claimable again with a fresh budget.
+    // Dead letter: a stray message cannot re-open it; an operator's redrive (the message
+    // carrying the dead-letter token) can, with a fresh budget.
     let ClaimOutcome::Claimed(_) = store
-        .claim(&e.event_id, Destination::Google, now, now.plus_secs(60))
+        .claim(
+            &e.event_id,
+            Destination::Google,
+            now,
+            now.plus_secs(60),
+            None,
+        )
         .await
         .unwrap()
     else {
@@ -215,8 +255,28 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
             .await
             .unwrap()
     );
+    match store
+        .claim(
+            &e.event_id,
+            Destination::Google,
+            now,
+            now.plus_secs(60),
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Refused(Claimability::Closed(DeliveryStatus::DeadLetter), _) => {}
+        other => panic!("a stray message leaves a dead-lettered pair alone: {other:?}"),
+    }
     let ClaimOutcome::Claimed(re) = store
-        .claim(&e.event_id, Destination::Google, now, now.plus_secs(60))
+        .claim(
+            &e.event_id,
+            Destination::Google,
+            now,
+            now.plus_secs(60),
+            Some(1),
+        )
         .await
         .unwrap()
     else {
@@ -231,7 +291,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
     // Unknown events.
     assert_eq!(
         store
-            .claim("no-such-event", Destination::Meta, now, now)
+            .claim("no-such-event", Destination::Meta, now, now, None)
             .await
             .unwrap(),
         ClaimOutcome::Missing
@@ -260,7 +320,7 @@ async fn concurrent_claims_of_one_event_have_exactly_one_winner() {
         let id = e.event_id.clone();
         tokio::spawn(async move {
             store
-                .claim(&id, Destination::Meta, now, now.plus_secs(60))
+                .claim(&id, Destination::Meta, now, now.plus_secs(60), None)
                 .await
                 .unwrap()
         })
@@ -346,7 +406,7 @@ async fn sweep_index_holds_open_pairs_only() {
     store.put_new(&b).await.unwrap();
     // b is delivered to Meta, so only a is open for Meta.
     let ClaimOutcome::Claimed(_) = store
-        .claim(&b.event_id, Destination::Meta, now, now.plus_secs(30))
+        .claim(&b.event_id, Destination::Meta, now, now.plus_secs(30), None)
         .await
         .unwrap()
     else {
@@ -367,11 +427,8 @@ async fn sweep_index_holds_open_pairs_only() {
     let far = now.plus_secs(3600);
     let stuck = store.stuck(Destination::Meta, far, 100).await.unwrap();
     assert_eq!(
-        stuck
-            .iter()
-            .map(|s| s.event_id.as_str())
-            .collect::<Vec<_>>(),
-        [a.event_id.as_str()]
+        stuck.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+        [a.key.as_str()]
     );
     assert_eq!(stuck[0].status, DeliveryStatus::Pending);
     assert!(
@@ -455,4 +512,148 @@ async fn expired_items_read_as_missing() {
         store.get(&e.event_id).await.unwrap().is_none(),
         "the TTL is checked on read"
     );
+}
+
+/// Waiting, the order guard, scoped keys and size limits, the same on every store.
+async fn exactly_once_scenario(store: &dyn EventStore) {
+    let now = Timestamp::now();
+    // A wait: no attempt spent, its start kept, the whole log rewritten.
+    let e = sample_event(
+        "W-1",
+        "refund",
+        Some("ORD-W"),
+        Some(5.0),
+        "2026-11-27T10:00:00Z",
+    );
+    store.put_new(&e).await.unwrap();
+    let ClaimOutcome::Claimed(c) = store
+        .claim(&e.key, Destination::Meta, now, now.plus_secs(60), None)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let wait = Transition {
+        status: DeliveryStatus::Retry,
+        now,
+        next_attempt_at: Some(now.plus_secs(900)),
+        error: Some(ErrorInfo::new("original_not_delivered", "waits")),
+        log: vec![log(1, PairResult::Waiting, now)],
+        release_attempt: true,
+        waiting_since: Some(now),
+    };
+    assert!(
+        store
+            .complete(&e.key, Destination::Meta, 1, &wait)
+            .await
+            .unwrap()
+    );
+    let s = store.get(&e.key).await.unwrap().unwrap().destinations[&Destination::Meta].clone();
+    assert_eq!((s.attempts, s.attempts_in_budget()), (1, 0));
+    assert_eq!(s.waiting_since, Some(now));
+    assert_eq!(c.destinations[&Destination::Meta].attempts, 1);
+
+    // The order guard: first holder wins, others see it, a takeover needs the current holder.
+    let order = format!("ORD-G-{}", now.unix_ms());
+    assert_eq!(
+        store
+            .hold_order(&order, Destination::Meta, "won-a")
+            .await
+            .unwrap(),
+        OrderHold::Held { first: true }
+    );
+    assert_eq!(
+        store
+            .hold_order(&order, Destination::Meta, "won-a")
+            .await
+            .unwrap(),
+        OrderHold::Held { first: false },
+        "the holder again"
+    );
+    assert_eq!(
+        store
+            .hold_order(&order, Destination::Meta, "won-b")
+            .await
+            .unwrap(),
+        OrderHold::HeldBy("won-a".into())
+    );
+    assert_eq!(
+        store
+            .hold_order(&order, Destination::Google, "won-b")
+            .await
+            .unwrap(),
+        OrderHold::Held { first: true },
+        "per destination"
+    );
+    assert!(
+        !store
+            .take_over_order(&order, Destination::Meta, "won-x", "won-b")
+            .await
+            .unwrap(),
+        "only from the current holder"
+    );
+    assert!(
+        store
+            .take_over_order(&order, Destination::Meta, "won-a", "won-b")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .hold_order(&order, Destination::Meta, "won-a")
+            .await
+            .unwrap(),
+        OrderHold::HeldBy("won-b".into())
+    );
+
+    // Caller-provided ids are scoped by source; a collision is reported, not a duplicate.
+    let mut a = sample_event("P-1", "lead", None, None, "2026-11-27T10:00:00Z");
+    let pid = format!("pixel-{}", now.unix_ms());
+    a.event_id = pid.clone();
+    a.source = "generic".into();
+    a.event_id_origin = bridge_core::event::EventIdOrigin::Provided;
+    a.key = bridge_core::event::store_key("generic", &pid, a.event_id_origin);
+    let mut b = a.clone();
+    b.source = "salesforce".into();
+    b.key = bridge_core::event::store_key("salesforce", &pid, b.event_id_origin);
+    assert_eq!(store.put_new(&a).await.unwrap(), PutOutcome::Created);
+    assert_eq!(
+        store.put_new(&b).await.unwrap(),
+        PutOutcome::CreatedWithConflict {
+            other_source: "generic".into()
+        }
+    );
+    assert_eq!(store.put_new(&a).await.unwrap(), PutOutcome::Duplicate);
+    let back = store.get(&b.key).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            back.event_id.as_str(),
+            back.key.as_str(),
+            back.source.as_str()
+        ),
+        (pid.as_str(), b.key.as_str(), "salesforce"),
+        "the id stays the caller's; the key is scoped"
+    );
+}
+
+#[tokio::test]
+async fn exactly_once_against_dynamodb() {
+    exactly_once_scenario(&dynamo("exactly_once").await).await;
+}
+
+#[tokio::test]
+async fn exactly_once_against_memory_store() {
+    exactly_once_scenario(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn an_item_over_dynamodbs_size_limit_is_too_large_not_unavailable() {
+    let store = dynamo("too_large").await;
+    let mut e = sample_event("L-1", "lead", None, None, "2026-11-27T10:00:00Z");
+    // Past 400 KB: a value no validation lets through, built by hand.
+    e.crm_stage = Some("x".repeat(420 * 1024));
+    match store.put_new(&e).await {
+        Err(StoreError::TooLarge { .. }) => {}
+        other => panic!("too large: {other:?}"),
+    }
 }

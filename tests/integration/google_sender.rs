@@ -59,6 +59,7 @@ fn cfg() -> PipelineConfig {
             floor: Duration::from_secs(1),
         },
         refund_wait: bridge_core::delivery::pipeline::REFUND_WAIT,
+        wait_deadline: bridge_core::delivery::pipeline::WAIT_DEADLINE,
     }
 }
 
@@ -96,6 +97,7 @@ fn records(events: &[CanonicalEvent], tag: &str) -> Vec<Record> {
             message_id: format!("{tag}{i}"),
             receipt: format!("r-{tag}{i}"),
             body: DeliveryMessage::new(&e.event_id, Destination::Google).to_body(),
+            attributes: Default::default(),
         })
         .collect()
 }
@@ -216,7 +218,10 @@ async fn replay_after_accept_then_timeout_is_not_double_counted() {
     )
     .await;
     assert!(r.failures.is_empty(), "{r:?}");
-    assert!(r.results.values().all(|v| v == "delivered_replay"), "{r:?}");
+    assert!(
+        r.results.values().all(|v| v.as_str() == "delivered_replay"),
+        "{r:?}"
+    );
     assert_eq!(fake.conversions().len(), 4, "four distinct order ids");
     assert_eq!(fake.revenue()["USD"], 100.0, "counted once each");
     assert_eq!(fake.requests("uploadClickConversions").len(), 2);
@@ -454,7 +459,7 @@ async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emula
     // A redelivered refund message sends nothing; a replayed restatement is a duplicate.
     let before = fake.requests("uploadConversionAdjustments").len();
     let r = run(vec![older.clone()], after_wait).await;
-    assert_eq!(r.results["m0"], "skipped_duplicate");
+    assert_eq!(r.results["m0"].as_str(), "already_delivered");
     assert_eq!(fake.requests("uploadConversionAdjustments").len(), before);
     assert_eq!(
         fake.revenue()["USD"],

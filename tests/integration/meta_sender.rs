@@ -43,6 +43,7 @@ fn fast_retries() -> PipelineConfig {
             floor: Duration::from_secs(1),
         },
         refund_wait: bridge_core::delivery::pipeline::REFUND_WAIT,
+        wait_deadline: bridge_core::delivery::pipeline::WAIT_DEADLINE,
     }
 }
 
@@ -71,6 +72,7 @@ async fn receive(sqs: &Sqs, url: &str) -> Vec<Record> {
             message_id: m.message_id().unwrap().to_string(),
             receipt: m.receipt_handle().unwrap().to_string(),
             body: m.body().unwrap().to_string(),
+            attributes: Default::default(),
         })
         .collect()
 }
@@ -170,7 +172,10 @@ async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
         .await;
     let batch = receive(&sqs, &url).await;
     let r = process_batch(batch.clone(), &p, &store, &queue, &cfg, Timestamp::now()).await;
-    assert_eq!(r.results[&batch[0].message_id], "skipped_duplicate");
+    assert_eq!(
+        r.results[&batch[0].message_id].as_str(),
+        "already_delivered"
+    );
     settle(&sqs, &url, &batch, &r.failures).await;
     assert_eq!(fake.requests(), before);
 
@@ -203,10 +208,8 @@ async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
         Some("meta_190")
     );
     assert_eq!(
-        DeliveryMessage::from_body(m.body().unwrap())
-            .unwrap()
-            .event_id,
-        bad.event_id
+        DeliveryMessage::from_body(m.body().unwrap()).unwrap().key,
+        bad.key
     );
     let s = store
         .get(&bad.event_id)
@@ -230,6 +233,7 @@ async fn in_memory(events: &[CanonicalEvent]) -> (MemoryStore, MemoryQueue, Vec<
             message_id: format!("m{i}"),
             receipt: format!("r{i}"),
             body: DeliveryMessage::new(&e.event_id, Destination::Meta).to_body(),
+            attributes: Default::default(),
         })
         .collect();
     (store, MemoryQueue::new(5, Duration::from_secs(30)), records)
@@ -334,7 +338,7 @@ async fn consent_blocked_events_are_never_sent_even_if_a_message_arrives() {
         Timestamp::now(),
     )
     .await;
-    assert_eq!(r.results["m0"], "blocked_consent");
+    assert_eq!(r.results["m0"].as_str(), "closed");
     assert!(r.failures.is_empty());
     assert_eq!(fake.requests(), 0);
 }

@@ -84,11 +84,7 @@ async fn enqueue_routes_by_destination_in_batches() {
     let meta = receive(&client, &stack.var("META_QUEUE_URL"), 60).await;
     let mut ids: Vec<String> = meta
         .iter()
-        .map(|m| {
-            DeliveryMessage::from_body(m.body().unwrap())
-                .unwrap()
-                .event_id
-        })
+        .map(|m| DeliveryMessage::from_body(m.body().unwrap()).unwrap().key)
         .collect();
     ids.sort();
     let mut want: Vec<String> = (0..25).map(|i| format!("e{i}")).collect();
@@ -141,7 +137,7 @@ async fn template_redrive_moves_a_message_to_the_dlq_after_max_receive_count() {
     assert_eq!(
         DeliveryMessage::from_body(dlq[0].body().unwrap())
             .unwrap()
-            .event_id,
+            .key,
         "poison"
     );
 }

@@ -56,7 +56,7 @@ impl App {
                     match g.request_status(id).await {
                         Ok(v) => fold_request_status(&mut counts, &v),
                         Err(o) => {
-                            tracing::warn!(request_id = %id, outcome = o.label(), "requestStatus:retrieve failed");
+                            tracing::warn!(request_id = %id, outcome = o.result().as_str(), "requestStatus:retrieve failed");
                             *counts.entry("status:unavailable".to_string()).or_insert(0) += 1;
                         }
                     }

@@ -44,6 +44,11 @@ pub struct Settings {
     pub retry_cap_secs: u64,
     /// How long a refund whose won event is not delivered yet waits before looking again.
     pub refund_wait_secs: u64,
+    /// How long a pair may wait for something else (a refund for its won) before it ends.
+    pub wait_deadline_secs: u64,
+    /// The sender function's own timeout, when the template states it: sends are checked to
+    /// fit in it at init.
+    pub sender_timeout_secs: Option<u64>,
     pub endpoints: Endpoints,
     pub mapping: Mapping,
 }
@@ -138,6 +143,12 @@ impl Settings {
             retry_base_secs: parse_num(&get, "RETRY_BASE_SECS", 30, 1, 3600)?,
             retry_cap_secs: parse_num(&get, "RETRY_CAP_SECS", 3600, 1, 43_200)?,
             refund_wait_secs: parse_num(&get, "REFUND_WAIT_SECS", 900, 1, 43_200)?,
+            // Below the delivery queues' 7-day retention, or a waiting message would expire.
+            wait_deadline_secs: parse_num(&get, "WAIT_DEADLINE_SECS", 259_200, 3600, 518_400)?,
+            sender_timeout_secs: match get("SENDER_TIMEOUT_SECS") {
+                Some(_) => Some(parse_num(&get, "SENDER_TIMEOUT_SECS", 60, 1, 900)?),
+                None => None,
+            },
             endpoints: Endpoints {
                 meta_graph_base_url: url(
                     &get,

@@ -1,8 +1,10 @@
 //! DynamoDB event store: one item per event, conditional writes for idempotency and claims.
 //!
 //! Item layout (single table, see the README's table design):
-//! - `pk = EV#<event_id>`, `sk = EVENT`; the event's fields as attributes, identity hashes as
-//!   32-byte binaries (half the size of hex: every KB is a write unit).
+//! - `pk = EV#<key>`, `sk = EVENT`: one event under its store key (the event_id when derived,
+//!   `<source>:<event_id>` when the caller provided it; `event_id` is an attribute only when it
+//!   differs from the key). The event's fields as attributes, identity hashes as 32-byte
+//!   binaries (half the size of hex: every KB is a write unit).
 //! - `d_<destination>`: that destination's delivery state and log, a map, so a claim or a
 //!   result is one conditional `UpdateItem` on a document path.
 //! - `ord`, `ord_sk`: set on revenue events only, keys of the sparse `by-order` index.
@@ -10,17 +12,24 @@
 //!   of the sparse `sweep-<destination>` index, so the sweep reads stuck pairs and nothing else.
 //! - `ttl`: expiry in Unix seconds. Expired items may linger (DynamoDB deletes late), so reads
 //!   check it too.
+//! - `pk = ORD#<order_id>`, `sk = ORDER`: the order guard; `w_<destination>` holds the key of
+//!   the won counted for the order there. Small, in no index.
+//! - `pk = EID#<event_id>`, `sk = EVENT_ID`: the first source that used a caller-provided
+//!   event_id (`src`), to report a cross-source collision. Small, in no index.
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeValue, KeysAndAttributes, ReturnValue, ReturnValuesOnConditionCheckFailure,
 };
 use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState};
-use bridge_core::event::CanonicalEvent;
+use bridge_core::event::{CanonicalEvent, EventIdOrigin};
 use bridge_core::hashing::{hex, is_sha256_hex, unhex};
-use bridge_core::store::{ClaimOutcome, EventStore, PutOutcome, StoreError, StuckRef, Transition};
+use bridge_core::store::{
+    ClaimOutcome, EventStore, OrderHold, PutOutcome, StoreError, StuckRef, Transition,
+};
 use bridge_core::timestamp::Timestamp;
 use serde_json::{Map, Number, Value};
 use std::collections::HashMap;
@@ -31,6 +40,8 @@ type Item = HashMap<String, AttributeValue>;
 /// caps at about 1,000 writes a second) at the price of 8 small queries per sweep.
 pub const SWEEP_SHARDS: u32 = 8;
 const EVENT_SK: &str = "EVENT";
+const ORDER_SK: &str = "ORDER";
+const EVENT_ID_SK: &str = "EVENT_ID";
 pub const ORDER_INDEX: &str = "by-order";
 
 pub fn sweep_index(d: Destination) -> String {
@@ -51,15 +62,38 @@ fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn pk(event_id: &str) -> String {
-    format!("EV#{event_id}")
+fn pk(key: &str) -> String {
+    format!("EV#{key}")
 }
 
-fn key(event_id: &str) -> Item {
-    HashMap::from([
-        ("pk".to_string(), s(pk(event_id))),
-        ("sk".to_string(), s(EVENT_SK)),
-    ])
+fn item_key(pk: String, sk: &str) -> Item {
+    HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
+}
+
+fn key(event_key: &str) -> Item {
+    item_key(pk(event_key), EVENT_SK)
+}
+
+fn order_item(order_id: &str) -> Item {
+    item_key(format!("ORD#{order_id}"), ORDER_SK)
+}
+
+fn holder_attr(d: Destination) -> String {
+    format!("w_{d}")
+}
+
+/// A request DynamoDB refused because the item would exceed 400 KB: a property of the item,
+/// not of the moment, so retrying cannot help.
+fn too_large<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> Option<String> {
+    let svc = e.as_service_error()?;
+    let message = svc.message().unwrap_or_default();
+    (svc.code() == Some("ValidationException") && message.to_ascii_lowercase().contains("size"))
+        .then(|| message.to_string())
+}
+
+fn conditional_failed<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    e.as_service_error()
+        .is_some_and(|s| s.code() == Some("ConditionalCheckFailedException"))
 }
 
 fn shard(event_id: &str) -> String {
@@ -120,7 +154,9 @@ fn from_av(av: &AttributeValue) -> Result<Value, String> {
 }
 
 fn is_index_attr(k: &str) -> bool {
-    matches!(k, "pk" | "sk" | "ord" | "ord_sk" | "ttl") || k.ends_with("_sw") || k.ends_with("_due")
+    matches!(k, "pk" | "sk" | "ord" | "ord_sk" | "ttl" | "event_id")
+        || k.ends_with("_sw")
+        || k.ends_with("_due")
 }
 
 impl DynamoStore {
@@ -134,7 +170,7 @@ impl DynamoStore {
 
     fn to_item(&self, e: &CanonicalEvent) -> Result<Item, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
-            key: pk(&e.event_id),
+            key: pk(&e.key),
             reason,
         };
         let Value::Object(mut obj) = serde_json::to_value(e).map_err(|x| corrupt(x.to_string()))?
@@ -142,8 +178,12 @@ impl DynamoStore {
             return Err(corrupt("event is not an object".into()));
         };
         obj.remove("event_id");
+        obj.remove("key");
         obj.remove("destinations");
-        let mut item = key(&e.event_id);
+        let mut item = key(&e.key);
+        if e.key != e.event_id {
+            item.insert("event_id".into(), s(e.event_id.clone()));
+        }
         for (k, v) in &obj {
             if let Some(av) = to_av(v, k == "identity") {
                 item.insert(k.clone(), av);
@@ -155,7 +195,7 @@ impl DynamoStore {
                 item.insert(format!("d_{d}"), av);
             }
             if let Some(due) = state.sweep_due() {
-                item.insert(format!("{d}_sw"), s(shard(&e.event_id)));
+                item.insert(format!("{d}_sw"), s(shard(&e.key)));
                 item.insert(format!("{d}_due"), s(due_key(due, state.status)));
             }
         }
@@ -163,7 +203,7 @@ impl DynamoStore {
             item.insert("ord".into(), s(order.clone()));
             item.insert(
                 "ord_sk".into(),
-                s(format!("{}#{}", e.occurred_at.canonical(), e.event_id)),
+                s(format!("{}#{}", e.occurred_at.canonical(), e.key)),
             );
         }
         item.insert(
@@ -171,6 +211,52 @@ impl DynamoStore {
             AttributeValue::N((e.received_at.unix_secs() + self.retention_secs).to_string()),
         );
         Ok(item)
+    }
+}
+
+/// What reserving a caller-provided event_id found.
+enum Reservation {
+    /// No source had used it.
+    Fresh,
+    /// This source had.
+    Ours,
+    /// Another source had.
+    Other(String),
+}
+
+impl DynamoStore {
+    /// Records the first source to use a caller-provided event_id (`EID#<event_id>`).
+    async fn reserve_event_id(&self, e: &CanonicalEvent) -> Result<Reservation, StoreError> {
+        let mut item = item_key(format!("EID#{}", e.event_id), EVENT_ID_SK);
+        item.insert("src".into(), s(e.source.clone()));
+        item.insert(
+            "ttl".into(),
+            AttributeValue::N((e.received_at.unix_secs() + self.retention_secs).to_string()),
+        );
+        let r = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk) OR src = :src")
+            .expression_attribute_values(":src", s(e.source.clone()))
+            .return_values(ReturnValue::AllOld)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match r {
+            Ok(out) if out.attributes().is_some_and(|a| !a.is_empty()) => Ok(Reservation::Ours),
+            Ok(_) => Ok(Reservation::Fresh),
+            Err(err) => {
+                if let Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c)) =
+                    err.as_service_error()
+                    && let Some(AttributeValue::S(src)) = c.item().and_then(|i| i.get("src"))
+                {
+                    return Ok(Reservation::Other(src.clone()));
+                }
+                Err(unavailable(err))
+            }
+        }
     }
 }
 
@@ -194,9 +280,13 @@ fn from_item(item: &Item, now: Timestamp) -> Result<Option<CanonicalEvent>, Stor
     {
         return Ok(None);
     }
-    let event_id = key
+    let event_key = key
         .strip_prefix("EV#")
         .ok_or_else(|| corrupt("pk is not an event key".into()))?;
+    let event_id = match item.get("event_id") {
+        Some(AttributeValue::S(id)) => id.as_str(),
+        _ => event_key,
+    };
     let mut obj = Map::new();
     let mut dests = Map::new();
     for (k, av) in item {
@@ -214,6 +304,7 @@ fn from_item(item: &Item, now: Timestamp) -> Result<Option<CanonicalEvent>, Stor
         }
     }
     obj.insert("event_id".into(), Value::String(event_id.to_string()));
+    obj.insert("key".into(), Value::String(event_key.to_string()));
     obj.insert("destinations".into(), Value::Object(dests));
     serde_json::from_value(Value::Object(obj))
         .map(Some)
@@ -223,32 +314,56 @@ fn from_item(item: &Item, now: Timestamp) -> Result<Option<CanonicalEvent>, Stor
 #[async_trait]
 impl EventStore for DynamoStore {
     async fn put_new(&self, event: &CanonicalEvent) -> Result<PutOutcome, StoreError> {
+        let item = self.to_item(event)?;
+        let mut conflict = None;
+        if event.event_id_origin == EventIdOrigin::Provided && event.key != event.event_id {
+            match self.reserve_event_id(event).await? {
+                Reservation::Fresh => {
+                    // The previous release stored provided ids under the bare id: a replay of
+                    // such an event is this event, another source's is a collision.
+                    if let Some(old) = self.get(&event.event_id).await?
+                        && old.event_id_origin == EventIdOrigin::Provided
+                    {
+                        if old.source == event.source {
+                            return Ok(PutOutcome::Duplicate);
+                        }
+                        conflict = Some(old.source);
+                    }
+                }
+                Reservation::Ours => {}
+                Reservation::Other(src) => conflict = Some(src),
+            }
+        }
         let r = self
             .client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(self.to_item(event)?))
+            .set_item(Some(item))
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await;
         match r {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(PutOutcome::Duplicate)
-            }
-            Err(e) => Err(unavailable(e)),
+            Ok(_) => Ok(match conflict {
+                Some(other_source) => PutOutcome::CreatedWithConflict { other_source },
+                None => PutOutcome::Created,
+            }),
+            Err(e) if conditional_failed(&e) => Ok(PutOutcome::Duplicate),
+            Err(e) => match too_large(&e) {
+                Some(reason) => Err(StoreError::TooLarge {
+                    key: event.key.clone(),
+                    reason,
+                }),
+                None => Err(unavailable(e)),
+            },
         }
     }
 
-    async fn get(&self, event_id: &str) -> Result<Option<CanonicalEvent>, StoreError> {
+    async fn get(&self, event_key: &str) -> Result<Option<CanonicalEvent>, StoreError> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(key(event_id)))
+            .set_key(Some(key(event_key)))
             .consistent_read(true)
             .send()
             .await
@@ -259,10 +374,10 @@ impl EventStore for DynamoStore {
         }
     }
 
-    async fn get_many(&self, event_ids: &[String]) -> Result<Vec<CanonicalEvent>, StoreError> {
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<CanonicalEvent>, StoreError> {
         let now = Timestamp::now();
         let mut found = HashMap::new();
-        let mut unique: Vec<&String> = event_ids.iter().collect();
+        let mut unique: Vec<&String> = keys.iter().collect();
         unique.sort();
         unique.dedup();
         for chunk in unique.chunks(100) {
@@ -291,7 +406,7 @@ impl EventStore for DynamoStore {
                     .flatten()
                 {
                     if let Some(e) = from_item(item, now)? {
-                        found.insert(e.event_id.clone(), e);
+                        found.insert(e.key.clone(), e);
                     }
                 }
                 keys = out
@@ -309,7 +424,7 @@ impl EventStore for DynamoStore {
                 ));
             }
         }
-        Ok(event_ids
+        Ok(keys
             .iter()
             .filter_map(|id| found.get(id).cloned())
             .collect())
@@ -345,25 +460,33 @@ impl EventStore for DynamoStore {
 
     async fn claim(
         &self,
-        event_id: &str,
+        event_key: &str,
         destination: Destination,
         now: Timestamp,
         lease_until: Timestamp,
+        redrive_of: Option<u32>,
     ) -> Result<ClaimOutcome, StoreError> {
         let due = lease_until.plus_secs(bridge_core::delivery::SWEEP_GRACE_SECS);
-        let r = self
+        // The claim rule of `DestinationState::claimability`: a dead-lettered pair only for
+        // the message that carries its dead-letter token (an operator's redrive).
+        let dead = if redrive_of.is_some() {
+            "OR (#d.#st = :dead AND #d.#att = :redrive) "
+        } else {
+            ""
+        };
+        let mut req = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key(event_id)))
+            .set_key(Some(key(event_key)))
             .update_expression(
                 "SET #d.#st = :sending, #d.#att = #d.#att + :one, #d.#lease = :lease, #d.#upd = :now, #sw = :shard, #due = :due",
             )
-            .condition_expression(
-                "attribute_exists(#d) AND (#d.#st IN (:pending, :dead) \
+            .condition_expression(format!(
+                "attribute_exists(#d) AND (#d.#st = :pending {dead}\
                  OR (#d.#st = :retry AND (attribute_not_exists(#d.#next) OR #d.#next <= :now)) \
-                 OR (#d.#st = :sending AND (attribute_not_exists(#d.#lease) OR #d.#lease <= :now)))",
-            )
+                 OR (#d.#st = :sending AND (attribute_not_exists(#d.#lease) OR #d.#lease <= :now)))"
+            ))
             .expression_attribute_names("#d", format!("d_{destination}"))
             .expression_attribute_names("#st", "status")
             .expression_attribute_names("#att", "attempts")
@@ -374,18 +497,20 @@ impl EventStore for DynamoStore {
             .expression_attribute_names("#due", format!("{destination}_due"))
             .expression_attribute_values(":sending", s("sending"))
             .expression_attribute_values(":pending", s("pending"))
-            .expression_attribute_values(":dead", s("dead_letter"))
             .expression_attribute_values(":retry", s("retry"))
             .expression_attribute_values(":one", AttributeValue::N("1".into()))
             .expression_attribute_values(":lease", s(lease_until.canonical()))
             .expression_attribute_values(":now", s(now.canonical()))
-            .expression_attribute_values(":shard", s(shard(event_id)))
+            .expression_attribute_values(":shard", s(shard(event_key)))
             .expression_attribute_values(":due", s(due_key(due, DeliveryStatus::Sending)))
             .return_values(ReturnValue::AllNew)
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match r {
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if let Some(token) = redrive_of {
+            req = req
+                .expression_attribute_values(":dead", s("dead_letter"))
+                .expression_attribute_values(":redrive", AttributeValue::N(token.to_string()));
+        }
+        match req.send().await {
             Ok(out) => match out
                 .attributes()
                 .map(|a| from_item(a, now))
@@ -407,9 +532,10 @@ impl EventStore for DynamoStore {
                 };
                 match from_item(old, now)? {
                     Some(e) => match e.destinations.get(&destination) {
-                        Some(state) => {
-                            Ok(ClaimOutcome::Refused(state.claimability(now), Box::new(e)))
-                        }
+                        Some(state) => Ok(ClaimOutcome::Refused(
+                            state.claimability(now, redrive_of),
+                            Box::new(e),
+                        )),
                         None => Ok(ClaimOutcome::Missing),
                     },
                     None => Ok(ClaimOutcome::Missing),
@@ -420,31 +546,28 @@ impl EventStore for DynamoStore {
 
     async fn complete(
         &self,
-        event_id: &str,
+        event_key: &str,
         destination: Destination,
         attempt: u32,
         t: &Transition,
     ) -> Result<bool, StoreError> {
-        let entry = serde_json::to_value(&t.log)
-            .ok()
-            .and_then(|v| to_av(&v, false));
-        let Some(entry) = entry else {
-            return Err(StoreError::Corrupt {
-                key: pk(event_id),
-                reason: "log entry does not serialize".into(),
-            });
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            key: pk(event_key),
+            reason: reason.to_string(),
         };
-        let mut set = vec![
-            "#d.#st = :st",
-            "#d.#upd = :now",
-            "#d.#log = list_append(if_not_exists(#d.#log, :empty), :entry)",
-        ];
+        // The whole (bounded) log is written: the claim's condition on the attempt number
+        // guarantees nobody else changed it since it was read.
+        let log = serde_json::to_value(&t.log)
+            .ok()
+            .and_then(|v| to_av(&v, false))
+            .ok_or_else(|| corrupt("log does not serialize"))?;
+        let mut set = vec!["#d.#st = :st", "#d.#upd = :now", "#d.#log = :log"];
         let mut remove = vec!["#d.#lease"];
         let mut req = self
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key(event_id)))
+            .set_key(Some(key(event_key)))
             .condition_expression("#d.#st = :sending AND #d.#att = :attempt")
             .expression_attribute_names("#d", format!("d_{destination}"))
             .expression_attribute_names("#st", "status")
@@ -453,20 +576,27 @@ impl EventStore for DynamoStore {
             .expression_attribute_names("#upd", "updated_at")
             .expression_attribute_names("#log", "log")
             .expression_attribute_names("#next", "next_attempt_at")
+            .expression_attribute_names("#wait", "waiting_since")
             .expression_attribute_names("#sw", format!("{destination}_sw"))
             .expression_attribute_names("#due", format!("{destination}_due"))
             .expression_attribute_values(":st", s(t.status.as_str()))
             .expression_attribute_values(":sending", s("sending"))
             .expression_attribute_values(":attempt", AttributeValue::N(attempt.to_string()))
             .expression_attribute_values(":now", s(t.now.canonical()))
-            .expression_attribute_values(":empty", AttributeValue::L(vec![]))
-            .expression_attribute_values(":entry", AttributeValue::L(vec![entry]));
+            .expression_attribute_values(":log", log);
         match t.next_attempt_at {
             Some(next) => {
                 set.push("#d.#next = :next");
                 req = req.expression_attribute_values(":next", s(next.canonical()));
             }
             None => remove.push("#d.#next"),
+        }
+        match t.waiting_since {
+            Some(since) => {
+                set.push("#d.#wait = :wait");
+                req = req.expression_attribute_values(":wait", s(since.canonical()));
+            }
+            None => remove.push("#d.#wait"),
         }
         if let Some(err) = t
             .error
@@ -482,6 +612,12 @@ impl EventStore for DynamoStore {
         if t.status == DeliveryStatus::DeadLetter {
             set.push("#d.#ab = #d.#att");
             req = req.expression_attribute_names("#ab", "attempts_base");
+        } else if t.release_attempt {
+            set.push("#d.#ab = if_not_exists(#d.#ab, :zero) + :one");
+            req = req
+                .expression_attribute_names("#ab", "attempts_base")
+                .expression_attribute_values(":zero", AttributeValue::N("0".into()))
+                .expression_attribute_values(":one", AttributeValue::N("1".into()));
         }
         let probe = DestinationState {
             status: t.status,
@@ -493,7 +629,7 @@ impl EventStore for DynamoStore {
                 set.push("#sw = :shard");
                 set.push("#due = :due");
                 req = req
-                    .expression_attribute_values(":shard", s(shard(event_id)))
+                    .expression_attribute_values(":shard", s(shard(event_key)))
                     .expression_attribute_values(":due", s(due_key(due, t.status)));
             }
             None => {
@@ -504,12 +640,81 @@ impl EventStore for DynamoStore {
         let expr = format!("SET {} REMOVE {}", set.join(", "), remove.join(", "));
         match req.update_expression(expr).send().await {
             Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
+            Err(e) if conditional_failed(&e) => Ok(false),
+            Err(e) => match too_large(&e) {
+                Some(reason) => Err(StoreError::TooLarge {
+                    key: event_key.to_string(),
+                    reason,
+                }),
+                None => Err(unavailable(e)),
+            },
+        }
+    }
+
+    async fn hold_order(
+        &self,
+        order_id: &str,
+        destination: Destination,
+        event_key: &str,
+    ) -> Result<OrderHold, StoreError> {
+        let ttl = Timestamp::now().unix_secs() + self.retention_secs;
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(order_item(order_id)))
+            .update_expression("SET #w = :me, #ttl = :ttl")
+            .condition_expression("attribute_not_exists(#w) OR #w = :me")
+            .expression_attribute_names("#w", holder_attr(destination))
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":me", s(event_key))
+            .expression_attribute_values(":ttl", AttributeValue::N(ttl.to_string()))
+            .return_values(ReturnValue::AllOld)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match r {
+            Ok(out) => Ok(OrderHold::Held {
+                first: out
+                    .attributes()
+                    .and_then(|a| a.get(&holder_attr(destination)))
+                    .is_none(),
+            }),
+            Err(err) => {
+                if let Some(aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c)) =
+                    err.as_service_error()
+                    && let Some(AttributeValue::S(holder)) =
+                        c.item().and_then(|i| i.get(&holder_attr(destination)))
+                {
+                    return Ok(OrderHold::HeldBy(holder.clone()));
+                }
+                Err(unavailable(err))
             }
+        }
+    }
+
+    async fn take_over_order(
+        &self,
+        order_id: &str,
+        destination: Destination,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, StoreError> {
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(order_item(order_id)))
+            .update_expression("SET #w = :to")
+            .condition_expression("#w = :from")
+            .expression_attribute_names("#w", holder_attr(destination))
+            .expression_attribute_values(":to", s(to))
+            .expression_attribute_values(":from", s(from))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) if conditional_failed(&e) => Ok(false),
             Err(e) => Err(unavailable(e)),
         }
     }
@@ -545,7 +750,7 @@ impl EventStore for DynamoStore {
                 break;
             }
         }
-        out.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 
@@ -591,7 +796,7 @@ impl EventStore for DynamoStore {
                         continue;
                     };
                     out.push(StuckRef {
-                        event_id: id.to_string(),
+                        key: id.to_string(),
                         destination,
                         status,
                         due: at,
@@ -603,14 +808,14 @@ impl EventStore for DynamoStore {
                 }
             }
         }
-        out.sort_by(|a, b| (a.due, &a.event_id).cmp(&(b.due, &b.event_id)));
+        out.sort_by(|a, b| (a.due, &a.key).cmp(&(b.due, &b.key)));
         out.truncate(limit);
         Ok(out)
     }
 
     async fn defer_sweep(
         &self,
-        event_id: &str,
+        event_key: &str,
         destination: Destination,
         status: DeliveryStatus,
         due: Timestamp,
@@ -619,7 +824,7 @@ impl EventStore for DynamoStore {
             .client
             .update_item()
             .table_name(&self.table)
-            .set_key(Some(key(event_id)))
+            .set_key(Some(key(event_key)))
             .update_expression("SET #due = :due")
             .condition_expression("#d.#st = :st")
             .expression_attribute_names("#d", format!("d_{destination}"))

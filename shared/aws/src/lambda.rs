@@ -11,6 +11,11 @@ pub fn sqs_records(event: SqsEvent) -> Vec<Record> {
             message_id: r.message_id.unwrap_or_default(),
             receipt: r.receipt_handle.unwrap_or_default(),
             body: r.body.unwrap_or_default(),
+            attributes: r
+                .message_attributes
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, v.string_value?)))
+                .collect(),
         })
         .collect()
 }
@@ -33,7 +38,28 @@ pub async fn run_sender<P: bridge_core::delivery::pipeline::Platform>(
     settings: &crate::config::Settings,
     aws: &aws_config::SdkConfig,
 ) -> Result<(), lambda_runtime::Error> {
-    use bridge_core::delivery::pipeline::{PipelineConfig, process_batch};
+    use bridge_core::delivery::pipeline::{PipelineConfig, SEND_MARGIN, process_batch};
+    if let Some(timeout) = settings.sender_timeout_secs {
+        // A send that cannot finish, and be recorded, inside the function's timeout would be
+        // put off forever; a lease shorter than the function lets a second worker take over a
+        // pair this one is still sending.
+        let need = platform.request_timeout() + SEND_MARGIN;
+        if need.as_secs() > timeout {
+            return Err(format!(
+                "SENDER_TIMEOUT_SECS ({timeout}) must be at least the platform request timeout plus {} s ({} s)",
+                SEND_MARGIN.as_secs(),
+                need.as_secs()
+            )
+            .into());
+        }
+        if u64::try_from(settings.lease_secs).unwrap_or(0) < timeout {
+            return Err(format!(
+                "LEASE_SECS ({}) must be at least SENDER_TIMEOUT_SECS ({timeout})",
+                settings.lease_secs
+            )
+            .into());
+        }
+    }
     let store = crate::dynamodb::DynamoStore::new(
         crate::clients::dynamodb(aws),
         &settings.table_name,
@@ -49,17 +75,34 @@ pub async fn run_sender<P: bridge_core::delivery::pipeline::Platform>(
             ..bridge_core::delivery::Backoff::default()
         },
         refund_wait: std::time::Duration::from_secs(settings.refund_wait_secs),
+        wait_deadline: std::time::Duration::from_secs(settings.wait_deadline_secs),
     };
     let (platform, store, queue, pipeline) = (&platform, &store, &queue, &pipeline);
     lambda_runtime::run(lambda_runtime::service_fn(
         move |event: lambda_runtime::LambdaEvent<SqsEvent>| async move {
             let records = sqs_records(event.payload);
             let now = bridge_core::timestamp::Timestamp::now();
-            let report = process_batch(records, platform, store, queue, pipeline, now).await;
+            let invocation = bridge_core::delivery::pipeline::Invocation {
+                now,
+                deadline: deadline(event.context.deadline, now),
+            };
+            let report = process_batch(records, platform, store, queue, pipeline, invocation).await;
             Ok::<SqsBatchResponse, lambda_runtime::Error>(batch_response(&report))
         },
     ))
     .await
+}
+
+/// The invocation's deadline (Lambda gives it in Unix milliseconds) as a monotonic instant.
+fn deadline(
+    deadline_ms: u64,
+    now: bridge_core::timestamp::Timestamp,
+) -> Option<std::time::Instant> {
+    let left = i64::try_from(deadline_ms)
+        .ok()?
+        .checked_sub(now.unix_ms())?;
+    let left = u64::try_from(left).unwrap_or(0);
+    std::time::Instant::now().checked_add(std::time::Duration::from_millis(left))
 }
 
 /// A non-empty environment variable.

@@ -131,7 +131,7 @@ impl SqsQueue {
                             .ok()
                             .and_then(|i| chunk.iter().find(|(_, e)| e.id() == i.to_string()))
                         {
-                            tracing::warn!(event_id = %m.event_id, destination = %m.destination, code = f.code(), "sqs batch entry failed");
+                            tracing::warn!(key = %m.key, destination = %m.destination, code = f.code(), "sqs batch entry failed");
                             failed.push(m.clone());
                         }
                     }
@@ -246,7 +246,7 @@ impl DeliveryQueue for SqsQueue {
                 .filter_map(|(i, dl)| {
                     let e = SendMessageBatchRequestEntry::builder()
                         .id((i % SQS_BATCH).to_string())
-                        .message_body(dl.message.to_body())
+                        .message_body(dl.dlq_message().to_body())
                         .set_message_attributes(Some(
                             [
                                 ("error_code", attr(cut(&dl.reason.code, 256))),

@@ -160,14 +160,15 @@ pub async fn dry_run(
                 Outcome::Delivered { .. } => {
                     *out.would_send.entry(dest.as_str().into()).or_insert(0) += 1
                 }
-                Outcome::Retryable { error, .. } | Outcome::Rejected { error, .. } => {
-                    out.would_reject.push(LineProblem {
-                        line: *line,
-                        event_id: Some(event_id.clone()),
-                        destination: Some(dest.as_str().into()),
-                        reason: format!("{}: {}", error.code, error.message),
-                    })
-                }
+                Outcome::Retryable { error, .. }
+                | Outcome::Rejected { error, .. }
+                | Outcome::Wait { error, .. }
+                | Outcome::Closed { error, .. } => out.would_reject.push(LineProblem {
+                    line: *line,
+                    event_id: Some(event_id.clone()),
+                    destination: Some(dest.as_str().into()),
+                    reason: format!("{}: {}", error.code, error.message),
+                }),
             }
         }
     }
@@ -257,7 +258,10 @@ impl<P: Platform> DryRunPlatform for Checked<P> {
         for (group, items) in groups {
             for chunk in items.chunks(self.0.max_batch().max(1)) {
                 let batch: Vec<P::Item> = chunk.iter().map(|(_, i)| i.clone()).collect();
-                let outcomes = self.0.send(&group, &batch).await;
+                let outcomes = self
+                    .0
+                    .send(&group, &batch, crate::delivery::Limits::DEFAULT)
+                    .await;
                 for ((k, _), o) in chunk.iter().zip(outcomes) {
                     out[*k] = Some(o);
                 }

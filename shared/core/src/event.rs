@@ -91,7 +91,13 @@ pub enum EventIdOrigin {
 /// Identity holds hashes and click ids only.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct CanonicalEvent {
+    /// The id the platforms see (and deduplicate on): derived here, or the caller's own (a
+    /// browser Pixel's eventID, which must match for browser/server deduplication).
     pub event_id: String,
+    /// The event's key in the store: see [`store_key`]. Events stored before keys were scoped
+    /// by source keep their old key (the bare event_id), which the store reads back.
+    #[serde(default)]
+    pub key: String,
     #[serde(default)]
     pub event_id_origin: EventIdOrigin,
     pub source: String,
@@ -689,6 +695,7 @@ pub fn validate(
         Some(s) => Some(s.to_string()),
     };
 
+    let crm_stage = check_id("crm_stage", &input.crm_stage, false, &mut errors);
     let consent = validate_consent(input.consent.as_ref(), ctx.default_consent, &mut errors);
 
     if !errors.is_empty() {
@@ -702,7 +709,7 @@ pub fn validate(
         return Err(vec![FieldError::new("$", "incomplete event")]);
     };
 
-    let (event_id, event_id_origin) = match provided_id {
+    let (event_id, event_id_origin): (String, EventIdOrigin) = match provided_id {
         Some(id) => (id, EventIdOrigin::Provided),
         None => (
             derive_event_id(
@@ -723,16 +730,12 @@ pub fn validate(
     let (identity, warnings) = identity::normalize(&input.identity, &id_ctx);
 
     Ok(CanonicalEvent {
+        key: store_key(&source, &event_id, event_id_origin),
         event_id,
         event_id_origin,
         source,
         event_name,
-        crm_stage: input
-            .crm_stage
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string),
+        crm_stage,
         occurred_at,
         received_at: ctx.now,
         entity_type,
@@ -802,6 +805,17 @@ fn validate_consent(
         ad_user_data,
         ad_personalization,
         origin,
+    }
+}
+
+/// The store key of an event: the event_id when derived here (the source is already part of
+/// its hash), else `<source>:<event_id>`, so a caller-provided id is scoped by the source that
+/// sent it and one source can never pre-claim another's event. (Sources are `[a-z0-9_-]`, so
+/// the first `:` ends the source.)
+pub fn store_key(source: &str, event_id: &str, origin: EventIdOrigin) -> String {
+    match origin {
+        EventIdOrigin::Derived => event_id.to_string(),
+        EventIdOrigin::Provided => format!("{source}:{event_id}"),
     }
 }
 

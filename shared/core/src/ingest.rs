@@ -7,7 +7,7 @@ use crate::event::{CanonicalEvent, FieldError, ValidationContext, validate};
 use crate::identity::{HashedIdentity, IdentityWarning, Region};
 use crate::mapping::Mapping;
 use crate::queue::{DeliveryMessage, DeliveryQueue};
-use crate::store::{EventStore, PutOutcome};
+use crate::store::{EventStore, PutOutcome, StoreError};
 use crate::timestamp::Timestamp;
 use crate::webhook::Incoming;
 use futures::future::join_all;
@@ -55,6 +55,11 @@ pub struct ItemResult {
     pub warnings: Vec<IdentityWarning>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
+    /// The caller-provided event_id was already used by another source: both events are kept
+    /// (each under its own source), and sent with the id as given, so a platform that
+    /// deduplicates on it may count only one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<FieldError>,
 }
 
 impl ItemResult {
@@ -68,6 +73,7 @@ impl ItemResult {
             destinations: BTreeMap::new(),
             warnings: Vec::new(),
             stage: None,
+            conflict: None,
         }
     }
 }
@@ -201,7 +207,16 @@ pub async fn ingest(
             let r = &mut results[*index];
             r.event_id = Some(event.event_id.clone());
             match outcome {
-                Ok(PutOutcome::Created) => {
+                Ok(created @ (PutOutcome::Created | PutOutcome::CreatedWithConflict { .. })) => {
+                    if let PutOutcome::CreatedWithConflict { other_source } = created {
+                        tracing::warn!(event_id = %event.event_id, source, other_source = %other_source, result = "id_conflict", "another source already used this event_id");
+                        r.conflict = Some(FieldError::new(
+                            "event_id",
+                            format!(
+                                "source `{other_source}` already sent an event with this event_id; both are kept, each under its own source, but a platform that deduplicates on the id may count only one"
+                            ),
+                        ));
+                    }
                     r.destinations = event
                         .destinations
                         .iter()
@@ -210,7 +225,7 @@ pub async fn ingest(
                     r.warnings = event.warnings.clone();
                     for (d, s) in &event.destinations {
                         if s.status == DeliveryStatus::Pending {
-                            messages.push(DeliveryMessage::new(event.event_id.clone(), *d));
+                            messages.push(DeliveryMessage::new(event.key.clone(), *d));
                         }
                     }
                     tracing::info!(event_id = %event.event_id, source, event_name = %event.event_name, result = "accepted", "event stored");
@@ -219,6 +234,16 @@ pub async fn ingest(
                     r.status = ItemStatus::Duplicate;
                     r.duplicate = true;
                     tracing::info!(event_id = %event.event_id, source, event_name = %event.event_name, result = "duplicate", "event already stored");
+                }
+                Err(StoreError::TooLarge { reason, .. }) => {
+                    r.status = ItemStatus::Invalid;
+                    r.errors = vec![FieldError::new(
+                        "$",
+                        format!(
+                            "the event is too large to store ({reason}); shorten its longest fields"
+                        ),
+                    )];
+                    tracing::warn!(event_id = %event.event_id, source, result = "invalid", reason = %reason, "event too large to store");
                 }
                 Err(e) => {
                     r.status = ItemStatus::Unavailable;
@@ -238,7 +263,7 @@ pub async fn ingest(
         queue.enqueue(&messages).await
     };
     for m in &failed {
-        tracing::warn!(event_id = %m.event_id, destination = %m.destination, result = "enqueue_failed", "left pending for the reconciliation sweep");
+        tracing::warn!(key = %m.key, destination = %m.destination, result = "enqueue_failed", "left pending for the reconciliation sweep");
     }
     IngestReport {
         results,
@@ -489,5 +514,112 @@ mod tests {
             10,
             "5 SendMessageBatch calls per destination for 45 messages"
         );
+    }
+
+    fn lead_with_id(id: &str) -> serde_json::Value {
+        json!({"event_id": id, "event_name": "lead", "occurred_at": "2026-11-27T10:00:00Z", "entity_type": "lead",
+               "entity_id": "L-1", "identity": {"email": "a@example.com"}, "consent": {"status": "granted"}})
+    }
+
+    #[tokio::test]
+    async fn one_source_cannot_pre_claim_another_sources_event_id() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        // `generic` squats the id `salesforce` will use for its real lead.
+        let squat = run(vec![item(lead_with_id("px-1"))], "generic", &store, &queue).await;
+        assert_eq!(squat.results[0].status, ItemStatus::Accepted);
+        let real = run(
+            vec![item(lead_with_id("px-1"))],
+            "salesforce",
+            &store,
+            &queue,
+        )
+        .await;
+        let r = &real.results[0];
+        assert_eq!(r.status, ItemStatus::Accepted, "not answered duplicate");
+        assert_eq!(
+            r.event_id.as_deref(),
+            Some("px-1"),
+            "the id stays the caller's"
+        );
+        let conflict = r.conflict.as_ref().expect("the collision is reported");
+        assert_eq!(conflict.field, "event_id");
+        assert!(conflict.reason.contains("`generic`"), "{conflict:?}");
+        assert_eq!(store.len(), 2, "each source's event under its own key");
+        let keys: Vec<String> = store.all().into_iter().map(|e| e.key).collect();
+        assert_eq!(keys, ["generic:px-1", "salesforce:px-1"]);
+        assert_eq!(queue.depth(Destination::Meta), 2);
+        // A replay from either source is a duplicate of its own event only.
+        let again = run(
+            vec![item(lead_with_id("px-1"))],
+            "salesforce",
+            &store,
+            &queue,
+        )
+        .await;
+        assert_eq!(again.results[0].status, ItemStatus::Duplicate);
+    }
+
+    #[tokio::test]
+    async fn an_event_stored_under_its_bare_id_by_the_previous_release_is_still_a_duplicate() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let first = run(vec![item(lead_with_id("px-2"))], "generic", &store, &queue).await;
+        let key = first.results[0].event_id.clone().unwrap();
+        let stored = store.get_sync(&format!("generic:{key}"));
+        let legacy = MemoryStore::new();
+        legacy.insert_legacy(&stored);
+        let replay = run(vec![item(lead_with_id("px-2"))], "generic", &legacy, &queue).await;
+        assert_eq!(replay.results[0].status, ItemStatus::Duplicate);
+        assert_eq!(legacy.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_event_too_large_to_store_is_invalid_not_a_retry() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        store.limit_item_size(1500);
+        let mut big = won("granted");
+        big["identity"]["client_user_agent"] = json!("M".repeat(1000));
+        big["entity_id"] = json!("D-big");
+        let r = run(
+            vec![item(won("granted")), item(big)],
+            "hubspot",
+            &store,
+            &queue,
+        )
+        .await;
+        assert_eq!(r.results[0].status, ItemStatus::Accepted);
+        assert_eq!(
+            r.results[1].status,
+            ItemStatus::Invalid,
+            "{:?}",
+            r.results[1]
+        );
+        assert_eq!(r.results[1].errors[0].field, "$");
+        assert!(r.results[1].errors[0].reason.contains("too large"));
+        assert!(
+            !r.any(ItemStatus::Unavailable),
+            "never a 503 the CRM retries forever"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_crm_stage_is_named() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let mut v = won("granted");
+        v["crm_stage"] = json!("s".repeat(5000));
+        let r = run(vec![item(v)], "hubspot", &store, &queue).await;
+        assert_eq!(r.results[0].status, ItemStatus::Invalid);
+        assert_eq!(r.results[0].errors[0].field, "crm_stage");
     }
 }

@@ -176,6 +176,20 @@ pub struct GoogleConversion {
     pub allow_without_click_id: bool,
 }
 
+impl GoogleConversion {
+    /// The conversion action a resource name (`customers/{cid}/conversionActions/{id}`, as a
+    /// delivery log records it) names; `None` for anything else.
+    pub fn from_resource(action: &str) -> Option<GoogleConversion> {
+        let (customer_id, action_id) = parse_action(action)?;
+        Some(GoogleConversion {
+            action: action.to_string(),
+            customer_id,
+            action_id,
+            allow_without_click_id: false,
+        })
+    }
+}
+
 /// Per-customer overrides: the back end is chosen per account, because whether a developer
 /// token may still import conversions through the Ads API is decided per account.
 #[derive(Clone, Debug, PartialEq, Eq)]

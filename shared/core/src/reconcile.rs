@@ -2,7 +2,7 @@
 //! versus what each platform was told, per destination and currency, as JSON and CSV. Pure
 //! over its inputs: the same events and queue figures give byte-identical output.
 
-use crate::delivery::{DeliveryStatus, Destination, SWEEP_GRACE_SECS};
+use crate::delivery::{DeliveryStatus, Destination, PairResult, SWEEP_GRACE_SECS};
 use crate::event::{CanonicalEvent, EventName};
 use crate::money::Money;
 use crate::queue::{DeliveryMessage, DeliveryQueue};
@@ -43,18 +43,18 @@ pub async fn sweep(
         .unwrap_or(0);
     let messages: Vec<DeliveryMessage> = stuck
         .iter()
-        .map(|s| DeliveryMessage::new(&s.event_id, dest))
+        .map(|s| DeliveryMessage::new(&s.key, dest))
         .collect();
     let failed = queue.enqueue(&messages).await;
     let next = now.plus_secs(SWEEP_GRACE_SECS);
     for s in &stuck {
-        if failed.iter().any(|m| m.event_id == s.event_id) {
+        if failed.iter().any(|m| m.key == s.key) {
             out.enqueue_failed += 1;
             continue;
         }
-        store.defer_sweep(&s.event_id, dest, s.status, next).await?;
+        store.defer_sweep(&s.key, dest, s.status, next).await?;
         out.re_enqueued += 1;
-        tracing::info!(event_id = %s.event_id, destination = %dest, status = s.status.as_str(), result = "re_enqueued", "sweep");
+        tracing::info!(key = %s.key, destination = %dest, status = s.status.as_str(), result = "re_enqueued", "sweep");
     }
     Ok(out)
 }
@@ -215,11 +215,17 @@ pub fn build_report(
                 .entry(state.clone())
                 .or_insert(0) += 1;
             for l in &s.log {
-                match l.result.as_str() {
-                    "retry" => f.retries += 1,
-                    "skipped_duplicate" | "delivered_replay" => f.duplicates_prevented += 1,
+                match l.result {
+                    PairResult::Retry => f.retries += 1,
+                    PairResult::DeliveredReplay => f.duplicates_prevented += 1,
                     _ => {}
                 }
+            }
+            if s.status == DeliveryStatus::DuplicateOrder {
+                // A second won of an order already counted: never sent, and the CRM's revenue
+                // for the order is the holder's.
+                f.duplicates_prevented += 1;
+                continue;
             }
             // Revenue the CRM's system of record stated; other sources' revenue is not the truth.
             let (Some(v), Some(c)) = (e.value, e.currency.clone()) else {
@@ -422,11 +428,12 @@ mod tests {
             for (i, r) in log.iter().enumerate() {
                 s.log.push(DeliveryLogEntry {
                     attempt: i as u32 + 1,
-                    result: r.to_string(),
+                    result: serde_json::from_value(json!(r)).unwrap(),
                     request_at: now(),
                     response_at: now(),
                     error: None,
                     platform_ref: None,
+                    sent_as: None,
                 });
             }
             if *st == DeliveryStatus::DeadLetter {
@@ -626,7 +633,7 @@ mod tests {
         let sent: Vec<String> = queue
             .messages(Destination::Meta)
             .iter()
-            .map(|m| m.message.event_id.clone())
+            .map(|m| m.message.key.clone())
             .collect();
         assert_eq!(sent, [stuck.event_id.clone()]);
         let again = sweep(&store, &queue, Destination::Meta, now().plus_secs(60), 100)

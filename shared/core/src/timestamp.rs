@@ -55,16 +55,47 @@ impl Timestamp {
         self.0.unix_timestamp()
     }
 
+    /// Saturating: a delay an outside party controls (a platform's retryDelay) can never
+    /// overflow the calendar.
     pub fn plus_secs(&self, secs: i64) -> Self {
-        Timestamp(self.0 + Duration::seconds(secs))
+        Timestamp(
+            self.0
+                .checked_add(Duration::seconds(secs))
+                .unwrap_or(if secs < 0 {
+                    OffsetDateTime::UNIX_EPOCH
+                } else {
+                    Self::max().0
+                }),
+        )
     }
 
     pub fn plus_millis(&self, ms: i64) -> Self {
-        Timestamp(self.0 + Duration::milliseconds(ms))
+        Timestamp(
+            self.0
+                .checked_add(Duration::milliseconds(ms))
+                .unwrap_or(if ms < 0 {
+                    OffsetDateTime::UNIX_EPOCH
+                } else {
+                    Self::max().0
+                }),
+        )
     }
 
     pub fn minus_secs(&self, secs: i64) -> Self {
-        Timestamp(self.0 - Duration::seconds(secs))
+        self.plus_secs(secs.saturating_neg())
+    }
+
+    /// `self` plus a std duration, saturating.
+    pub fn plus(&self, d: std::time::Duration) -> Self {
+        self.plus_millis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// The latest instant this type holds (the end of the supported range).
+    pub fn max() -> Self {
+        Timestamp(
+            OffsetDateTime::from_unix_timestamp(4_133_980_799)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        )
     }
 
     /// Seconds from `earlier` to `self` (negative when `earlier` is later).

@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use bridge_core::consent::{Consent, GoogleSignal};
-use bridge_core::delivery::{Answer, Attempt, Outcome, deliver_isolating};
+use bridge_core::delivery::{Answer, Attempt, Limits, Outcome, deliver_isolating};
 use bridge_core::delivery::{DeliveryStatus, Destination, ErrorInfo};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::identity::{ClickIds, GoogleHashes};
@@ -135,6 +135,22 @@ pub struct GoogleItem {
 }
 
 impl GoogleItem {
+    /// The conversion action's resource name.
+    pub fn action(&self) -> String {
+        format!(
+            "customers/{}/conversionActions/{}",
+            self.customer_id, self.action_id
+        )
+    }
+
+    /// The order the row is for (`orderId`, or Data Manager's `transactionId`).
+    pub fn order(&self) -> Option<&str> {
+        self.row
+            .get("orderId")
+            .or_else(|| self.row.get("transactionId"))
+            .and_then(Value::as_str)
+    }
+
     /// Rows are batched per call, customer and manager account (and, for Data Manager, per
     /// conversion action, which is the request's destination).
     pub fn group(&self) -> String {
@@ -227,9 +243,11 @@ fn ads_time(t: Timestamp) -> String {
 }
 
 /// The order id Google deduplicates on: the deal's order id for revenue; for lead stages the
-/// event id, so a replay of the same lead is recognised (ORDER_ID_ALREADY_IN_USE) too.
+/// event's store key (its event id when derived here; scoped by source when the caller gave
+/// one, so two sources' ids never collide at Google), so a replay of the same lead is
+/// recognised (ORDER_ID_ALREADY_IN_USE) too.
 fn order_key(e: &CanonicalEvent) -> String {
-    e.order_id.clone().unwrap_or_else(|| e.event_id.clone())
+    e.order_id.clone().unwrap_or_else(|| e.key.clone())
 }
 
 /// The Google row for one stored event, or why it can never be valid. `order` holds the
@@ -396,7 +414,7 @@ fn build_adjustment(
             "refunds are not sent to Google (refund_policy = skip)",
         ));
     }
-    let Some(conv) = g.conversions.get(&EventName::Won) else {
+    let Some(mapped) = g.conversions.get(&EventName::Won) else {
         return Err(err("not_mapped", "no Google conversion action for won"));
     };
     let order_id = refund.order_id.as_deref().unwrap_or_default();
@@ -405,16 +423,32 @@ fn build_adjustment(
             .get(&Destination::Google)
             .is_some_and(|s| s.status.is_delivered())
     };
-    let Some(won) = order
+    let wons = order
         .iter()
-        .filter(|e| e.event_name == EventName::Won && delivered(e))
-        .min_by_key(|e| (e.occurred_at, e.event_id.clone()))
-    else {
+        .filter(|e| e.event_name == EventName::Won && delivered(e));
+    // The conversion Google holds for the order: the Ads API keeps the first upload of an
+    // order id (a later one is ORDER_ID_ALREADY_IN_USE); Data Manager keeps the last value
+    // written for a transactionId. With the order guard there is one delivered won; a stack
+    // upgraded from before it may hold two.
+    let key = |e: &&CanonicalEvent| (e.occurred_at, e.key.clone());
+    let won = match g.backend_for(&mapped.customer_id) {
+        GoogleBackend::AdsApi => wons.min_by_key(key),
+        GoogleBackend::DataManager => wons.max_by_key(key),
+    };
+    let Some(won) = won else {
         return Err(err(
             "original_not_delivered",
             format!("no delivered won event for order {order_id}"),
         ));
     };
+    // An adjustment cannot move a conversion to another action: it targets the action the won
+    // was really uploaded under, whatever the mapping says now.
+    let sent_under = won
+        .destinations
+        .get(&Destination::Google)
+        .and_then(|s| s.delivered_as())
+        .and_then(GoogleConversion::from_resource);
+    let conv = sent_under.as_ref().unwrap_or(mapped);
     let (Some(won_value), Some(currency)) = (won.value, won.currency.as_deref()) else {
         return Err(err("missing_value", "the won event has no value to adjust"));
     };
@@ -588,12 +622,12 @@ pub fn classify_code(
 /// first, then what can never succeed, then what may succeed later, then a replay.
 fn severity(o: &Outcome) -> u8 {
     match o {
-        Outcome::Rejected { alert: true, .. } => 5,
+        Outcome::Closed { .. } | Outcome::Rejected { alert: true, .. } => 5,
         Outcome::Rejected {
             dead_letter: true, ..
         } => 4,
         Outcome::Rejected { .. } => 3,
-        Outcome::Retryable { .. } => 2,
+        Outcome::Retryable { .. } | Outcome::Wait { .. } => 2,
         Outcome::Delivered { replay: true, .. } => 1,
         Outcome::Delivered { .. } => 0,
     }
@@ -910,7 +944,16 @@ pub struct GooglePlatform {
     tokens: TokenSource,
     /// customer id -> (terms accepted, checked at).
     terms: Mutex<HashMap<String, (bool, Instant)>>,
+    /// Data Manager request id -> its final status (SUCCESS, PARTIAL_SUCCESS, FAILED), which
+    /// never changes once reached.
+    statuses: Mutex<HashMap<String, String>>,
 }
+
+/// How long a refund waits before asking again whether Data Manager processed its won.
+pub const PROCESSING_WAIT: Duration = Duration::from_secs(600);
+/// How long before asking again about a won Google did not confirm (the operator may resend
+/// it meanwhile); the refund ends `unconfirmed` at its wait deadline.
+pub const UNCONFIRMED_WAIT: Duration = Duration::from_secs(3600);
 
 enum Api {
     Ads,
@@ -931,6 +974,7 @@ impl GooglePlatform {
             mapping,
             tokens,
             terms: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1035,7 +1079,7 @@ impl GooglePlatform {
         Ok(accepted)
     }
 
-    async fn send_ads(&self, items: &[GoogleItem]) -> Vec<Outcome> {
+    async fn send_ads(&self, items: &[GoogleItem], limits: Limits) -> Vec<Outcome> {
         let first = &items[0];
         let login = first.login_customer_id.as_deref();
         let mut out: Vec<Option<Outcome>> = vec![None; items.len()];
@@ -1066,7 +1110,7 @@ impl GooglePlatform {
         let pending: Vec<usize> = (0..items.len()).filter(|&i| out[i].is_none()).collect();
         let batch: Vec<GoogleItem> = pending.iter().map(|&i| items[i].clone()).collect();
         let request = AdsRequest { platform: self };
-        for (k, o) in deliver_isolating(&request, &batch)
+        for (k, o) in deliver_isolating(&request, &batch, limits)
             .await
             .into_iter()
             .enumerate()
@@ -1156,6 +1200,31 @@ impl bridge_core::delivery::pipeline::Platform for GooglePlatform {
         MAX_ROWS
     }
 
+    fn request_timeout(&self) -> Duration {
+        self.cfg.timeout
+    }
+
+    fn sent_as(&self, item: &GoogleItem) -> Option<String> {
+        Some(item.action())
+    }
+
+    fn row_key(&self, item: &GoogleItem) -> Option<String> {
+        item.order().map(|order| {
+            format!(
+                "{:?}|{}|{}|{order}",
+                item.kind, item.customer_id, item.action_id
+            )
+        })
+    }
+
+    async fn confirm_original(
+        &self,
+        refund: &CanonicalEvent,
+        order: &[CanonicalEvent],
+    ) -> Result<(), Outcome> {
+        self.confirm_processed(refund, order).await
+    }
+
     fn prepare(
         &self,
         event: &CanonicalEvent,
@@ -1174,20 +1243,105 @@ impl bridge_core::delivery::pipeline::Platform for GooglePlatform {
         }
     }
 
-    async fn send(&self, _group: &str, items: &[GoogleItem]) -> Vec<Outcome> {
+    async fn send(&self, _group: &str, items: &[GoogleItem], limits: Limits) -> Vec<Outcome> {
         if items.is_empty() {
             return Vec::new();
         }
         match items[0].kind {
             Kind::DataManager => {
-                deliver_isolating(&DataManagerRequest { platform: self }, items).await
+                deliver_isolating(&DataManagerRequest { platform: self }, items, limits).await
             }
-            Kind::Click | Kind::Adjustment => self.send_ads(items).await,
+            Kind::Click | Kind::Adjustment => self.send_ads(items, limits).await,
         }
     }
 }
 
 impl GooglePlatform {
+    /// A refund restated through Data Manager may only go once Google confirms it processed
+    /// the won's request: a transactionId Google does not know creates a new conversion, so a
+    /// restatement sent too early (or after a won Google refused) adds a conversion of its own.
+    /// SUCCESS: go. PROCESSING: look again later. PARTIAL_SUCCESS, FAILED or unknown: the won's
+    /// row cannot be confirmed; the refund waits until its deadline and ends `unconfirmed`.
+    async fn confirm_processed(
+        &self,
+        refund: &CanonicalEvent,
+        order: &[CanonicalEvent],
+    ) -> Result<(), Outcome> {
+        if self.cfg.validate_only {
+            return Ok(());
+        }
+        let Ok(item) = build_item(refund, order, &self.mapping, Timestamp::now()) else {
+            return Ok(()); // prepare will say why it cannot go
+        };
+        if item.kind != Kind::DataManager {
+            return Ok(());
+        }
+        let won = order
+            .iter()
+            .filter(|e| e.event_name == EventName::Won)
+            .filter_map(|e| Some((e, e.destinations.get(&Destination::Google)?)))
+            .filter(|(_, s)| s.status.is_delivered())
+            .max_by_key(|(e, _)| (e.occurred_at, e.key.clone()));
+        let unconfirmed = |why: String, after: Duration| Outcome::Wait {
+            error: err("original_unconfirmed", why),
+            after,
+            on_deadline: Some(DeliveryStatus::Unconfirmed),
+        };
+        let Some((won, state)) = won else {
+            return Ok(());
+        };
+        let Some(request_id) = state
+            .delivered_ref()
+            .and_then(|r| r.strip_prefix(REQUEST_ID_PREFIX))
+        else {
+            return Err(unconfirmed(
+                format!(
+                    "the won event {} has no Data Manager request id to confirm",
+                    won.event_id
+                ),
+                UNCONFIRMED_WAIT,
+            ));
+        };
+        let status = self.request_status_of(request_id).await?;
+        match status.as_str() {
+            "SUCCESS" => Ok(()),
+            "PROCESSING" => Err(Outcome::Wait {
+                error: err(
+                    "original_processing",
+                    format!("Data Manager is still processing the won's request {request_id}"),
+                ),
+                after: PROCESSING_WAIT,
+                on_deadline: Some(DeliveryStatus::Unconfirmed),
+            }),
+            other => Err(unconfirmed(
+                format!(
+                    "Data Manager answered {other} for the won's request {request_id}: the won's row cannot be confirmed, so the refund is not sent"
+                ),
+                UNCONFIRMED_WAIT,
+            )),
+        }
+    }
+
+    /// The status of a Data Manager request at its (only) destination, cached once final.
+    async fn request_status_of(&self, request_id: &str) -> Result<String, Outcome> {
+        if let Ok(cache) = self.statuses.lock()
+            && let Some(s) = cache.get(request_id)
+        {
+            return Ok(s.clone());
+        }
+        let v = self.request_status(request_id).await?;
+        let status = v["requestStatusPerDestination"][0]["requestStatus"]
+            .as_str()
+            .unwrap_or("REQUEST_STATUS_UNKNOWN")
+            .to_string();
+        if matches!(status.as_str(), "SUCCESS" | "PARTIAL_SUCCESS" | "FAILED")
+            && let Ok(mut cache) = self.statuses.lock()
+        {
+            cache.insert(request_id.to_string(), status.clone());
+        }
+        Ok(status)
+    }
+
     /// Data Manager processes asynchronously: the per-destination status of a request whose
     /// requestId was recorded on its events (for reconciliation).
     pub async fn request_status(&self, request_id: &str) -> Result<Value, Outcome> {
@@ -1506,7 +1660,7 @@ mod tests {
                 replay: true
             }
         );
-        assert_eq!(out[3].label(), "delivered");
+        assert_eq!(out[3].result().as_str(), "delivered");
         assert_eq!(
             out[4],
             Outcome::Retryable {
@@ -1539,7 +1693,9 @@ mod tests {
         // An empty result with no error is never counted as delivered.
         let odd = json!({"results": [{}, {"gclid": "b"}]});
         assert_eq!(
-            classify_partial(&odd.to_string(), &[1, 1], false)[0].label(),
+            classify_partial(&odd.to_string(), &[1, 1], false)[0]
+                .result()
+                .as_str(),
             "retry"
         );
     }
@@ -1557,7 +1713,7 @@ mod tests {
                 after: Some(Duration::from_secs(120))
             }
         );
-        assert_eq!(classify_ads_error(503, "").label(), "retry");
+        assert_eq!(classify_ads_error(503, "").result().as_str(), "retry");
         let allow = json!({"error": {"code": 403, "status": "PERMISSION_DENIED", "message": "no",
             "details": [{"errors": [{"errorCode": {"conversionUploadError": "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE"}, "message": "not allowlisted"}]}]}});
         assert!(

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use bridge_core::delivery::pipeline::Platform;
-use bridge_core::delivery::{Answer, Attempt, Outcome, deliver_isolating};
+use bridge_core::delivery::{Answer, Attempt, Limits, Outcome, deliver_isolating};
 use bridge_core::delivery::{Destination, ErrorInfo};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::mapping::{Mapping, MetaRefundPolicy};
@@ -321,6 +321,14 @@ impl Platform for MetaPlatform {
         MAX_EVENTS
     }
 
+    fn request_timeout(&self) -> Duration {
+        self.cfg.timeout
+    }
+
+    fn sent_as(&self, item: &Value) -> Option<String> {
+        item["event_name"].as_str().map(str::to_string)
+    }
+
     fn prepare(
         &self,
         event: &CanonicalEvent,
@@ -335,12 +343,12 @@ impl Platform for MetaPlatform {
 
     /// A whole-request rejection holding more than one event is bisected, so the bad event
     /// ends alone with its own error and the rest are delivered.
-    async fn send(&self, pixel: &str, items: &[Value]) -> Vec<Outcome> {
+    async fn send(&self, pixel: &str, items: &[Value], limits: Limits) -> Vec<Outcome> {
         let request = PixelRequest {
             platform: self,
             pixel,
         };
-        deliver_isolating(&request, items).await
+        deliver_isolating(&request, items, limits).await
     }
 }
 

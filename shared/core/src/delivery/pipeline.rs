@@ -1,36 +1,58 @@
 //! One SQS batch through a destination, written once for every destination: claim each event,
-//! prepare and batch the sendable ones, send, classify, record state and the delivery log,
-//! then retry (visibility), dead-letter, or acknowledge each message.
+//! hold its order (wons) or find its won (refunds), prepare and batch the sendable ones, send
+//! within the invocation's time, classify, record state and the delivery log after every
+//! request, then retry (visibility), dead-letter, or acknowledge each message.
 
-use super::{Backoff, Outcome};
-use crate::delivery::{Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo};
+use super::{Backoff, Limits, MAX_VISIBILITY, Outcome};
+use crate::delivery::{
+    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, DestinationState, ErrorInfo,
+    PairResult,
+};
 use crate::event::{CanonicalEvent, EventName};
 use crate::queue::{DeadLetter, DeliveryMessage, DeliveryQueue};
-use crate::store::{ClaimOutcome, EventStore, Transition};
+use crate::store::{ClaimOutcome, EventStore, OrderHold, StoreError, Transition};
 use crate::timestamp::Timestamp;
 use async_trait::async_trait;
 use futures::future::join_all;
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 /// One SQS record as the sender Lambda receives it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Record {
     pub message_id: String,
     pub receipt: String,
     pub body: String,
+    /// The message's string attributes (a DLQ message carries `attempts`, the redrive token of
+    /// messages dead-lettered before the token moved into the body).
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Record {
+    pub fn new(message_id: impl Into<String>, receipt: impl Into<String>, body: String) -> Self {
+        Record {
+            message_id: message_id.into(),
+            receipt: receipt.into(),
+            body,
+            attributes: BTreeMap::new(),
+        }
+    }
 }
 
 /// What a destination contributes: how to turn a claimed event into a request item, how to
 /// send a group of items, and how many fit in one request.
 #[async_trait]
 pub trait Platform: Send + Sync {
-    type Item: Send + Sync + Clone;
+    type Item: Send + Sync + Clone + PartialEq;
 
     fn destination(&self) -> Destination;
 
     /// Most items per request.
     fn max_batch(&self) -> usize;
+
+    /// The longest one request may take: no send starts with less of the invocation left
+    /// than this plus a margin, so results are always recorded before the function is stopped.
+    fn request_timeout(&self) -> Duration;
 
     /// The request item for one event and the key it is grouped by (pixel, customer), or why
     /// the event can never be valid for this platform (it is then `rejected`, not sent, so it
@@ -49,8 +71,33 @@ pub trait Platform: Send + Sync {
         DeliveryStatus::Delivered
     }
 
-    /// Sends one group (at most `max_batch` items); one outcome per item, in order.
-    async fn send(&self, group: &str, items: &[Self::Item]) -> Vec<Outcome>;
+    /// What the item is sent as (Google's conversion action, Meta's event name), kept in the
+    /// delivery log so later adjustments target what was really sent.
+    fn sent_as(&self, _item: &Self::Item) -> Option<String> {
+        None
+    }
+
+    /// Items with the same key would be one row to the platform (Google: the call, the action
+    /// and the order id). At most one is sent per request; equal ones share its outcome, and
+    /// a different one waits for the next request.
+    fn row_key(&self, _item: &Self::Item) -> Option<String> {
+        None
+    }
+
+    /// Before a refund is prepared: whether the platform has confirmed it processed the won
+    /// the refund adjusts (Data Manager works asynchronously). `Err` is the refund's outcome
+    /// (a `Wait`, or a retry when the platform could not be asked).
+    async fn confirm_original(
+        &self,
+        _refund: &CanonicalEvent,
+        _order: &[CanonicalEvent],
+    ) -> Result<(), Outcome> {
+        Ok(())
+    }
+
+    /// Sends one group (at most `max_batch` items) within `limits`; one outcome per item, in
+    /// order.
+    async fn send(&self, group: &str, items: &[Self::Item], limits: Limits) -> Vec<Outcome>;
 }
 
 #[derive(Clone, Debug)]
@@ -58,8 +105,60 @@ pub struct PipelineConfig {
     pub lease_secs: i64,
     pub max_attempts: u32,
     pub backoff: Backoff,
-    /// How long a refund waits before looking for its delivered original again.
+    /// How long a refund whose won is not delivered yet first waits before looking again; the
+    /// wait grows with the time already waited, up to [`MAX_WAIT_STEP`].
     pub refund_wait: Duration,
+    /// How long a pair may wait for something else (a refund for its won, a won's
+    /// confirmation) before it ends: dead-lettered, or `unconfirmed`. Outside the attempt
+    /// budget, and below the queue's retention.
+    pub wait_deadline: Duration,
+}
+
+impl PipelineConfig {
+    pub fn new(lease_secs: i64, max_attempts: u32, backoff: Backoff) -> Self {
+        PipelineConfig {
+            lease_secs,
+            max_attempts,
+            backoff,
+            refund_wait: REFUND_WAIT,
+            wait_deadline: WAIT_DEADLINE,
+        }
+    }
+}
+
+/// The default of `PipelineConfig::refund_wait`.
+pub const REFUND_WAIT: Duration = Duration::from_secs(900);
+/// The default of `PipelineConfig::wait_deadline`: three days covers Google's own holds (6 h
+/// for a new click, hourly retries) and the won's whole retry budget, and stays inside the
+/// delivery queues' seven-day retention.
+pub const WAIT_DEADLINE: Duration = Duration::from_secs(72 * 3600);
+/// The longest single wait step.
+pub const MAX_WAIT_STEP: Duration = Duration::from_secs(6 * 3600);
+/// Claims past the attempt budget by more than this are dead-lettered without a send: the
+/// pair crashed or timed out its sender that often without a result.
+pub const CLAIM_MARGIN: u32 = 2;
+/// Time kept back at the end of an invocation to record results and route messages.
+pub const SEND_MARGIN: Duration = Duration::from_secs(5);
+/// Requests one group's send may make to isolate bad items.
+pub const MAX_REQUESTS_PER_SEND: usize = 40;
+const CONCURRENT_CLAIMS: usize = 64;
+/// State writes in flight at once: enough to hide latency, few enough not to burst the table.
+const CONCURRENT_WRITES: usize = 32;
+
+/// One invocation: its start time and, in Lambda, its deadline.
+#[derive(Clone, Copy, Debug)]
+pub struct Invocation {
+    pub now: Timestamp,
+    pub deadline: Option<Instant>,
+}
+
+impl From<Timestamp> for Invocation {
+    fn from(now: Timestamp) -> Self {
+        Invocation {
+            now,
+            deadline: None,
+        }
+    }
 }
 
 /// What happened to each message, for logs and tests.
@@ -67,23 +166,60 @@ pub struct PipelineConfig {
 pub struct BatchReport {
     /// SQS message ids to list in `batchItemFailures`: they stay on the queue.
     pub failures: Vec<String>,
-    pub results: BTreeMap<String, String>,
+    pub results: BTreeMap<String, PairResult>,
     /// Configuration errors that need a person (bad token, terms not accepted).
     pub alerts: usize,
+}
+
+impl BatchReport {
+    pub fn count(&self, r: PairResult) -> usize {
+        self.results.values().filter(|v| **v == r).count()
+    }
 }
 
 struct Claimed<I> {
     record: Record,
     message: DeliveryMessage,
     event: CanonicalEvent,
+    /// The pair's state as claimed (log, wait start).
+    state: DestinationState,
     attempt: u32,
     budget_used: u32,
     item: Option<(String, I)>,
     delivered_as: DeliveryStatus,
+    sent_as: Option<String>,
     request_at: Timestamp,
 }
 
-const CONCURRENT_CLAIMS: usize = 64;
+/// What the batch will do with its messages, gathered as outcomes are recorded.
+#[derive(Default)]
+struct Routing {
+    report: BatchReport,
+    visibility: Vec<(String, Duration)>,
+    dead: Vec<(String, DeadLetter)>,
+}
+
+impl Routing {
+    fn keep(&mut self, message_id: &str, result: PairResult) {
+        self.report.failures.push(message_id.to_string());
+        self.report.results.insert(message_id.to_string(), result);
+    }
+
+    fn done(&mut self, message_id: &str, result: PairResult) {
+        self.report.results.insert(message_id.to_string(), result);
+    }
+}
+
+/// The dead-letter token a record carries: in its body, or (messages dead-lettered before the
+/// token moved into the body) the `attempts` attribute the bridge set on every DLQ message.
+fn redrive_token(record: &Record, message: &DeliveryMessage) -> Option<u32> {
+    message.redrive_of.or_else(|| {
+        record
+            .attributes
+            .get("attempts")
+            .and_then(|a| a.parse().ok())
+    })
+}
 
 /// Processes one SQS batch for `platform`. Never fails as a whole: every message ends
 /// acknowledged (done, skipped, rejected, dead-lettered) or listed as a failure (to retry).
@@ -93,142 +229,222 @@ pub async fn process_batch<P: Platform>(
     store: &dyn EventStore,
     queue: &dyn DeliveryQueue,
     cfg: &PipelineConfig,
-    now: Timestamp,
+    invocation: impl Into<Invocation>,
 ) -> BatchReport {
+    let inv: Invocation = invocation.into();
+    let now = inv.now;
     let dest = platform.destination();
     // One clock: `now` at the start, advanced by monotonic time, so request and response
     // times agree with the claim and retry times computed from `now`.
-    let started = std::time::Instant::now();
-    let clock = || now.plus_millis(started.elapsed().as_millis() as i64);
-    let mut report = BatchReport::default();
-    let mut visibility: Vec<(String, Duration)> = Vec::new();
-    let mut claimed: Vec<Claimed<P::Item>> = Vec::new();
+    let started = Instant::now();
+    let clock = || now.plus(started.elapsed());
+    // No request starts after this: its answer must be recorded before the deadline.
+    let start_by = inv.deadline.map(|d| {
+        d.checked_sub(platform.request_timeout() + SEND_MARGIN)
+            .unwrap_or(started)
+    });
+    let mut routing = Routing::default();
 
-    // Claim every event (bounded concurrency); settle what needs no send right away.
+    // Read every message; claim each (event, destination) with bounded concurrency.
     let mut parsed = Vec::new();
     for r in records {
         match DeliveryMessage::from_body(&r.body) {
             Ok(m) if m.destination == dest => parsed.push((r, m)),
             Ok(m) => {
-                tracing::error!(message_id = %r.message_id, destination = %m.destination, "message for another destination; dropped");
-                report
-                    .results
-                    .insert(r.message_id.clone(), "wrong_destination".into());
+                tracing::error!(message_id = %r.message_id, destination = %m.destination, result = "wrong_destination", "message for another destination; dropped");
+                routing.done(&r.message_id, PairResult::WrongDestination);
             }
             Err(e) => {
-                tracing::error!(message_id = %r.message_id, error = %e, "unreadable message; dropped");
-                report
-                    .results
-                    .insert(r.message_id.clone(), "unreadable".into());
+                tracing::error!(message_id = %r.message_id, error = %e, result = "unreadable", "unreadable message; dropped");
+                routing.done(&r.message_id, PairResult::Unreadable);
             }
         }
     }
     let lease_until = now.plus_secs(cfg.lease_secs);
+    let mut claimed: Vec<Claimed<P::Item>> = Vec::new();
     for chunk in parsed.chunks(CONCURRENT_CLAIMS) {
         let outcomes = join_all(
             chunk
                 .iter()
-                .map(|(_, m)| store.claim(&m.event_id, dest, now, lease_until)),
+                .map(|(r, m)| store.claim(&m.key, dest, now, lease_until, redrive_token(r, m))),
         )
         .await;
         for ((record, message), outcome) in chunk.iter().cloned().zip(outcomes) {
-            let id = message.event_id.clone();
+            let key = message.key.clone();
+            let mid = record.message_id.clone();
             match outcome {
                 Ok(ClaimOutcome::Claimed(event)) => {
-                    let state = &event.destinations[&dest];
-                    let (attempt, budget_used) = (state.attempts, state.attempts_in_budget());
+                    let Some(state) = event.destinations.get(&dest).cloned() else {
+                        routing.done(&mid, PairResult::Missing);
+                        continue;
+                    };
                     claimed.push(Claimed {
                         record,
                         message,
+                        attempt: state.attempts,
+                        budget_used: state.attempts_in_budget(),
+                        state,
                         event: *event,
-                        attempt,
-                        budget_used,
                         item: None,
                         delivered_as: DeliveryStatus::Delivered,
+                        sent_as: None,
                         request_at: now,
                     });
                 }
                 Ok(ClaimOutcome::Refused(why, _)) => match why {
                     Claimability::AlreadyDelivered => {
-                        tracing::info!(event_id = %id, destination = %dest, result = "skipped_duplicate", "already delivered");
-                        report
-                            .results
-                            .insert(record.message_id, "skipped_duplicate".into());
+                        tracing::info!(key = %key, destination = %dest, result = "already_delivered", "already delivered; nothing sent");
+                        routing.done(&mid, PairResult::AlreadyDelivered);
                     }
                     Claimability::Leased { until } | Claimability::NotDue { at: until } => {
                         // Someone holds it, or it is early: look again when that ends.
-                        let wait = until.secs_since(&now).max(1) as u64;
-                        visibility.push((record.receipt.clone(), Duration::from_secs(wait)));
-                        report.failures.push(record.message_id.clone());
-                        report.results.insert(record.message_id, "deferred".into());
+                        let wait = until.secs_since(&now).max(1).unsigned_abs();
+                        routing
+                            .visibility
+                            .push((record.receipt.clone(), Duration::from_secs(wait)));
+                        routing.keep(&mid, PairResult::Deferred);
                     }
                     Claimability::Closed(status) => {
-                        tracing::info!(event_id = %id, destination = %dest, result = status.as_str(), "nothing to send");
-                        report
-                            .results
-                            .insert(record.message_id, status.as_str().into());
+                        tracing::info!(key = %key, destination = %dest, status = status.as_str(), result = "closed", "nothing to send");
+                        routing.done(&mid, PairResult::Closed);
                     }
-                    Claimability::Claimable => {
-                        report.failures.push(record.message_id.clone());
-                        report
-                            .results
-                            .insert(record.message_id, "claim_conflict".into());
-                    }
+                    Claimability::Claimable => routing.keep(&mid, PairResult::Deferred),
                 },
                 Ok(ClaimOutcome::Missing) => {
-                    tracing::error!(event_id = %id, destination = %dest, result = "missing", "event not in the store; dropped");
-                    report.results.insert(record.message_id, "missing".into());
+                    tracing::error!(key = %key, destination = %dest, result = "missing", "event not in the store; dropped");
+                    routing.done(&mid, PairResult::Missing);
                 }
                 Err(e) => {
-                    tracing::warn!(event_id = %id, destination = %dest, error = %e, result = "retry", "claim failed; message retried");
-                    report.failures.push(record.message_id.clone());
-                    report
-                        .results
-                        .insert(record.message_id, "store_unavailable".into());
+                    tracing::warn!(key = %key, destination = %dest, error = %e, result = "store_unavailable", "claim failed; message retried");
+                    routing.keep(&mid, PairResult::StoreUnavailable);
                 }
             }
         }
     }
 
-    // A refund goes out only after its original conversion reached this destination, so a
-    // platform never sees an adjustment before the conversion it adjusts.
+    // Checks before anything is built: each may settle a pair without a send.
     let mut settled: Vec<(usize, Outcome, Timestamp)> = Vec::new();
-    let mut orders: Vec<Option<Vec<CanonicalEvent>>> = vec![Some(Vec::new()); claimed.len()];
+    let mut open: Vec<bool> = vec![true; claimed.len()];
     for (i, c) in claimed.iter().enumerate() {
-        if c.event.event_name == EventName::Refund {
-            match refund_gate(&c.event, dest, store, cfg.refund_wait).await {
-                Ok(order) => orders[i] = Some(order),
-                Err(o) => {
-                    settled.push((i, o, now));
-                    orders[i] = None;
-                }
-            }
-        }
-    }
-
-    // Prepare; what can never be valid is closed as rejected and never sent.
-    for (i, c) in claimed.iter_mut().enumerate() {
-        let Some(order) = &orders[i] else {
-            continue;
-        };
-        match platform.prepare(&c.event, order, now) {
-            Ok(item) => {
-                c.delivered_as = platform.delivered_status(&item.1);
-                c.item = Some(item);
-            }
-            Err(error) => settled.push((
+        if c.budget_used > cfg.max_attempts.saturating_add(CLAIM_MARGIN) {
+            // Claimed this often without a recorded result: the pair crashes or times out its
+            // sender. It is parked for a person instead of being tried forever.
+            settled.push((
                 i,
                 Outcome::Rejected {
-                    error,
-                    dead_letter: false,
+                    error: ErrorInfo::new(
+                        "attempts_exhausted",
+                        format!(
+                            "claimed {} times without a recorded result (the sender crashed or timed out); not sent again",
+                            c.budget_used
+                        ),
+                    ),
+                    dead_letter: true,
                     alert: false,
                 },
                 now,
-            )),
+            ));
+            open[i] = false;
         }
     }
+    // A won holds its order at this destination before it is sent: the order is counted once.
+    let wons: Vec<usize> = (0..claimed.len())
+        .filter(|&i| open[i] && claimed[i].event.event_name == EventName::Won)
+        .collect();
+    for chunk in wons.chunks(CONCURRENT_WRITES) {
+        let guards = join_all(
+            chunk
+                .iter()
+                .map(|&i| guard_order(&claimed[i].event, dest, store)),
+        )
+        .await;
+        for (&i, g) in chunk.iter().zip(guards) {
+            if let Err(o) = g {
+                settled.push((i, o, now));
+                open[i] = false;
+            }
+        }
+    }
+    // A refund goes out only after its won reached this destination (and the platform
+    // confirmed it, where it must), so a platform never sees an adjustment before the
+    // conversion it adjusts. One read of each order per batch: refunds of one order see one
+    // snapshot, and so build one row.
+    let mut snapshots: HashMap<String, Result<Vec<CanonicalEvent>, String>> = HashMap::new();
+    let mut orders: Vec<Vec<CanonicalEvent>> = vec![Vec::new(); claimed.len()];
+    for i in 0..claimed.len() {
+        let c = &claimed[i];
+        if !open[i] || c.event.event_name != EventName::Refund {
+            continue;
+        }
+        let order_id = c.event.order_id.clone().unwrap_or_default();
+        if !snapshots.contains_key(&order_id) {
+            let read = store
+                .find_by_order(&order_id)
+                .await
+                .map_err(|e| e.to_string());
+            snapshots.insert(order_id.clone(), read);
+        }
+        let gate = match snapshots.get(&order_id) {
+            Some(Ok(order)) => match refund_gate(&c.event, dest, order, cfg.refund_wait) {
+                Ok(()) => platform
+                    .confirm_original(&c.event, order)
+                    .await
+                    .map(|()| order.clone()),
+                Err(o) => Err(o),
+            },
+            Some(Err(e)) => Err(Outcome::Retryable {
+                error: ErrorInfo::new("store_unavailable", e.clone()),
+                after: None,
+            }),
+            None => Ok(Vec::new()),
+        };
+        match gate {
+            Ok(order) => orders[i] = order,
+            Err(o) => {
+                settled.push((i, o, now));
+                open[i] = false;
+            }
+        }
+    }
+    // Prepare; what can never be valid is closed as rejected and never sent.
+    for (i, c) in claimed.iter_mut().enumerate() {
+        if !open[i] {
+            continue;
+        }
+        match platform.prepare(&c.event, &orders[i], now) {
+            Ok(item) => {
+                c.delivered_as = platform.delivered_status(&item.1);
+                c.sent_as = platform.sent_as(&item.1);
+                c.item = Some(item);
+            }
+            Err(error) => {
+                settled.push((
+                    i,
+                    Outcome::Rejected {
+                        error,
+                        dead_letter: false,
+                        alert: false,
+                    },
+                    now,
+                ));
+                open[i] = false;
+            }
+        }
+    }
+    // What is settled so far is recorded before anything is sent.
+    record(
+        &claimed,
+        std::mem::take(&mut settled),
+        dest,
+        store,
+        cfg,
+        &mut routing,
+    )
+    .await;
 
-    // Group and send in chunks of the platform's batch size.
+    // Group, keep one row per order in a request, and send chunk by chunk, recording each
+    // chunk's results before the next starts: a function stopped at its deadline loses no
+    // result, and nothing starts that could not be recorded in time.
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, c) in claimed.iter().enumerate() {
         if let Some((g, _)) = &c.item {
@@ -236,103 +452,82 @@ pub async fn process_batch<P: Platform>(
         }
     }
     for (group, idx) in groups {
-        for chunk in idx.chunks(platform.max_batch().max(1)) {
+        let (reps, followers, put_off) = collapse(platform, &claimed, &idx);
+        let later: Vec<(usize, Outcome, Timestamp)> = put_off
+            .into_iter()
+            .map(|i| {
+                (
+                    i,
+                    Outcome::put_off(
+                        "order_in_request",
+                        "another row of this order is in this request; sent in the next one",
+                        Duration::from_secs(1),
+                    ),
+                    now,
+                )
+            })
+            .collect();
+        record(&claimed, later, dest, store, cfg, &mut routing).await;
+        for chunk in reps.chunks(platform.max_batch().max(1)) {
+            let members = |i: usize| {
+                std::iter::once(i).chain(followers.get(&i).into_iter().flatten().copied())
+            };
+            if start_by.is_some_and(|t| Instant::now() >= t) {
+                let out_of_time: Vec<_> = chunk
+                    .iter()
+                    .flat_map(|&i| members(i))
+                    .map(|i| {
+                        (
+                            i,
+                            Outcome::put_off(
+                                "out_of_time",
+                                "not sent: the invocation's time was up",
+                                Duration::from_secs(1),
+                            ),
+                            now,
+                        )
+                    })
+                    .collect();
+                record(&claimed, out_of_time, dest, store, cfg, &mut routing).await;
+                continue;
+            }
             let items: Vec<P::Item> = chunk
                 .iter()
                 .filter_map(|&i| claimed[i].item.as_ref().map(|(_, it)| it.clone()))
                 .collect();
             let request_at = clock();
-            let outcomes = platform.send(&group, &items).await;
+            let limits = Limits {
+                max_requests: MAX_REQUESTS_PER_SEND,
+                start_by,
+            };
+            let outcomes = platform.send(&group, &items, limits).await;
             let response_at = clock();
+            let mut done = Vec::new();
             for (k, &i) in chunk.iter().enumerate() {
-                claimed[i].request_at = request_at;
                 let o = outcomes
                     .get(k)
                     .cloned()
                     .unwrap_or_else(|| Outcome::Retryable {
-                        error: ErrorInfo {
-                            code: "no_outcome".into(),
-                            message: "the platform answered fewer rows than sent".into(),
-                        },
+                        error: ErrorInfo::new(
+                            "no_outcome",
+                            "the platform answered fewer rows than sent",
+                        ),
                         after: None,
                     });
-                settled.push((i, o, response_at));
+                for m in members(i) {
+                    claimed[m].request_at = request_at;
+                    done.push((m, o.clone(), response_at));
+                }
             }
+            record(&claimed, done, dest, store, cfg, &mut routing).await;
         }
     }
 
-    // Record each outcome, then route the message.
-    let mut dead = Vec::new();
-    let results = join_all(settled.iter().map(|(i, outcome, response_at)| {
-        let c = &claimed[*i];
-        let (transition, route) = decide(c, outcome, cfg, *response_at);
-        let alert = matches!(outcome, Outcome::Rejected { alert: true, .. });
-        async move {
-            let kept = store
-                .complete(&c.event.event_id, dest, c.attempt, &transition)
-                .await;
-            (i, transition, route, kept, alert)
-        }
-    }))
-    .await;
-    for (i, transition, route, kept, alert) in results {
-        let c = &claimed[*i];
-        let mid = c.record.message_id.clone();
-        if alert {
-            report.alerts += 1;
-        }
-        let err = transition.error.as_ref();
-        tracing::info!(
-            event_id = %c.event.event_id,
-            order_id = c.event.order_id.as_deref().unwrap_or(""),
-            entity_id = %c.event.entity_id,
-            destination = %dest,
-            attempt = c.attempt,
-            result = %transition.log.result,
-            error_code = err.map_or("", |e| e.code.as_str()),
-            error_message = err.map_or("", |e| e.message.as_str()),
-            alert,
-            "delivery attempt"
-        );
-        match kept {
-            Ok(true) => {}
-            Ok(false) => {
-                // Our lease lapsed and another worker took over; its result stands. The message
-                // stays on the queue: the takeover may have come from this very message
-                // (redelivered after its visibility timeout), and deleting it with our stale
-                // receipt could leave the other worker's retry with no message. When it returns,
-                // the claim sees the other worker's state.
-                tracing::warn!(event_id = %c.event.event_id, destination = %dest, attempt = c.attempt, result = "lease_lost", "result discarded");
-                report.failures.push(mid.clone());
-                report.results.insert(mid, "lease_lost".into());
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(event_id = %c.event.event_id, destination = %dest, error = %e, "state write failed; message retried");
-                report.failures.push(mid.clone());
-                report.results.insert(mid, "store_unavailable".into());
-                continue;
-            }
-        }
-        report
-            .results
-            .insert(mid.clone(), transition.log.result.clone());
-        match route {
-            Route::Ack => {}
-            Route::Retry(delay) => {
-                visibility.push((c.record.receipt.clone(), delay));
-                report.failures.push(mid);
-            }
-            Route::DeadLetter(reason) => dead.push((
-                mid,
-                DeadLetter {
-                    message: c.message.clone(),
-                    reason,
-                    attempts: c.attempt,
-                },
-            )),
-        }
-    }
+    let Routing {
+        mut report,
+        visibility,
+        dead,
+    } = routing;
     if !dead.is_empty() {
         let failed = queue
             .dead_letter(&dead.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>())
@@ -354,14 +549,167 @@ pub async fn process_batch<P: Platform>(
     report
 }
 
+/// The rows of one group to send, at most one per row key: `reps` are sent; `followers` (by
+/// their representative) are equal rows that share its outcome; `put_off` are different rows
+/// of an order already in the request, sent in the next one. Google refuses every row of an
+/// order repeated in one request (DUPLICATE_ORDER_ID, DUPLICATE_ADJUSTMENT_IN_REQUEST).
+fn collapse<P: Platform>(
+    platform: &P,
+    claimed: &[Claimed<P::Item>],
+    idx: &[usize],
+) -> (Vec<usize>, HashMap<usize, Vec<usize>>, Vec<usize>) {
+    let mut reps = Vec::new();
+    let mut followers: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut put_off = Vec::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    for &i in idx {
+        let Some((_, item)) = &claimed[i].item else {
+            continue;
+        };
+        let Some(key) = platform.row_key(item) else {
+            reps.push(i);
+            continue;
+        };
+        match by_key.get(&key) {
+            None => {
+                by_key.insert(key, i);
+                reps.push(i);
+            }
+            Some(&r) => {
+                let same = claimed[r].item.as_ref().is_some_and(|(_, it)| it == item);
+                if same {
+                    followers.entry(r).or_default().push(i);
+                } else {
+                    put_off.push(i);
+                }
+            }
+        }
+    }
+    (reps, followers, put_off)
+}
+
+/// Records outcomes (bounded concurrency) and notes how each message is routed.
+async fn record<I>(
+    claimed: &[Claimed<I>],
+    settled: Vec<(usize, Outcome, Timestamp)>,
+    dest: Destination,
+    store: &dyn EventStore,
+    cfg: &PipelineConfig,
+    routing: &mut Routing,
+) {
+    for chunk in settled.chunks(CONCURRENT_WRITES) {
+        let results = join_all(chunk.iter().map(|(i, outcome, at)| {
+            let c = &claimed[*i];
+            let (transition, route, result) = decide(c, outcome, cfg, *at);
+            let alert = matches!(outcome, Outcome::Rejected { alert: true, .. });
+            async move {
+                let kept = complete(store, &c.event.key, dest, c.attempt, &transition).await;
+                (*i, transition, route, result, kept, alert)
+            }
+        }))
+        .await;
+        for (i, transition, route, result, kept, alert) in results {
+            let c = &claimed[i];
+            let mid = c.record.message_id.as_str();
+            if alert {
+                routing.report.alerts += 1;
+            }
+            let err = transition.error.as_ref();
+            tracing::info!(
+                event_id = %c.event.event_id,
+                order_id = c.event.order_id.as_deref().unwrap_or(""),
+                entity_id = %c.event.entity_id,
+                destination = %dest,
+                attempt = c.attempt,
+                result = result.as_str(),
+                error_code = err.map_or("", |e| e.code.as_str()),
+                error_message = err.map_or("", |e| e.message.as_str()),
+                alert,
+                "delivery attempt"
+            );
+            match kept {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Our lease lapsed and another worker took over; its result stands. The
+                    // message stays on the queue: the takeover may have come from this very
+                    // message (redelivered after its visibility timeout), and deleting it with
+                    // our stale receipt could leave the other worker's retry with no message.
+                    // When it returns, the claim sees the other worker's state.
+                    tracing::warn!(event_id = %c.event.event_id, destination = %dest, attempt = c.attempt, result = "lease_lost", "result discarded");
+                    routing.keep(mid, PairResult::LeaseLost);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(event_id = %c.event.event_id, destination = %dest, error = %e, result = "store_unavailable", "state write failed; message retried");
+                    routing.keep(mid, PairResult::StoreUnavailable);
+                    continue;
+                }
+            }
+            match route {
+                Route::Ack => routing.done(mid, result),
+                Route::Retry(delay) => {
+                    routing.visibility.push((c.record.receipt.clone(), delay));
+                    routing.keep(mid, result);
+                }
+                Route::DeadLetter(reason) => {
+                    routing.done(mid, result);
+                    routing.dead.push((
+                        mid.to_string(),
+                        DeadLetter {
+                            message: c.message.clone(),
+                            reason,
+                            attempts: c.attempt,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a transition; an item the store refuses as too large is written once more with the
+/// bare minimum (the status, and this attempt's entry without its message), so one oversized
+/// value can never keep a pair from being recorded.
+async fn complete(
+    store: &dyn EventStore,
+    key: &str,
+    dest: Destination,
+    attempt: u32,
+    t: &Transition,
+) -> Result<bool, StoreError> {
+    match store.complete(key, dest, attempt, t).await {
+        Err(StoreError::TooLarge { reason, .. }) => {
+            tracing::warn!(key, destination = %dest, reason = %reason, "state too large; recorded without its log");
+            let strip = |e: &ErrorInfo| ErrorInfo {
+                code: e.code.clone(),
+                message: String::new(),
+            };
+            let minimal = Transition {
+                error: t.error.as_ref().map(strip),
+                log: t
+                    .entry()
+                    .map(|e| DeliveryLogEntry {
+                        error: e.error.as_ref().map(strip),
+                        ..e.clone()
+                    })
+                    .into_iter()
+                    .collect(),
+                ..t.clone()
+            };
+            store.complete(key, dest, attempt, &minimal).await
+        }
+        other => other,
+    }
+}
+
 impl BatchReport {
     /// Counts per result as one EMF line (`config_errors` drives the configuration alarm,
     /// `failed` / `attempted` the error-rate alarm).
     pub fn metrics_line(&self, dest: Destination, timestamp_ms: i64) -> String {
-        let count = |r: &str| self.results.values().filter(|v| v.as_str() == r).count() as f64;
-        let delivered = count("delivered") + count("delivered_replay");
-        let failed = count("rejected") + count("dead_letter");
-        let retry = count("retry");
+        let count = |r: PairResult| self.count(r) as f64;
+        let delivered = count(PairResult::Delivered) + count(PairResult::DeliveredReplay);
+        let failed = count(PairResult::Rejected) + count(PairResult::DeadLetter);
+        let retry = count(PairResult::Retry);
         let attempted = delivered + failed + retry;
         let rate = |n: f64| if attempted > 0.0 { n / attempted } else { 0.0 };
         crate::metrics::emf_line(
@@ -369,11 +717,14 @@ impl BatchReport {
             &[("destination", dest.as_str())],
             &[
                 ("delivered", delivered),
-                ("skipped_duplicate", count("skipped_duplicate")),
+                ("already_delivered", count(PairResult::AlreadyDelivered)),
                 ("retry", retry),
-                ("rejected", count("rejected")),
-                ("dead_letter", count("dead_letter")),
-                ("blocked_consent", count("blocked_consent")),
+                ("waiting", count(PairResult::Waiting)),
+                ("out_of_time", count(PairResult::OutOfTime)),
+                ("rejected", count(PairResult::Rejected)),
+                ("dead_letter", count(PairResult::DeadLetter)),
+                ("duplicate_order", count(PairResult::DuplicateOrder)),
+                ("unconfirmed", count(PairResult::Unconfirmed)),
                 ("config_errors", self.alerts as f64),
                 ("attempted", attempted),
                 ("failed", failed),
@@ -384,79 +735,150 @@ impl BatchReport {
     }
 }
 
-/// The default of `PipelineConfig::refund_wait`.
-pub const REFUND_WAIT: Duration = Duration::from_secs(900);
-
-/// The order's stored events when the refund may be sent; else why it waits (or can never go).
-async fn refund_gate(
-    refund: &CanonicalEvent,
+/// Holds the won's order at this destination, so the order is counted there once: the first
+/// won holds it; a later won is closed as `duplicate_order` while the holder is delivered or
+/// in flight, and takes the holder's place when the holder will never be counted (blocked,
+/// rejected, dead-lettered, expired). The decision is the store's atomic conditional write on
+/// the order item. Only where a won was delivered before order items existed (an upgraded
+/// stack) is the by-order index read, to hand the hold to that won.
+async fn guard_order(
+    event: &CanonicalEvent,
     dest: Destination,
     store: &dyn EventStore,
-    wait: Duration,
-) -> Result<Vec<CanonicalEvent>, Outcome> {
-    let order = refund.order_id.as_deref().unwrap_or_default();
-    let originals = match store.find_by_order(order).await {
-        Ok(events) => events,
-        Err(e) => {
-            return Err(Outcome::Retryable {
-                error: ErrorInfo {
-                    code: "store_unavailable".into(),
-                    message: e.to_string(),
-                },
-                after: None,
-            });
-        }
+) -> Result<(), Outcome> {
+    let Some(order) = event.order_id.as_deref() else {
+        return Ok(());
     };
-    let won: Vec<_> = originals
+    let unavailable = |e: StoreError| Outcome::Retryable {
+        error: ErrorInfo::new("store_unavailable", e.to_string()),
+        after: None,
+    };
+    let duplicate = |holder: &CanonicalEvent, status: DeliveryStatus| Outcome::Closed {
+        status: DeliveryStatus::DuplicateOrder,
+        error: ErrorInfo::new(
+            "duplicate_order",
+            format!(
+                "order {order} is already counted at {dest} by event {} ({status}); this won is not sent",
+                holder.event_id
+            ),
+        ),
+    };
+    match store
+        .hold_order(order, dest, &event.key)
+        .await
+        .map_err(unavailable)?
+    {
+        OrderHold::Held { first: false } => Ok(()),
+        OrderHold::Held { first: true } => {
+            let others = store.find_by_order(order).await.map_err(unavailable)?;
+            let legacy = others.iter().find(|w| {
+                w.key != event.key
+                    && w.event_name == EventName::Won
+                    && w.destinations
+                        .get(&dest)
+                        .is_some_and(|s| s.status.is_delivered())
+            });
+            let Some(w) = legacy else {
+                return Ok(());
+            };
+            let status = w
+                .destinations
+                .get(&dest)
+                .map_or(DeliveryStatus::Delivered, |s| s.status);
+            store
+                .take_over_order(order, dest, &event.key, &w.key)
+                .await
+                .map_err(unavailable)?;
+            Err(duplicate(w, status))
+        }
+        OrderHold::HeldBy(holder_key) => {
+            let holder = store.get(&holder_key).await.map_err(unavailable)?;
+            if let Some(h) = &holder
+                && let Some(s) = h.destinations.get(&dest)
+                && (s.status.is_delivered() || s.status.is_open())
+            {
+                return Err(duplicate(h, s.status));
+            }
+            if store
+                .take_over_order(order, dest, &holder_key, &event.key)
+                .await
+                .map_err(unavailable)?
+            {
+                Ok(())
+            } else {
+                Err(Outcome::Retryable {
+                    error: ErrorInfo::new(
+                        "order_hold_moved",
+                        "another won of this order took the hold at the same moment",
+                    ),
+                    after: None,
+                })
+            }
+        }
+    }
+}
+
+/// Whether a refund may be sent, given its order's stored events. Only wons that can count
+/// are considered: a won from a source that is not the system of record, or one closed as a
+/// duplicate of its order, is neither the refund's original nor a reason to give up on it.
+fn refund_gate(
+    refund: &CanonicalEvent,
+    dest: Destination,
+    order: &[CanonicalEvent],
+    wait: Duration,
+) -> Result<(), Outcome> {
+    let order_id = refund.order_id.as_deref().unwrap_or_default();
+    let wons: Vec<&CanonicalEvent> = order
         .iter()
         .filter(|e| e.event_name == EventName::Won)
+        .filter(|e| {
+            !matches!(
+                e.destinations.get(&dest).map(|s| s.status),
+                Some(DeliveryStatus::RejectedNotSystemOfRecord | DeliveryStatus::DuplicateOrder)
+            )
+        })
         .collect();
-    if won.iter().any(|w| {
-        w.destinations
-            .get(&dest)
-            .is_some_and(|s| s.status.is_delivered())
-    }) {
-        return Ok(originals);
-    }
-    // An original that will never be sent (blocked, rejected) means the refund never can be.
-    let closed = |s: DeliveryStatus| {
-        matches!(
-            s,
-            DeliveryStatus::BlockedConsent
-                | DeliveryStatus::Rejected
-                | DeliveryStatus::RejectedNotSystemOfRecord
-        )
-    };
-    if let Some(w) = won
+    let status = |w: &CanonicalEvent| w.destinations.get(&dest).map(|s| s.status);
+    if wons
         .iter()
-        .find(|w| w.destinations.get(&dest).is_none_or(|s| closed(s.status)))
+        .any(|w| status(w).is_some_and(|s| s.is_delivered()))
     {
-        let status = w
-            .destinations
-            .get(&dest)
-            .map_or("not mapped", |s| s.status.as_str());
+        return Ok(());
+    }
+    // Every won that could count will never be sent (blocked, rejected, not mapped): neither
+    // can the refund of it.
+    let may_still_go = |w: &&&CanonicalEvent| {
+        status(w).is_some_and(|s| s.is_open() || s == DeliveryStatus::DeadLetter)
+    };
+    if !wons.is_empty() && !wons.iter().any(|w| may_still_go(&w)) {
+        let states: Vec<&str> = wons
+            .iter()
+            .map(|w| status(w).map_or("not mapped", |s| s.as_str()))
+            .collect();
         return Err(Outcome::Rejected {
-            error: ErrorInfo {
-                code: "original_not_sent".into(),
-                message: format!(
-                    "the won event for order {order} was not sent to {dest} ({status})"
+            error: ErrorInfo::new(
+                "original_not_sent",
+                format!(
+                    "the won event for order {order_id} was not sent to {dest} ({})",
+                    states.join(", ")
                 ),
-            },
+            ),
             dead_letter: false,
             alert: false,
         });
     }
-    let why = if won.is_empty() {
+    let why = if wons.is_empty() {
         "is not known yet"
     } else {
         "has not been delivered yet"
     };
-    Err(Outcome::Retryable {
-        error: ErrorInfo {
-            code: "original_not_delivered".into(),
-            message: format!("the won event for order {order} {why} to {dest}"),
-        },
-        after: Some(wait),
+    Err(Outcome::Wait {
+        error: ErrorInfo::new(
+            "original_not_delivered",
+            format!("the won event for order {order_id} {why} to {dest}"),
+        ),
+        after: wait,
+        on_deadline: Some(DeliveryStatus::DeadLetter),
     })
 }
 
@@ -466,76 +888,92 @@ enum Route {
     DeadLetter(ErrorInfo),
 }
 
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// The state an outcome moves the pair to, how its message is routed, and what it is called.
 fn decide<I>(
     c: &Claimed<I>,
     outcome: &Outcome,
     cfg: &PipelineConfig,
-    response_at: Timestamp,
-) -> (Transition, Route) {
-    let log =
-        |result: &str, error: Option<ErrorInfo>, platform_ref: Option<String>| DeliveryLogEntry {
+    at: Timestamp,
+) -> (Transition, Route, PairResult) {
+    struct T {
+        status: DeliveryStatus,
+        next: Option<Timestamp>,
+        error: Option<ErrorInfo>,
+        result: PairResult,
+        platform_ref: Option<String>,
+        release: bool,
+        waiting_since: Option<Timestamp>,
+    }
+    let build = |t: T| {
+        let entry = DeliveryLogEntry {
             attempt: c.attempt,
-            result: result.to_string(),
+            result: t.result,
             request_at: c.request_at,
-            response_at,
-            error,
-            platform_ref,
+            response_at: at,
+            error: t.error.clone(),
+            platform_ref: t.platform_ref,
+            sent_as: t.result.is_delivered().then(|| c.sent_as.clone()).flatten(),
         };
-    let t = |status, next: Option<Timestamp>, error: Option<ErrorInfo>, entry| Transition {
-        status,
-        now: response_at,
-        next_attempt_at: next,
-        error,
-        log: entry,
+        (
+            Transition {
+                status: t.status,
+                now: at,
+                next_attempt_at: t.next,
+                error: t.error,
+                log: c.state.log_with(entry),
+                release_attempt: t.release,
+                waiting_since: t.waiting_since,
+            },
+            t.result,
+        )
     };
-    match outcome {
-        Outcome::Delivered {
-            platform_ref,
-            replay,
-        } => {
-            let label = if *replay {
-                "delivered_replay"
-            } else {
-                "delivered"
-            };
-            (
-                t(
-                    c.delivered_as,
-                    None,
-                    None,
-                    log(label, None, platform_ref.clone()),
-                ),
-                Route::Ack,
-            )
-        }
+    let closed = |status, error: &ErrorInfo, result| T {
+        status,
+        next: None,
+        error: Some(error.clone()),
+        result,
+        platform_ref: None,
+        release: false,
+        waiting_since: None,
+    };
+    let (t, route) = match outcome {
+        Outcome::Delivered { platform_ref, .. } => (
+            T {
+                status: c.delivered_as,
+                next: None,
+                error: None,
+                result: outcome.result(),
+                platform_ref: platform_ref.clone(),
+                release: false,
+                waiting_since: None,
+            },
+            Route::Ack,
+        ),
         Outcome::Retryable { error, after } if c.budget_used < cfg.max_attempts => {
             let delay = cfg.backoff.next(c.budget_used, *after);
-            let next = response_at.plus_secs(delay.as_secs() as i64);
             (
-                t(
-                    DeliveryStatus::Retry,
-                    Some(next),
-                    Some(error.clone()),
-                    log("retry", Some(error.clone()), None),
-                ),
+                T {
+                    status: DeliveryStatus::Retry,
+                    next: Some(at.plus_secs(secs(delay))),
+                    ..closed(DeliveryStatus::Retry, error, PairResult::Retry)
+                },
                 Route::Retry(delay),
             )
         }
         Outcome::Retryable { error, .. } => {
-            let e = ErrorInfo {
-                code: error.code.clone(),
-                message: format!(
+            let e = ErrorInfo::new(
+                error.code.clone(),
+                format!(
                     "{} (gave up after {} attempts)",
                     error.message, c.budget_used
                 ),
-            };
+            );
             (
-                t(
-                    DeliveryStatus::DeadLetter,
-                    None,
-                    Some(e.clone()),
-                    log("dead_letter", Some(e.clone()), None),
-                ),
+                closed(DeliveryStatus::DeadLetter, &e, PairResult::DeadLetter),
                 Route::DeadLetter(e),
             )
         }
@@ -544,12 +982,7 @@ fn decide<I>(
             dead_letter: true,
             ..
         } => (
-            t(
-                DeliveryStatus::DeadLetter,
-                None,
-                Some(error.clone()),
-                log("dead_letter", Some(error.clone()), None),
-            ),
+            closed(DeliveryStatus::DeadLetter, error, PairResult::DeadLetter),
             Route::DeadLetter(error.clone()),
         ),
         Outcome::Rejected {
@@ -557,32 +990,88 @@ fn decide<I>(
             dead_letter: false,
             ..
         } => (
-            t(
-                DeliveryStatus::Rejected,
-                None,
-                Some(error.clone()),
-                log("rejected", Some(error.clone()), None),
-            ),
+            closed(DeliveryStatus::Rejected, error, PairResult::Rejected),
             Route::Ack,
         ),
-    }
+        Outcome::Closed { status, error } => (closed(*status, error, outcome.result()), Route::Ack),
+        Outcome::Wait {
+            error,
+            after,
+            on_deadline: Some(end),
+        } => {
+            let since = c.state.waiting_since.unwrap_or(at);
+            let waited = Duration::from_secs(at.secs_since(&since).max(0).unsigned_abs());
+            if waited >= cfg.wait_deadline {
+                let e = ErrorInfo::new(
+                    error.code.clone(),
+                    format!(
+                        "{} (waited {} h; the deadline is {} h)",
+                        error.message,
+                        waited.as_secs() / 3600,
+                        cfg.wait_deadline.as_secs() / 3600
+                    ),
+                );
+                let result = if *end == DeliveryStatus::DeadLetter {
+                    PairResult::DeadLetter
+                } else {
+                    PairResult::Unconfirmed
+                };
+                let route = if *end == DeliveryStatus::DeadLetter {
+                    Route::DeadLetter(e.clone())
+                } else {
+                    Route::Ack
+                };
+                (closed(*end, &e, result), route)
+            } else {
+                // The longer it has waited, the longer it waits next: few receives over days.
+                let step = (*after).max(waited.min(MAX_WAIT_STEP)).min(MAX_VISIBILITY);
+                (
+                    T {
+                        status: DeliveryStatus::Retry,
+                        next: Some(at.plus_secs(secs(step))),
+                        release: true,
+                        waiting_since: Some(since),
+                        ..closed(DeliveryStatus::Retry, error, PairResult::Waiting)
+                    },
+                    Route::Retry(step),
+                )
+            }
+        }
+        Outcome::Wait {
+            error,
+            after,
+            on_deadline: None,
+        } => (
+            T {
+                status: DeliveryStatus::Retry,
+                next: Some(at.plus_secs(secs(*after))),
+                release: true,
+                waiting_since: c.state.waiting_since,
+                ..closed(DeliveryStatus::Retry, error, PairResult::OutOfTime)
+            },
+            Route::Retry(*after),
+        ),
+    };
+    let (transition, result) = build(t);
+    (transition, route, result)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::DestinationState;
     use crate::event::{ValidationContext, parse_event_json, validate};
     use crate::queue::memory::MemoryQueue;
     use crate::store::memory::MemoryStore;
-    use serde_json::json;
+    use serde_json::{Value, json};
     use std::sync::Mutex;
 
-    /// A platform whose answers the test scripts, recording what it was sent.
+    /// A platform whose answers the test scripts, recording what it was sent. Items are the
+    /// event's entity id (`row_key`: its part before `~`), and `send` sleeps `pause` first.
     struct Scripted {
         answers: Mutex<Vec<Outcome>>,
         sent: Mutex<Vec<Vec<String>>>,
         max: usize,
+        pause: Duration,
     }
 
     impl Scripted {
@@ -591,10 +1080,14 @@ mod tests {
                 answers: Mutex::new(answers),
                 sent: Mutex::new(Vec::new()),
                 max: 1000,
+                pause: Duration::ZERO,
             }
         }
         fn sent(&self) -> Vec<Vec<String>> {
             self.sent.lock().unwrap().clone()
+        }
+        fn sends(&self) -> usize {
+            self.sent().iter().map(Vec::len).sum()
         }
     }
 
@@ -607,6 +1100,9 @@ mod tests {
         fn max_batch(&self) -> usize {
             self.max
         }
+        fn request_timeout(&self) -> Duration {
+            Duration::from_secs(1)
+        }
         fn prepare(
             &self,
             e: &CanonicalEvent,
@@ -614,14 +1110,17 @@ mod tests {
             _: Timestamp,
         ) -> Result<(String, String), ErrorInfo> {
             if e.entity_id.starts_with("BAD") {
-                return Err(ErrorInfo {
-                    code: "invalid".into(),
-                    message: "cannot be valid".into(),
-                });
+                return Err(ErrorInfo::new("invalid", "cannot be valid"));
             }
-            Ok(("pixel".into(), e.event_id.clone()))
+            Ok(("pixel".into(), e.entity_id.clone()))
         }
-        async fn send(&self, _: &str, items: &[String]) -> Vec<Outcome> {
+        fn row_key(&self, item: &String) -> Option<String> {
+            item.split_once('~').map(|(k, _)| k.to_string())
+        }
+        async fn send(&self, _: &str, items: &[String], _: Limits) -> Vec<Outcome> {
+            if !self.pause.is_zero() {
+                tokio::time::sleep(self.pause).await;
+            }
             self.sent.lock().unwrap().push(items.to_vec());
             let mut a = self.answers.lock().unwrap();
             let o = if a.is_empty() {
@@ -641,40 +1140,50 @@ mod tests {
     }
 
     fn cfg() -> PipelineConfig {
-        PipelineConfig {
-            lease_secs: 60,
-            max_attempts: 3,
-            backoff: Backoff::default(),
-            refund_wait: REFUND_WAIT,
-        }
+        PipelineConfig::new(60, 3, Backoff::default())
     }
 
-    async fn stored(store: &MemoryStore, entity: &str) -> String {
-        let v = json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:00:00Z",
-                       "entity_type": "lead", "entity_id": entity, "identity": {"email": "x@example.com"}});
+    fn event(v: Value) -> CanonicalEvent {
         let ctx = ValidationContext::for_tests(now());
         let mut e = validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap();
         e.destinations.insert(
             Destination::Meta,
             DestinationState::new(DeliveryStatus::Pending, now()),
         );
-        store.put_new(&e).await.unwrap();
-        e.event_id
+        e
     }
 
-    fn record(n: usize, event_id: &str) -> Record {
-        Record {
-            message_id: format!("m{n}"),
-            receipt: format!("r{n}"),
-            body: DeliveryMessage::new(event_id, Destination::Meta).to_body(),
-        }
+    async fn stored(store: &MemoryStore, entity: &str) -> String {
+        let e = event(
+            json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:00:00Z",
+                       "entity_type": "lead", "entity_id": entity, "identity": {"email": "x@example.com"}}),
+        );
+        store.put_new(&e).await.unwrap();
+        e.key
+    }
+
+    fn revenue(name: &str, entity: &str, order: &str, at: &str, value: f64) -> CanonicalEvent {
+        event(
+            json!({"source": "hubspot", "event_name": name, "occurred_at": at, "entity_type": "opportunity",
+                   "entity_id": entity, "order_id": order, "value": value, "currency": "USD",
+                   "identity": {"email": "x@example.com"}}),
+        )
+    }
+
+    fn record(n: usize, key: &str) -> Record {
+        Record::new(
+            format!("m{n}"),
+            format!("r{n}"),
+            DeliveryMessage::new(key, Destination::Meta).to_body(),
+        )
     }
 
     fn e(code: &str) -> ErrorInfo {
-        ErrorInfo {
-            code: code.into(),
-            message: code.into(),
-        }
+        ErrorInfo::new(code, code)
+    }
+
+    fn state(store: &MemoryStore, key: &str) -> DestinationState {
+        store.get_sync(key).destinations[&Destination::Meta].clone()
     }
 
     #[tokio::test]
@@ -726,20 +1235,22 @@ mod tests {
             (emf["rejected"].as_f64(), emf["config_errors"].as_f64()),
             (Some(1.0), Some(1.0))
         );
-        let st = |i: usize| store.get_sync(&ids[i]).destinations[&Destination::Meta].clone();
+        let st = |i: usize| state(&store, &ids[i]);
         assert_eq!(st(0).status, DeliveryStatus::Delivered);
         assert_eq!(st(0).log[0].platform_ref.as_deref(), Some("trace"));
         assert_eq!(st(1).status, DeliveryStatus::Retry);
-        assert_eq!(
-            st(1).next_attempt_at,
-            Some(now().plus_secs(90).max(st(1).next_attempt_at.unwrap()))
-        );
+        assert!(st(1).next_attempt_at.unwrap() >= now().plus_secs(90));
         assert_eq!(st(2).status, DeliveryStatus::DeadLetter);
         assert_eq!(st(3).status, DeliveryStatus::Rejected);
         assert_eq!(st(3).last_error.as_ref().unwrap().code, "invalid");
         let dlq = queue.dlq(Destination::Meta);
         assert_eq!(dlq.len(), 1);
         assert_eq!(dlq[0].dead_letter.as_ref().unwrap().reason.code, "meta_190");
+        assert_eq!(
+            dlq[0].message.redrive_of,
+            Some(1),
+            "the DLQ body carries its redrive token"
+        );
         assert_eq!(p.sent().len(), 3, "the invalid event was never sent");
     }
 
@@ -759,7 +1270,7 @@ mod tests {
             now().plus_secs(5),
         )
         .await;
-        assert_eq!(r.results["m1"], "skipped_duplicate");
+        assert_eq!(r.results["m1"], PairResult::AlreadyDelivered);
         assert!(r.failures.is_empty());
         assert_eq!(p.sent().len(), 1);
     }
@@ -776,11 +1287,8 @@ mod tests {
             process_batch(vec![record(1, &id)], &p, &store, &queue, &c, now())
         );
         assert_eq!(p.sent().len(), 1);
-        let outcomes = [
-            a.results.values().next().unwrap().clone(),
-            b.results.values().next().unwrap().clone(),
-        ];
-        assert!(outcomes.contains(&"delivered".to_string()));
+        let outcomes = [a.results["m0"], b.results["m1"]];
+        assert!(outcomes.contains(&PairResult::Delivered));
     }
 
     #[tokio::test]
@@ -798,11 +1306,8 @@ mod tests {
         let mut t = now();
         for n in 0..3 {
             let r = process_batch(vec![record(n, &id)], &p, &store, &queue, &cfg(), t).await;
-            t = store.get_sync(&id).destinations[&Destination::Meta]
-                .next_attempt_at
-                .unwrap_or(t)
-                .plus_secs(1);
-            let status = store.get_sync(&id).destinations[&Destination::Meta].status;
+            t = state(&store, &id).next_attempt_at.unwrap_or(t).plus_secs(1);
+            let status = state(&store, &id).status;
             if n < 2 {
                 assert_eq!(
                     (status, r.failures.len()),
@@ -818,7 +1323,7 @@ mod tests {
                 );
             }
         }
-        let s = store.get_sync(&id).destinations[&Destination::Meta].clone();
+        let s = state(&store, &id);
         assert_eq!(
             s.log.iter().map(|l| l.result.as_str()).collect::<Vec<_>>(),
             ["retry", "retry", "dead_letter"]
@@ -832,7 +1337,7 @@ mod tests {
         let queue = MemoryQueue::new(5, Duration::from_secs(30));
         let id = stored(&store, "A").await;
         store
-            .claim(&id, Destination::Meta, now(), now().plus_secs(60))
+            .claim(&id, Destination::Meta, now(), now().plus_secs(60), None)
             .await
             .unwrap();
         let p = Scripted::new(vec![]);
@@ -846,8 +1351,8 @@ mod tests {
         )
         .await;
         assert_eq!(
-            (r.failures.as_slice(), r.results["m0"].as_str()),
-            (["m0".to_string()].as_slice(), "deferred")
+            (r.failures.as_slice(), r.results["m0"]),
+            (["m0".to_string()].as_slice(), PairResult::Deferred)
         );
         assert!(p.sent().is_empty());
     }
@@ -856,24 +1361,12 @@ mod tests {
     async fn a_refund_waits_for_its_won_event_to_be_delivered() {
         let store = MemoryStore::new();
         let queue = MemoryQueue::new(5, Duration::from_secs(30));
-        let ctx = ValidationContext::for_tests(now());
-        let mk = |name: &str, at: &str, value: f64| {
-            let v = json!({"source": "hubspot", "event_name": name, "occurred_at": at, "entity_type": "opportunity",
-                           "entity_id": "D-1", "order_id": "O-1", "value": value, "currency": "USD",
-                           "identity": {"email": "x@example.com"}});
-            let mut e = validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap();
-            e.destinations.insert(
-                Destination::Meta,
-                DestinationState::new(DeliveryStatus::Pending, now()),
-            );
-            e
-        };
-        let refund = mk("refund", "2026-11-28T11:00:00Z", 20.0);
+        let refund = revenue("refund", "D-1", "O-1", "2026-11-28T11:00:00Z", 20.0);
         store.put_new(&refund).await.unwrap();
         let p = Scripted::new(vec![]);
         // The refund arrives first: it waits and nothing is sent.
         let r = process_batch(
-            vec![record(0, &refund.event_id)],
+            vec![record(0, &refund.key)],
             &p,
             &store,
             &queue,
@@ -882,31 +1375,21 @@ mod tests {
         )
         .await;
         assert_eq!(r.failures, ["m0"]);
-        let s = store.get_sync(&refund.event_id).destinations[&Destination::Meta].clone();
+        assert_eq!(r.results["m0"], PairResult::Waiting);
+        let s = state(&store, &refund.key);
         assert_eq!(
             (s.status, s.last_error.unwrap().code.as_str()),
             (DeliveryStatus::Retry, "original_not_delivered")
         );
-        assert_eq!(
-            s.next_attempt_at,
-            Some(now().plus_secs(REFUND_WAIT.as_secs() as i64))
-        );
+        assert_eq!(s.next_attempt_at, Some(now().plus_secs(900)));
         assert!(p.sent().is_empty());
         // The won event is delivered; the refund goes out on its next attempt.
-        let won = mk("won", "2026-11-28T10:00:00Z", 100.0);
+        let won = revenue("won", "D-1", "O-1", "2026-11-28T10:00:00Z", 100.0);
         store.put_new(&won).await.unwrap();
-        process_batch(
-            vec![record(1, &won.event_id)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
-        let later = now().plus_secs(REFUND_WAIT.as_secs() as i64);
+        process_batch(vec![record(1, &won.key)], &p, &store, &queue, &cfg(), now()).await;
+        let later = now().plus_secs(900);
         let r = process_batch(
-            vec![record(2, &refund.event_id)],
+            vec![record(2, &refund.key)],
             &p,
             &store,
             &queue,
@@ -915,43 +1398,370 @@ mod tests {
         )
         .await;
         assert!(r.failures.is_empty());
-        assert_eq!(
-            store.get_sync(&refund.event_id).destinations[&Destination::Meta].status,
-            DeliveryStatus::Delivered
-        );
-        assert_eq!(
-            p.sent(),
-            [vec![won.event_id.clone()], vec![refund.event_id.clone()]]
-        );
+        assert_eq!(state(&store, &refund.key).status, DeliveryStatus::Delivered);
+        assert_eq!(p.sent(), [vec!["D-1".to_string()], vec!["D-1".to_string()]]);
     }
 
     #[tokio::test]
     async fn a_refund_of_a_won_event_that_was_never_sent_is_rejected() {
         let store = MemoryStore::new();
         let queue = MemoryQueue::new(5, Duration::from_secs(30));
-        let ctx = ValidationContext::for_tests(now());
-        let mut ids = Vec::new();
-        for (name, status) in [
-            ("won", DeliveryStatus::BlockedConsent),
-            ("refund", DeliveryStatus::Pending),
-        ] {
-            let v = json!({"source": "hubspot", "event_name": name, "occurred_at": "2026-11-28T10:00:00Z", "entity_type": "opportunity",
-                           "entity_id": "D-2", "order_id": "O-2", "value": 5, "currency": "USD"});
-            let mut e = validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap();
-            e.destinations
-                .insert(Destination::Meta, DestinationState::new(status, now()));
-            store.put_new(&e).await.unwrap();
-            ids.push(e.event_id);
-        }
+        let mut won = revenue("won", "D-2", "O-2", "2026-11-28T10:00:00Z", 5.0);
+        won.destinations.get_mut(&Destination::Meta).unwrap().status =
+            DeliveryStatus::BlockedConsent;
+        let refund = revenue("refund", "D-2", "O-2", "2026-11-28T10:30:00Z", 5.0);
+        store.put_new(&won).await.unwrap();
+        store.put_new(&refund).await.unwrap();
         let p = Scripted::new(vec![]);
-        let r = process_batch(vec![record(0, &ids[1])], &p, &store, &queue, &cfg(), now()).await;
+        let r = process_batch(
+            vec![record(0, &refund.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
         assert!(r.failures.is_empty());
-        let s = store.get_sync(&ids[1]).destinations[&Destination::Meta].clone();
+        let s = state(&store, &refund.key);
         assert_eq!(
             (s.status, s.last_error.unwrap().code.as_str()),
             (DeliveryStatus::Rejected, "original_not_sent")
         );
         assert!(p.sent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_won_from_another_source_never_closes_a_refund() {
+        // The system of record's won is still pending; another source posted a won with the
+        // same order id (stored rejected_not_system_of_record). The refund must wait for the
+        // real won, not be closed because of the other one.
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let real = revenue("won", "D-3", "O-3", "2026-11-28T10:00:00Z", 50.0);
+        let mut foreign = revenue("won", "X-3", "O-3", "2026-11-28T10:01:00Z", 50.0);
+        foreign.source = "billing".into();
+        foreign
+            .destinations
+            .get_mut(&Destination::Meta)
+            .unwrap()
+            .status = DeliveryStatus::RejectedNotSystemOfRecord;
+        let refund = revenue("refund", "D-3", "O-3", "2026-11-28T11:00:00Z", 10.0);
+        for e in [&real, &foreign, &refund] {
+            store.put_new(e).await.unwrap();
+        }
+        let p = Scripted::new(vec![]);
+        let r = process_batch(
+            vec![record(0, &refund.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        assert_eq!(r.results["m0"], PairResult::Waiting);
+        process_batch(
+            vec![record(1, &real.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        let r = process_batch(
+            vec![record(2, &refund.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now().plus_secs(900),
+        )
+        .await;
+        assert_eq!(r.results["m2"], PairResult::Delivered);
+    }
+
+    #[tokio::test]
+    async fn waiting_spends_no_attempt_and_ends_at_its_own_deadline() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(500, Duration::from_secs(30));
+        let refund = revenue("refund", "D-4", "O-4", "2026-11-28T11:00:00Z", 20.0);
+        store.put_new(&refund).await.unwrap();
+        let p = Scripted::new(vec![]);
+        let c = cfg(); // 3 attempts
+        let mut t = now();
+        let mut waits = 0;
+        loop {
+            let r =
+                process_batch(vec![record(waits, &refund.key)], &p, &store, &queue, &c, t).await;
+            let s = state(&store, &refund.key);
+            if s.status != DeliveryStatus::Retry {
+                assert_eq!(r.results[&format!("m{waits}")], PairResult::DeadLetter);
+                break;
+            }
+            assert_eq!(s.attempts_in_budget(), 0, "a wait spends no attempt");
+            waits += 1;
+            t = s.next_attempt_at.unwrap();
+        }
+        assert!(
+            waits > c.max_attempts as usize,
+            "waited past the attempt budget: {waits}"
+        );
+        assert!(waits < 40, "the waits grow: {waits} looks over three days");
+        let s = state(&store, &refund.key);
+        assert_eq!(s.status, DeliveryStatus::DeadLetter);
+        assert!(t.secs_since(&now()) >= c.wait_deadline.as_secs() as i64);
+        assert!(p.sent().is_empty());
+        assert_eq!(queue.dlq(Destination::Meta).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_re_won_deal_is_counted_once() {
+        // Won, reopened and won again: a second event id for the same order. It is closed as
+        // a duplicate of the order and never sent.
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let first = revenue("won", "D-5", "O-5", "2026-11-28T09:00:00Z", 100.0);
+        let again = revenue("won", "D-5", "O-5", "2026-11-28T10:00:00Z", 100.0);
+        assert_ne!(first.event_id, again.event_id);
+        store.put_new(&first).await.unwrap();
+        store.put_new(&again).await.unwrap();
+        let p = Scripted::new(vec![]);
+        process_batch(
+            vec![record(0, &first.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        let r = process_batch(
+            vec![record(1, &again.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        assert_eq!(r.results["m1"], PairResult::DuplicateOrder);
+        assert_eq!(
+            state(&store, &again.key).status,
+            DeliveryStatus::DuplicateOrder
+        );
+        assert_eq!(p.sends(), 1, "one send for the order");
+        // Both in one batch: still one send.
+        let store = MemoryStore::new();
+        store.put_new(&first).await.unwrap();
+        store.put_new(&again).await.unwrap();
+        let p = Scripted::new(vec![]);
+        let r = process_batch(
+            vec![record(0, &first.key), record(1, &again.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        assert_eq!(p.sends(), 1);
+        assert_eq!(r.count(PairResult::DuplicateOrder), 1);
+    }
+
+    #[tokio::test]
+    async fn a_won_that_will_never_count_hands_the_order_to_the_next() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let bad = revenue("won", "BAD-6", "O-6", "2026-11-28T09:00:00Z", 100.0);
+        let good = revenue("won", "D-6", "O-6", "2026-11-28T10:00:00Z", 100.0);
+        store.put_new(&bad).await.unwrap();
+        store.put_new(&good).await.unwrap();
+        let p = Scripted::new(vec![]);
+        process_batch(vec![record(0, &bad.key)], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(state(&store, &bad.key).status, DeliveryStatus::Rejected);
+        let r = process_batch(
+            vec![record(1, &good.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        assert_eq!(r.results["m1"], PairResult::Delivered);
+    }
+
+    #[tokio::test]
+    async fn a_won_delivered_before_order_holds_existed_still_counts_the_order() {
+        // An upgraded stack: the first won was delivered by a release without order items.
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let mut old = revenue("won", "D-7", "O-7", "2026-11-28T09:00:00Z", 100.0);
+        old.destinations.get_mut(&Destination::Meta).unwrap().status = DeliveryStatus::Delivered;
+        store.put_new(&old).await.unwrap();
+        let again = revenue("won", "D-7", "O-7", "2026-11-28T10:00:00Z", 100.0);
+        store.put_new(&again).await.unwrap();
+        let p = Scripted::new(vec![]);
+        let r = process_batch(
+            vec![record(0, &again.key)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        assert_eq!(r.results["m0"], PairResult::DuplicateOrder);
+        assert!(p.sent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stray_message_never_reopens_a_dead_lettered_pair() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let id = stored(&store, "A").await;
+        let p = Scripted::new(vec![Outcome::Rejected {
+            error: e("meta_100"),
+            dead_letter: true,
+            alert: false,
+        }]);
+        process_batch(vec![record(0, &id)], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(state(&store, &id).status, DeliveryStatus::DeadLetter);
+        // A duplicate of the original message (or the sweep's): acknowledged, nothing sent.
+        let r = process_batch(vec![record(1, &id)], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!((r.results["m1"], r.failures.len()), (PairResult::Closed, 0));
+        assert_eq!(p.sends(), 1);
+        // The operator redrives the DLQ: that message re-opens it, with a fresh budget.
+        let dlq = queue.dlq(Destination::Meta);
+        let redriven = Record::new("m2", "r2", dlq[0].message.to_body());
+        let r = process_batch(vec![redriven.clone()], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(r.results["m2"], PairResult::Delivered);
+        assert_eq!(p.sends(), 2);
+        // The same redriven message again (redelivered): already delivered.
+        let r = process_batch(vec![redriven], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(r.results["m2"], PairResult::AlreadyDelivered);
+    }
+
+    #[tokio::test]
+    async fn a_pair_dead_lettered_by_a_previous_release_reopens_from_its_attempts_attribute() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let id = stored(&store, "A").await;
+        let p = Scripted::new(vec![Outcome::Rejected {
+            error: e("meta_100"),
+            dead_letter: true,
+            alert: false,
+        }]);
+        process_batch(vec![record(0, &id)], &p, &store, &queue, &cfg(), now()).await;
+        // The old DLQ body had no token; the bridge always set the `attempts` attribute.
+        let mut old = record(1, &id);
+        old.attributes.insert("attempts".into(), "1".into());
+        let r = process_batch(vec![old], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(r.results["m1"], PairResult::Delivered);
+    }
+
+    #[tokio::test]
+    async fn claims_past_the_budget_are_dead_lettered_without_a_send() {
+        // A pair whose every attempt crashed its sender: claimed again and again, never
+        // recorded. Past the budget plus a margin it is parked, and the sweep leaves it.
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let id = stored(&store, "A").await;
+        let c = cfg();
+        let mut t = now();
+        for _ in 0..c.max_attempts + CLAIM_MARGIN {
+            store
+                .claim(&id, Destination::Meta, t, t.plus_secs(60), None)
+                .await
+                .unwrap();
+            t = t.plus_secs(61);
+        }
+        let p = Scripted::new(vec![]);
+        let r = process_batch(vec![record(0, &id)], &p, &store, &queue, &c, t).await;
+        assert_eq!(r.results["m0"], PairResult::DeadLetter);
+        assert!(p.sent().is_empty());
+        let s = state(&store, &id);
+        assert_eq!(
+            (s.status, s.last_error.unwrap().code.as_str()),
+            (DeliveryStatus::DeadLetter, "attempts_exhausted")
+        );
+        assert!(
+            store
+                .stuck(Destination::Meta, t.plus_secs(86_400), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(queue.dlq(Destination::Meta).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn nothing_starts_without_time_to_record_it() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let ids = [stored(&store, "A").await, stored(&store, "B").await];
+        let mut p = Scripted::new(vec![]);
+        p.max = 1;
+        p.pause = Duration::from_millis(300);
+        // Time for one request (1 s timeout + 5 s margin) and 0.1 s more.
+        let inv = Invocation {
+            now: now(),
+            deadline: Some(Instant::now() + Duration::from_millis(6_100)),
+        };
+        let records = vec![record(0, &ids[0]), record(1, &ids[1])];
+        let r = process_batch(records, &p, &store, &queue, &cfg(), inv).await;
+        assert_eq!(r.results["m0"], PairResult::Delivered, "recorded at once");
+        assert_eq!(r.results["m1"], PairResult::OutOfTime);
+        assert_eq!(r.failures, ["m1"]);
+        let s = state(&store, &ids[1]);
+        assert_eq!(
+            (s.status, s.attempts_in_budget()),
+            (DeliveryStatus::Retry, 0),
+            "not started, not charged"
+        );
+        assert_eq!(p.sends(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_row_per_order_in_a_request() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        // Same row key (before `~`): two equal items and one different.
+        let a = stored(&store, "K~1").await;
+        let b = {
+            let e = event(
+                json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:30:00Z",
+                       "entity_type": "lead", "entity_id": "K~1", "identity": {"email": "y@example.com"}}),
+            );
+            store.put_new(&e).await.unwrap();
+            e.key
+        };
+        let c = stored(&store, "K~2").await;
+        let p = Scripted::new(vec![]);
+        let r = process_batch(
+            vec![record(0, &a), record(1, &b), record(2, &c)],
+            &p,
+            &store,
+            &queue,
+            &cfg(),
+            now(),
+        )
+        .await;
+        assert_eq!(p.sent(), [vec!["K~1".to_string()]], "one row of the order");
+        assert_eq!(r.results["m0"], PairResult::Delivered);
+        assert_eq!(
+            r.results["m1"],
+            PairResult::Delivered,
+            "an equal row shares it"
+        );
+        assert_eq!(
+            r.results["m2"],
+            PairResult::OutOfTime,
+            "a different row waits"
+        );
+        assert_eq!(state(&store, &c).attempts_in_budget(), 0);
     }
 
     #[tokio::test]
@@ -969,5 +1779,20 @@ mod tests {
             p.sent().iter().map(Vec::len).collect::<Vec<_>>(),
             [10, 10, 5]
         );
+    }
+
+    #[tokio::test]
+    async fn a_huge_retry_delay_from_a_platform_cannot_panic() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let id = stored(&store, "A").await;
+        let p = Scripted::new(vec![Outcome::Retryable {
+            error: e("quota"),
+            after: Some(Duration::MAX),
+        }]);
+        let r = process_batch(vec![record(0, &id)], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(r.results["m0"], PairResult::Retry);
+        let s = state(&store, &id);
+        assert_eq!(s.next_attempt_at, Some(now().plus(MAX_VISIBILITY)));
     }
 }

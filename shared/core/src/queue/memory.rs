@@ -208,7 +208,9 @@ impl DeliveryQueue for MemoryQueue {
                 .iter_mut()
                 .find(|m| m.receipt.as_deref() == Some(receipt.as_str()))
             {
-                Some(m) => m.visible_at = now.plus_secs(delay.as_secs() as i64),
+                Some(m) => {
+                    m.visible_at = now.plus_secs(i64::try_from(delay.as_secs()).unwrap_or(0))
+                }
                 None => failed.push(receipt.clone()),
             }
         }
@@ -218,7 +220,7 @@ impl DeliveryQueue for MemoryQueue {
     async fn dead_letter(&self, items: &[DeadLetter]) -> Vec<DeliveryMessage> {
         let mut st = self.lock();
         for it in items {
-            Self::push(&mut st, it.message.clone(), Some(it.clone()), true);
+            Self::push(&mut st, it.dlq_message(), Some(it.clone()), true);
         }
         Vec::new()
     }

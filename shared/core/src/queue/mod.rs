@@ -12,15 +12,24 @@ use std::time::Duration;
 /// stays the single source of truth and a redriven message always sends the current record.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct DeliveryMessage {
-    pub event_id: String,
+    /// The event's store key. Messages from before keys were scoped by source call it
+    /// `event_id` (then always equal to the key).
+    #[serde(alias = "event_id")]
+    pub key: String,
     pub destination: Destination,
+    /// Set only on a message the bridge put on the dead-letter queue: the attempt count at
+    /// which the pair was dead-lettered. A message carrying it came through the DLQ (an
+    /// operator's redrive) and may re-open the pair; any other message may not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive_of: Option<u32>,
 }
 
 impl DeliveryMessage {
-    pub fn new(event_id: impl Into<String>, destination: Destination) -> Self {
+    pub fn new(key: impl Into<String>, destination: Destination) -> Self {
         DeliveryMessage {
-            event_id: event_id.into(),
+            key: key.into(),
             destination,
+            redrive_of: None,
         }
     }
 
@@ -39,6 +48,17 @@ pub struct DeadLetter {
     pub message: DeliveryMessage,
     pub reason: ErrorInfo,
     pub attempts: u32,
+}
+
+impl DeadLetter {
+    /// The body the DLQ holds: the message with its redrive token, so only this message, once
+    /// an operator redrives it, may re-open the pair.
+    pub fn dlq_message(&self) -> DeliveryMessage {
+        DeliveryMessage {
+            redrive_of: Some(self.attempts),
+            ..self.message.clone()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,4 +91,26 @@ pub trait DeliveryQueue: Send + Sync {
     /// Sends messages to their destination's DLQ with the reason as attributes. Returns the
     /// ones that could not be sent (the caller then leaves them on the source queue).
     async fn dead_letter(&self, items: &[DeadLetter]) -> Vec<DeliveryMessage>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_from_the_previous_release_still_read() {
+        let m = DeliveryMessage::from_body(r#"{"event_id":"abc","destination":"meta"}"#).unwrap();
+        assert_eq!(m, DeliveryMessage::new("abc", Destination::Meta));
+        let dl = DeadLetter {
+            message: m.clone(),
+            reason: ErrorInfo::new("x", "y"),
+            attempts: 8,
+        };
+        let body = dl.dlq_message().to_body();
+        assert_eq!(body, r#"{"key":"abc","destination":"meta","redrive_of":8}"#);
+        assert_eq!(
+            DeliveryMessage::from_body(&body).unwrap().redrive_of,
+            Some(8)
+        );
+    }
 }

@@ -16,12 +16,20 @@ pub enum StoreError {
     /// An item that cannot be read back into an event.
     #[error("stored item {key} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The item would exceed the store's item size limit: retrying cannot help.
+    #[error("item {key} is too large to store: {reason}")]
+    TooLarge { key: String, reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum PutOutcome {
     Created,
-    /// An event with this event_id already exists; nothing was changed.
+    /// Created; but another source already used this caller-provided event_id. Both events are
+    /// kept, each under its own source's key; the collision is reported.
+    CreatedWithConflict {
+        other_source: String,
+    },
+    /// An event with this key already exists; nothing was changed.
     Duplicate,
 }
 
@@ -42,51 +50,100 @@ pub struct Transition {
     pub now: Timestamp,
     pub next_attempt_at: Option<Timestamp>,
     pub error: Option<ErrorInfo>,
-    pub log: DeliveryLogEntry,
+    /// The pair's whole delivery log after this attempt (bounded; see `LOG_KEEP`).
+    pub log: Vec<DeliveryLogEntry>,
+    /// The attempt did not count against the retry budget (it only waited, or never started).
+    pub release_attempt: bool,
+    /// Since when the pair waits for something else; `None` ends a wait.
+    pub waiting_since: Option<Timestamp>,
+}
+
+impl Transition {
+    /// The entry this attempt added to the log.
+    pub fn entry(&self) -> Option<&DeliveryLogEntry> {
+        self.log.last()
+    }
+}
+
+/// Who holds an order for one destination: the one won counted for it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderHold {
+    /// The caller's event holds it; `first` when this call created the hold (no event held the
+    /// order for this destination before).
+    Held { first: bool },
+    /// Another event (its store key) holds it.
+    HeldBy(String),
 }
 
 /// An (event, destination) that the sweep should look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StuckRef {
-    pub event_id: String,
+    /// The event's store key (see `CanonicalEvent::key`).
+    pub key: String,
     pub destination: Destination,
     pub status: DeliveryStatus,
     pub due: Timestamp,
 }
 
+/// Events are addressed by their store key: the event_id when derived here (the source is
+/// in its hash), else `<source>:<event_id>`, so a caller-provided id can never claim another
+/// source's event.
 #[async_trait]
 pub trait EventStore: Send + Sync {
-    /// Writes the event only if no event with its id exists (the idempotency gate).
+    /// Writes the event only if no event with its key exists (the idempotency gate).
     async fn put_new(&self, event: &CanonicalEvent) -> Result<PutOutcome, StoreError>;
 
-    async fn get(&self, event_id: &str) -> Result<Option<CanonicalEvent>, StoreError>;
+    async fn get(&self, key: &str) -> Result<Option<CanonicalEvent>, StoreError>;
 
-    /// Several events in as few round trips as the store allows; missing ids are left out.
-    async fn get_many(&self, event_ids: &[String]) -> Result<Vec<CanonicalEvent>, StoreError>;
+    /// Several events in as few round trips as the store allows; missing keys are left out.
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<CanonicalEvent>, StoreError>;
 
-    /// Every revenue event (won and refunds) with this order id, oldest first.
+    /// Every revenue event (won and refunds) with this order id, oldest first, read
+    /// consistently.
     async fn find_by_order(&self, order_id: &str) -> Result<Vec<CanonicalEvent>, StoreError>;
 
     /// Moves (event, destination) to `sending` with a lease until `lease_until`, only if it is
-    /// claimable (see [`crate::delivery::DestinationState::claimability`]). Two workers can
-    /// never both win.
+    /// claimable (see [`crate::delivery::DestinationState::claimability`]; `redrive_of` is the
+    /// dead-letter token of a message that went through the DLQ). Two workers can never both
+    /// win.
     async fn claim(
         &self,
-        event_id: &str,
+        key: &str,
         destination: Destination,
         now: Timestamp,
         lease_until: Timestamp,
+        redrive_of: Option<u32>,
     ) -> Result<ClaimOutcome, StoreError>;
 
-    /// Ends the attempt numbered `attempt` with `transition` and appends its log entry, only if
-    /// that claim is still the current one. `Ok(false)`: the lease was lost to another worker,
+    /// Ends the attempt numbered `attempt` with `transition` (state and log), only if that
+    /// claim is still the current one. `Ok(false)`: the lease was lost to another worker,
     /// whose result stands.
     async fn complete(
         &self,
-        event_id: &str,
+        key: &str,
         destination: Destination,
         attempt: u32,
         transition: &Transition,
+    ) -> Result<bool, StoreError>;
+
+    /// Makes `key` the won that counts for `order_id` at `destination`, unless another event
+    /// holds it: one atomic conditional write on an order-level item, so two wons of one order
+    /// can never both be sent.
+    async fn hold_order(
+        &self,
+        order_id: &str,
+        destination: Destination,
+        key: &str,
+    ) -> Result<OrderHold, StoreError>;
+
+    /// Moves the hold of `order_id` at `destination` from `from` to `to`, only if `from` still
+    /// holds it. `Ok(false)`: someone else moved it first.
+    async fn take_over_order(
+        &self,
+        order_id: &str,
+        destination: Destination,
+        from: &str,
+        to: &str,
     ) -> Result<bool, StoreError>;
 
     /// Open (pending, sending, retry) pairs for `destination` that the sweep should have seen
@@ -102,7 +159,7 @@ pub trait EventStore: Send + Sync {
     /// one stuck event is re-enqueued once per grace period rather than on every sweep.
     async fn defer_sweep(
         &self,
-        event_id: &str,
+        key: &str,
         destination: Destination,
         status: DeliveryStatus,
         due: Timestamp,

@@ -70,7 +70,11 @@ impl LocalBridge {
             // is not redelivered while an invocation still works on it.
             ("QueueVisibilityTimeoutSeconds".into(), "60".into()),
             ("SenderTimeoutSeconds".into(), "10".into()),
-            ("LeaseSeconds".into(), "5".into()),
+            // A lease at least as long as the function's timeout (the senders check it).
+            ("LeaseSeconds".into(), "10".into()),
+            // Requests short enough to fit in that timeout with the senders' 5 s margin.
+            ("MetaTimeoutSeconds".into(), "3".into()),
+            ("GoogleTimeoutSeconds".into(), "3".into()),
             ("RetryBaseSeconds".into(), "1".into()),
             ("RetryCapSeconds".into(), "3".into()),
             ("RefundWaitSeconds".into(), "2".into()),
@@ -325,7 +329,7 @@ impl LocalBridge {
                 if let Ok(dm) =
                     bridge_core::queue::DeliveryMessage::from_body(m.body().unwrap_or_default())
                 {
-                    ids.push(dm.event_id);
+                    ids.push(dm.key);
                 }
             }
         }
