@@ -11,29 +11,29 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Identifiers as a CRM sends them. Deliberately not `Serialize` and with a redacting `Debug`,
-/// so a raw value cannot reach a log line or the store by accident.
-#[derive(Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityInput {
-    pub email: Option<String>,
-    pub phone: Option<String>,
-    pub first_name: Option<String>,
-    pub last_name: Option<String>,
-    pub city: Option<String>,
-    pub state: Option<String>,
-    pub zip: Option<String>,
-    pub country: Option<String>,
-    pub external_id: Option<String>,
-    pub client_ip_address: Option<String>,
-    pub client_user_agent: Option<String>,
-    pub gclid: Option<String>,
-    pub gbraid: Option<String>,
-    pub wbraid: Option<String>,
-    pub fbp: Option<String>,
-    pub fbc: Option<String>,
-    pub fbclid: Option<String>,
-    pub lead_id: Option<String>,
+crate::event::fields::string_fields! {
+    /// Identifiers as a CRM sends them. Deliberately not `Serialize` and with a redacting
+    /// `Debug`, so a raw value cannot reach a log line or the store by accident.
+    IdentityInput / FastIdentity, IDENTITY_FIELDS, read_identity {
+        email,
+        phone,
+        first_name,
+        last_name,
+        city,
+        state,
+        zip,
+        country,
+        external_id,
+        client_ip_address,
+        client_user_agent,
+        gclid,
+        gbraid,
+        wbraid,
+        fbp,
+        fbc,
+        fbclid,
+        lead_id,
+    }
 }
 
 impl fmt::Debug for IdentityInput {
