@@ -264,9 +264,9 @@ pub fn normalize(
 
     if let Some(raw) = present(&input.zip) {
         match normalize_zip(raw, country.as_deref()) {
-            Some(z) => {
-                out.meta.zp = Some(sha256_hex(&z));
-                out.google.postal_code = Some(z);
+            Some((meta, google)) => {
+                out.meta.zp = Some(sha256_hex(&meta));
+                out.google.postal_code = Some(google);
             }
             None => warn("zip", "not a valid postal code"),
         }
@@ -480,19 +480,30 @@ fn normalize_state(raw: &str, country: Option<&str>) -> Option<String> {
     Some(s)
 }
 
-/// Lowercase without spaces or dashes; US codes cut to their first five digits.
-fn normalize_zip(raw: &str, country: Option<&str>) -> Option<String> {
+/// The postal code in Meta's form and in Google's. Meta: lowercase without spaces or dashes,
+/// US codes cut to their first five digits. Google: not hashed, US codes as 5 digits or ZIP+4
+/// when given ("using a 4-digit extension may improve your match rate"), other countries as
+/// written (trimmed, upper case).
+/// source: Meta customer-information-parameters (zp); Data Manager concepts/formatting
+/// (postal_code) and google-ads-datamanager-util format.py (only trims).
+fn normalize_zip(raw: &str, country: Option<&str>) -> Option<(String, String)> {
     let z: String = raw
         .chars()
         .filter(|c| c.is_alphanumeric())
         .flat_map(char::to_lowercase)
         .collect();
     let all_digits = z.bytes().all(|b| b.is_ascii_digit());
+    let us = |z: &str| match z.len() {
+        5 => Some((z.to_string(), z.to_string())),
+        9 => Some((z[..5].to_string(), format!("{}-{}", &z[..5], &z[5..]))),
+        _ => None,
+    };
     match country {
-        Some("us") => (all_digits && (z.len() == 5 || z.len() == 9)).then(|| z[..5].to_string()),
-        None if all_digits && z.len() == 9 => Some(z[..5].to_string()),
+        Some("us") if all_digits => us(&z),
+        Some("us") => None,
+        None if all_digits && z.len() == 9 => us(&z),
         _ if z.is_empty() || z.len() > 12 => None,
-        _ => Some(z),
+        _ => Some((z, raw.trim().to_uppercase())),
     }
 }
 
@@ -710,8 +721,12 @@ mod tests {
         assert_eq!(h.google.family_name, Some(sha256_hex("obrien")));
         assert_eq!(h.meta.ct, Some(sha256_hex("sanfrancisco")));
         assert_eq!(h.meta.st, Some(sha256_hex("ca")));
-        assert_eq!(h.meta.zp, Some(sha256_hex("94105")));
-        assert_eq!(h.google.postal_code.as_deref(), Some("94105"));
+        assert_eq!(h.meta.zp, Some(sha256_hex("94105")), "Meta: five digits");
+        assert_eq!(
+            h.google.postal_code.as_deref(),
+            Some("94105-1234"),
+            "Google keeps ZIP+4 (it may improve matching)"
+        );
     }
 
     #[test]

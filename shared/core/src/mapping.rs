@@ -50,6 +50,7 @@ struct RawMeta {
     action_source: Option<String>,
     refund_policy: Option<String>,
     lead_event_source: Option<String>,
+    conversion_leads_stages: Option<Vec<String>>,
     limited_data_use: Option<RawLdu>,
     #[serde(default)]
     events: BTreeMap<String, String>,
@@ -122,8 +123,6 @@ pub struct SourceMapping {
 pub enum MetaRefundPolicy {
     /// A custom `Refund` event (name from `events.refund`) with the refunded value.
     CustomEvent,
-    /// A `Purchase` with a negative value.
-    NegativePurchase,
     Skip,
 }
 
@@ -138,8 +137,12 @@ pub struct MetaMapping {
     pub events: BTreeMap<EventName, MetaEvent>,
     pub refund_policy: MetaRefundPolicy,
     /// CRM Conversion Leads: when set, `custom_data.event_source = "crm"` and this name as
-    /// `lead_event_source`.
+    /// `lead_event_source` on the events of `conversion_leads_stages`.
     pub lead_event_source: Option<String>,
+    /// The lead-funnel stages that carry the Conversion Leads fields. Meta's Conversion Leads
+    /// payload specification is for that optimization only ("Do not use this specification
+    /// for events not related to this optimization"), so a Purchase never carries them.
+    pub conversion_leads_stages: Vec<EventName>,
     /// Limited Data Use: (country, state) codes, `(0, 0)` meaning geolocate.
     pub limited_data_use: Option<(i64, i64)>,
 }
@@ -478,13 +481,18 @@ fn validate_meta(m: &RawMeta, err: &mut Errors) -> Option<MetaMapping> {
     }
     let refund_policy = match m.refund_policy.as_deref().unwrap_or("custom_event") {
         "custom_event" => MetaRefundPolicy::CustomEvent,
-        "negative_purchase" => MetaRefundPolicy::NegativePurchase,
         "skip" => MetaRefundPolicy::Skip,
-        _ => {
+        "negative_purchase" => {
+            // Meta documents no negative values (its omnichannel guide asks for value >= 0)
+            // and no way to net a refund against a Purchase.
             err.push(
                 "meta.refund_policy",
-                "must be custom_event, negative_purchase or skip",
+                "negative_purchase is not supported: Meta documents no negative values (value >= 0); use custom_event or skip",
             );
+            MetaRefundPolicy::Skip
+        }
+        _ => {
+            err.push("meta.refund_policy", "must be custom_event or skip");
             MetaRefundPolicy::Skip
         }
     };
@@ -530,13 +538,6 @@ fn validate_meta(m: &RawMeta, err: &mut Errors) -> Option<MetaMapping> {
             "is required when refund_policy = \"custom_event\" (e.g. \"Refund\")",
         );
     }
-    if refund_policy == MetaRefundPolicy::NegativePurchase && !events.contains_key(&EventName::Won)
-    {
-        err.push(
-            "meta.events.won",
-            "is required when refund_policy = \"negative_purchase\"",
-        );
-    }
     let limited_data_use = m.limited_data_use.as_ref().and_then(|l| {
         err.unknown("meta.limited_data_use", &l.extra);
         l.enabled
@@ -549,10 +550,49 @@ fn validate_meta(m: &RawMeta, err: &mut Errors) -> Option<MetaMapping> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_string);
+    let funnel = [EventName::Lead, EventName::Mql, EventName::Sql];
+    let mut conversion_leads_stages = Vec::new();
+    match &m.conversion_leads_stages {
+        None if lead_event_source.is_some() => conversion_leads_stages = funnel.to_vec(),
+        None => {}
+        Some(stages) => {
+            if lead_event_source.is_none() {
+                err.push(
+                    "meta.conversion_leads_stages",
+                    "needs meta.lead_event_source (the CRM's name) to be set",
+                );
+            }
+            for (i, stage) in stages.iter().enumerate() {
+                let at = format!("meta.conversion_leads_stages[{i}]");
+                let Some(e) = err.lifecycle(at.clone(), stage) else {
+                    continue;
+                };
+                if !funnel.contains(&e) {
+                    err.push(
+                        at,
+                        "Conversion Leads fields go on lead-funnel stages only (lead, mql, sql): Meta's payload specification is not for other events",
+                    );
+                } else {
+                    conversion_leads_stages.push(e);
+                }
+            }
+        }
+    }
+    for e in &conversion_leads_stages {
+        if let Some(ev) = events.get(e)
+            && ev.action_source != "system_generated"
+        {
+            err.push(
+                format!("meta.action_sources.{e}"),
+                "Conversion Leads events must use action_source system_generated",
+            );
+        }
+    }
     m.enabled.unwrap_or(true).then_some(MetaMapping {
         events,
         refund_policy,
         lead_event_source,
+        conversion_leads_stages,
         limited_data_use,
     })
 }
@@ -779,5 +819,43 @@ mod tests {
         let g = m.google.unwrap();
         assert_eq!(g.conversions[&EventName::Won].customer_id, "1234567890");
         assert_eq!(g.conversions[&EventName::Won].action_id, "55");
+    }
+
+    #[test]
+    fn meta_rules_meta_documents() {
+        let text = |extra: &str| {
+            format!(
+                r#"
+            version = "t"
+            [revenue]
+            system_of_record = "crm"
+            [sources.crm]
+            [meta]
+            {extra}
+            [meta.events]
+            lead = "Lead"
+            won = "Purchase"
+            refund = "Refund"
+        "#
+            )
+        };
+        let errs = Mapping::load(&text(r#"refund_policy = "negative_purchase""#))
+            .unwrap_err()
+            .0;
+        assert_eq!(errs[0].location, "meta.refund_policy");
+        assert!(errs[0].reason.contains("value >= 0"), "{}", errs[0].reason);
+        let errs = Mapping::load(&text(
+            r#"lead_event_source = "HubSpot"
+            conversion_leads_stages = ["lead", "won"]"#,
+        ))
+        .unwrap_err()
+        .0;
+        assert_eq!(errs[0].location, "meta.conversion_leads_stages[1]");
+        let m = Mapping::load(&text(r#"lead_event_source = "HubSpot""#)).unwrap();
+        assert_eq!(
+            m.meta.unwrap().conversion_leads_stages,
+            [EventName::Lead, EventName::Mql, EventName::Sql],
+            "lead-funnel stages by default"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! Meta Conversions API: event building per the mapping contract, checks before batching,
 //! response classification, and the HTTP client (batches of up to 1,000, bisected on a
-//! whole-request rejection so one bad event never blocks the others).
+//! whole-request rejection so one bad event never blocks the others). The access token and
+//! appsecret_proof travel in the form-encoded body, never in a URL, so no error text or log
+//! line can carry them.
 
 use async_trait::async_trait;
 use bridge_core::delivery::pipeline::Platform;
@@ -46,20 +48,11 @@ pub fn build_event(
     let Some(meta) = &mapping.meta else {
         return Err(err("not_mapped", "Meta is not enabled in the mapping"));
     };
-    let (mapped, value) = match e.event_name {
-        EventName::Refund => match meta.refund_policy {
-            MetaRefundPolicy::CustomEvent => (
-                meta.events.get(&EventName::Refund),
-                e.value.map(|v| v.as_f64()),
-            ),
-            MetaRefundPolicy::NegativePurchase => (
-                meta.events.get(&EventName::Won),
-                e.value.map(|v| -v.as_f64()),
-            ),
-            MetaRefundPolicy::Skip => (None, None),
-        },
-        other => (meta.events.get(&other), e.value.map(|v| v.as_f64())),
+    let mapped = match (e.event_name, meta.refund_policy) {
+        (EventName::Refund, MetaRefundPolicy::Skip) => None,
+        (name, _) => meta.events.get(&name),
     };
+    let value = e.value.map(|v| v.as_f64());
     let Some(mapped) = mapped else {
         return Err(err(
             "not_mapped",
@@ -116,16 +109,27 @@ pub fn build_event(
         ("fbp", &c.fbp),
         ("client_ip_address", &c.client_ip_address),
         ("client_user_agent", &c.client_user_agent),
-        ("lead_id", &c.lead_id),
     ] {
         if let Some(v) = v {
             ud.insert(k.into(), json!(v));
         }
     }
-    if ud.is_empty() {
+    // Meta's lead id is an integer (15-16 digits), not a string.
+    // source: Conversion Leads payload specification (user_data.lead_id: "integer")
+    if let Some(id) = c.lead_id.as_deref().and_then(|v| v.parse::<u64>().ok()) {
+        ud.insert("lead_id".into(), json!(id));
+    }
+    // Checked here so a weak event is rejected alone instead of sinking its batch: Meta asks for
+    // at least one strong key, or both the IP address and the user agent.
+    // source: https://developers.facebook.com/docs/marketing-api/conversions-api/parameters/customer-information-parameters
+    let strong = ["em", "ph", "external_id", "fbc", "fbp", "lead_id"]
+        .iter()
+        .any(|k| ud.contains_key(*k));
+    let browser = ud.contains_key("client_ip_address") && ud.contains_key("client_user_agent");
+    if !strong && !browser {
         return Err(err(
             "no_customer_information",
-            "no identifier Meta can match (email, phone, name, click ids...)",
+            "Meta needs an email, phone, external id, fbc, fbp or lead id, or both the client IP address and user agent",
         ));
     }
 
@@ -147,7 +151,9 @@ pub fn build_event(
     if let Some(o) = &e.order_id {
         cd.insert("order_id".into(), json!(o));
     }
-    if let Some(src) = &meta.lead_event_source {
+    if let Some(src) = &meta.lead_event_source
+        && meta.conversion_leads_stages.contains(&e.event_name)
+    {
         cd.insert("event_source".into(), json!("crm"));
         cd.insert("lead_event_source".into(), json!(src));
     }
@@ -215,10 +221,18 @@ pub fn classify(status: u16, body: &str, sent: usize) -> Outcome {
             after: None,
         };
     }
+    // Configuration, not data: a person must fix the token, the permissions or the pixel id,
+    // and splitting the batch cannot help. source: M-ERR (190 access token, 102 API session,
+    // 10 and 200-299 permissions, 3 capability); 100 with subcode 33 is the Graph API's
+    // "object does not exist, cannot be loaded due to missing permissions" (a wrong pixel id),
+    // as recorded in real responses (rudder-transformer's networkHandler).
+    let subcode = e["error_subcode"].as_i64();
     let config = code == Some(190)
+        || code == Some(102)
         || code.is_some_and(|c| (200..300).contains(&c))
         || code == Some(10)
-        || code == Some(3);
+        || code == Some(3)
+        || (code == Some(100) && subcode == Some(33));
     Outcome::Rejected {
         error: info,
         dead_letter: true,
@@ -255,19 +269,25 @@ impl MetaPlatform {
             "{}/{}/{}/events",
             self.cfg.base_url, self.cfg.api_version, pixel
         );
-        let mut query = vec![("access_token", self.cfg.access_token.clone())];
+        // Meta's own examples post the token, the proof and the events as form fields, and the
+        // Python SDK sends the body form-encoded: nothing secret goes into the URL, so no
+        // transport error, log line or stored message can carry it.
+        // source: M-USE (curl -F data=... -F access_token=...), facebook_business/api.py
+        let data = serde_json::to_string(events).unwrap_or_else(|_| "[]".into());
+        let mut form: Vec<(&str, &str)> = vec![
+            ("data", data.as_str()),
+            ("access_token", self.cfg.access_token.as_str()),
+        ];
         if let Some(p) = &self.proof {
-            query.push(("appsecret_proof", p.clone()));
+            form.push(("appsecret_proof", p.as_str()));
         }
-        let mut body = json!({"data": events});
         if let Some(code) = &self.cfg.test_event_code {
-            body["test_event_code"] = json!(code);
+            form.push(("test_event_code", code.as_str()));
         }
         let resp = self
             .http
             .post(url)
-            .query(&query)
-            .json(&body)
+            .form(&form)
             .timeout(self.cfg.timeout)
             .send()
             .await;
@@ -277,19 +297,19 @@ impl MetaPlatform {
                 match r.text().await {
                     Ok(text) => classify(status, &text, events.len()),
                     Err(e) => Outcome::Retryable {
-                        error: err("response_read", e.to_string()),
+                        error: err("response_read", e.without_url().to_string()),
                         after: None,
                     },
                 }
             }
             // A timeout may come after Meta accepted the batch: the retry sends the same
-            // event ids, and Meta deduplicates on event_name + event_id.
+            // event ids (the bridge never relies on Meta deduplicating them for counting).
             Err(e) if e.is_timeout() => Outcome::Retryable {
                 error: err("timeout", "no answer in time"),
                 after: None,
             },
             Err(e) => Outcome::Retryable {
-                error: err("network", e.to_string()),
+                error: err("network", e.without_url().to_string()),
                 after: None,
             },
         }
@@ -391,7 +411,8 @@ mod tests {
         assert!(v["user_data"]["fbc"].as_str().unwrap().starts_with("fb.1."));
         assert_eq!(
             v["custom_data"],
-            json!({"value": 99.5, "currency": "EUR", "order_id": "O-1", "event_source": "crm", "lead_event_source": "HubSpot"})
+            json!({"value": 99.5, "currency": "EUR", "order_id": "O-1"}),
+            "Conversion Leads fields are for lead-funnel events only"
         );
         assert!(v.get("data_processing_options").is_none());
     }
@@ -408,11 +429,9 @@ mod tests {
             (v["event_name"].as_str(), v["custom_data"]["value"].as_f64()),
             (Some("Refund"), Some(20.0))
         );
-        m.meta.as_mut().unwrap().refund_policy = MetaRefundPolicy::NegativePurchase;
-        let v = build_event(&e, &m, now()).unwrap();
-        assert_eq!(
-            (v["event_name"].as_str(), v["custom_data"]["value"].as_f64()),
-            (Some("Purchase"), Some(-20.0))
+        assert!(
+            v["custom_data"].get("event_source").is_none(),
+            "no Conversion Leads fields on a refund"
         );
         m.meta.as_mut().unwrap().refund_policy = MetaRefundPolicy::Skip;
         assert_eq!(build_event(&e, &m, now()).unwrap_err().code, "not_mapped");
@@ -444,6 +463,52 @@ mod tests {
             ),
             (json!(["LDU"]), json!(1000))
         );
+    }
+
+    #[test]
+    fn conversion_leads_fields_go_on_lead_stages_only_with_a_numeric_lead_id() {
+        let m = Mapping::bundled().unwrap();
+        let lead = event(
+            json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-27T10:00:00Z",
+            "entity_type": "lead", "entity_id": "L-1", "identity": {"lead_id": "1234567890123456"}}),
+        );
+        let v = build_event(&lead, &m, now()).unwrap();
+        assert_eq!(v["custom_data"]["event_source"], "crm");
+        assert_eq!(v["custom_data"]["lead_event_source"], "HubSpot");
+        assert_eq!(v["action_source"], "system_generated");
+        assert_eq!(v["user_data"]["lead_id"], json!(1234567890123456u64));
+        assert!(
+            v["user_data"]["lead_id"].is_u64(),
+            "an integer, not a string"
+        );
+    }
+
+    #[test]
+    fn the_customer_information_rule_is_checked_before_batching() {
+        let m = Mapping::bundled().unwrap();
+        let with = |identity: Value| {
+            let mut v = won();
+            v["identity"] = identity;
+            build_event(&event(v), &m, now()).map(|_| ())
+        };
+        // Names, city and zip alone are not enough for Meta.
+        let weak = with(
+            json!({"first_name": "Ada", "last_name": "L", "city": "X", "zip": "94105", "country": "US"}),
+        );
+        assert_eq!(weak.unwrap_err().code, "no_customer_information");
+        assert_eq!(
+            with(json!({"client_ip_address": "203.0.113.1"}))
+                .unwrap_err()
+                .code,
+            "no_customer_information",
+            "an IP address needs the user agent too"
+        );
+        assert!(
+            with(json!({"client_ip_address": "203.0.113.1", "client_user_agent": "Mozilla/5.0"}))
+                .is_ok()
+        );
+        assert!(with(json!({"external_id": "crm-7"})).is_ok());
+        assert!(with(json!({"fbp": "fb.1.1700000000000.123"})).is_ok());
     }
 
     #[test]
@@ -483,6 +548,18 @@ mod tests {
         assert!(
             matches!(token, Outcome::Rejected { dead_letter: true, alert: true, ref error } if error.code == "meta_190")
         );
+        for body in [
+            r#"{"error": {"message": "Unsupported post request. Object with ID '1' does not exist, cannot be loaded due to missing permissions, or does not support this operation.", "type": "GraphMethodException", "code": 100, "error_subcode": 33}}"#,
+            r#"{"error": {"message": "Session key invalid or no longer valid", "type": "OAuthException", "code": 102}}"#,
+        ] {
+            assert!(
+                matches!(
+                    classify(400, body, 1000),
+                    Outcome::Rejected { alert: true, .. }
+                ),
+                "a wrong pixel id or a dead session is configuration: {body}"
+            );
+        }
         let old = classify(
             400,
             r#"{"error": {"message": "bad", "code": 100, "error_subcode": 2804003, "error_user_msg": "too old"}}"#,
