@@ -719,6 +719,60 @@ impl EventStore for DynamoStore {
         }
     }
 
+    async fn first_seen(
+        &self,
+        kind: &str,
+        value: &str,
+        at: Timestamp,
+    ) -> Result<Timestamp, StoreError> {
+        let key = item_key(format!("SEEN#{kind}#{value}"), "SEEN");
+        let read = |item: Option<&Item>| match item.and_then(|i| i.get("t")) {
+            Some(AttributeValue::S(t)) => Timestamp::parse_rfc3339(t).ok(),
+            _ => None,
+        };
+        // Most events find an earlier time already recorded: a read, no write.
+        let got = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key.clone()))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        if let Some(t) = read(got.item())
+            && t <= at
+        {
+            return Ok(t);
+        }
+        let ttl = Timestamp::now().unix_secs() + self.retention_secs;
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .update_expression("SET #t = :at, #ttl = :ttl")
+            .condition_expression("attribute_not_exists(#t) OR #t > :at")
+            .expression_attribute_names("#t", "t")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":at", s(at.canonical()))
+            .expression_attribute_values(":ttl", AttributeValue::N(ttl.to_string()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(at),
+            Err(err) => {
+                if let Some(aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c)) =
+                    err.as_service_error()
+                    && let Some(t) = read(c.item())
+                {
+                    return Ok(t);
+                }
+                Err(unavailable(err))
+            }
+        }
+    }
+
     async fn events_between(
         &self,
         from: Timestamp,

@@ -32,6 +32,9 @@ crate::event::fields::string_fields! {
         fbp,
         fbc,
         fbclid,
+        // When the fbclid was first seen (RFC 3339), as the CRM recorded it; ingest fills it
+        // from the first event that carried the click id when the CRM does not say.
+        fbclid_at,
         lead_id,
     }
 }
@@ -144,7 +147,7 @@ pub struct IdentityContext {
     /// Region for national phone numbers when the event names no country.
     pub default_region: Region,
     /// The event's business time in Unix milliseconds: the `fbc` creation time when `fbc` is
-    /// built from an `fbclid`, so a retried event yields the very same `fbc`.
+    /// built from an `fbclid` and nothing says when the click id was first seen.
     pub occurred_at_ms: i64,
 }
 
@@ -559,8 +562,21 @@ fn normalize_clicks(
     if out.fbc.is_none()
         && let Some(v) = present(&input.fbclid)
     {
+        // The creation time is when the click id was first seen, not this stage's own time, so
+        // every stage of one lead sends the same fbc.
+        // source: https://developers.facebook.com/docs/marketing-api/conversions-api/parameters/fbp-and-fbc
+        // ("the time when you first observed or received this fbclid value")
+        let seen = present(&input.fbclid_at).map(crate::timestamp::Timestamp::parse_rfc3339);
+        let created_ms = match seen {
+            Some(Ok(t)) => t.unix_ms(),
+            Some(Err(_)) => {
+                warn("fbclid_at", "not an RFC 3339 date-time; the event's own time is used");
+                ctx.occurred_at_ms
+            }
+            None => ctx.occurred_at_ms,
+        };
         if v.len() <= 500 && !v.contains(char::is_whitespace) {
-            out.fbc = Some(format!("fb.1.{}.{v}", ctx.occurred_at_ms));
+            out.fbc = Some(format!("fb.1.{created_ms}.{v}"));
         } else {
             warn("fbclid", "not a valid click id");
         }
@@ -727,6 +743,18 @@ mod tests {
             Some("94105-1234"),
             "Google keeps ZIP+4 (it may improve matching)"
         );
+    }
+
+    #[test]
+    fn fbc_creation_time_is_when_the_click_id_was_first_seen() {
+        let input = IdentityInput {
+            fbclid: Some("IwAR2xyz".into()),
+            fbclid_at: Some("2023-11-14T22:13:20Z".into()),
+            ..Default::default()
+        };
+        let (h, w) = normalize(&input, &ctx("US"));
+        assert!(w.is_empty());
+        assert_eq!(h.click.fbc.as_deref(), Some("fb.1.1700000000000.IwAR2xyz"));
     }
 
     #[test]

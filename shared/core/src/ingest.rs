@@ -123,6 +123,42 @@ pub fn plan_destinations(event: &mut CanonicalEvent, mapping: &Mapping) {
     }
 }
 
+/// Fills in, for each event carrying an fbclid without saying when it was first seen, the
+/// business time of the first event that carried it (Meta's fbc creation time), so every stage
+/// of one lead sends the same fbc. Only the click id's hash reaches the store. A store failure
+/// leaves the event's own time.
+async fn first_seen_click_ids(items: &mut [Incoming], store: &dyn EventStore) {
+    let wanted: Vec<(usize, String, Timestamp)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            let Incoming::Event(input) = item else {
+                return None;
+            };
+            let id = &input.identity;
+            let fbclid = id.fbclid.as_deref().map(str::trim).filter(|v| !v.is_empty())?;
+            if id.fbc.is_some() || id.fbclid_at.is_some() {
+                return None;
+            }
+            let at = Timestamp::parse_rfc3339(input.occurred_at.as_deref()?).ok()?;
+            Some((i, crate::hashing::sha256_hex(fbclid), at))
+        })
+        .collect();
+    for chunk in wanted.chunks(CONCURRENT_PUTS) {
+        let seen = join_all(
+            chunk
+                .iter()
+                .map(|(_, hash, at)| store.first_seen("fbclid", hash, *at)),
+        )
+        .await;
+        for ((i, _, _), t) in chunk.iter().zip(seen) {
+            if let (Ok(t), Incoming::Event(input)) = (t, &mut items[*i]) {
+                input.identity.fbclid_at = Some(t.canonical());
+            }
+        }
+    }
+}
+
 /// Runs one webhook delivery from `source` through validation, the conditional write and the
 /// enqueue. Every item gets a result; one bad item never stops the others.
 pub async fn ingest(
@@ -144,6 +180,9 @@ pub async fn ingest(
         mapping_version: mapping.version.clone(),
         default_consent,
     };
+
+    let mut items = items;
+    first_seen_click_ids(&mut items, store).await;
 
     // Validate everything first (CPU only), then write the valid events concurrently.
     let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
@@ -621,5 +660,33 @@ mod tests {
         let r = run(vec![item(v)], "hubspot", &store, &queue).await;
         assert_eq!(r.results[0].status, ItemStatus::Invalid);
         assert_eq!(r.results[0].errors[0].field, "crm_stage");
+    }
+
+    #[tokio::test]
+    async fn every_stage_of_a_lead_sends_the_fbc_of_the_first_event_that_carried_the_click() {
+        let (store, queue) = (
+            MemoryStore::new(),
+            MemoryQueue::new(5, Duration::from_secs(30)),
+        );
+        let stage = |name: &str, at: &str| {
+            item(json!({"event_name": name, "occurred_at": at, "entity_type": "contact", "entity_id": "C-9",
+                "identity": {"email": "a@example.com", "fbclid": "IwAR-9"}, "consent": {"status": "granted"}}))
+        };
+        // The MQL's webhook arrives before the lead's.
+        let mql = run(vec![stage("mql", "2026-11-27T11:00:00Z")], "hubspot", &store, &queue).await;
+        let lead = run(vec![stage("lead", "2026-11-27T10:00:00Z")], "hubspot", &store, &queue).await;
+        let sql = run(vec![stage("sql", "2026-11-27T12:00:00Z")], "hubspot", &store, &queue).await;
+        let fbc = |r: &IngestReport| {
+            store
+                .get_sync(r.results[0].event_id.as_deref().unwrap())
+                .identity
+                .click
+                .fbc
+                .unwrap()
+        };
+        let first = Timestamp::parse_rfc3339("2026-11-27T10:00:00Z").unwrap().unix_ms();
+        assert_eq!(fbc(&lead), format!("fb.1.{first}.IwAR-9"));
+        assert_eq!(fbc(&sql), fbc(&lead), "later stages keep the first sighting");
+        assert!(fbc(&mql).starts_with("fb.1."), "the one that came first used its own time");
     }
 }

@@ -19,6 +19,8 @@ struct Tables {
     orders: HashMap<(String, Destination), String>,
     /// Caller-provided event_id -> the first source that used it.
     provided_ids: HashMap<String, String>,
+    /// (kind, value hash) -> earliest time seen.
+    seen: HashMap<(String, String), Timestamp>,
     /// Writes by kind, for cost tests.
     writes: HashMap<&'static str, usize>,
     /// Items larger than this (JSON bytes) are refused as too large (DynamoDB: 400 KB).
@@ -274,6 +276,25 @@ impl EventStore for MemoryStore {
         }
         t.orders.insert(slot, to.to_string());
         Ok(true)
+    }
+
+    async fn first_seen(
+        &self,
+        kind: &str,
+        value: &str,
+        at: Timestamp,
+    ) -> Result<Timestamp, StoreError> {
+        let mut t = self.lock();
+        let slot = t
+            .seen
+            .entry((kind.to_string(), value.to_string()))
+            .or_insert(at);
+        if at < *slot {
+            *slot = at;
+        }
+        let earliest = *slot;
+        count(&mut t, "seen");
+        Ok(earliest)
     }
 
     async fn events_between(
