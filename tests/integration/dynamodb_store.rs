@@ -610,8 +610,16 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
     let h = format!("hash-{}", now.unix_ms());
     let t1 = now.minus_secs(100);
     assert_eq!(store.first_seen("fbclid", &h, now).await.unwrap(), now);
-    assert_eq!(store.first_seen("fbclid", &h, t1).await.unwrap(), t1, "an earlier one wins");
-    assert_eq!(store.first_seen("fbclid", &h, now).await.unwrap(), t1, "a later one reads it");
+    assert_eq!(
+        store.first_seen("fbclid", &h, t1).await.unwrap(),
+        t1,
+        "an earlier one wins"
+    );
+    assert_eq!(
+        store.first_seen("fbclid", &h, now).await.unwrap(),
+        t1,
+        "a later one reads it"
+    );
 
     // Caller-provided ids are scoped by source; a collision is reported, not a duplicate.
     let mut a = sample_event("P-1", "lead", None, None, "2026-11-27T10:00:00Z");

@@ -79,6 +79,10 @@ async fn env(test: &str, hubspot: Option<&FakeHubSpot>) -> Env {
         hubspot: hubspot_api,
         max_body_bytes: 64 * 1024,
         public_base_url: Some("https://bridge.example.com".into()),
+        hubspot_options: bridge_core::webhook::hubspot::ResolveOptions {
+            portal_id: Some(62515),
+            ..Default::default()
+        },
         settings,
     };
     Env {
@@ -258,11 +262,9 @@ async fn signatures_wrong_stale_or_missing_are_refused_and_nothing_is_stored() {
         signed("generic", &body, "generic-secret", now - 301),
     )
     .await;
-    assert!(
-        resp["error"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("5 minutes")
+    assert_eq!(
+        resp["error"]["reason"], "not authenticated",
+        "the reason (stale) goes to the log, not to an unauthenticated caller"
     );
     let mut missing = signed("generic", &body, "generic-secret", now);
     missing.headers_mut().remove("x-bridge-signature");
@@ -284,14 +286,25 @@ async fn signatures_wrong_stale_or_missing_are_refused_and_nothing_is_stored() {
     let big = "x".repeat(70 * 1024);
     let (too_big, _) = call(&e.app, signed("generic", &big, "generic-secret", now)).await;
     assert_eq!(too_big, StatusCode::PAYLOAD_TOO_LARGE);
-    let (unknown, _) = call(&e.app, signed("pipedrive", &body, "generic-secret", now)).await;
+    let (unknown, resp) = call(&e.app, signed("pipedrive", &body, "generic-secret", now)).await;
     assert_eq!(unknown, StatusCode::NOT_FOUND);
+    assert!(
+        !resp.to_string().contains("pipedrive"),
+        "the path's source is not echoed: {resp}"
+    );
     let health = lambda_http::http::Request::builder()
         .method("GET")
         .uri("https://bridge.example.com/health")
         .body(Body::Empty)
         .unwrap();
-    assert_eq!(call(&e.app, health).await.0, StatusCode::OK);
+    let (status, health) = call(&e.app, health).await;
+    assert_eq!((status, health), (StatusCode::OK, json!({"status": "ok"})));
+    let get = lambda_http::http::Request::builder()
+        .method("GET")
+        .uri("https://bridge.example.com/webhooks/generic")
+        .body(Body::Empty)
+        .unwrap();
+    assert_eq!(call(&e.app, get).await.0, StatusCode::METHOD_NOT_ALLOWED);
 }
 
 #[tokio::test]
@@ -355,23 +368,9 @@ async fn salesforce_revenue_is_stored_but_never_sent_when_hubspot_is_the_system_
 #[tokio::test]
 async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
     let hs = FakeHubSpot::start("pat-test-token").await;
-    {
-        let mut d = hs.data.lock().unwrap();
-        d.contacts.insert(
-            "101".into(),
-            json!({"email": "Ada@Example.com", "firstname": "Ada", "lastname": "Lovelace", "phone": "+44 20 7946 0958",
-                   "hs_google_click_id": "Cj0KCQ-ada", "ads_consent_status": "granted", "hs_legal_basis": "Freely given consent"}),
-        );
-        d.deals.insert(
-            "9001".into(),
-            (
-                json!({"amount": "1200.50", "deal_currency_code": "GBP", "dealstage": "closedwon"}),
-                Some("101".into()),
-            ),
-        );
-    }
-    let e = env("hubspot_fetch", Some(&hs)).await;
     let occurred = Timestamp::now().minus_secs(120).unix_ms();
+    hs.seed_samples(occurred);
+    let e = env("hubspot_fetch", Some(&hs)).await;
     let body = json!([
         {"eventId": 1, "subscriptionId": 7, "portalId": 62515, "appId": 1, "occurredAt": occurred,
          "subscriptionType": "deal.propertyChange", "attemptNumber": 0, "objectId": 9001,
@@ -423,19 +422,66 @@ async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
         Some("Freely given consent")
     );
     let contact_request = format!(
-        "contact 101 properties={}",
+        "contact 101 properties={} history=lifecyclestage,hs_facebook_click_id",
         bridge_core::webhook::hubspot::CONTACT_PROPERTIES.join(",")
     );
     assert_eq!(
         hs.requests(),
         [
-            "deal 9001 associations=contacts".to_string(),
+            "deal 9001 associations=contacts history=dealstage".to_string(),
             contact_request
         ]
     );
     let meta = drain(&e.sqs, &e.stack.var("META_QUEUE_URL")).await;
     let google = drain(&e.sqs, &e.stack.var("GOOGLE_QUEUE_URL")).await;
     assert_eq!((meta.len(), google.len()), (1, 1));
+
+    // HubSpot redelivers it: answered as a duplicate without reading the CRM again.
+    let sign = |body: &str| {
+        let ts = Timestamp::now().unix_ms().to_string();
+        lambda_http::http::Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header(
+                "x-hubspot-signature-v3",
+                hubspot_sign(b"hs-app-secret", "POST", uri, body.as_bytes(), &ts),
+            )
+            .header("x-hubspot-request-timestamp", &ts)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let reads = hs.requests().len();
+    let (status, resp) = call(&e.app, sign(&body)).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["results"][0]["status"], "duplicate");
+    assert_eq!(hs.requests().len(), reads, "no fetch for a stored change");
+
+    // Another HubSpot account's change, and one the deal's history does not show: dropped.
+    let foreign = json!([{"eventId": 3, "portalId": 1, "occurredAt": occurred + 5,
+        "subscriptionType": "deal.propertyChange", "objectId": 9001,
+        "propertyName": "dealstage", "propertyValue": "closedwon"},
+        {"eventId": 4, "portalId": 62515, "occurredAt": occurred - 3_600_000,
+        "subscriptionType": "deal.propertyChange", "objectId": 9001,
+        "propertyName": "dealstage", "propertyValue": "closedwon"}])
+    .to_string();
+    let (status, resp) = call(&e.app, sign(&foreign)).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["results"][0]["status"], "ignored");
+    assert_eq!(resp["results"][0]["errors"][0]["field"], "portalId");
+    assert_eq!(resp["results"][1]["status"], "ignored");
+    assert_eq!(resp["results"][1]["errors"][0]["field"], "propertyValue");
+
+    // HubSpot throttles the reads: 429 with its Retry-After, so HubSpot retries later.
+    hs.change("deal", "9001", "dealstage", "closedwon", occurred + 60_000);
+    hs.throttle(1, Some(7));
+    let later = json!([{"eventId": 5, "portalId": 62515, "occurredAt": occurred + 60_000,
+        "subscriptionType": "deal.propertyChange", "objectId": 9001,
+        "propertyName": "dealstage", "propertyValue": "closedwon"}])
+    .to_string();
+    let req = sign(&later);
+    let resp = e.app.handle(req).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "7");
 
     // A tampered delivery is refused before anything is fetched.
     let before = hs.requests().len();

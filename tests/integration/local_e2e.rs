@@ -30,21 +30,8 @@ fn ids(resp: &Value) -> Vec<String> {
 #[tokio::test]
 async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     let b = LocalBridge::start("e2e", &[], 1).await;
-    {
-        let mut d = b.hubspot.data.lock().unwrap();
-        d.contacts.insert(
-            "101".into(),
-            json!({"email": "Ada@Example.com", "firstname": "Ada", "lastname": "Lovelace", "phone": "+44 20 7946 0958",
-                   "hs_google_click_id": "Cj0KCQ-ada", "ads_consent_status": "granted", "hs_legal_basis": "Freely given consent"}),
-        );
-        d.deals.insert(
-            "9001".into(),
-            (
-                json!({"amount": "1200.50", "deal_currency_code": "GBP", "dealstage": "closedwon"}),
-                Some("101".into()),
-            ),
-        );
-    }
+    let occurred = Timestamp::now().minus_secs(20 * 60).unix_ms();
+    b.hubspot.seed_samples(occurred);
     let mut accepted = Vec::new();
 
     // Generic: a lead (granted) and an MQL whose consent is denied.
@@ -78,7 +65,6 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     accepted.extend(sf_ids.clone());
 
     // HubSpot: the deal closes (fetched from the CRM API) and the contact becomes an MQL.
-    let occurred = Timestamp::now().minus_secs(20 * 60).unix_ms();
     let hs = json!([
         {"eventId": 1, "subscriptionId": 7, "portalId": 62515, "appId": 1, "occurredAt": occurred, "subscriptionType": "deal.propertyChange",
          "attemptNumber": 0, "objectId": 9001, "propertyName": "dealstage", "propertyValue": "closedwon", "changeSource": "CRM"},

@@ -49,6 +49,7 @@ fn main() {
         hubspot: None,
         max_body_bytes: 1 << 20,
         public_base_url: None,
+        hubspot_options: Default::default(),
     };
     let at = Timestamp::now().minus_secs(600).canonical();
     let batches = 60;

@@ -31,6 +31,8 @@ pub struct App {
     pub max_body_bytes: usize,
     /// The public base URL HubSpot calls (for its signature); else taken from the request.
     pub public_base_url: Option<String>,
+    /// How HubSpot deliveries are checked: the account (portal id) served, the history window.
+    pub hubspot_options: hubspot::ResolveOptions,
 }
 
 fn respond(status: StatusCode, body: Value) -> Response<Body> {
@@ -75,32 +77,27 @@ impl App {
             "" => req.uri().path().to_string(),
             p => p.to_string(),
         };
+        // Until the caller is authenticated, the endpoint answers only 401, 404, 405, 413 or
+        // 503, and says nothing about itself: no source echoed, no mapping version.
         if path.ends_with("/health") && req.method() == Method::GET {
-            return respond(
-                StatusCode::OK,
-                json!({"status": "ok", "mapping_version": self.settings.mapping.version}),
-            );
+            return respond(StatusCode::OK, json!({"status": "ok"}));
         }
         let Some(source) = webhook_source(&path).map(str::to_string) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "path",
-                "POST /webhooks/{source} or GET /health",
-            );
+            return error(StatusCode::NOT_FOUND, "path", "not found");
         };
         if req.method() != Method::POST {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method",
-                "webhooks take POST",
+                "method not allowed",
             );
         }
         if self.settings.mapping.source(&source).is_none() {
-            return error(
-                StatusCode::NOT_FOUND,
-                "source",
-                format!("`{source}` is not a source in the mapping contract"),
+            tracing::warn!(
+                result = "unknown_source",
+                "webhook for a source the mapping does not name"
             );
+            return error(StatusCode::NOT_FOUND, "path", "not found");
         }
         let body: &[u8] = req.body().as_ref();
         if body.len() > self.max_body_bytes {
@@ -145,13 +142,22 @@ impl App {
             }
         };
         if let Err(e) = auth {
+            // The reason goes to the log only; the caller learns just the class.
             tracing::warn!(source = %source, result = "unauthorized", reason = %e, "webhook rejected");
-            let status = if matches!(e, SignatureError::NoSecret(_)) {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::UNAUTHORIZED
+            bridge_core::metrics::emit(&bridge_core::metrics::emf_line(
+                now.unix_ms(),
+                &[("source", source.as_str())],
+                &[("unauthorized", 1.0)],
+            ));
+            return match e {
+                // A missing secret is our configuration: the caller should retry later.
+                SignatureError::NoSecret(_) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "$",
+                    "unavailable; retry later",
+                ),
+                _ => error(StatusCode::UNAUTHORIZED, "signature", "not authenticated"),
             };
-            return error(status, "signature", e.to_string());
         }
         let Ok(text) = std::str::from_utf8(body) else {
             return error(StatusCode::BAD_REQUEST, "$", "the body is not UTF-8");
@@ -166,7 +172,33 @@ impl App {
                 );
             };
             match hubspot::parse_delivery(text, MAX_ITEMS) {
-                Ok(events) => (hubspot::resolve(&events, api.as_ref(), mapping).await, true),
+                Ok(events) => {
+                    // Changes already stored are answered without reading the CRM.
+                    let keys: Vec<String> = events
+                        .iter()
+                        .filter_map(|e| hubspot::event_key(e, mapping))
+                        .collect();
+                    let stored: std::collections::HashSet<String> = match self
+                        .store
+                        .get_many(&keys)
+                        .await
+                    {
+                        Ok(found) => found.into_iter().map(|e| e.key).collect(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "store read failed; every change is read from the CRM");
+                            Default::default()
+                        }
+                    };
+                    let items = hubspot::resolve(
+                        &events,
+                        api.as_ref(),
+                        mapping,
+                        &self.hubspot_options,
+                        &stored,
+                    )
+                    .await;
+                    (items, true)
+                }
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e.field, e.reason),
             }
         } else {
@@ -241,6 +273,7 @@ fn ingest_metrics(report: &IngestReport, source: &str, timestamp_ms: i64) -> Str
             ("duplicate", count(ItemStatus::Duplicate)),
             ("invalid", count(ItemStatus::Invalid)),
             ("unmapped", count(ItemStatus::Unmapped)),
+            ("ignored", count(ItemStatus::Ignored)),
             ("unavailable", count(ItemStatus::Unavailable)),
             ("blocked_consent_meta", blocked(Destination::Meta)),
             ("blocked_consent_google", blocked(Destination::Google)),
@@ -253,7 +286,15 @@ fn ingest_metrics(report: &IngestReport, source: &str, timestamp_ms: i64) -> Str
 /// whenever an item could not be stored (the CRM retries; stored items then dedupe).
 fn shape(report: IngestReport, batch: bool) -> Response<Body> {
     let any = |s| report.any(s);
-    let status = if any(ItemStatus::Unavailable) {
+    let status = if let Some(secs) = report.retry_after_secs {
+        // HubSpot throttled our reads: the CRM's retry should come after its window.
+        let body = json!({"results": report.results});
+        let mut r = respond(StatusCode::TOO_MANY_REQUESTS, body);
+        if let Ok(v) = lambda_http::http::HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert("retry-after", v);
+        }
+        return r;
+    } else if any(ItemStatus::Unavailable) {
         StatusCode::SERVICE_UNAVAILABLE
     } else if report
         .results

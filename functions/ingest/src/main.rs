@@ -24,15 +24,26 @@ async fn main() -> Result<(), Error> {
         }
         Err(_) => Default::default(),
     };
+    let http = reqwest::Client::builder()
+        .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
+        .build()?;
     let hubspot: Option<Arc<dyn HubSpotRecords>> = secrets.get("hubspot-token").map(|token| {
         let base = std::env::var("HUBSPOT_API_BASE_URL")
             .unwrap_or_else(|_| "https://api.hubapi.com".into());
-        Arc::new(HubSpotClient::new(
-            reqwest::Client::new(),
-            base,
-            token.clone(),
-        )) as Arc<dyn HubSpotRecords>
+        Arc::new(HubSpotClient::new(http.clone(), base, token.clone())) as Arc<dyn HubSpotRecords>
     });
+    let portal_id = match std::env::var("HUBSPOT_PORTAL_ID") {
+        Ok(v) if !v.trim().is_empty() => Some(
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| "HUBSPOT_PORTAL_ID must be a HubSpot account id (digits)")?,
+        ),
+        _ => None,
+    };
+    if secrets.contains_key("hubspot-app-secret") && portal_id.is_none() {
+        // Without it, any HubSpot account's webhook signed by this app would be trusted.
+        return Err("HUBSPOT_PORTAL_ID is required when hubspot-app-secret is configured".into());
+    }
     let app = App {
         store: Arc::new(DynamoStore::new(
             bridge_aws::clients::dynamodb(&aws),
@@ -50,6 +61,10 @@ async fn main() -> Result<(), Error> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(1 << 20),
         public_base_url: std::env::var("PUBLIC_BASE_URL").ok(),
+        hubspot_options: bridge_core::webhook::hubspot::ResolveOptions {
+            portal_id,
+            ..Default::default()
+        },
         settings,
     };
     warm.await?;

@@ -570,7 +570,10 @@ fn normalize_clicks(
         let created_ms = match seen {
             Some(Ok(t)) => t.unix_ms(),
             Some(Err(_)) => {
-                warn("fbclid_at", "not an RFC 3339 date-time; the event's own time is used");
+                warn(
+                    "fbclid_at",
+                    "not an RFC 3339 date-time; the event's own time is used",
+                );
                 ctx.occurred_at_ms
             }
             None => ctx.occurred_at_ms,

@@ -34,6 +34,9 @@ pub enum ItemStatus {
     Invalid,
     /// A CRM stage the mapping does not map: recorded, nothing stored or sent.
     Unmapped,
+    /// Dropped on purpose (a foreign CRM account, a change the CRM's record does not show),
+    /// with the reason: nothing stored, no retry wanted.
+    Ignored,
     /// The store could not be written: the caller must retry.
     Unavailable,
 }
@@ -81,6 +84,9 @@ impl ItemResult {
 #[derive(Debug, Default)]
 pub struct IngestReport {
     pub results: Vec<ItemResult>,
+    /// Set when a CRM read was throttled: the caller should retry after this many seconds
+    /// (HTTP 429 with Retry-After).
+    pub retry_after_secs: Option<u64>,
     /// Delivery messages that could not be enqueued; their events stay `pending` and the
     /// reconciliation sweep re-enqueues them.
     pub enqueue_failures: usize,
@@ -136,7 +142,11 @@ async fn first_seen_click_ids(items: &mut [Incoming], store: &dyn EventStore) {
                 return None;
             };
             let id = &input.identity;
-            let fbclid = id.fbclid.as_deref().map(str::trim).filter(|v| !v.is_empty())?;
+            let fbclid = id
+                .fbclid
+                .as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())?;
             if id.fbc.is_some() || id.fbclid_at.is_some() {
                 return None;
             }
@@ -186,6 +196,7 @@ pub async fn ingest(
 
     // Validate everything first (CPU only), then write the valid events concurrently.
     let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
+    let mut throttled: Option<u64> = None;
     let mut to_store: Vec<(usize, CanonicalEvent)> = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
         match item {
@@ -198,6 +209,28 @@ pub async fn ingest(
                 tracing::info!(source, stage = %stage, result = "unmapped", "stage not in the mapping contract");
                 let mut r = ItemResult::new(index, ItemStatus::Unmapped);
                 r.stage = Some(stage);
+                results.push(r);
+            }
+            Incoming::Ignored(reason) => {
+                tracing::info!(source, result = "ignored", field = %reason.field, reason = %reason.reason, "item dropped");
+                let mut r = ItemResult::new(index, ItemStatus::Ignored);
+                r.errors = vec![reason];
+                results.push(r);
+            }
+            Incoming::Stored { event_id } => {
+                let mut r = ItemResult::new(index, ItemStatus::Duplicate);
+                r.duplicate = true;
+                r.event_id = Some(event_id);
+                results.push(r);
+            }
+            Incoming::Throttled { retry_after_secs } => {
+                tracing::warn!(source, result = "throttled", "CRM read throttled");
+                throttled = Some(throttled.unwrap_or(0).max(retry_after_secs.unwrap_or(1)));
+                let mut r = ItemResult::new(index, ItemStatus::Unavailable);
+                r.errors = vec![FieldError::new(
+                    "$",
+                    "the CRM's API throttled reading the record; retry later",
+                )];
                 results.push(r);
             }
             Incoming::Unavailable(reason) => {
@@ -306,6 +339,7 @@ pub async fn ingest(
     }
     IngestReport {
         results,
+        retry_after_secs: throttled,
         enqueue_failures: failed.len(),
     }
 }
@@ -669,13 +703,33 @@ mod tests {
             MemoryQueue::new(5, Duration::from_secs(30)),
         );
         let stage = |name: &str, at: &str| {
-            item(json!({"event_name": name, "occurred_at": at, "entity_type": "contact", "entity_id": "C-9",
-                "identity": {"email": "a@example.com", "fbclid": "IwAR-9"}, "consent": {"status": "granted"}}))
+            item(
+                json!({"event_name": name, "occurred_at": at, "entity_type": "contact", "entity_id": "C-9",
+                "identity": {"email": "a@example.com", "fbclid": "IwAR-9"}, "consent": {"status": "granted"}}),
+            )
         };
         // The MQL's webhook arrives before the lead's.
-        let mql = run(vec![stage("mql", "2026-11-27T11:00:00Z")], "hubspot", &store, &queue).await;
-        let lead = run(vec![stage("lead", "2026-11-27T10:00:00Z")], "hubspot", &store, &queue).await;
-        let sql = run(vec![stage("sql", "2026-11-27T12:00:00Z")], "hubspot", &store, &queue).await;
+        let mql = run(
+            vec![stage("mql", "2026-11-27T11:00:00Z")],
+            "hubspot",
+            &store,
+            &queue,
+        )
+        .await;
+        let lead = run(
+            vec![stage("lead", "2026-11-27T10:00:00Z")],
+            "hubspot",
+            &store,
+            &queue,
+        )
+        .await;
+        let sql = run(
+            vec![stage("sql", "2026-11-27T12:00:00Z")],
+            "hubspot",
+            &store,
+            &queue,
+        )
+        .await;
         let fbc = |r: &IngestReport| {
             store
                 .get_sync(r.results[0].event_id.as_deref().unwrap())
@@ -684,9 +738,18 @@ mod tests {
                 .fbc
                 .unwrap()
         };
-        let first = Timestamp::parse_rfc3339("2026-11-27T10:00:00Z").unwrap().unix_ms();
+        let first = Timestamp::parse_rfc3339("2026-11-27T10:00:00Z")
+            .unwrap()
+            .unix_ms();
         assert_eq!(fbc(&lead), format!("fb.1.{first}.IwAR-9"));
-        assert_eq!(fbc(&sql), fbc(&lead), "later stages keep the first sighting");
-        assert!(fbc(&mql).starts_with("fb.1."), "the one that came first used its own time");
+        assert_eq!(
+            fbc(&sql),
+            fbc(&lead),
+            "later stages keep the first sighting"
+        );
+        assert!(
+            fbc(&mql).starts_with("fb.1."),
+            "the one that came first used its own time"
+        );
     }
 }

@@ -149,8 +149,12 @@ pub trait EventStore: Send + Sync {
     /// The earliest time a value of this `kind` (a hash, never a raw value) was seen, recording
     /// `at` when it is earlier: an atomic minimum. Used for when a click id was first carried
     /// by an event, the creation time Meta wants in `fbc`.
-    async fn first_seen(&self, kind: &str, value: &str, at: Timestamp)
-    -> Result<Timestamp, StoreError>;
+    async fn first_seen(
+        &self,
+        kind: &str,
+        value: &str,
+        at: Timestamp,
+    ) -> Result<Timestamp, StoreError>;
 
     /// Open (pending, sending, retry) pairs for `destination` that the sweep should have seen
     /// progress on by `before`, oldest first.

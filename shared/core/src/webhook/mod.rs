@@ -19,6 +19,17 @@ pub enum Incoming {
     },
     /// A dependency needed to read the item (the CRM API) is down: the caller must retry.
     Unavailable(String),
+    /// The CRM API throttled the read: the caller must retry, after this long when known.
+    Throttled {
+        retry_after_secs: Option<u64>,
+    },
+    /// Dropped on purpose (a foreign account, a change the CRM's own record does not show),
+    /// with the reason; nothing stored, and no retry wanted.
+    Ignored(FieldError),
+    /// Already stored under this key: answered as a duplicate without completing it.
+    Stored {
+        event_id: String,
+    },
 }
 
 /// Splits a body that is one JSON object or an array of them into item texts, without

@@ -9,6 +9,10 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 /// How far a signature's timestamp may be from now: replayed or badly delayed requests fail.
 pub const MAX_SKEW_SECS: i64 = 300;
 
+/// Most `v1=` values one header may carry: enough to rotate a secret, too few to make an
+/// unauthenticated caller's header expensive to check.
+pub const MAX_SIGNATURES: usize = 4;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {
     #[error("missing {0} header")]
@@ -41,7 +45,22 @@ pub fn bridge_sign(secret: &[u8], t: i64, body: &[u8]) -> String {
     )
 }
 
-/// Verifies `X-Bridge-Signature` over the raw body, in constant time.
+/// Whether `t` is within [`MAX_SKEW_SECS`] of now, with no arithmetic a caller's value can
+/// overflow.
+fn fresh(now_secs: i64, t: i64) -> bool {
+    now_secs
+        .checked_sub(t)
+        .and_then(i64::checked_abs)
+        .is_some_and(|d| d <= MAX_SKEW_SECS)
+}
+
+/// Equality that takes the same time wherever the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Verifies `X-Bridge-Signature` over the raw body: the MAC is computed once, then compared
+/// in constant time with each of at most [`MAX_SIGNATURES`] `v1=` values.
 pub fn verify_bridge(
     secret: &[u8],
     header: Option<&str>,
@@ -56,6 +75,9 @@ pub fn verify_bridge(
         match part.trim().split_once('=') {
             Some(("t", v)) => t = v.parse::<i64>().ok(),
             Some(("v1", v)) => {
+                if sigs.len() == MAX_SIGNATURES {
+                    return Err(SignatureError::Malformed(H));
+                }
                 sigs.push(crate::hashing::unhex(v).ok_or(SignatureError::Malformed(H))?)
             }
             _ => {}
@@ -65,20 +87,58 @@ pub fn verify_bridge(
     if sigs.is_empty() {
         return Err(SignatureError::Malformed(H));
     }
-    if (now_secs - t).abs() > MAX_SKEW_SECS {
+    if !fresh(now_secs, t) {
         return Err(SignatureError::Stale);
     }
+    let mut m = mac(secret);
+    m.update(t.to_string().as_bytes());
+    m.update(b".");
+    m.update(body);
+    let tag = m.finalize().into_bytes();
     // Several v1 values are allowed so a secret can be rotated without downtime.
-    for sig in sigs {
-        let mut m = mac(secret);
-        m.update(t.to_string().as_bytes());
-        m.update(b".");
-        m.update(body);
-        if m.verify_slice(&sig).is_ok() {
-            return Ok(());
+    if sigs.iter().any(|sig| constant_time_eq(sig, &tag)) {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// HubSpot's v3 `requestUri`: the URL as called, with only these encodings decoded (and the
+/// `?` that opens the query left as it is); everything else (`%20`, `%26`, `%3D`...) stays
+/// encoded. source: HS-VAL (developers.hubspot.com/docs/api/webhooks/validating-requests)
+pub fn hubspot_uri(uri: &str) -> String {
+    const TABLE: [(&str, char); 12] = [
+        ("3A", ':'),
+        ("2F", '/'),
+        ("3F", '?'),
+        ("40", '@'),
+        ("21", '!'),
+        ("24", '$'),
+        ("27", '\''),
+        ("28", '('),
+        ("29", ')'),
+        ("2A", '*'),
+        ("2C", ','),
+        ("3B", ';'),
+    ];
+    let mut out = String::with_capacity(uri.len());
+    let mut rest = uri;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at + 1..at + 3).map(str::to_ascii_uppercase);
+        match code.and_then(|c| TABLE.iter().find(|(k, _)| *k == c)) {
+            Some((_, ch)) => {
+                out.push(*ch);
+                rest = &rest[at + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[at + 1..];
+            }
         }
     }
-    Err(SignatureError::Mismatch)
+    out.push_str(rest);
+    out
 }
 
 /// HubSpot's v3 signature: base64 HMAC-SHA256 of method + full URI + body + timestamp (ms).
@@ -113,12 +173,13 @@ pub fn verify_hubspot(
         .trim()
         .parse()
         .map_err(|_| SignatureError::Malformed("X-HubSpot-Request-Timestamp"))?;
-    if (now_secs - ms / 1000).abs() > MAX_SKEW_SECS {
+    if !fresh(now_secs, ms / 1000) {
         return Err(SignatureError::Stale);
     }
     let expected = base64::engine::general_purpose::STANDARD
         .decode(sig.trim())
         .map_err(|_| SignatureError::Malformed("X-HubSpot-Signature-v3"))?;
+    let uri = hubspot_uri(uri);
     let mut m = mac(secret);
     m.update(method.as_bytes());
     m.update(uri.as_bytes());
@@ -224,6 +285,63 @@ mod tests {
         assert_eq!(
             missing,
             Err(SignatureError::Missing("X-HubSpot-Signature-v3"))
+        );
+    }
+
+    #[test]
+    fn the_header_is_bounded_and_the_window_cannot_overflow() {
+        let body = b"{}";
+        let good = bridge_sign(b"k", NOW, body);
+        let v1 = good.split_once(",v1=").unwrap().1;
+        let many = format!("t={NOW},v1=00,v1=00,v1=00,v1=00,v1={v1}");
+        assert_eq!(
+            verify_bridge(b"k", Some(&many), body, NOW),
+            Err(SignatureError::Malformed("X-Bridge-Signature")),
+            "at most four values"
+        );
+        let rotated = format!("t={NOW},v1=00,v1={v1}");
+        assert_eq!(verify_bridge(b"k", Some(&rotated), body, NOW), Ok(()));
+        let ancient = format!("t={},v1={v1}", i64::MIN);
+        assert_eq!(
+            verify_bridge(b"k", Some(&ancient), body, NOW),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            verify_hubspot(
+                b"k",
+                "POST",
+                "https://x/",
+                body,
+                Some("AAAA"),
+                Some("-9223372036854775808"),
+                NOW
+            ),
+            Err(SignatureError::Stale)
+        );
+    }
+
+    #[test]
+    fn hubspot_decodes_only_its_table() {
+        assert_eq!(
+            hubspot_uri("https://bridge.example/webhooks/hubspot?a=b%3Ac%2Fd%20e%26f%3Dg%3f"),
+            "https://bridge.example/webhooks/hubspot?a=b:c/d%20e%26f%3Dg?"
+        );
+        // Signed over the decoded form, verified from the encoded one the server sees.
+        let uri_called = "https://bridge.example/webhooks/hubspot?portal=1%3A2&x=%40y";
+        let decoded = "https://bridge.example/webhooks/hubspot?portal=1:2&x=@y";
+        let ts = (NOW * 1000).to_string();
+        let sig = hubspot_sign(b"app", "POST", decoded, b"[]", &ts);
+        assert_eq!(
+            verify_hubspot(
+                b"app",
+                "POST",
+                uri_called,
+                b"[]",
+                Some(&sig),
+                Some(&ts),
+                NOW
+            ),
+            Ok(())
         );
     }
 }

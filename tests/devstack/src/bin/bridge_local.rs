@@ -89,23 +89,6 @@ fn deploy(stack: &str, params: &BTreeMap<String, String>, plan: &Path) -> Result
     Ok(())
 }
 
-/// Seeds the fake HubSpot with the records the sample HubSpot webhook refers to.
-fn seed_hubspot(hs: &FakeHubSpot) {
-    let mut d = hs.data.lock().unwrap_or_else(|p| p.into_inner());
-    d.contacts.insert(
-        "101".into(),
-        json!({"email": "Ada@Example.com", "firstname": "Ada", "lastname": "Lovelace", "phone": "+44 20 7946 0958",
-               "hs_google_click_id": "Cj0KCQ-ada", "ads_consent_status": "granted", "hs_legal_basis": "Freely given consent"}),
-    );
-    d.deals.insert(
-        "9001".into(),
-        (
-            json!({"amount": "1200.50", "deal_currency_code": "GBP", "dealstage": "closedwon"}),
-            Some("101".into()),
-        ),
-    );
-}
-
 async fn up(args: &[String]) -> Result<()> {
     let port: u16 = arg(args, "--port")
         .or_else(|| std::env::var("BRIDGE_PORT").ok())
@@ -145,7 +128,13 @@ async fn up(args: &[String]) -> Result<()> {
         let google = FakeGoogle::start_on(&format!("127.0.0.1:{}", port + 101)).await;
         let hubspot =
             FakeHubSpot::start_on(&format!("127.0.0.1:{}", port + 102), HUBSPOT_TOKEN).await;
-        seed_hubspot(&hubspot);
+        // The sample records; `post-samples` records their stage changes at its own times.
+        hubspot.seed_samples(
+            bridge_core::timestamp::Timestamp::now()
+                .minus_secs(7200)
+                .unix_ms(),
+        );
+        params.insert("HubSpotPortalId".into(), SAMPLE_PORTAL.into());
         params.insert("MetaGraphBaseUrl".into(), meta.base_url.clone());
         params.insert("MetaPixelId".into(), "1234567890".into());
         params.insert("GoogleAdsBaseUrl".into(), google.base_url.clone());
@@ -334,6 +323,42 @@ fn latest(v: &Value) -> i64 {
     }
 }
 
+/// The HubSpot account of the sample webhooks.
+const SAMPLE_PORTAL: &str = "62515";
+
+/// Before the sample HubSpot delivery is posted: records its changes in the fake HubSpot's
+/// property histories (at the freshened times), which the bridge checks every webhook
+/// against. The fake listens beside the bridge (port + 102); with real destinations there is
+/// no fake and nothing to record.
+async fn record_hubspot_changes(http: &reqwest::Client, base: &str, delivery: &Value) {
+    let port: u16 = base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(9000);
+    let changes: Vec<Value> = delivery
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let kind = if e["subscriptionType"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("deal"))
+            {
+                "deal"
+            } else {
+                "contact"
+            };
+            json!({"kind": kind, "id": e["objectId"].to_string(), "property": e["propertyName"],
+                   "value": e["propertyValue"], "at_ms": e["occurredAt"]})
+        })
+        .collect();
+    let url = format!("http://127.0.0.1:{}/_fake/changes", port + 102);
+    if let Err(e) = http.post(&url).json(&changes).send().await {
+        println!("(no fake HubSpot at {url}: {e}; the delivery is posted as it is)");
+    }
+}
+
 async fn post_samples(args: &[String]) -> Result<()> {
     let base = arg(args, "--url")
         .unwrap_or_else(|| format!("http://127.0.0.1:{}", env_or("BRIDGE_PORT", "9000")));
@@ -362,6 +387,9 @@ async fn post_samples(args: &[String]) -> Result<()> {
     let http = reqwest::Client::new();
     for (path, mut v) in samples {
         freshen(&mut v, shift);
+        if path.ends_with("hubspot-delivery.json") {
+            record_hubspot_changes(&http, &base, &v).await;
+        }
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

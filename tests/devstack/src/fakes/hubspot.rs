@@ -1,20 +1,35 @@
 //! A fake of the HubSpot CRM objects API: contacts and deals by id (deals with their
-//! associated contacts), a required private-app bearer token, and a log of requests.
+//! associated contact), each property's history (`propertiesWithHistory`), a required
+//! private-app bearer token, injected 429s, and a log of requests. Rules and shapes from
+//! crm-apis.md: HS-DEALS / HS-BASIC (GET by id, history entries `{value, timestamp (ISO),
+//! sourceType}`), HS-ERR (error body), HS-USAGE / HS-REC (429 `RATE_LIMIT` body).
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{Value, json};
+use bridge_core::timestamp::Timestamp;
+use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// The sample records behind `events/webhooks/hubspot-*.json`: contact 101 (Ada) and deal 9001
+/// won for 1,200.50 GBP, the one place the local stack and the tests seed them.
+pub const SAMPLE_CONTACT: &str = "101";
+pub const SAMPLE_DEAL: &str = "9001";
 
 #[derive(Default)]
 pub struct Data {
     pub contacts: HashMap<String, Value>,
     /// Deal properties and the associated contact id.
     pub deals: HashMap<String, (Value, Option<String>)>,
+    /// (object type, id, property) -> every value it had, with when (Unix ms).
+    pub history: HashMap<(String, String, String), Vec<(String, i64)>>,
     pub requests: Vec<String>,
+    /// The next this many reads answer 429, with this Retry-After (seconds) when set.
+    pub throttle: usize,
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -34,28 +49,99 @@ fn authorized(h: &HeaderMap, token: &str) -> bool {
     h.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {token}"))
 }
 
+fn error(status: StatusCode, category: &str, message: &str) -> Response {
+    // source: HS-ERR {status: "error", message, correlationId, category}
+    (
+        status,
+        Json(
+            json!({"status": "error", "message": message, "correlationId": "fake-correlation",
+                    "category": category}),
+        ),
+    )
+        .into_response()
+}
+
+/// The checks every read shares: the token, then an injected throttle.
+fn gate(d: &mut Data, h: &HeaderMap, token: &str) -> Option<Response> {
+    if !authorized(h, token) {
+        return Some(error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_AUTHENTICATION",
+            "Authentication credentials not found.",
+        ));
+    }
+    if d.throttle > 0 {
+        d.throttle -= 1;
+        // source: HS-USAGE / HS-REC (429 body; HubSpot's own 429s may omit Retry-After)
+        let mut r = (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(
+                json!({"status": "error", "message": "You have reached your secondly limit.",
+                        "errorType": "RATE_LIMIT", "correlationId": "fake-correlation",
+                        "policyName": "TEN_SECONDLY_ROLLING"}),
+            ),
+        )
+            .into_response();
+        if let Some(secs) = d.retry_after
+            && let Ok(v) = secs.to_string().parse()
+        {
+            r.headers_mut().insert("retry-after", v);
+        }
+        return Some(r);
+    }
+    None
+}
+
+/// `propertiesWithHistory` for the properties asked, newest first.
+fn histories(d: &Data, kind: &str, id: &str, wanted: Option<&String>) -> Value {
+    let mut out = Map::new();
+    for p in wanted.into_iter().flat_map(|w| w.split(',')) {
+        let mut h = d
+            .history
+            .get(&(kind.to_string(), id.to_string(), p.to_string()))
+            .cloned()
+            .unwrap_or_default();
+        h.sort_by(|a, b| b.1.cmp(&a.1));
+        let entries: Vec<Value> = h
+            .into_iter()
+            .map(|(value, at)| {
+                json!({"value": value, "timestamp": Timestamp::from_unix_ms(at).canonical(),
+                       "sourceType": "CRM_UI", "updatedByUserId": 1})
+            })
+            .collect();
+        out.insert(p.to_string(), Value::Array(entries));
+    }
+    Value::Object(out)
+}
+
 async fn contact(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
-) -> (StatusCode, Json<Value>) {
-    if !authorized(&h, &s.token) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"status": "error", "category": "INVALID_AUTHENTICATION"})),
-        );
-    }
+) -> Response {
     let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = gate(&mut d, &h, &s.token) {
+        return r;
+    }
     d.requests.push(format!(
-        "contact {id} properties={}",
-        q.get("properties").cloned().unwrap_or_default()
+        "contact {id} properties={} history={}",
+        q.get("properties").cloned().unwrap_or_default(),
+        q.get("propertiesWithHistory").cloned().unwrap_or_default()
     ));
     match d.contacts.get(&id) {
-        Some(props) => (StatusCode::OK, Json(json!({"id": id, "properties": props}))),
-        None => (
+        Some(props) => {
+            let mut body = json!({"id": id, "properties": props, "archived": false});
+            if q.contains_key("propertiesWithHistory") {
+                body["propertiesWithHistory"] =
+                    histories(&d, "contact", &id, q.get("propertiesWithHistory"));
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        None => error(
             StatusCode::NOT_FOUND,
-            Json(json!({"status": "error", "category": "OBJECT_NOT_FOUND"})),
+            "OBJECT_NOT_FOUND",
+            "resource not found",
         ),
     }
 }
@@ -65,17 +151,15 @@ async fn deal(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
-) -> (StatusCode, Json<Value>) {
-    if !authorized(&h, &s.token) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"status": "error", "category": "INVALID_AUTHENTICATION"})),
-        );
-    }
+) -> Response {
     let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = gate(&mut d, &h, &s.token) {
+        return r;
+    }
     d.requests.push(format!(
-        "deal {id} associations={}",
-        q.get("associations").cloned().unwrap_or_default()
+        "deal {id} associations={} history={}",
+        q.get("associations").cloned().unwrap_or_default(),
+        q.get("propertiesWithHistory").cloned().unwrap_or_default()
     ));
     match d.deals.get(&id) {
         Some((props, contact)) => {
@@ -83,18 +167,51 @@ async fn deal(
                 .iter()
                 .map(|c| json!({"id": c, "type": "deal_to_contact"}))
                 .collect::<Vec<_>>();
-            (
-                StatusCode::OK,
-                Json(
-                    json!({"id": id, "properties": props, "associations": {"contacts": {"results": assoc}}}),
-                ),
-            )
+            let mut body = json!({"id": id, "properties": props, "archived": false,
+                                  "associations": {"contacts": {"results": assoc}}});
+            if q.contains_key("propertiesWithHistory") {
+                body["propertiesWithHistory"] =
+                    histories(&d, "deal", &id, q.get("propertiesWithHistory"));
+            }
+            (StatusCode::OK, Json(body)).into_response()
         }
-        None => (
+        None => error(
             StatusCode::NOT_FOUND,
-            Json(json!({"status": "error", "category": "OBJECT_NOT_FOUND"})),
+            "OBJECT_NOT_FOUND",
+            "resource not found",
         ),
     }
+}
+
+/// Test control (not HubSpot's API): record property changes, as a person editing the CRM
+/// would, so the stack's own tools (`bridge-local post-samples`) can seed the fake.
+async fn changes(State(s): State<AppState>, Json(body): Json<Vec<Value>>) -> StatusCode {
+    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    for c in body {
+        let (Some(kind), Some(id), Some(prop), Some(value), Some(at)) = (
+            c["kind"].as_str(),
+            c["id"].as_str(),
+            c["property"].as_str(),
+            c["value"].as_str(),
+            c["at_ms"].as_i64(),
+        ) else {
+            return StatusCode::BAD_REQUEST;
+        };
+        record_change(&mut d, kind, id, prop, value, at);
+    }
+    StatusCode::NO_CONTENT
+}
+
+fn record_change(d: &mut Data, kind: &str, id: &str, prop: &str, value: &str, at_ms: i64) {
+    let props = match kind {
+        "deal" => &mut d.deals.entry(id.to_string()).or_insert((json!({}), None)).0,
+        _ => d.contacts.entry(id.to_string()).or_insert(json!({})),
+    };
+    props[prop] = json!(value);
+    d.history
+        .entry((kind.to_string(), id.to_string(), prop.to_string()))
+        .or_default()
+        .push((value.to_string(), at_ms));
 }
 
 impl FakeHubSpot {
@@ -113,6 +230,7 @@ impl FakeHubSpot {
         let app = Router::new()
             .route("/crm/v3/objects/contacts/{id}", get(contact))
             .route("/crm/v3/objects/deals/{id}", get(deal))
+            .route("/_fake/changes", post(changes))
             .with_state(state);
         let base_url = super::serve_on(addr, app).await;
         FakeHubSpot {
@@ -128,5 +246,54 @@ impl FakeHubSpot {
             .unwrap_or_else(|p| p.into_inner())
             .requests
             .clone()
+    }
+
+    /// A property change made in the CRM at `at_ms`: the record's value and its history.
+    pub fn change(&self, kind: &str, id: &str, prop: &str, value: &str, at_ms: i64) {
+        let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        record_change(&mut d, kind, id, prop, value, at_ms);
+    }
+
+    /// Seeds the sample records (contact 101, deal 9001 won at `at_ms`, its contact's MQL
+    /// stage at `at_ms`), as `events/webhooks/hubspot-delivery.json` expects them.
+    pub fn seed_samples(&self, at_ms: i64) {
+        {
+            let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+            d.contacts.insert(
+                SAMPLE_CONTACT.into(),
+                json!({"email": "Ada@Example.com", "firstname": "Ada", "lastname": "Lovelace",
+                       "phone": "+44 20 7946 0958", "hs_google_click_id": "Cj0KCQ-ada",
+                       "ads_consent_status": "granted", "hs_legal_basis": "Freely given consent"}),
+            );
+            d.deals.insert(
+                SAMPLE_DEAL.into(),
+                (
+                    json!({"amount": "1200.50", "deal_currency_code": "GBP"}),
+                    Some(SAMPLE_CONTACT.into()),
+                ),
+            );
+        }
+        self.change(
+            "deal",
+            SAMPLE_DEAL,
+            "dealstage",
+            "appointmentscheduled",
+            at_ms - 86_400_000,
+        );
+        self.change("deal", SAMPLE_DEAL, "dealstage", "closedwon", at_ms);
+        self.change(
+            "contact",
+            SAMPLE_CONTACT,
+            "lifecyclestage",
+            "marketingqualifiedlead",
+            at_ms,
+        );
+    }
+
+    /// The next `n` reads answer 429 (with `retry_after` seconds when given).
+    pub fn throttle(&self, n: usize, retry_after: Option<u64>) {
+        let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        d.throttle = n;
+        d.retry_after = retry_after;
     }
 }

@@ -61,6 +61,7 @@ impl LocalBridge {
             ("GoogleDataManagerBaseUrl".into(), google.base_url.clone()),
             ("GoogleOAuthTokenUrl".into(), google.token_url()),
             ("HubSpotApiBaseUrl".into(), hubspot.base_url.clone()),
+            ("HubSpotPortalId".into(), "62515".into()),
             ("WebhookSecretsParameterPath".into(), secrets_path.clone()),
             ("MetaAccessTokenParameter".into(), meta_param.clone()),
             ("GoogleCredentialsParameter".into(), google_param.clone()),
