@@ -113,9 +113,57 @@ def local_template(cfn):
     out = dict(cfn)
     out["Resources"] = resources
     out["Outputs"] = outputs
-    if not any("Condition" in r for r in resources.values()):
-        # The template's conditions only guard resources the emulator does not host.
-        out.pop("Conditions", None)
+    # The template's conditions read parameters only, so they are kept as they are (the table
+    # uses one for the legacy index).
+    return out
+
+
+def resolve_conditions(cfn, params):
+    """Replaces every Fn::If with its branch and drops AWS::NoValue, evaluating the template's
+    conditions (they read parameters only) against `params` and the defaults: moto's
+    CloudFormation leaves a None where a conditional list entry should vanish."""
+    values = {k: str(v.get("Default", "")) for k, v in cfn.get("Parameters", {}).items()}
+    values.update(params)
+    conds = cfn.get("Conditions", {})
+
+    def cond(node):
+        if isinstance(node, dict) and len(node) == 1:
+            (k, v), = node.items()
+            if k == "Condition":
+                return cond(conds[v])
+            if k == "Fn::Equals":
+                a, b = (values.get(x["Ref"], "") if isinstance(x, dict) and "Ref" in x else str(x) for x in v)
+                return a == b
+            if k == "Fn::Not":
+                return not cond(v[0])
+            if k == "Fn::And":
+                return all(cond(x) for x in v)
+            if k == "Fn::Or":
+                return any(cond(x) for x in v)
+        raise ValueError(f"unsupported condition {node}")
+
+    no_value = object()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if len(node) == 1 and "Fn::If" in node:
+                name, yes, no = node["Fn::If"]
+                return walk(yes if cond(conds[name]) else no)
+            if node == {"Ref": "AWS::NoValue"}:
+                return no_value
+            out = {}
+            for k, v in node.items():
+                w = walk(v)
+                if w is not no_value:
+                    out[k] = w
+            return out
+        if isinstance(node, list):
+            return [w for w in (walk(x) for x in node) if w is not no_value]
+        return node
+
+    out = dict(cfn)
+    out["Resources"] = walk(cfn["Resources"])
+    out["Outputs"] = walk(cfn.get("Outputs", {}))
     return out
 
 
@@ -132,7 +180,7 @@ def client(service):
 
 def deploy(stack, params):
     cfn = client("cloudformation")
-    body = json.dumps(local_template(expand()))
+    body = json.dumps(resolve_conditions(local_template(expand()), params))
     cfn.create_stack(
         StackName=stack,
         TemplateBody=body,
@@ -160,10 +208,10 @@ def deploy(stack, params):
 
 def apply_unsupported(cfn, stack):
     """Table settings moto's CloudFormation ignores, applied through the API from the template."""
-    template = local_template(expand())
+    template = resolve_conditions(local_template(expand()), {})
     ddb = client("dynamodb")
     for res in cfn.describe_stack_resources(StackName=stack)["StackResources"]:
-        if res["ResourceType"] != "AWS::DynamoDB::Table":
+        if res.get("ResourceType") != "AWS::DynamoDB::Table":
             continue
         props = template["Resources"][res["LogicalResourceId"]]["Properties"]
         table = res["PhysicalResourceId"]
@@ -186,9 +234,11 @@ class Resolver:
         self.params = {k: str(v.get("Default", "")) for k, v in cfn_template.get("Parameters", {}).items()}
         self.params.update(params)
         cfn = client("cloudformation")
+        # moto lists a bucket policy without its ids: only resources with both are kept.
         self.physical = {
             r["LogicalResourceId"]: r["PhysicalResourceId"]
             for r in cfn.describe_stack_resources(StackName=stack)["StackResources"]
+            if "LogicalResourceId" in r and "PhysicalResourceId" in r
         }
         self.sqs = client("sqs")
         self.ddb = client("dynamodb")
@@ -232,6 +282,9 @@ class Resolver:
             (k, v), = node.items()
             if k == "Ref":
                 return self.ref(v)
+            if k == "Fn::FindInMap":
+                name, top, second = (self.eval(x) for x in v)
+                return self.t["Mappings"][name][str(top)][second]
             if k == "Fn::GetAtt":
                 name, attr = v if isinstance(v, list) else v.split(".", 1)
                 return self.getatt(name, attr)

@@ -144,7 +144,7 @@ impl App {
         if let Err(e) = auth {
             // The reason goes to the log only; the caller learns just the class.
             tracing::warn!(source = %source, result = "unauthorized", reason = %e, "webhook rejected");
-            bridge_core::metrics::emit(&bridge_core::metrics::emf_line(
+            bridge_core::metrics::emit(&bridge_core::metrics::emf_line_with_total(
                 now.unix_ms(),
                 &[("source", source.as_str())],
                 &[("unauthorized", 1.0)],
@@ -265,10 +265,11 @@ fn ingest_metrics(report: &IngestReport, source: &str, timestamp_ms: i64) -> Str
             .filter(|r| r.destinations.get(&d) == Some(&DeliveryStatus::BlockedConsent))
             .count() as f64
     };
-    bridge_core::metrics::emf_line(
+    bridge_core::metrics::emf_line_with_total(
         timestamp_ms,
         &[("source", source)],
         &[
+            ("enqueue_failures", report.enqueue_failures as f64),
             ("accepted", count(ItemStatus::Accepted)),
             ("duplicate", count(ItemStatus::Duplicate)),
             ("invalid", count(ItemStatus::Invalid)),

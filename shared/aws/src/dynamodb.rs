@@ -7,7 +7,8 @@
 //!   binaries (half the size of hex: every KB is a write unit).
 //! - `d_<destination>`: that destination's delivery state and log, a map, so a claim or a
 //!   result is one conditional `UpdateItem` on a document path.
-//! - `ord`, `ord_sk`: set on revenue events only, keys of the sparse `by-order` index.
+//! - `ord`, `ord_sk`: set on revenue events only, keys of the sparse `by-order-keys` index,
+//!   which projects keys only: a state write changes no key, so it writes nothing there.
 //! - `<destination>_sw`, `<destination>_due`: set only while that destination is open, keys
 //!   of the sparse `sweep-<destination>` index, so the sweep reads stuck pairs and nothing else.
 //! - `ttl`: expiry in Unix seconds. Expired items may linger (DynamoDB deletes late), so reads
@@ -42,7 +43,8 @@ pub const SWEEP_SHARDS: u32 = 8;
 const EVENT_SK: &str = "EVENT";
 const ORDER_SK: &str = "ORDER";
 const EVENT_ID_SK: &str = "EVENT_ID";
-pub const ORDER_INDEX: &str = "by-order";
+/// Revenue events by order id, keys only (see `find_by_order`).
+pub const ORDER_INDEX: &str = "by-order-keys";
 
 pub fn sweep_index(d: Destination) -> String {
     format!("sweep-{d}")
@@ -430,9 +432,11 @@ impl EventStore for DynamoStore {
             .collect())
     }
 
+    /// The index gives the order's keys (eventually consistent, but an order's events were
+    /// written long before a refund of it is sent); the events themselves are then read
+    /// consistently from the table, in the index's order (business time).
     async fn find_by_order(&self, order_id: &str) -> Result<Vec<CanonicalEvent>, StoreError> {
-        let now = Timestamp::now();
-        let mut out = Vec::new();
+        let mut keys = Vec::new();
         let mut start: Option<Item> = None;
         loop {
             let page = self
@@ -447,15 +451,18 @@ impl EventStore for DynamoStore {
                 .await
                 .map_err(unavailable)?;
             for item in page.items() {
-                if let Some(e) = from_item(item, now)? {
-                    out.push(e);
+                if let Some(AttributeValue::S(p)) = item.get("pk")
+                    && let Some(k) = p.strip_prefix("EV#")
+                {
+                    keys.push(k.to_string());
                 }
             }
             start = page.last_evaluated_key().cloned();
             if start.is_none() {
-                return Ok(out);
+                break;
             }
         }
+        self.get_many(&keys).await
     }
 
     async fn claim(

@@ -7,15 +7,39 @@ pub const NAMESPACE: &str = "ConversionBridge";
 
 /// One EMF line with `metrics` (name, count) under the given dimensions.
 pub fn emf_line(timestamp_ms: i64, dimensions: &[(&str, &str)], metrics: &[(&str, f64)]) -> String {
+    line(timestamp_ms, dimensions, metrics, false)
+}
+
+/// Like [`emf_line`], and the same metrics also without any dimension: totals an alarm can
+/// watch when the dimension's values (sources) are not known to the template.
+pub fn emf_line_with_total(
+    timestamp_ms: i64,
+    dimensions: &[(&str, &str)],
+    metrics: &[(&str, f64)],
+) -> String {
+    line(timestamp_ms, dimensions, metrics, true)
+}
+
+fn line(
+    timestamp_ms: i64,
+    dimensions: &[(&str, &str)],
+    metrics: &[(&str, f64)],
+    total: bool,
+) -> String {
     let mut root = Map::new();
     let names: Vec<&str> = dimensions.iter().map(|(k, _)| *k).collect();
+    let sets = if total {
+        json!([names, []])
+    } else {
+        json!([names])
+    };
     root.insert(
         "_aws".into(),
         json!({
             "Timestamp": timestamp_ms,
             "CloudWatchMetrics": [{
                 "Namespace": NAMESPACE,
-                "Dimensions": [names],
+                "Dimensions": sets,
                 "Metrics": metrics.iter().map(|(n, _)| json!({"Name": n, "Unit": "Count"})).collect::<Vec<_>>(),
             }]
         }),

@@ -67,12 +67,9 @@ impl LocalBridge {
             ("GoogleCredentialsParameter".into(), google_param.clone()),
             ("MetaBatchingWindowSeconds".into(), "1".into()),
             ("GoogleBatchingWindowSeconds".into(), "1".into()),
-            // AWS's advice: visibility at least six times the function timeout, so a message
-            // is not redelivered while an invocation still works on it.
-            ("QueueVisibilityTimeoutSeconds".into(), "60".into()),
+            // The template's test value: queue visibility 60 s (six times it) and a 10 s lease
+            // follow from it.
             ("SenderTimeoutSeconds".into(), "10".into()),
-            // A lease at least as long as the function's timeout (the senders check it).
-            ("LeaseSeconds".into(), "10".into()),
             // Requests short enough to fit in that timeout with the senders' 5 s margin.
             ("MetaTimeoutSeconds".into(), "3".into()),
             ("GoogleTimeoutSeconds".into(), "3".into()),
