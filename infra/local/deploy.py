@@ -334,10 +334,13 @@ def plan(stack, params):
             })
         elif v["Type"] == "AWS::Events::Rule":
             for t in p.get("Targets", []):
-                out["schedules"].append({
+                sched = {
                     "function": t["Arn"]["Fn::GetAtt"][0],
                     "expression": r.eval(p["ScheduleExpression"]),
-                })
+                }
+                if "Input" in t:
+                    sched["input"] = json.loads(r.eval(t["Input"]))
+                out["schedules"].append(sched)
         elif v["Type"] == "AWS::Lambda::Url":
             out["urls"].append({"function": p["TargetFunctionArn"]["Ref"], "auth": p.get("AuthType")})
         elif v["Type"] == "AWS::SQS::Queue":

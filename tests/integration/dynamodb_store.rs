@@ -59,6 +59,7 @@ fn transition_after(
         log: l,
         release_attempt: false,
         waiting_since: None,
+        scrub_browser: false,
     }
 }
 
@@ -147,6 +148,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         log: vec![log(2, PairResult::Retry, later)],
         release_attempt: false,
         waiting_since: None,
+        scrub_browser: false,
     };
     assert!(
         store
@@ -541,6 +543,7 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
         log: vec![log(1, PairResult::Waiting, now)],
         release_attempt: true,
         waiting_since: Some(now),
+        scrub_browser: false,
     };
     assert!(
         store
@@ -604,6 +607,77 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
             .await
             .unwrap(),
         OrderHold::HeldBy("won-b".into())
+    );
+
+    // Retention and erasure: what the privacy rules remove, found by a scan.
+    let person = format!("priv-{}@example.com", now.unix_ms());
+    let mut p = sample_event("PRIV-1", "lead", None, None, "2026-01-01T10:00:00Z");
+    let ctx = bridge_core::identity::IdentityContext {
+        default_region: bridge_core::identity::parse_region("US").unwrap(),
+        occurred_at_ms: 0,
+    };
+    let (ident, _) = bridge_core::identity::normalize(
+        &bridge_core::identity::IdentityInput {
+            email: Some(person.clone()),
+            gclid: Some("G-old".into()),
+            client_ip_address: Some("203.0.113.7".into()),
+            client_user_agent: Some("UA".into()),
+            ..Default::default()
+        },
+        &ctx,
+    );
+    p.identity = ident;
+    store.put_new(&p).await.unwrap();
+    let candidates = store.retention_candidates(now, 10_000).await.unwrap();
+    assert!(candidates.iter().any(|e| e.key == p.key));
+    assert!(
+        store
+            .scrub(&p.key, bridge_core::store::Scrub::Browser, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .scrub(&p.key, bridge_core::store::Scrub::ClickIds, now)
+            .await
+            .unwrap()
+    );
+    let back = store.get(&p.key).await.unwrap().unwrap().identity;
+    assert_eq!(
+        (
+            back.click.client_ip_address,
+            back.click.gclid,
+            back.meta.em.is_some()
+        ),
+        (None, None, true)
+    );
+    let found = store
+        .find_for_erasure(None, &[bridge_core::hashing::sha256_hex(&person)])
+        .await
+        .unwrap();
+    assert_eq!(
+        found.iter().map(|e| e.key.clone()).collect::<Vec<_>>(),
+        [p.key.clone()]
+    );
+    let by_entity = store
+        .find_for_erasure(Some(("hubspot", "PRIV-1")), &[])
+        .await
+        .unwrap();
+    assert_eq!(by_entity.len(), 1);
+    assert!(
+        store
+            .scrub(&p.key, bridge_core::store::Scrub::All, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .get(&p.key)
+            .await
+            .unwrap()
+            .unwrap()
+            .identity
+            .is_empty()
     );
 
     // First sightings are an atomic minimum.

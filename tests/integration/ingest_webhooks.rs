@@ -471,6 +471,22 @@ async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
     assert_eq!(resp["results"][1]["status"], "ignored");
     assert_eq!(resp["results"][1]["errors"][0]["field"], "propertyValue");
 
+    // The contact asks HubSpot to delete its data: its deal's event loses every identifier.
+    let deletion = json!([{"eventId": 9, "portalId": 62515, "occurredAt": occurred + 10,
+        "subscriptionType": "contact.privacyDeletion", "objectId": 101}])
+    .to_string();
+    let (status, resp) = call(&e.app, sign(&deletion)).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["results"][0]["status"], "erased");
+    assert_eq!(resp["results"][0]["erased"], 1);
+    let erased = e
+        .store
+        .get(results[0]["event_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(erased.identity.is_empty(), "{:?}", erased.identity);
+
     // HubSpot throttles the reads: 429 with its Retry-After, so HubSpot retries later.
     hs.change("deal", "9001", "dealstage", "closedwon", occurred + 60_000);
     hs.throttle(1, Some(7));

@@ -97,11 +97,48 @@ async fn dry(source: &str, text: &str) -> Result<Value, String> {
     Ok(v)
 }
 
+/// `bridge-backfill erase --email E [--phone P] [--region US]`: erases every identifier of the
+/// stored events carrying that email or phone (both platforms' hashes), straight in the table
+/// (`TABLE_NAME`, AWS credentials from the environment), and prints what it removed.
+async fn erase(args: &[String]) -> Result<Value, String> {
+    let email = arg(args, "--email");
+    let phone = arg(args, "--phone");
+    if email.is_none() && phone.is_none() {
+        return Err("usage: bridge-backfill erase --email E [--phone P] [--region US]".into());
+    }
+    let region = arg(args, "--region").unwrap_or_else(|| "US".into());
+    let default_region = bridge_core::identity::parse_region(&region)
+        .ok_or_else(|| format!("--region {region}: not an ISO 3166-1 alpha-2 region"))?;
+    let settings = Settings::from_env().map_err(|e| e.to_string())?;
+    let aws = bridge_aws::clients::sdk_config().await;
+    let store = bridge_aws::dynamodb::DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        &settings.table_name,
+        settings.retention_days,
+    );
+    let req = bridge_core::privacy::ErasureRequest {
+        entity: None,
+        email,
+        phone,
+        default_region: Some(default_region),
+    };
+    let report = bridge_core::privacy::erase(&store, &req, Timestamp::now())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+    v["mode"] = json!("erase");
+    v["events_erased"] = json!(report.erased.len());
+    Ok(v)
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)";
+    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase --email E [--phone P] [--region US]";
     let run = async {
+        if args.get(1).map(String::as_str) == Some("erase") {
+            return erase(&args).await;
+        }
         let file = arg(&args, "--file").ok_or(usage)?;
         let source = arg(&args, "--source").unwrap_or_else(|| "generic".into());
         let text = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;

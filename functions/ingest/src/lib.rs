@@ -275,6 +275,7 @@ fn ingest_metrics(report: &IngestReport, source: &str, timestamp_ms: i64) -> Str
             ("invalid", count(ItemStatus::Invalid)),
             ("unmapped", count(ItemStatus::Unmapped)),
             ("ignored", count(ItemStatus::Ignored)),
+            ("erased", count(ItemStatus::Erased)),
             ("unavailable", count(ItemStatus::Unavailable)),
             ("blocked_consent_meta", blocked(Destination::Meta)),
             ("blocked_consent_google", blocked(Destination::Google)),

@@ -171,6 +171,16 @@ async fn main() -> Result<(), Error> {
     };
     let app = &app;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        if event.payload["task"] == "retention" {
+            let report =
+                bridge_core::privacy::apply_retention(&app.store, Timestamp::now()).await?;
+            tracing::info!(
+                browser_data_removed = report.browser_data_removed,
+                click_ids_removed = report.click_ids_removed,
+                "retention"
+            );
+            return Ok(serde_json::to_value(report)?);
+        }
         app.run(event_time(&event.payload)).await
     }))
     .await

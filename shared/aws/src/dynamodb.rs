@@ -29,7 +29,7 @@ use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState};
 use bridge_core::event::{CanonicalEvent, EventIdOrigin};
 use bridge_core::hashing::{hex, is_sha256_hex, unhex};
 use bridge_core::store::{
-    ClaimOutcome, EventStore, OrderHold, PutOutcome, StoreError, StuckRef, Transition,
+    ClaimOutcome, EventStore, OrderHold, PutOutcome, Scrub, StoreError, StuckRef, Transition,
 };
 use bridge_core::timestamp::Timestamp;
 use serde_json::{Map, Number, Value};
@@ -213,6 +213,42 @@ impl DynamoStore {
             AttributeValue::N((e.received_at.unix_secs() + self.retention_secs).to_string()),
         );
         Ok(item)
+    }
+}
+
+impl DynamoStore {
+    /// Every event item matching `filter` (with `:ev` bound to the event sort key), page by
+    /// page, until `limit` are found; `bind` adds the filter's names and values.
+    async fn scan_events(
+        &self,
+        filter: &str,
+        limit: usize,
+        bind: impl Fn(
+            aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
+        ) -> aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let q = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression(filter)
+                .expression_attribute_values(":ev", s(EVENT_SK))
+                .set_exclusive_start_key(start);
+            let page = bind(q).send().await.map_err(unavailable)?;
+            for item in page.items() {
+                if let Some(e) = from_item(item, now)? {
+                    out.push(e);
+                }
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() || out.len() >= limit {
+                return Ok(out);
+            }
+        }
     }
 }
 
@@ -570,6 +606,10 @@ impl EventStore for DynamoStore {
             .ok_or_else(|| corrupt("log does not serialize"))?;
         let mut set = vec!["#d.#st = :st", "#d.#upd = :now", "#d.#log = :log"];
         let mut remove = vec!["#d.#lease"];
+        if t.scrub_browser {
+            remove.push("#idn.#click.#ip");
+            remove.push("#idn.#click.#ua");
+        }
         let mut req = self
             .client
             .update_item()
@@ -625,6 +665,13 @@ impl EventStore for DynamoStore {
                 .expression_attribute_names("#ab", "attempts_base")
                 .expression_attribute_values(":zero", AttributeValue::N("0".into()))
                 .expression_attribute_values(":one", AttributeValue::N("1".into()));
+        }
+        if t.scrub_browser {
+            req = req
+                .expression_attribute_names("#idn", "identity")
+                .expression_attribute_names("#click", "click")
+                .expression_attribute_names("#ip", "client_ip_address")
+                .expression_attribute_names("#ua", "client_user_agent");
         }
         let probe = DestinationState {
             status: t.status,
@@ -726,6 +773,142 @@ impl EventStore for DynamoStore {
         }
     }
 
+    async fn scrub(
+        &self,
+        event_key: &str,
+        what: Scrub,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        const CLICKS: [&str; 6] = ["gclid", "gbraid", "wbraid", "fbc", "fbp", "lead_id"];
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(event_key)))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#idn", "identity");
+        let expr = match what {
+            Scrub::Browser => {
+                req = req
+                    .expression_attribute_names("#click", "click")
+                    .expression_attribute_names("#ip", "client_ip_address")
+                    .expression_attribute_names("#ua", "client_user_agent");
+                "REMOVE #idn.#click.#ip, #idn.#click.#ua".to_string()
+            }
+            Scrub::ClickIds => {
+                req = req.expression_attribute_names("#click", "click");
+                let mut paths = Vec::new();
+                for (i, f) in CLICKS.iter().enumerate() {
+                    req = req.expression_attribute_names(format!("#c{i}"), *f);
+                    paths.push(format!("#idn.#click.#c{i}"));
+                }
+                format!("REMOVE {}", paths.join(", "))
+            }
+            Scrub::All => {
+                req = req
+                    .expression_attribute_names("#erased", "erased_at")
+                    .expression_attribute_values(":empty", AttributeValue::M(HashMap::new()))
+                    .expression_attribute_values(":now", s(now.canonical()));
+                "SET #idn = :empty, #erased = :now".to_string()
+            }
+        };
+        match req.update_expression(expr).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if conditional_failed(&e) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn retention_candidates(
+        &self,
+        clicks_before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let filter = "sk = :ev AND (attribute_exists(#idn.#click.#ip) \
+             OR attribute_exists(#idn.#click.#ua) \
+             OR (occurred_at < :before AND (attribute_exists(#idn.#click.#c0) \
+                 OR attribute_exists(#idn.#click.#c1) OR attribute_exists(#idn.#click.#c2) \
+                 OR attribute_exists(#idn.#click.#c3) OR attribute_exists(#idn.#click.#c4) \
+                 OR attribute_exists(#idn.#click.#c5))))";
+        let mut out = self
+            .scan_events(filter, limit, |mut q| {
+                q = q
+                    .expression_attribute_names("#idn", "identity")
+                    .expression_attribute_names("#click", "click")
+                    .expression_attribute_names("#ip", "client_ip_address")
+                    .expression_attribute_names("#ua", "client_user_agent")
+                    .expression_attribute_values(":before", s(clicks_before.canonical()));
+                for (i, f) in ["gclid", "gbraid", "wbraid", "fbc", "fbp", "lead_id"]
+                    .iter()
+                    .enumerate()
+                {
+                    q = q.expression_attribute_names(format!("#c{i}"), *f);
+                }
+                q
+            })
+            .await?;
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn find_for_erasure(
+        &self,
+        entity: Option<(&str, &str)>,
+        hashes: &[String],
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let mut terms = Vec::new();
+        if entity.is_some() {
+            terms.push("(#src = :src AND (entity_id = :entity OR #idn.#cc = :entity))".to_string());
+        }
+        let mut values: Vec<(String, AttributeValue)> = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            let Some(bytes) = unhex(h) else { continue };
+            values.push((format!(":h{i}"), AttributeValue::B(Blob::new(bytes))));
+            for path in ["#idn.#m.#em", "#idn.#m.#ph", "#idn.#g.#gem", "#idn.#g.#gph"] {
+                terms.push(format!("{path} = :h{i}"));
+            }
+        }
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        // DynamoDB refuses redundant parentheses: one term stands as it is.
+        let filter = match terms.as_slice() {
+            [one] => format!("sk = :ev AND {one}"),
+            many => format!("sk = :ev AND ({})", many.join(" OR ")),
+        };
+        self.scan_events(&filter, usize::MAX, |mut q| {
+            if !values.is_empty() || entity.is_some() {
+                q = q.expression_attribute_names("#idn", "identity");
+            }
+            if entity.is_some() {
+                q = q.expression_attribute_names("#cc", "crm_contact_id");
+            }
+            if !values.is_empty() {
+                for (k, v) in [
+                    ("#m", "meta"),
+                    ("#em", "em"),
+                    ("#ph", "ph"),
+                    ("#g", "google"),
+                    ("#gem", "email"),
+                    ("#gph", "phone"),
+                ] {
+                    q = q.expression_attribute_names(k, v);
+                }
+            }
+            if let Some((src, id)) = entity {
+                q = q
+                    .expression_attribute_names("#src", "source")
+                    .expression_attribute_values(":src", s(src))
+                    .expression_attribute_values(":entity", s(id));
+            }
+            for (k, v) in &values {
+                q = q.expression_attribute_values(k.clone(), v.clone());
+            }
+            q
+        })
+        .await
+    }
+
     async fn first_seen(
         &self,
         kind: &str,
@@ -785,32 +968,16 @@ impl EventStore for DynamoStore {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<CanonicalEvent>, StoreError> {
-        let now = Timestamp::now();
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .filter_expression("sk = :ev AND occurred_at >= :from AND occurred_at < :to")
-                .expression_attribute_values(":ev", s("EVENT".to_string()))
-                .expression_attribute_values(":from", s(from.canonical()))
-                .expression_attribute_values(":to", s(to.canonical()))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(unavailable)?;
-            for item in page.items() {
-                if let Some(e) = from_item(item, now)? {
-                    out.push(e);
-                }
-            }
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() {
-                break;
-            }
-        }
+        let mut out = self
+            .scan_events(
+                "sk = :ev AND occurred_at >= :from AND occurred_at < :to",
+                usize::MAX,
+                |q| {
+                    q.expression_attribute_values(":from", s(from.canonical()))
+                        .expression_attribute_values(":to", s(to.canonical()))
+                },
+            )
+            .await?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }

@@ -36,6 +36,9 @@ crate::event::fields::string_fields! {
         // from the first event that carried the click id when the CRM does not say.
         fbclid_at,
         lead_id,
+        // The CRM's own id of the person (a HubSpot contact id): what a privacy deletion
+        // names. Kept with the identity, and erased with it.
+        crm_contact_id,
     }
 }
 
@@ -116,6 +119,9 @@ pub struct HashedIdentity {
     pub google: GoogleHashes,
     #[serde(default)]
     pub click: ClickIds,
+    /// The CRM's id of the person the event is about, for erasure requests that name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crm_contact_id: Option<String>,
 }
 
 impl HashedIdentity {
@@ -285,6 +291,16 @@ pub fn normalize(
     }
 
     normalize_clicks(input, ctx, &mut out.click, &mut warn);
+    if let Some(id) = present(&input.crm_contact_id) {
+        if id.len() <= 128 && !id.chars().any(char::is_control) {
+            out.crm_contact_id = Some(id.to_string());
+        } else {
+            warn(
+                "crm_contact_id",
+                "longer than 128 characters or with control characters",
+            );
+        }
+    }
     (out, warnings)
 }
 

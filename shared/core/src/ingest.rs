@@ -37,6 +37,8 @@ pub enum ItemStatus {
     /// Dropped on purpose (a foreign CRM account, a change the CRM's record does not show),
     /// with the reason: nothing stored, no retry wanted.
     Ignored,
+    /// A privacy deletion carried out: `erased` events lost every identifier.
+    Erased,
     /// The store could not be written: the caller must retry.
     Unavailable,
 }
@@ -63,6 +65,9 @@ pub struct ItemResult {
     /// deduplicates on it may count only one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conflict: Option<FieldError>,
+    /// For a privacy deletion: how many stored events were erased.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erased: Option<usize>,
 }
 
 impl ItemResult {
@@ -77,6 +82,7 @@ impl ItemResult {
             warnings: Vec::new(),
             stage: None,
             conflict: None,
+            erased: None,
         }
     }
 }
@@ -216,6 +222,31 @@ pub async fn ingest(
                 let mut r = ItemResult::new(index, ItemStatus::Ignored);
                 r.errors = vec![reason];
                 results.push(r);
+            }
+            Incoming::Erase {
+                source: src,
+                entity_id,
+            } => {
+                let req = crate::privacy::ErasureRequest {
+                    entity: Some((src, entity_id)),
+                    ..Default::default()
+                };
+                match crate::privacy::erase(store, &req, now).await {
+                    Ok(report) => {
+                        let mut r = ItemResult::new(index, ItemStatus::Erased);
+                        r.erased = Some(report.erased.len());
+                        results.push(r);
+                    }
+                    Err(e) => {
+                        tracing::error!(source, result = "unavailable", error = %e, "erasure failed");
+                        let mut r = ItemResult::new(index, ItemStatus::Unavailable);
+                        r.errors = vec![FieldError::new(
+                            "$",
+                            "the erasure could not be completed; retry the request",
+                        )];
+                        results.push(r);
+                    }
+                }
             }
             Incoming::Stored { event_id } => {
                 let mut r = ItemResult::new(index, ItemStatus::Duplicate);

@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod mapping;
 pub mod metrics;
 pub mod money;
+pub mod privacy;
 pub mod queue;
 pub mod reconcile;
 pub mod store;

@@ -181,8 +181,9 @@ struct Claimed<I> {
     record: Record,
     message: DeliveryMessage,
     event: CanonicalEvent,
-    /// The pair's state as claimed (log, wait start).
+    /// The pair's state as claimed (log, wait start), and its destination.
     state: DestinationState,
+    state_destination: Destination,
     attempt: u32,
     budget_used: u32,
     item: Option<(String, I)>,
@@ -284,6 +285,7 @@ pub async fn process_batch<P: Platform>(
                         attempt: state.attempts,
                         budget_used: state.attempts_in_budget(),
                         state,
+                        state_destination: dest,
                         event: *event,
                         item: None,
                         delivered_as: DeliveryStatus::Delivered,
@@ -927,6 +929,11 @@ fn decide<I>(
                 log: c.state.log_with(entry),
                 release_attempt: t.release,
                 waiting_since: t.waiting_since,
+                scrub_browser: crate::privacy::closes_last_pair(
+                    &c.event,
+                    c.state_destination,
+                    t.status,
+                ),
             },
             t.result,
         )
@@ -1794,5 +1801,43 @@ mod tests {
         assert_eq!(r.results["m0"], PairResult::Retry);
         let s = state(&store, &id);
         assert_eq!(s.next_attempt_at, Some(now().plus(MAX_VISIBILITY)));
+    }
+
+    #[tokio::test]
+    async fn the_write_that_closes_the_last_pair_removes_the_ip_address_and_user_agent() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let mut e = event(
+            json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:00:00Z",
+            "entity_type": "lead", "entity_id": "IP-1", "identity": {"email": "x@example.com",
+            "client_ip_address": "203.0.113.9", "client_user_agent": "Mozilla/5.0"}}),
+        );
+        e.destinations.insert(
+            Destination::Google,
+            DestinationState::new(DeliveryStatus::Pending, now()),
+        );
+        store.put_new(&e).await.unwrap();
+        let p = Scripted::new(vec![]);
+        process_batch(vec![record(0, &e.key)], &p, &store, &queue, &cfg(), now()).await;
+        let kept = store.get_sync(&e.key).identity.click;
+        assert!(
+            kept.client_ip_address.is_some(),
+            "Google is still owed a send: the IP stays"
+        );
+        // Google closes (here by hand); the next close is the last one.
+        let mut e2 = store.get_sync(&e.key);
+        e2.destinations
+            .get_mut(&Destination::Google)
+            .unwrap()
+            .status = DeliveryStatus::BlockedConsent;
+        let store2 = MemoryStore::new();
+        e2.destinations.get_mut(&Destination::Meta).unwrap().status = DeliveryStatus::Pending;
+        store2.put_new(&e2).await.unwrap();
+        process_batch(vec![record(1, &e2.key)], &p, &store2, &queue, &cfg(), now()).await;
+        let gone = store2.get_sync(&e2.key).identity.click;
+        assert_eq!(
+            (gone.client_ip_address, gone.client_user_agent),
+            (None, None)
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! In-memory event store for unit and property tests: the same contract as DynamoDB (keys,
 //! conditional claims, order holds, provided-id reservations), one mutex.
 
-use super::{ClaimOutcome, EventStore, OrderHold, PutOutcome, StoreError, StuckRef, Transition};
+use super::{
+    ClaimOutcome, EventStore, OrderHold, PutOutcome, Scrub, StoreError, StuckRef, Transition,
+};
 use crate::delivery::{Claimability, DeliveryStatus, Destination};
 use crate::event::{CanonicalEvent, EventIdOrigin};
 use crate::timestamp::Timestamp;
@@ -226,6 +228,10 @@ impl EventStore for MemoryStore {
             next.attempts_base = next.attempts;
         }
         next.log = tr.log.clone();
+        if tr.scrub_browser {
+            event.identity.click.client_ip_address = None;
+            event.identity.click.client_user_agent = None;
+        }
         let mut probe = event.clone();
         probe.destinations.insert(destination, next.clone());
         if let Some(max) = max {
@@ -276,6 +282,80 @@ impl EventStore for MemoryStore {
         }
         t.orders.insert(slot, to.to_string());
         Ok(true)
+    }
+
+    async fn scrub(&self, key: &str, what: Scrub, _now: Timestamp) -> Result<bool, StoreError> {
+        let mut t = self.lock();
+        let Some(e) = t.events.get_mut(key) else {
+            return Ok(false);
+        };
+        let c = &mut e.identity.click;
+        match what {
+            Scrub::Browser => {
+                c.client_ip_address = None;
+                c.client_user_agent = None;
+            }
+            Scrub::ClickIds => {
+                for v in [
+                    &mut c.gclid,
+                    &mut c.gbraid,
+                    &mut c.wbraid,
+                    &mut c.fbc,
+                    &mut c.fbp,
+                    &mut c.lead_id,
+                ] {
+                    *v = None;
+                }
+            }
+            Scrub::All => e.identity = Default::default(),
+        }
+        count(&mut t, "scrub");
+        Ok(true)
+    }
+
+    async fn retention_candidates(
+        &self,
+        clicks_before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let t = self.lock();
+        let mut v: Vec<CanonicalEvent> = t
+            .events
+            .values()
+            .filter(|e| {
+                let c = &e.identity.click;
+                let browser = c.client_ip_address.is_some() || c.client_user_agent.is_some();
+                let clicks = [&c.gclid, &c.gbraid, &c.wbraid, &c.fbc, &c.fbp, &c.lead_id]
+                    .iter()
+                    .any(|v| v.is_some());
+                browser || (clicks && e.occurred_at < clicks_before)
+            })
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v.truncate(limit);
+        Ok(v)
+    }
+
+    async fn find_for_erasure(
+        &self,
+        entity: Option<(&str, &str)>,
+        hashes: &[String],
+    ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let t = self.lock();
+        Ok(t.events
+            .values()
+            .filter(|e| {
+                let i = &e.identity;
+                entity.is_some_and(|(s, id)| {
+                    e.source == s && (e.entity_id == id || i.crm_contact_id.as_deref() == Some(id))
+                }) || [&i.meta.em, &i.meta.ph, &i.google.email, &i.google.phone]
+                    .into_iter()
+                    .flatten()
+                    .any(|h| hashes.contains(h))
+            })
+            .cloned()
+            .collect())
     }
 
     async fn first_seen(

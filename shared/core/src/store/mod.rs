@@ -56,6 +56,20 @@ pub struct Transition {
     pub release_attempt: bool,
     /// Since when the pair waits for something else; `None` ends a wait.
     pub waiting_since: Option<Timestamp>,
+    /// This closes the event's last open pair: its IP address and user agent are removed in
+    /// the same write (nothing will be sent again that needs them).
+    pub scrub_browser: bool,
+}
+
+/// What to remove from a stored event's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scrub {
+    /// The IP address and user agent.
+    Browser,
+    /// The click and browser ids (gclid, gbraid, wbraid, fbc, fbp, lead id).
+    ClickIds,
+    /// Every identifier, hashed or not (an erasure).
+    All,
 }
 
 impl Transition {
@@ -155,6 +169,27 @@ pub trait EventStore: Send + Sync {
         value: &str,
         at: Timestamp,
     ) -> Result<Timestamp, StoreError>;
+
+    /// Removes `what` from the event's identity; `Ok(false)` when there is no such event.
+    async fn scrub(&self, key: &str, what: Scrub, now: Timestamp) -> Result<bool, StoreError>;
+
+    /// Events still holding identifiers the retention rules may remove: an IP address or user
+    /// agent on any event, click ids on events whose business time is before `clicks_before`.
+    /// At most `limit` of them.
+    async fn retention_candidates(
+        &self,
+        clicks_before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<CanonicalEvent>, StoreError>;
+
+    /// Events an erasure request names: those of `entity` (source, entity id), and those
+    /// carrying any of `hashes` (a Meta or Google email or phone hash). A scan: an operator's
+    /// command, rare by nature.
+    async fn find_for_erasure(
+        &self,
+        entity: Option<(&str, &str)>,
+        hashes: &[String],
+    ) -> Result<Vec<CanonicalEvent>, StoreError>;
 
     /// Open (pending, sending, retry) pairs for `destination` that the sweep should have seen
     /// progress on by `before`, oldest first.

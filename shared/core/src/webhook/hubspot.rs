@@ -275,6 +275,14 @@ async fn resolve_one(
             "not the HubSpot account this bridge is configured for",
         );
     }
+    if e.subscription_type == "contact.privacyDeletion" {
+        // GDPR deletion in HubSpot: the payload names the contact only (no email); its events
+        // and every event sharing its email or phone are erased. source: HS-WH
+        return Incoming::Erase {
+            source: "hubspot".into(),
+            entity_id: e.object_id.to_string(),
+        };
+    }
     let (entity_type, event_name, stage) = match classify(e, mapping) {
         Ok(c) => c,
         Err(answer) => return answer,
@@ -328,6 +336,11 @@ async fn resolve_one(
             format!("the record's {history_of} history does not show this value at occurredAt"),
         );
     }
+    let contact_id = contact.as_ref().map(|_| {
+        deal.as_ref()
+            .and_then(|d| d.contact_id.clone())
+            .unwrap_or_else(|| id.clone())
+    });
     let c = contact.unwrap_or_default();
     let props = &c.properties;
     let revenue = event_name.is_revenue();
@@ -392,6 +405,7 @@ async fn resolve_one(
             fbclid_at,
             fbp: prop(props, "fbp"),
             fbc: prop(props, "fbc"),
+            crm_contact_id: contact_id,
             ..Default::default()
         },
         consent,
@@ -567,6 +581,17 @@ mod tests {
         assert!(matches!(&out[1], Incoming::Ignored(e) if e.field == "portalId"));
         assert!(matches!(&out[2], Incoming::Ignored(e) if e.field == "propertyValue"));
         assert_eq!(*f.calls.lock().unwrap(), 2, "foreign events fetch nothing");
+    }
+
+    #[tokio::test]
+    async fn a_privacy_deletion_asks_for_an_erasure_of_the_contact() {
+        let f = fake();
+        let mut e = event("contact.privacyDeletion", 101, "", "");
+        e.property_name = None;
+        e.property_value = None;
+        let out = run(&[e], &f).await;
+        assert!(matches!(&out[0], Incoming::Erase { entity_id, .. } if entity_id == "101"));
+        assert_eq!(*f.calls.lock().unwrap(), 0);
     }
 
     #[tokio::test]

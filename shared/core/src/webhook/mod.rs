@@ -30,6 +30,12 @@ pub enum Incoming {
     Stored {
         event_id: String,
     },
+    /// A privacy deletion: every identifier of this CRM record's events (and of events sharing
+    /// its email or phone) is to be erased.
+    Erase {
+        source: String,
+        entity_id: String,
+    },
 }
 
 /// Splits a body that is one JSON object or an array of them into item texts, without

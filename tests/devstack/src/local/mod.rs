@@ -39,6 +39,9 @@ pub struct PlanSqs {
 pub struct PlanSchedule {
     pub function: String,
     pub expression: String,
+    /// The target's fixed `Input`, sent instead of the scheduled event when set.
+    #[serde(default)]
+    pub input: Option<Value>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -330,12 +333,20 @@ pub fn scheduled_event(rule: &str) -> Value {
     })
 }
 
-/// Fires `f` every `period` (first after one period), as the template's schedule does.
-pub async fn run_schedule(f: Function, rule: String, period: Duration, stop: Arc<AtomicBool>) {
+/// Fires `f` every `period` (first after one period), as the template's schedule does, with
+/// the target's fixed input when it has one (EventBridge then sends it instead of the event).
+pub async fn run_schedule(
+    f: Function,
+    rule: String,
+    period: Duration,
+    input: Option<Value>,
+    stop: Arc<AtomicBool>,
+) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        let _ = f.invoke(scheduled_event(&rule)).await;
+        let payload = input.clone().unwrap_or_else(|| scheduled_event(&rule));
+        let _ = f.invoke(payload).await;
     }
 }
 
@@ -609,6 +620,7 @@ impl Running {
                     f,
                     format!("{}-schedule", s.function),
                     period,
+                    s.input.clone(),
                     stop.clone(),
                 ));
             }
