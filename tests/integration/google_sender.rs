@@ -15,7 +15,7 @@ use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use bridge_tests::fakes::google::{FakeGoogle, Fault};
+use bridge_tests::fakes::google::{DmKey, FakeGoogle, Fault};
 use bridge_tests::{Stack, sample_event, sdk_config};
 use serde_json::json;
 use std::time::Duration;
@@ -142,15 +142,17 @@ async fn two_thousand_rows_with_three_bad_ones_deliver_1997_in_one_request() {
         [2000],
         "one request of 2,000 rows"
     );
-    assert_eq!(fake.conversions().len(), 1997);
+    assert_eq!(fake.count(), 1997);
     let delivered = events
         .iter()
         .filter(|e| status(&store, e).0 == DeliveryStatus::Delivered)
         .count();
     assert_eq!(delivered, 1997);
+    // An unknown gclid is EVENT_NOT_FOUND ("could not be attributed to a click", G-ERR-UP #45);
+    // CLICK_NOT_FOUND is for email/phone that matched no click.
     assert_eq!(
         status(&store, &events[10]),
-        (DeliveryStatus::Rejected, "CLICK_NOT_FOUND".into()),
+        (DeliveryStatus::Rejected, "EVENT_NOT_FOUND".into()),
         "terminal, not dead-lettered"
     );
     assert_eq!(
@@ -222,7 +224,7 @@ async fn replay_after_accept_then_timeout_is_not_double_counted() {
         r.results.values().all(|v| v.as_str() == "delivered_replay"),
         "{r:?}"
     );
-    assert_eq!(fake.conversions().len(), 4, "four distinct order ids");
+    assert_eq!(fake.count(), 4, "four distinct order ids");
     assert_eq!(fake.revenue()["USD"], 100.0, "counted once each");
     assert_eq!(fake.requests("uploadClickConversions").len(), 2);
 }
@@ -265,7 +267,7 @@ async fn token_expiry_mid_run_refreshes_once_and_delivers() {
         (2, 1),
         "one 401, one refresh"
     );
-    assert_eq!(fake.conversions().len(), 6);
+    assert_eq!(fake.count(), 6);
 }
 
 #[tokio::test]
@@ -302,20 +304,31 @@ async fn quota_errors_honour_retry_delay_and_outages_retry() {
     )
     .await;
     assert!(r.failures.is_empty(), "{r:?}");
-    assert_eq!(fake.conversions().len(), 2);
+    assert_eq!(fake.count(), 2);
 }
 
 #[tokio::test]
-async fn terms_not_accepted_holds_events_with_user_data_and_alerts() {
+async fn terms_not_accepted_strips_user_data_from_click_rows_and_holds_the_rest() {
     let fake = FakeGoogle::start().await;
     fake.with(|d| d.terms.insert("1234567890".into(), false));
-    let with_data = won("U1", 5.0);
-    let mut click_only = won("U2", 5.0);
+    // A click id and user data: sent as a plain click conversion, without the user data.
+    let with_click = won("U1", 5.0);
+    // User data and no click id: nothing Google may receive, so it is held and alerted.
+    let mut data_only = won("U2", 5.0);
+    data_only.identity.click.gclid = None;
+    // A click id alone: nothing to strip.
+    let mut click_only = won("U3", 5.0);
     click_only.identity.google = Default::default();
-    let (store, queue) = memory(&[with_data.clone(), click_only.clone()]).await;
-    let p = platform(&fake, GoogleBackend::AdsApi);
+    let all = [with_click.clone(), data_only.clone(), click_only.clone()];
+    let (store, queue) = memory(&all).await;
+    // Enhanced conversions for leads: the action takes rows without a click id.
+    let mut m = mapping(GoogleBackend::AdsApi);
+    for c in m.google.as_mut().unwrap().conversions.values_mut() {
+        c.allow_without_click_id = true;
+    }
+    let p = platform_with(&fake, m, 10_000, false);
     let r = process_batch(
-        records(&[with_data.clone(), click_only.clone()], "m"),
+        records(&all, "m"),
         &p,
         &store,
         &queue,
@@ -324,29 +337,28 @@ async fn terms_not_accepted_holds_events_with_user_data_and_alerts() {
     )
     .await;
     assert_eq!(r.alerts, 1);
+    assert_eq!(status(&store, &with_click).0, DeliveryStatus::Delivered);
+    assert_eq!(status(&store, &click_only).0, DeliveryStatus::Delivered);
     assert_eq!(
-        status(&store, &with_data),
+        status(&store, &data_only),
         (
             DeliveryStatus::DeadLetter,
             "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS".into()
         )
     );
-    assert_eq!(
-        status(&store, &click_only).0,
-        DeliveryStatus::Delivered,
-        "no user data: nothing to hold"
-    );
-    let dlq = queue.dlq(Destination::Google);
-    assert_eq!(dlq.len(), 1);
-    assert_eq!(
-        fake.requests("uploadClickConversions")[0]["conversions"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(queue.dlq(Destination::Google).len(), 1);
+    let sent = fake.requests("uploadClickConversions");
+    let rows = sent[0]["conversions"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "the held row is not sent");
+    for row in rows {
+        assert!(row.get("gclid").is_some());
+        assert!(
+            row.get("userIdentifiers").is_none(),
+            "no user data may reach Google without the terms: {row}"
+        );
+    }
     // The answer is cached: a second batch does not ask again.
-    let more = won("U3", 5.0);
+    let more = won("U4", 5.0);
     store.put_new(&more).await.unwrap();
     process_batch(
         records(&[more], "n"),
@@ -466,6 +478,7 @@ async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emula
         125.0,
         "A retracted, B at 200 - 50 - 25"
     );
+    assert_eq!(fake.count(), 1, "a retracted conversion counts zero");
 }
 
 #[tokio::test]
@@ -547,7 +560,8 @@ async fn data_manager_delivers_isolates_bad_events_and_restates_refunds() {
     let (st, code) = status(&store, &wins[3]);
     assert_eq!(
         (st, code.as_str()),
-        (DeliveryStatus::DeadLetter, "INVALID_ARGUMENT")
+        (DeliveryStatus::DeadLetter, "INVALID_EVENT"),
+        "the violation's reason (DM-UE), not ErrorInfo's generic INVALID_ARGUMENT"
     );
     let bad = store.get_sync(&wins[3].event_id).destinations[&Destination::Google]
         .last_error
@@ -561,10 +575,14 @@ async fn data_manager_delivers_isolates_bad_events_and_restates_refunds() {
     let s = store.get_sync(&wins[0].event_id).destinations[&Destination::Google].clone();
     assert_eq!(s.status, DeliveryStatus::Delivered);
     assert_eq!(
-        s.log[0].platform_ref.as_deref(),
-        Some("requestId:fake-request-1"),
+        s.log[0].platform_ref,
+        Some(format!("requestId:{}", fake.dm_request_ids()[0])),
         "requestId kept for reconciliation"
     );
+    // Data Manager processes asynchronously: nothing counts until Google has processed it.
+    assert_eq!(fake.dm_count(), 0);
+    fake.dm_complete_all();
+    assert_eq!(fake.dm_count(), 5);
 
     let r = process_batch(
         records(&[full.clone(), partial.clone()], "f"),
@@ -582,19 +600,22 @@ async fn data_manager_delivers_isolates_bad_events_and_restates_refunds() {
         "restated to zero, recorded"
     );
     assert_eq!(status(&store, &partial).0, DeliveryStatus::Delivered);
-    let events = fake.with(|d| d.dm_events.clone());
-    let key = |o: &str| ("987654321".to_string(), o.to_string());
-    assert_eq!(events[&key("O-D0")]["conversionValue"], 0.0);
+    fake.dm_complete_all();
+    let conversions = fake.dm_conversions();
+    let key = |o: &str| DmKey::new("1234567890", "987654321", o);
+    assert_eq!(conversions[&key("O-D0")].value, Some(0.0));
     assert_eq!(
-        events[&key("O-D1")]["conversionValue"],
-        60.0,
+        conversions[&key("O-D1")].value,
+        Some(60.0),
         "the new total, not the refunded amount"
     );
     assert_eq!(
-        fake.with(|d| d.dm_sends[&key("O-D1")]),
+        conversions[&key("O-D1")].ingests,
         2,
         "same transactionId: a restatement"
     );
+    assert_eq!(fake.dm_count(), 5, "restatements add no conversion");
+    assert_eq!(fake.dm_revenue()["USD"], 360.0, "0 + 60 + 3 x 100");
     assert!(fake.with(|d| {
         d.requests
             .iter()
@@ -627,5 +648,10 @@ async fn validate_only_dry_run_imports_nothing() {
         assert_eq!(req[0]["validateOnly"], true);
     }
     assert!(fake.conversions().is_empty());
-    assert!(fake.with(|d| d.dm_events.is_empty()));
+    fake.dm_complete_all();
+    assert_eq!(fake.dm_count(), 0);
+    assert!(
+        fake.dm_request_ids().is_empty(),
+        "validateOnly requests have no status"
+    );
 }

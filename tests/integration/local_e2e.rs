@@ -34,9 +34,11 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     b.hubspot.seed_samples(occurred);
     let mut accepted = Vec::new();
 
-    // Generic: a lead (granted) and an MQL whose consent is denied.
+    // Generic: a lead from a Meta lead ad (granted, with Meta's lead id) and an MQL whose
+    // consent is denied.
     let lead = json!({"event_name": "lead", "occurred_at": ago(30), "entity_type": "lead", "entity_id": "L-1",
-        "identity": {"email": " Jane.Doe@Example.com ", "phone": "(650) 555-1234", "first_name": "Jane", "last_name": "Doe", "country": "US"},
+        "identity": {"email": " Jane.Doe@Example.com ", "phone": "(650) 555-1234", "first_name": "Jane", "last_name": "Doe", "country": "US",
+                     "lead_id": "1234567890123456"},
         "consent": {"status": "granted"}});
     let (status, r) = b.post("generic", &lead).await;
     assert_eq!(status, 202, "{r}");
@@ -112,7 +114,16 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     assert_eq!(l["user_data"]["ph"], json!([sha256_hex("16505551234")]));
     assert_eq!(l["user_data"]["fn"], json!([sha256_hex("jane")]));
     assert_eq!(l["action_source"], "system_generated");
+    // A Conversion Leads event: Meta's lead id as an integer, with the CRM named.
+    assert_eq!(l["user_data"]["lead_id"], json!(1234567890123456u64));
+    assert_eq!(l["custom_data"]["event_source"], "crm");
     assert_eq!(l["custom_data"]["lead_event_source"], "HubSpot");
+    // The HubSpot MQL carries no lead id: an ordinary CRM conversion, no Conversion Leads fields.
+    assert!(
+        by_id(&hs_ids[1])["custom_data"]
+            .get("lead_event_source")
+            .is_none()
+    );
     let p = by_id(&won_id);
     assert_eq!(p["custom_data"]["value"], 1200.5);
     assert_eq!(p["custom_data"]["currency"], "GBP");

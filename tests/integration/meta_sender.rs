@@ -21,6 +21,8 @@ use serde_json::json;
 use std::time::Duration;
 
 fn platform(fake: &FakeMeta, timeout_ms: u64) -> MetaPlatform {
+    // The fake verifies the appsecret_proof the sender computes with the same secret.
+    fake.set_app_secret(Some("app-secret"));
     let cfg = MetaConfig {
         base_url: fake.base_url.clone(),
         api_version: "v26.0".into(),
@@ -161,6 +163,8 @@ async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
         assert_eq!(s.log[1].platform_ref.as_deref(), Some("FakeTraceOk"));
     }
     assert_eq!(fake.distinct().len(), 3);
+    assert_eq!(fake.purchases_deduped().len(), 3);
+    assert_eq!(fake.revenue_deduped()["USD"], 300.0);
     let sent = fake.accepted();
     assert_eq!(sent[0]["event_name"], "Purchase");
     assert_eq!(sent[0]["custom_data"]["currency"], "USD");
@@ -256,6 +260,7 @@ async fn two_thousand_five_hundred_events_make_three_requests() {
     assert!(r.failures.is_empty());
     assert_eq!(fake.batch_sizes(), [1000, 1000, 500]);
     assert_eq!(fake.distinct().len(), 2500);
+    assert_eq!(fake.purchases_deduped().len(), 2500);
 }
 
 #[tokio::test]
@@ -275,6 +280,11 @@ async fn one_invalid_event_is_isolated_and_the_rest_are_delivered() {
     .await;
     assert!(r.failures.is_empty());
     assert_eq!(fake.distinct().len(), 9);
+    assert_eq!(
+        fake.purchases_raw().len(),
+        9,
+        "the whole-request rejection counted nothing"
+    );
     for (i, e) in events.iter().enumerate() {
         let s = store.get_sync(&e.event_id).destinations[&Destination::Meta].clone();
         let want = if i == 6 {
@@ -318,6 +328,12 @@ async fn accepted_then_timed_out_is_resent_with_the_same_ids_and_meta_counts_one
         counts.values().all(|&n| n == 2),
         "each sent twice with the same id: Meta deduplicates"
     );
+    // Raw, Meta received eight Purchases; deduplication by (pixel, name, id) within 48 h
+    // leaves four, and the revenue of four.
+    assert_eq!(fake.purchases_raw().len(), 8);
+    assert_eq!(fake.purchases_deduped().len(), 4);
+    assert_eq!(fake.revenue_raw()["USD"], 800.0);
+    assert_eq!(fake.revenue_deduped()["USD"], 400.0);
 }
 
 #[tokio::test]

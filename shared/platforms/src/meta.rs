@@ -151,8 +151,12 @@ pub fn build_event(
     if let Some(o) = &e.order_id {
         cd.insert("order_id".into(), json!(o));
     }
+    // Meta lists lead_id as required for Conversion Leads events; without one the event goes as
+    // an ordinary CRM conversion rather than a Conversion Leads event Meta would refuse.
+    // source: https://developers.facebook.com/docs/marketing-api/conversions-api/conversion-leads-integration/payload-specification
     if let Some(src) = &meta.lead_event_source
         && meta.conversion_leads_stages.contains(&e.event_name)
+        && ud.contains_key("lead_id")
     {
         cd.insert("event_source".into(), json!("crm"));
         cd.insert("lead_event_source".into(), json!(src));
@@ -481,6 +485,14 @@ mod tests {
             v["user_data"]["lead_id"].is_u64(),
             "an integer, not a string"
         );
+        // Without a lead id the lead is an ordinary CRM conversion: no Conversion Leads fields.
+        let plain = event(
+            json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-27T10:00:00Z",
+            "entity_type": "lead", "entity_id": "L-2", "identity": {"email": "a@example.com"}}),
+        );
+        let v = build_event(&plain, &m, now()).unwrap();
+        assert!(v["custom_data"].get("event_source").is_none());
+        assert!(v["custom_data"].get("lead_event_source").is_none());
     }
 
     #[test]

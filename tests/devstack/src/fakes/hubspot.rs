@@ -101,7 +101,7 @@ fn histories(d: &Data, kind: &str, id: &str, wanted: Option<&String>) -> Value {
             .get(&(kind.to_string(), id.to_string(), p.to_string()))
             .cloned()
             .unwrap_or_default();
-        h.sort_by(|a, b| b.1.cmp(&a.1));
+        h.sort_by_key(|b| std::cmp::Reverse(b.1));
         let entries: Vec<Value> = h
             .into_iter()
             .map(|(value, at)| {

@@ -1,41 +1,116 @@
-//! A strict fake of the Graph API's Conversions API endpoint, enforcing the rules of the
-//! reference (batch size, whole-request failure on any invalid event, the 7-day window,
-//! action_source values, website fields, 64-hex hashes, access token), answering in Meta's
-//! response and error shapes, recording what it accepts, and injecting faults on demand.
+//! A strict fake of the Graph API's Conversions API endpoint (`POST /{version}/{pixel}/events`):
+//! it takes its parameters from the query with a JSON body or from a form body, checks the
+//! token, appsecret_proof and dataset, refuses a whole request for one bad event (`rules`),
+//! records every event it receives raw, and offers what Meta's deduplication by
+//! (pixel, event_name, event_id) within 48 hours would leave.
 
+mod rules;
+#[cfg(test)]
+mod tests;
+
+use super::{Chaos, Clock, Reply};
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
+use bridge_core::timestamp::Timestamp;
+use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-#[derive(Clone)]
-pub enum Fault {
-    /// Answer with this status and body instead of processing.
-    Respond(u16, Value),
-    /// Process normally after a delay.
-    Slow(Duration),
-    /// Accept and record the events, then answer only after this delay (past the client's timeout).
-    AcceptThenTimeout(Duration),
-    /// Accept and record the events, then run the callback (which kills the sender) before answering.
-    AcceptThenCrash(std::sync::Arc<dyn Fn() + Send + Sync>),
+pub use super::Fault;
+
+/// The dataset (pixel) id the local stack and the tests configure; `start` knows it.
+pub const DEFAULT_PIXEL: &str = "1234567890";
+
+// source: M-DEDUP ("If we find a match between events sent within 48 hours of each other, we only
+// consider the first one")
+const DEDUP_WINDOW_MS: i64 = 48 * 3600 * 1000;
+
+/// What an access token can do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenState {
+    Valid,
+    /// 190 with subcode 463 (source: M-ERR, 190 "Access token has expired", subcodes 458-467).
+    Expired,
+    /// 102 without subcode (source: M-ERR, 102 "If no subcode is present, the login status or
+    /// access token has expired, been revoked, or is otherwise invalid").
+    Revoked,
+    /// 190 without subcode (source: M-ERR).
+    Invalid,
 }
 
-#[derive(Default)]
+/// How a request carried its parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// `access_token` (and `appsecret_proof`) in the URL query, `data` in a JSON body
+    /// (source: M-USE path `?access_token=`; the Node SDK src/api.js).
+    QueryJson,
+    /// `application/x-www-form-urlencoded` body (source: Ads Pixel Events reference
+    /// `data=%5B...`; the Python SDK facebook_business/api.py posts `data=params`).
+    Form,
+    /// `multipart/form-data` body (source: M-USE and M-SEC curl `-F`; the PHP SDK CurlAdapter).
+    Multipart,
+}
+
+/// One event as Meta received it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub pixel: String,
+    pub event: Value,
+    /// The fake's clock at receipt: the 48 h dedup window runs from here.
+    pub at: Timestamp,
+    pub test_event_code: Option<String>,
+}
+
 pub struct Data {
     pub faults: VecDeque<Fault>,
-    /// Every accepted event: (pixel, event).
-    pub accepted: Vec<(String, Value)>,
+    pub chaos: Option<Chaos>,
+    pub clock: Clock,
+    /// Also enforce the rules whose reaction Meta does not document (each labelled UNCONFIRMED
+    /// in `rules`). On by default.
+    pub strict: bool,
+    /// In strict mode, refuse Conversion Leads events (custom_data.event_source "crm") without
+    /// user_data.lead_id (M-LEADS: "Required"; the refusal is UNCONFIRMED). On by default.
+    pub require_lead_id: bool,
+    /// Datasets that exist and the tokens can reach; any other id gets 100/33.
+    pub pixels: HashSet<String>,
+    /// Known access tokens; any other token is invalid (190).
+    pub tokens: HashMap<String, TokenState>,
+    /// When set, every request must carry `appsecret_proof` = hex(HMAC-SHA256(app_secret, token)).
+    pub app_secret: Option<String>,
+    /// Every event of every accepted request, in order of receipt.
+    pub received: Vec<Received>,
+    /// Every request, faulted or refused ones included.
     pub requests: usize,
     pub batch_sizes: Vec<usize>,
+    pub transports: Vec<Transport>,
     /// Event ids the fake treats as invalid (a whole-request 400, as Meta does).
     pub poison: HashSet<String>,
     pub test_event_codes: Vec<String>,
-    pub chaos: Option<super::Chaos>,
+}
+
+impl Default for Data {
+    fn default() -> Self {
+        Data {
+            faults: VecDeque::new(),
+            chaos: None,
+            clock: Clock::System,
+            strict: true,
+            require_lead_id: true,
+            pixels: HashSet::from([DEFAULT_PIXEL.to_string()]),
+            tokens: HashMap::new(),
+            app_secret: None,
+            received: Vec::new(),
+            requests: 0,
+            batch_sizes: Vec::new(),
+            transports: Vec::new(),
+            poison: HashSet::new(),
+            test_event_codes: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -45,197 +120,394 @@ pub struct FakeMeta {
     pub data: Arc<Mutex<Data>>,
 }
 
-const ACTION_SOURCES: &[&str] = &[
-    "email",
-    "website",
-    "app",
-    "phone_call",
-    "chat",
-    "physical_store",
-    "system_generated",
-    "business_messaging",
-    "other",
-];
-const HASHED: &[&str] = &[
-    "em",
-    "ph",
-    "fn",
-    "ln",
-    "ge",
-    "db",
-    "ct",
-    "st",
-    "zp",
-    "country",
-    "external_id",
-];
+fn lock(d: &Arc<Mutex<Data>>) -> MutexGuard<'_, Data> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-fn meta_error(code: i64, subcode: Option<i64>, message: &str) -> (StatusCode, Json<Value>) {
-    let mut e = json!({"message": message, "type": "OAuthException", "code": code, "fbtrace_id": "FakeTrace", "is_transient": false});
+/// A Graph API error (source: M-ERR shape `{"error": {message, type, code, error_subcode, fbtrace_id}}`;
+/// M-SDK-EXC reads `is_transient`).
+fn meta_error(code: i64, subcode: Option<i64>, kind: &str, message: &str) -> Reply {
+    let mut e = json!({"message": message, "type": kind, "code": code, "fbtrace_id": "FakeTrace", "is_transient": false});
     if let Some(s) = subcode {
         e["error_subcode"] = json!(s);
     }
     (StatusCode::BAD_REQUEST, Json(json!({"error": e})))
 }
 
-fn is_hash(v: &Value) -> bool {
-    let one = |s: &Value| {
-        s.as_str().is_some_and(|s| {
-            s.len() == 64
-                && s.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
+fn invalid_parameter(subcode: Option<i64>, message: &str) -> Reply {
+    meta_error(100, subcode, "OAuthException", message)
+}
+
+/// The request's parameters, wherever they came from.
+#[derive(Default)]
+struct Params {
+    access_token: Option<String>,
+    appsecret_proof: Option<String>,
+    test_event_code: Option<String>,
+    data: Option<Value>,
+}
+
+/// Reads the parameters from the query and the body, by the body's Content-Type.
+fn params(
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
+    strict: bool,
+) -> Result<(Params, Transport), Reply> {
+    // The media type is case-insensitive; the multipart boundary is not.
+    let header = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let content_type = header.to_ascii_lowercase();
+    // Graph takes parameters from the query string too (source: M-USE `?access_token=`).
+    let mut p = Params {
+        access_token: query.get("access_token").cloned(),
+        appsecret_proof: query.get("appsecret_proof").cloned(),
+        test_event_code: query.get("test_event_code").cloned(),
+        data: query.get("data").map(|d| Value::String(d.clone())),
     };
-    match v {
-        Value::Array(a) => !a.is_empty() && a.iter().all(one),
-        other => one(other),
+    let fields: Vec<(String, String)>;
+    let transport = if content_type.starts_with("application/x-www-form-urlencoded") {
+        // source: Ads Pixel Events reference (form body `data=%5B...`); Python SDK api.py
+        fields = serde_urlencoded::from_bytes(body)
+            .map_err(|_| invalid_parameter(None, "the form body cannot be parsed"))?;
+        Transport::Form
+    } else if content_type.starts_with("multipart/form-data") {
+        // source: M-USE and M-SEC curl examples (`-F access_token=... -F data=[...]`); PHP SDK
+        fields = multipart_fields(header, body)
+            .ok_or_else(|| invalid_parameter(None, "the multipart body cannot be parsed"))?;
+        Transport::Multipart
+    } else {
+        fields = Vec::new();
+        if !body.is_empty() {
+            let Ok(Value::Object(v)) = serde_json::from_slice::<Value>(body) else {
+                return Err(invalid_parameter(None, "the body is not a JSON object"));
+            };
+            if let Some(d) = v.get("data") {
+                p.data = Some(d.clone());
+            }
+            if let Some(c) = v.get("test_event_code").and_then(Value::as_str) {
+                p.test_event_code = Some(c.to_string());
+            }
+            // the fake's own rule (UNCONFIRMED: no Meta doc or SDK puts the token in a JSON
+            // body, research meta.md Q1): only outside strict mode.
+            if !strict {
+                for (k, slot) in [
+                    ("access_token", &mut p.access_token),
+                    ("appsecret_proof", &mut p.appsecret_proof),
+                ] {
+                    if let Some(s) = v.get(k).and_then(Value::as_str) {
+                        *slot = Some(s.to_string());
+                    }
+                }
+            }
+        }
+        Transport::QueryJson
+    };
+    for (k, v) in fields {
+        match k.as_str() {
+            "access_token" => p.access_token = Some(v),
+            "appsecret_proof" => p.appsecret_proof = Some(v),
+            "test_event_code" => p.test_event_code = Some(v),
+            // source: Ads Pixel Events reference (`data`: list<JSON-encoded string>)
+            "data" => p.data = Some(Value::String(v)),
+            _ => {}
+        }
+    }
+    Ok((p, transport))
+}
+
+/// The text fields of a `multipart/form-data` body (files are not expected here).
+fn multipart_fields(content_type: &str, body: &[u8]) -> Option<Vec<(String, String)>> {
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))?
+        .trim_matches('"');
+    let text = std::str::from_utf8(body).ok()?;
+    let delimiter = format!("--{boundary}");
+    let mut out = Vec::new();
+    for part in text.split(delimiter.as_str()).skip(1) {
+        if part.starts_with("--") {
+            break;
+        }
+        let part = part.strip_prefix("\r\n").unwrap_or(part);
+        let (head, value) = part.split_once("\r\n\r\n")?;
+        let name = head
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("name="))?
+            .split("\r\n")
+            .next()?
+            .trim_matches('"');
+        let value = value.strip_suffix("\r\n").unwrap_or(value);
+        out.push((name.to_string(), value.to_string()));
+    }
+    Some(out)
+}
+
+/// hex(HMAC-SHA256(key = app secret, message = access token)) (source: M-SEC; SDK session.py).
+pub fn appsecret_proof(app_secret: &str, token: &str) -> String {
+    match <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(app_secret.as_bytes()) {
+        Ok(mut m) => {
+            m.update(token.as_bytes());
+            bridge_core::hashing::hex(&m.finalize().into_bytes())
+        }
+        Err(_) => String::new(),
     }
 }
 
-fn check_event(
-    e: &Value,
-    now: i64,
-    poison: &HashSet<String>,
-) -> Result<(), (i64, Option<i64>, String)> {
-    let invalid = |m: &str| Err((100, None, m.to_string()));
-    let Some(name) = e["event_name"].as_str().filter(|s| !s.is_empty()) else {
-        return invalid("event_name is required");
-    };
-    let Some(t) = e["event_time"].as_i64() else {
-        return invalid("event_time must be an integer");
-    };
-    let Some(source) = e["action_source"].as_str() else {
-        return invalid("action_source is required");
-    };
-    if !ACTION_SOURCES.contains(&source) {
-        return invalid("invalid action_source");
-    }
-    let window = if source == "physical_store" { 62 } else { 7 } * 86_400;
-    if now - t > window {
-        return Err((
-            100,
-            Some(2804003),
-            "event_time is too far in the past".into(),
+/// Token, proof and dataset, in the order Graph checks them.
+fn check_access(d: &Data, p: &Params, pixel: &str) -> Result<(), Reply> {
+    // the fake's own rule (UNCONFIRMED: a missing token gets Graph's own code; 190 is the
+    // nearest documented one, M-ERR)
+    let Some(token) = p.access_token.as_deref() else {
+        return Err(meta_error(
+            190,
+            None,
+            "OAuthException",
+            "An access token is required to request this resource.",
         ));
-    }
-    if t > now + 60 {
-        return Err((100, Some(2804004), "event_time is in the future".into()));
-    }
-    let Some(ud) = e["user_data"].as_object().filter(|u| !u.is_empty()) else {
-        return invalid("user_data is required");
     };
-    for (k, v) in ud {
-        if HASHED.contains(&k.as_str()) && !is_hash(v) {
-            return invalid(&format!("user_data.{k} must be SHA-256 hashed"));
+    match d.tokens.get(token) {
+        Some(TokenState::Valid) => {}
+        // source: M-ERR (190, subcode 463: expired)
+        Some(TokenState::Expired) => {
+            return Err(meta_error(
+                190,
+                Some(463),
+                "OAuthException",
+                "Error validating access token: Session has expired.",
+            ));
+        }
+        // source: M-ERR (102: "access token has expired, been revoked, or is otherwise invalid")
+        Some(TokenState::Revoked) => {
+            return Err(meta_error(
+                102,
+                None,
+                "OAuthException",
+                "Error validating access token: The session has been invalidated.",
+            ));
+        }
+        // source: M-ERR (190: invalid OAuth 2.0 access token)
+        Some(TokenState::Invalid) | None => {
+            return Err(meta_error(
+                190,
+                None,
+                "OAuthException",
+                "Invalid OAuth access token - Cannot parse access token",
+            ));
         }
     }
-    if source == "website"
-        && (ud.get("client_user_agent").is_none() || e.get("event_source_url").is_none())
-    {
-        return invalid("website events need client_user_agent and event_source_url");
+    // source: M-SEC ("You add the result as an appsecret_proof parameter to each call"); the code
+    // and message for a missing or wrong proof are UNCONFIRMED (100 is the likely one).
+    if let Some(secret) = &d.app_secret {
+        match p.appsecret_proof.as_deref() {
+            None => {
+                return Err(invalid_parameter(
+                    None,
+                    "API calls from the server require an appsecret_proof argument",
+                ));
+            }
+            Some(proof) if proof != appsecret_proof(secret, token) => {
+                return Err(invalid_parameter(
+                    None,
+                    "Invalid appsecret_proof provided in the API argument",
+                ));
+            }
+            Some(_) => {}
+        }
     }
-    if name == "Purchase"
-        && (e["custom_data"]["value"].as_f64().is_none()
-            || e["custom_data"]["currency"].as_str().is_none())
-    {
-        return invalid("Purchase needs value and currency");
-    }
-    if e["event_id"].as_str().is_some_and(|id| poison.contains(id)) {
-        return invalid("invalid parameter");
+    // observed, not documented (research meta.md Q2; RS-FB fixture): an unknown dataset, or one
+    // the token cannot reach.
+    if !d.pixels.contains(pixel) {
+        return Err(meta_error(
+            100,
+            Some(33),
+            "GraphMethodException",
+            &format!(
+                "Unsupported post request. Object with ID '{pixel}' does not exist, cannot be loaded due to missing permissions, or does not support this operation. Please read the Graph API documentation at https://developers.facebook.com/docs/graph-api"
+            ),
+        ));
     }
     Ok(())
+}
+
+/// The events of `data`: a JSON array, or a JSON-encoded string of one (form bodies).
+fn events_of(data: Option<Value>) -> Result<Vec<Value>, Reply> {
+    let data = match data {
+        Some(Value::String(s)) => serde_json::from_str::<Value>(&s)
+            .map_err(|_| invalid_parameter(None, "data must be a JSON-encoded array"))?,
+        Some(v) => v,
+        None => return Err(invalid_parameter(None, "The parameter data is required")),
+    };
+    let Value::Array(events) = data else {
+        return Err(invalid_parameter(None, "data must be an array of events"));
+    };
+    // source: M-USE §Batch Requests (up to 1,000 events)
+    if events.is_empty() || events.len() > 1000 {
+        return Err(invalid_parameter(None, "data must hold 1 to 1000 events"));
+    }
+    Ok(events)
 }
 
 async fn events(
     State(s): State<FakeMeta>,
     Path((_version, pixel)): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, Json<Value>) {
+) -> Reply {
     let fault = {
-        let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+        let mut d = lock(&s.data);
         d.requests += 1;
         let chaos = d.chaos.clone();
-        d.faults.pop_front().or_else(|| {
-            let c = chaos?;
-            Some(match c.roll()? {
-                super::ChaosKind::Throttled => Fault::Respond(400, json!({"error": {"message": "(#80004) There have been too many calls", "type": "OAuthException", "code": 80004, "is_transient": true, "fbtrace_id": "FakeChaos"}})),
-                super::ChaosKind::ServerError => Fault::Respond(500, json!({"error": {"message": "An unexpected error has occurred.", "type": "OAuthException", "code": 2, "is_transient": true, "fbtrace_id": "FakeChaos"}})),
-                super::ChaosKind::Slow => Fault::Slow(c.hold),
-                super::ChaosKind::AcceptThenTimeout => Fault::AcceptThenTimeout(c.hold),
-                super::ChaosKind::AcceptThenCrash => Fault::AcceptThenCrash(c.crash?),
-            })
-        })
+        Fault::next(
+            &mut d.faults,
+            chaos.as_ref(),
+            // source: M-ERR, meta-capi.md (80004 throttling, code 2 service down; both transient)
+            || {
+                (
+                    400,
+                    json!({"error": {"message": "(#80004) There have been too many calls", "type": "OAuthException", "code": 80004, "is_transient": true, "fbtrace_id": "FakeChaos"}}),
+                )
+            },
+            || {
+                (
+                    500,
+                    json!({"error": {"message": "An unexpected error has occurred.", "type": "OAuthException", "code": 2, "is_transient": true, "fbtrace_id": "FakeChaos"}}),
+                )
+            },
+        )
     };
-    match &fault {
-        Some(Fault::Respond(status, body)) => {
-            return (
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                Json(body.clone()),
-            );
+    let fault = match Fault::before(fault).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let strict = lock(&s.data).strict;
+    let Ok(query) =
+        serde_urlencoded::from_str::<HashMap<String, String>>(query.as_deref().unwrap_or(""))
+    else {
+        return invalid_parameter(None, "the query string cannot be parsed");
+    };
+    let (p, transport) = match params(&query, &headers, &body, strict) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let n = {
+        let mut d = lock(&s.data);
+        if let Err(r) = check_access(&d, &p, &pixel) {
+            return r;
         }
-        Some(Fault::Slow(d)) => tokio::time::sleep(*d).await,
-        _ => {}
-    }
-    if q.get("access_token") != Some(&s.token) {
-        return meta_error(
-            190,
-            None,
-            "Invalid OAuth access token - Cannot parse access token",
-        );
-    }
-    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        return meta_error(100, None, "invalid JSON");
-    };
-    let Some(data) = v["data"].as_array() else {
-        return meta_error(100, None, "data is required");
-    };
-    if data.is_empty() || data.len() > 1000 {
-        return meta_error(100, None, "data must hold 1 to 1000 events");
-    }
-    let now = bridge_core::timestamp::Timestamp::now().unix_secs();
-    {
-        let d = s.data.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, e) in data.iter().enumerate() {
-            if let Err((code, sub, m)) = check_event(e, now, &d.poison) {
-                return meta_error(code, sub, &format!("event {i}: {m}"));
+        let events = match events_of(p.data) {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
+        let now = d.clock.now();
+        let cx = rules::Context {
+            now: now.unix_secs(),
+            strict: d.strict,
+            require_lead_id: d.require_lead_id,
+            poison: &d.poison,
+        };
+        for (i, e) in events.iter().enumerate() {
+            if let Err(r) = rules::check_event(e, &cx) {
+                return meta_error(
+                    r.code,
+                    r.subcode,
+                    "OAuthException",
+                    &format!("(#{}) event {i}: {}", r.code, r.message),
+                );
             }
         }
-    }
-    {
-        let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
-        d.batch_sizes.push(data.len());
-        d.accepted
-            .extend(data.iter().map(|e| (pixel.clone(), e.clone())));
-        if let Some(code) = v["test_event_code"].as_str() {
-            d.test_event_codes.push(code.to_string());
+        d.batch_sizes.push(events.len());
+        d.transports.push(transport);
+        if let Some(code) = &p.test_event_code {
+            // source: M-USE §Test Events: such events are still processed and counted.
+            d.test_event_codes.push(code.clone());
         }
-    }
-    match fault {
-        Some(Fault::AcceptThenTimeout(d)) => tokio::time::sleep(d).await,
-        Some(Fault::AcceptThenCrash(crash)) => {
-            crash();
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = events.len();
+        for event in events {
+            d.received.push(Received {
+                pixel: pixel.clone(),
+                event,
+                at: now,
+                test_event_code: p.test_event_code.clone(),
+            });
         }
-        _ => {}
-    }
+        n
+    };
+    Fault::after(fault).await;
+    // source: M-SDK-RESP (events_received counts events accepted, before dedup)
     (
         StatusCode::OK,
-        Json(json!({"events_received": data.len(), "messages": [], "fbtrace_id": "FakeTraceOk"})),
+        Json(json!({"events_received": n, "messages": [], "fbtrace_id": "FakeTraceOk"})),
     )
 }
 
+/// What Meta's deduplication would leave of `received`: per (pixel, event_name, event_id), the
+/// first receipt, and again a copy that arrives more than 48 h after the kept one. Events
+/// without an event_id are never deduplicated by id.
+// source: M-DEDUP (match on event_id and event_name within 48 h; the first one is kept). That two
+// *server* copies dedup is UNCONFIRMED, which is why the raw record is kept beside this view.
+fn deduplicate(received: &[Received]) -> Vec<Received> {
+    let mut kept_at: HashMap<(String, String, String), i64> = HashMap::new();
+    received
+        .iter()
+        .filter(|r| {
+            let Some(id) = rules::event_id(&r.event) else {
+                return true;
+            };
+            let name = r.event["event_name"].as_str().unwrap_or("").to_string();
+            let key = (r.pixel.clone(), name, id);
+            let at = r.at.unix_ms();
+            match kept_at.get(&key) {
+                Some(first) if at - first <= DEDUP_WINDOW_MS => false,
+                _ => {
+                    kept_at.insert(key, at);
+                    true
+                }
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+fn purchases(events: Vec<Received>) -> Vec<(String, Value)> {
+    events
+        .into_iter()
+        .filter(|r| r.event["event_name"] == "Purchase")
+        .map(|r| (r.pixel, r.event))
+        .collect()
+}
+
+/// Purchase value per currency. Meta does not net a custom Refund event against Purchase
+/// revenue (no doc says it does; research meta.md Q4), so only Purchase counts.
+fn revenue(purchases: &[(String, Value)]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    for (_, e) in purchases {
+        let cd = &e["custom_data"];
+        if let (Some(v), Some(c)) = (cd["value"].as_f64(), cd["currency"].as_str()) {
+            // ISO 4217 codes; the SDK lowercases them (custom_data.py), so compare in one case.
+            *m.entry(c.to_ascii_uppercase()).or_insert(0.0) += v;
+        }
+    }
+    m
+}
+
 impl FakeMeta {
+    /// Starts in strict mode, knowing `token` (valid) and the dataset `DEFAULT_PIXEL`.
     pub async fn start(token: &str) -> FakeMeta {
         Self::start_on("127.0.0.1:0", token).await
     }
 
     /// Serves on `addr` (the local stack uses a fixed port).
     pub async fn start_on(addr: &str, token: &str) -> FakeMeta {
+        let mut data = Data::default();
+        data.tokens.insert(token.to_string(), TokenState::Valid);
         let fake = FakeMeta {
             base_url: String::new(),
             token: token.into(),
-            data: Arc::new(Mutex::new(Data::default())),
+            data: Arc::new(Mutex::new(data)),
         };
         let app = Router::new()
             .route("/{version}/{pixel}/events", post(events))
@@ -244,75 +516,128 @@ impl FakeMeta {
         FakeMeta { base_url, ..fake }
     }
 
-    pub fn inject(&self, f: Fault) {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .faults
-            .push_back(f);
+    pub fn with<R>(&self, f: impl FnOnce(&mut Data) -> R) -> R {
+        f(&mut lock(&self.data))
     }
 
-    pub fn set_chaos(&self, chaos: Option<super::Chaos>) {
-        self.data.lock().unwrap_or_else(|p| p.into_inner()).chaos = chaos;
+    pub fn inject(&self, f: Fault) {
+        self.with(|d| d.faults.push_back(f));
+    }
+
+    pub fn set_chaos(&self, chaos: Option<Chaos>) {
+        self.with(|d| d.chaos = chaos);
+    }
+
+    /// Strict mode also enforces the rules whose reaction Meta does not document.
+    pub fn set_strict(&self, strict: bool) {
+        self.with(|d| d.strict = strict);
+    }
+
+    /// Whether strict mode refuses Conversion Leads events without a lead_id.
+    pub fn set_require_lead_id(&self, required: bool) {
+        self.with(|d| d.require_lead_id = required);
+    }
+
+    /// Requires `appsecret_proof` on every request, computed with `secret`.
+    pub fn set_app_secret(&self, secret: Option<&str>) {
+        self.with(|d| d.app_secret = secret.map(str::to_string));
+    }
+
+    pub fn add_pixel(&self, pixel: &str) {
+        self.with(|d| d.pixels.insert(pixel.to_string()));
+    }
+
+    /// The dataset no longer exists for the token (100/33).
+    pub fn remove_pixel(&self, pixel: &str) {
+        self.with(|d| d.pixels.remove(pixel));
+    }
+
+    pub fn set_token_state(&self, token: &str, state: TokenState) {
+        self.with(|d| d.tokens.insert(token.to_string(), state));
+    }
+
+    pub fn set_clock(&self, clock: Clock) {
+        self.with(|d| d.clock = clock);
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.with(|d| d.clock.clone())
     }
 
     pub fn unpoison_all(&self) {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .poison
-            .clear();
+        self.with(|d| d.poison.clear());
     }
 
     pub fn poison(&self, event_id: &str) {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .poison
-            .insert(event_id.to_string());
+        self.with(|d| d.poison.insert(event_id.to_string()));
     }
 
-    /// Accepted events by Meta's dedupe key (event_name, event_id), with how often each came.
+    /// Every event received, raw, in order.
+    pub fn received(&self) -> Vec<Received> {
+        self.with(|d| d.received.clone())
+    }
+
+    /// Every event received, raw (all pixels and names), in order.
+    pub fn accepted(&self) -> Vec<Value> {
+        self.with(|d| d.received.iter().map(|r| r.event.clone()).collect())
+    }
+
+    /// Raw receipts per (event_name, event_id), all pixels together, with how often each came.
+    /// An event without an id counts under the id "".
     pub fn distinct(&self) -> HashMap<(String, String), usize> {
-        let d = self.data.lock().unwrap_or_else(|p| p.into_inner());
         let mut m = HashMap::new();
-        for (_, e) in &d.accepted {
+        for r in self.received() {
             let k = (
-                e["event_name"].as_str().unwrap_or("").to_string(),
-                e["event_id"].as_str().unwrap_or("").to_string(),
+                r.event["event_name"].as_str().unwrap_or("").to_string(),
+                rules::event_id(&r.event).unwrap_or_default(),
             );
             *m.entry(k).or_insert(0) += 1;
         }
         m
     }
 
-    pub fn accepted(&self) -> Vec<Value> {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .accepted
-            .iter()
-            .map(|(_, e)| e.clone())
+    /// What deduplication by (pixel, event_name, event_id) within 48 h leaves: (pixel, event).
+    pub fn deduped(&self) -> Vec<(String, Value)> {
+        deduplicate(&self.received())
+            .into_iter()
+            .map(|r| (r.pixel, r.event))
             .collect()
     }
 
+    /// Every Purchase received: (pixel, event).
+    pub fn purchases_raw(&self) -> Vec<(String, Value)> {
+        purchases(self.received())
+    }
+
+    /// The Purchases deduplication leaves: (pixel, event).
+    pub fn purchases_deduped(&self) -> Vec<(String, Value)> {
+        purchases(deduplicate(&self.received()))
+    }
+
+    /// Purchase value per currency over every Purchase received.
+    pub fn revenue_raw(&self) -> BTreeMap<String, f64> {
+        revenue(&self.purchases_raw())
+    }
+
+    /// Purchase value per currency over the Purchases deduplication leaves.
+    pub fn revenue_deduped(&self) -> BTreeMap<String, f64> {
+        revenue(&self.purchases_deduped())
+    }
+
     pub fn batch_sizes(&self) -> Vec<usize> {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .batch_sizes
-            .clone()
+        self.with(|d| d.batch_sizes.clone())
+    }
+
+    /// How each accepted request carried its parameters.
+    pub fn transports(&self) -> Vec<Transport> {
+        self.with(|d| d.transports.clone())
     }
 
     pub fn test_event_codes(&self) -> Vec<String> {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .test_event_codes
-            .clone()
+        self.with(|d| d.test_event_codes.clone())
     }
 
     pub fn requests(&self) -> usize {
-        self.data.lock().unwrap_or_else(|p| p.into_inner()).requests
+        self.with(|d| d.requests)
     }
 }
