@@ -16,12 +16,14 @@ Usage: moto_server.py [--host 127.0.0.1] [--port 5000]
 import argparse
 import json
 import threading
+import time
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import run_simple
 
 _dynamodb = threading.Lock()
 _counts = {}
+_millis = {}
 _counts_lock = threading.Lock()
 
 
@@ -32,6 +34,12 @@ def serialize_dynamodb(app):
                 body = json.dumps(_counts).encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [body]
+        if environ.get("PATH_INFO") == "/_bridge/millis":
+            # Time spent per DynamoDB operation, for finding what slows the emulator down.
+            with _counts_lock:
+                body = json.dumps({k: round(v) for k, v in _millis.items()}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         op = target or environ.get("QUERY_STRING", "").partition("Action=")[2].partition("&")[0] or "other"
         with _counts_lock:
@@ -39,7 +47,11 @@ def serialize_dynamodb(app):
         if target.startswith("DynamoDB"):
             with _dynamodb:
                 # Consume the body inside the lock: the response is computed here.
-                return list(app(environ, start_response))
+                t = time.monotonic()
+                out = list(app(environ, start_response))
+                with _counts_lock:
+                    _millis[op] = _millis.get(op, 0) + (time.monotonic() - t) * 1000
+                return out
         return app(environ, start_response)
 
     return wrapped

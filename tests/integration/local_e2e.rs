@@ -249,6 +249,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     for r in raw {
         assert!(!dump.contains(r), "raw identifier {r:?} in a stored item");
     }
+    b.assert_no_secrets().await;
 
     // Backfill through the same ingest path: the second run stores nothing new.
     let history: String = (0..3)

@@ -50,6 +50,10 @@ pub struct ItemResult {
     pub status: ItemStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
+    /// The event's key in the store when it is not the event_id (a caller-provided id is kept
+    /// under `source:event_id`): what the backfill and replay commands take.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -76,6 +80,7 @@ impl ItemResult {
             index,
             status,
             event_id: None,
+            key: None,
             duplicate: false,
             errors: Vec::new(),
             destinations: BTreeMap::new(),
@@ -309,6 +314,9 @@ pub async fn ingest(
         for ((index, event), outcome) in chunk.iter().zip(outcomes) {
             let r = &mut results[*index];
             r.event_id = Some(event.event_id.clone());
+            if event.key != event.event_id {
+                r.key = Some(event.key.clone());
+            }
             match outcome {
                 Ok(created @ (PutOutcome::Created | PutOutcome::CreatedWithConflict { .. })) => {
                     if let PutOutcome::CreatedWithConflict { other_source } = created {

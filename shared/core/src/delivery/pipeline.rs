@@ -106,7 +106,7 @@ pub struct PipelineConfig {
     pub max_attempts: u32,
     pub backoff: Backoff,
     /// How long a refund whose won is not delivered yet first waits before looking again; the
-    /// wait grows with the time already waited, up to [`MAX_WAIT_STEP`].
+    /// wait grows with the time already waited, up to [`max_wait_step`].
     pub refund_wait: Duration,
     /// How long a pair may wait for something else (a refund for its won, a won's
     /// confirmation) before it ends: dead-lettered, or `unconfirmed`. Outside the attempt
@@ -134,6 +134,13 @@ pub const REFUND_WAIT: Duration = Duration::from_secs(900);
 pub const WAIT_DEADLINE: Duration = Duration::from_secs(72 * 3600);
 /// The longest single wait step.
 pub const MAX_WAIT_STEP: Duration = Duration::from_secs(6 * 3600);
+
+/// The longest wait step for a given first wait: 24 of them, and never past [`MAX_WAIT_STEP`]
+/// (6 hours for the default 15 minutes). Scaling with the first wait keeps a short configured
+/// wait (a test, a fast account) short all the way instead of jumping to hours.
+pub fn max_wait_step(refund_wait: Duration) -> Duration {
+    refund_wait.saturating_mul(24).min(MAX_WAIT_STEP)
+}
 /// Claims past the attempt budget by more than this are dead-lettered without a send: the
 /// pair crashed or timed out its sender that often without a result.
 pub const CLAIM_MARGIN: u32 = 2;
@@ -1031,7 +1038,8 @@ fn decide<I>(
                 (closed(*end, &e, result), route)
             } else {
                 // The longer it has waited, the longer it waits next: few receives over days.
-                let step = (*after).max(waited.min(MAX_WAIT_STEP)).min(MAX_VISIBILITY);
+                let cap = max_wait_step(cfg.refund_wait);
+                let step = (*after).max(waited.min(cap)).min(MAX_VISIBILITY);
                 (
                     T {
                         status: DeliveryStatus::Retry,
@@ -1071,6 +1079,16 @@ mod tests {
     use crate::store::memory::MemoryStore;
     use serde_json::{Value, json};
     use std::sync::Mutex;
+
+    #[test]
+    fn wait_steps_scale_with_the_first_wait_and_stop_at_six_hours() {
+        assert_eq!(max_wait_step(REFUND_WAIT), MAX_WAIT_STEP);
+        assert_eq!(
+            max_wait_step(Duration::from_secs(4)),
+            Duration::from_secs(96)
+        );
+        assert_eq!(max_wait_step(Duration::from_secs(43_200)), MAX_WAIT_STEP);
+    }
 
     /// A platform whose answers the test scripts, recording what it was sent. Items are the
     /// event's entity id (`row_key`: its part before `~`), and `send` sleeps `pause` first.

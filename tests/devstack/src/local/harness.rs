@@ -1,5 +1,5 @@
 //! One whole bridge per test: its own stack from the template (with the plan), its own SSM
-//! secrets, the strict fakes as destinations, the release binaries under the local runtime,
+//! secrets, the strict fakes as destinations, the functions' optimised binaries under the local runtime,
 //! and helpers to post signed webhooks and wait until every event has settled.
 
 use super::{Options, Plan, Running};
@@ -37,11 +37,11 @@ pub struct LocalBridge {
     http: reqwest::Client,
 }
 
-/// Where the release binaries are: `BRIDGE_BIN_DIR`, else `target/release`.
+/// Where the functions' binaries are: `BRIDGE_BIN_DIR`, else `target/local` (infra/local/build.sh).
 pub fn bin_dir() -> PathBuf {
     std::env::var("BRIDGE_BIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| crate::repo_root().join("target/release"))
+        .unwrap_or_else(|_| crate::repo_root().join("target/local"))
 }
 
 impl LocalBridge {
@@ -122,7 +122,7 @@ impl LocalBridge {
         let dir = bin_dir();
         assert!(
             dir.join("bridge-ingest").exists(),
-            "the release binaries are not in {} (infra/local/test.sh builds them: cargo build --release -p ingest -p meta-sender -p google-sender -p reconcile)",
+            "the functions' binaries are not in {} (infra/local/test.sh builds them with infra/local/build.sh)",
             dir.display()
         );
         let running = Running::start(
@@ -211,12 +211,12 @@ impl LocalBridge {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// The stored events, by id.
-    pub async fn events(&self, ids: &[String]) -> BTreeMap<String, CanonicalEvent> {
+    /// The stored events, by store key.
+    pub async fn events(&self, keys: &[String]) -> BTreeMap<String, CanonicalEvent> {
         let mut out = BTreeMap::new();
-        for chunk in ids.chunks(100) {
+        for chunk in keys.chunks(100) {
             for e in self.store.get_many(chunk).await.expect("get_many") {
-                out.insert(e.event_id.clone(), e);
+                out.insert(e.key.clone(), e);
             }
         }
         out
@@ -303,9 +303,9 @@ impl LocalBridge {
         self.plan.queues[q].url.clone()
     }
 
-    /// Event ids of the messages in a destination's DLQ (read without removing them for good:
+    /// Store keys of the messages in a destination's DLQ (read without removing them for good:
     /// they become visible again after a short timeout).
-    pub async fn dlq_event_ids(&self, d: Destination) -> Vec<String> {
+    pub async fn dlq_keys(&self, d: Destination) -> Vec<String> {
         let url = self.dlq_url(d);
         let mut ids = Vec::new();
         let mut empty = 0;
@@ -338,6 +338,88 @@ impl LocalBridge {
 
     pub fn log_lines(&self) -> Vec<String> {
         self.logs.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Every secret this bridge was configured with, and every OAuth access token the fake
+    /// Google issued to it.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut all: Vec<String> = [META_TOKEN, HUBSPOT_TOKEN, SECRET, HUBSPOT_APP_SECRET]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        all.extend([
+            self.google.client_secret.clone(),
+            self.google.refresh_token.clone(),
+            self.google.developer_token.clone(),
+        ]);
+        all.extend(
+            self.google
+                .with(|d| d.tokens.keys().cloned().collect::<Vec<_>>()),
+        );
+        all
+    }
+
+    /// Panics naming the place if a configured secret appears in a function's log line, a
+    /// stored item, or a DLQ message (body or attributes): reqwest's error text carries the
+    /// URL, so a token in a URL would surface in exactly these places after a network failure.
+    pub async fn assert_no_secrets(&self) {
+        let secrets = self.secrets();
+        for l in self.log_lines() {
+            for s in &secrets {
+                assert!(!l.contains(s.as_str()), "a secret in a log line: {l}");
+            }
+        }
+        let ddb = bridge_aws::clients::dynamodb(&crate::sdk_config().await);
+        let mut start = None;
+        loop {
+            let page = ddb
+                .scan()
+                .table_name(self.stack.var("TABLE_NAME"))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .expect("scan the table");
+            let dump = format!("{:?}", page.items());
+            for s in &secrets {
+                assert!(!dump.contains(s.as_str()), "a secret in a stored item");
+            }
+            start = page.last_evaluated_key().cloned();
+            if start.is_none() {
+                break;
+            }
+        }
+        for d in [Destination::Meta, Destination::Google] {
+            let r = self
+                .sqs
+                .receive_message()
+                .queue_url(self.dlq_url(d))
+                .max_number_of_messages(10)
+                .message_attribute_names("All")
+                .visibility_timeout(1)
+                .send()
+                .await
+                .expect("receive DLQ");
+            let dump = format!("{:?}", r.messages());
+            for s in &secrets {
+                assert!(
+                    !dump.contains(s.as_str()),
+                    "a secret in a {d:?} DLQ message"
+                );
+            }
+            // Visible again at once, so an operator's redrive right after this finds them.
+            for m in r.messages() {
+                if let Some(h) = m.receipt_handle() {
+                    let _ = self
+                        .sqs
+                        .change_message_visibility()
+                        .queue_url(self.dlq_url(d))
+                        .receipt_handle(h)
+                        .visibility_timeout(0)
+                        .send()
+                        .await;
+                }
+            }
+        }
     }
 }
 
