@@ -8,5 +8,5 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:${MOTO_PORT:-5000}}" AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
-cargo build --quiet -p bridge-devstack --bin bridge-local
-target/debug/bridge-local "$@"
+bash infra/local/build.sh --quiet
+target/local/bridge-local "$@"

@@ -6,8 +6,8 @@ starts a binary against it with the function's environment (table, queues, secre
 a stack created from infra/template.yaml in moto), hands it one event, and times from spawn to
 the response. Repeats and prints the median and the worst.
 
-Usage: coldstart.py [--runs 15] [--target-dir target/release]
-Needs: moto running (infra/local/moto.sh start) and `cargo build --release -p ingest -p meta-sender`.
+Usage: coldstart.py [--runs 15] [--target-dir target/local]
+Needs: moto running (infra/local/moto.sh start) and `bash infra/local/build.sh`.
 """
 
 import argparse
@@ -95,7 +95,7 @@ def once(binary, env, event):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--target-dir", default=str(ROOT / "target" / "release"))
+    ap.add_argument("--target-dir", default=str(ROOT / "target" / "local"))
     a = ap.parse_args()
     stack = f"coldstart-{os.getpid()}"
     env = deploy.deploy(stack, {})

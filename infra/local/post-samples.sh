@@ -6,5 +6,5 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:${MOTO_PORT:-5000}}" AWS_REGION=us-east-1
-cargo build --quiet -p bridge-devstack --bin bridge-local
-target/debug/bridge-local post-samples "$@"
+bash infra/local/build.sh --quiet
+target/local/bridge-local post-samples "$@"

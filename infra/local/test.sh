@@ -16,7 +16,8 @@ trap cleanup EXIT
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 export AWS_REGION="${AWS_REGION:-us-east-1}" AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
-# The end-to-end and chaos tests run the functions' release binaries, as deployed.
-cargo build --release -p ingest -p meta-sender -p google-sender -p reconcile
-export BRIDGE_BIN_DIR="$root/target/release"
+# The end-to-end and chaos tests run the functions' optimised binaries (the `local` profile:
+# the deploy build's code without its LTO link).
+bash infra/local/build.sh
+export BRIDGE_BIN_DIR="$root/target/local"
 cargo test --workspace "$@"

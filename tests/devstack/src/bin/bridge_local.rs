@@ -1,7 +1,7 @@
 //! `bridge-local`: the whole bridge on one machine (see `infra/local/up.sh`), and the operator
 //! commands that go with it: post the sample events, look an event up, redrive a DLQ.
 //!
-//!   bridge-local up [--port 9000] [--instances 1] [--bin-dir target/release] [--param K=V ...]
+//!   bridge-local up [--port 9000] [--instances 1] [--bin-dir target/local] [--param K=V ...]
 //!   bridge-local post-samples [--url http://127.0.0.1:9000]
 //!   bridge-local show <event_id>
 //!   bridge-local redrive <meta|google>
@@ -99,7 +99,7 @@ async fn up(args: &[String]) -> Result<()> {
         .unwrap_or(1);
     let bin_dir = arg(args, "--bin-dir")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/release"));
+        .unwrap_or_else(|| root().join("target/local"));
     let stack = env_or("STACK_NAME", "bridge-local");
     let endpoint = bridge_devstack::endpoint();
     std::fs::create_dir_all(state_dir().join("logs")).map_err(|e| e.to_string())?;

@@ -547,7 +547,7 @@ pub struct Running {
 }
 
 pub struct Options {
-    /// Directory holding the functions' binaries (e.g. target/release).
+    /// Directory holding the functions' binaries (e.g. target/local).
     pub bin_dir: std::path::PathBuf,
     /// Where the function URL listens (`127.0.0.1:9000`).
     pub url_addr: String,
@@ -569,7 +569,7 @@ impl Running {
             let binary = opts.bin_dir.join(&f.binary);
             if !binary.exists() {
                 return Err(format!(
-                    "{} is not built (cargo build --release)",
+                    "{} is not built (bash infra/local/build.sh)",
                     binary.display()
                 ));
             }
