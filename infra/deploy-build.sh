@@ -4,13 +4,22 @@
 # `bootstrap`, its size printed against the 8 MB target, and failing above --max-mb (a ceiling
 # that catches a regression, 12 MB by default, while the target is not met). Installs what it needs:
 # the SAM CLI (infra/local/setup.sh), cargo-lambda and the zig linker from PyPI into .venv, and
-# the aarch64 Rust target. Then `sam deploy --guided` (README, Deploy) ships .aws-sam/build.
+# the aarch64 Rust target. The build lands in infra/.aws-sam/build, where `sam deploy --guided`
+# run from infra/ (README, Deploy) finds it, and saves its answers in infra/samconfig.toml.
 #   infra/deploy-build.sh [--max-mb 12]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 max_mb=12
-if [[ "${1:-}" == "--max-mb" ]]; then max_mb="$2"; fi
+case "${1:-}" in
+  "") ;;
+  --max-mb)
+    if [[ ! "${2:-}" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+      echo "usage: infra/deploy-build.sh [--max-mb N]  (N in MB, default 12)" >&2; exit 2
+    fi
+    max_mb="$2" ;;
+  *) echo "usage: infra/deploy-build.sh [--max-mb N]  (N in MB, default 12)" >&2; exit 2 ;;
+esac
 bash infra/local/setup.sh
 req="infra/requirements-deploy.txt"
 stamp=".venv/.deploy-requirements.sha256"
@@ -25,16 +34,16 @@ fi
 # cargo finds `cargo lambda` on PATH, and cargo-lambda finds zig through this python.
 export PATH="$root/.venv/bin:$PATH" SAM_CLI_TELEMETRY=0
 start=$(date +%s)
-(cd infra && sam build --template-file template.yaml --build-dir ../.aws-sam/build)
+(cd infra && sam build --template-file template.yaml)
 echo "sam build: $(( $(date +%s) - start )) s"
 .venv/bin/python - "$max_mb" <<'PY'
 import pathlib, sys
 limit = float(sys.argv[1]) * 1024 * 1024
 target = 8 * 1024 * 1024
 bad = []
-dirs = sorted(p for p in pathlib.Path(".aws-sam/build").iterdir() if p.is_dir())
+dirs = sorted(p for p in pathlib.Path("infra/.aws-sam/build").iterdir() if p.is_dir())
 if not dirs:
-    sys.exit("no function artifacts under .aws-sam/build")
+    sys.exit("no function artifacts under infra/.aws-sam/build")
 for d in dirs:
     f = d / "bootstrap"
     if not f.is_file():

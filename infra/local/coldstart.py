@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measures cold start: process start to first response, for the functions' release binaries.
+"""Measures cold start: process start to first response, for the functions' binaries (target/local by default).
 
 Serves a minimal Lambda Runtime API (the protocol AWS speaks to provided.al2023 functions),
 starts a binary against it with the function's environment (table, queues, secrets in SSM of

@@ -17,7 +17,7 @@ export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 export AWS_REGION="${AWS_REGION:-us-east-1}" AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
 # The end-to-end and chaos tests run the functions' optimised binaries (the `local` profile:
-# the deploy build's code without its LTO link).
+# an optimised host build without LTO; infra/local/build.sh).
 bash infra/local/build.sh
 export BRIDGE_BIN_DIR="$root/target/local"
 cargo test --workspace "$@"

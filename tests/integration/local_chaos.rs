@@ -27,6 +27,12 @@ struct Planned {
     body: Value,
     event_id: String,
     stage: &'static str,
+    /// The webhook path it is posted to: `hubspot` (the system of record) or `generic` (a
+    /// billing system reporting the same order).
+    source: &'static str,
+    /// Reaches a platform under its own key (false for a re-won deal's second won and for
+    /// another source's won: the order guard and the system-of-record rule close them).
+    counted: bool,
 
     /// Order of posting: lower first.
     key: f64,
@@ -49,6 +55,11 @@ struct Traffic {
     meta_refunds: BTreeMap<String, f64>,
     google_revenue: BTreeMap<String, f64>,
     poisoned_revenue: BTreeMap<String, f64>,
+    /// Re-won deals: (first won's id, second won's id). Either may be the one that claims the
+    /// order first; exactly one of them reaches each platform.
+    rewon: Vec<(String, String)>,
+    /// Another source's won for an order the system of record owns: never sent.
+    foreign: BTreeSet<String>,
 }
 
 fn meta_name(stage: &str) -> &'static str {
@@ -80,6 +91,8 @@ fn generate(entities: usize, seed: u64) -> Traffic {
         meta_refunds: BTreeMap::new(),
         google_revenue: BTreeMap::new(),
         poisoned_revenue: BTreeMap::new(),
+        rewon: Vec::new(),
+        foreign: BTreeSet::new(),
     };
     for i in 0..entities {
         let r = rng.f64();
@@ -111,6 +124,8 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                 body,
                 event_id: id,
                 stage,
+                source: "hubspot",
+                counted: true,
                 key,
             }
         };
@@ -159,6 +174,37 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                             }
                         }
                     }
+                    // A deal reopened and won again: a second won of the same order, a later
+                    // time, so another event id. Counted once either way (the order guard).
+                    if !poison_order && rng.f64() < 0.1 {
+                        let mut p = event(
+                            "won",
+                            5,
+                            json!({"order_id": order, "value": value, "currency": currency}),
+                            3.0 + rng.f64(),
+                        );
+                        p.event_id = format!("chaos-{seed}-{i}-won-again");
+                        p.body["event_id"] = json!(p.event_id);
+                        p.counted = false;
+                        t.rewon
+                            .push((format!("chaos-{seed}-{i}-won"), p.event_id.clone()));
+                        stages.push(p);
+                    }
+                    // The billing system posts the same order: not the system of record.
+                    if rng.f64() < 0.05 {
+                        let mut p = event(
+                            "won",
+                            4,
+                            json!({"order_id": order, "value": value, "currency": currency}),
+                            3.0 + rng.f64(),
+                        );
+                        p.event_id = format!("chaos-{seed}-{i}-billing");
+                        p.body["event_id"] = json!(p.event_id);
+                        p.source = "generic";
+                        p.counted = false;
+                        t.foreign.insert(format!("generic:{}", p.event_id));
+                        stages.push(p);
+                    }
                     let early = rng.f64() < 0.3;
                     for (k, amount) in refunds.into_iter().enumerate() {
                         let stage_key = if early {
@@ -181,7 +227,7 @@ fn generate(entities: usize, seed: u64) -> Traffic {
             }
         }
         for p in stages {
-            if granted {
+            if granted && p.counted {
                 if p.stage == "lead" && poison_lead {
                     t.meta_poison.insert(p.event_id.clone());
                 } else {
@@ -202,6 +248,27 @@ fn generate(entities: usize, seed: u64) -> Traffic {
     }
     t.posts.sort_by(|a, b| a.key.total_cmp(&b.key));
     t
+}
+
+/// Meta's keys with each re-won deal folded onto its first won: exactly one of the two won
+/// events may have reached Meta (whichever claimed the order first).
+fn fold_rewon(
+    keys: BTreeSet<(String, String)>,
+    rewon: &[(String, String)],
+) -> BTreeSet<(String, String)> {
+    let mut keys = keys;
+    for (first, again) in rewon {
+        let a = keys.remove(&("Purchase".to_string(), first.clone()));
+        let b = keys.remove(&("Purchase".to_string(), again.clone()));
+        assert!(
+            !(a && b),
+            "both wons of one order reached Meta: {first}, {again}"
+        );
+        if a || b {
+            keys.insert(("Purchase".to_string(), first.clone()));
+        }
+    }
+    keys
 }
 
 fn round_map(m: &BTreeMap<String, f64>) -> BTreeMap<String, i64> {
@@ -284,12 +351,21 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     all.extend(traffic.duplicates.iter());
     let mut accepted = BTreeSet::new();
     for window in all.chunks(50) {
-        let posts = window.chunks(25).map(|chunk| {
+        let mut groups: Vec<(&'static str, Vec<&Planned>)> = Vec::new();
+        for source in ["hubspot", "generic"] {
+            let of: Vec<&Planned> = window
+                .iter()
+                .copied()
+                .filter(|p| p.source == source)
+                .collect();
+            groups.extend(of.chunks(25).map(|c| (source, c.to_vec())));
+        }
+        let posts = groups.into_iter().map(|(source, chunk)| {
             let body = Value::Array(chunk.iter().map(|p| p.body.clone()).collect());
             let b = &b;
             async move {
                 let t = Instant::now();
-                let r = b.post("hubspot", &body).await;
+                let r = b.post(source, &body).await;
                 eprintln!(
                     "posted {} events in {} ms",
                     chunk.len(),
@@ -320,6 +396,21 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     );
     let events = b.settle(&ids, Duration::from_secs(420)).await;
     let elapsed = started.elapsed();
+
+    // Another source's won for an order the system of record owns is never sent.
+    assert!(!traffic.foreign.is_empty() && !traffic.rewon.is_empty());
+    for k in &traffic.foreign {
+        for (d, st) in &events[k].destinations {
+            assert!(
+                matches!(
+                    st.status,
+                    DeliveryStatus::RejectedNotSystemOfRecord | DeliveryStatus::BlockedConsent
+                ),
+                "{k} {d}: {}",
+                st.status.as_str()
+            );
+        }
+    }
 
     // Nothing lost: every pair ended, and only the poisoned ones are dead letters.
     let mut dead: BTreeMap<Destination, BTreeSet<String>> = BTreeMap::new();
@@ -387,7 +478,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
 
     // Exactly once per dedupe key; Meta's Purchase value is what was won and its Refund events
     // what was refunded, Google's revenue is won minus refunds.
-    let meta_keys: BTreeSet<(String, String)> = b.meta.distinct().into_keys().collect();
+    let meta_keys = fold_rewon(b.meta.distinct().into_keys().collect(), &traffic.rewon);
     assert_eq!(
         meta_keys, traffic.meta_keys,
         "Meta (event_name, event_id) keys"
@@ -440,7 +531,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
             .iter()
             .map(|id| ("Lead".to_string(), id.clone())),
     );
-    let meta_keys: BTreeSet<(String, String)> = b.meta.distinct().into_keys().collect();
+    let meta_keys = fold_rewon(b.meta.distinct().into_keys().collect(), &traffic.rewon);
     assert_eq!(meta_keys, want_meta);
     let mut want_google = traffic.google_orders.clone();
     want_google.extend(traffic.google_poison_orders.iter().cloned());

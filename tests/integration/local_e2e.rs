@@ -1,5 +1,5 @@
 //! End to end on one machine: webhooks from every source through the function URL into the
-//! real release binaries under the local Lambda runtime, SQS mappings read from the template,
+//! functions' optimised binaries under the local Lambda runtime, SQS mappings read from the template,
 //! to the strict Meta and Google fakes; checked field by field at the fakes and in the store,
 //! and no raw identifier in any log line or stored item.
 

@@ -11,7 +11,7 @@
 //! - every pair ends in a terminal state.
 //!
 //! Cases: `MODEL_CASES` (default 500); seed: `MODEL_SEED` (printed on every run, so a failure
-//! replays exactly). Failing cases are saved to `integration/model.proptest-regressions`.
+//! replays the same generated histories; fault timing is wall-clock, so a replay may differ). Failing cases are saved to `integration/model.proptest-regressions`.
 //!   MODEL_CASES=10000 cargo test -p bridge-tests --test model -- --nocapture
 
 use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
@@ -465,6 +465,16 @@ impl World {
             );
         }
         let google = self.google.conversions();
+        // Conversions per order across every action: a second upload of an order under
+        // another action would be a second count that `conversions()` (by order) merges.
+        let mut per_order: BTreeMap<String, usize> = BTreeMap::new();
+        for k in self.google.conversions_by_key().keys() {
+            if let bridge_tests::fakes::google::OrderKey::Order(o) = &k.order
+                && o.starts_with(&prefix)
+            {
+                *per_order.entry(o.clone()).or_default() += 1;
+            }
+        }
         if let Ok(mut st) = self.stats.lock() {
             for (k, f) in &h.faults {
                 for f in [k, f].into_iter().flatten() {
@@ -510,6 +520,12 @@ impl World {
             prop_assert_eq!(meta_value.get(&order).copied(), Some(f64::from(d.value)));
             // Google: one conversion per order, worth the won minus every refund; a full
             // refund is a retraction (counted zero).
+            prop_assert_eq!(
+                per_order.get(&order).copied(),
+                Some(1),
+                "{}: conversions at Google",
+                order
+            );
             let c = google.get(&order);
             prop_assert!(c.is_some(), "{}: not at Google", order);
             let c = c

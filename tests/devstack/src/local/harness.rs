@@ -389,35 +389,47 @@ impl LocalBridge {
             }
         }
         for d in [Destination::Meta, Destination::Google] {
-            let r = self
-                .sqs
-                .receive_message()
-                .queue_url(self.dlq_url(d))
-                .max_number_of_messages(10)
-                .message_attribute_names("All")
-                .visibility_timeout(1)
-                .send()
-                .await
-                .expect("receive DLQ");
-            let dump = format!("{:?}", r.messages());
-            for s in &secrets {
-                assert!(
-                    !dump.contains(s.as_str()),
-                    "a secret in a {d:?} DLQ message"
+            // Every message: those seen stay hidden until the queue answers empty (twice, as
+            // moto may return fewer than are there), then all are made visible again at once,
+            // so an operator's redrive right after this finds them.
+            let mut handles = Vec::new();
+            let mut empty = 0;
+            while empty < 2 {
+                let r = self
+                    .sqs
+                    .receive_message()
+                    .queue_url(self.dlq_url(d))
+                    .max_number_of_messages(10)
+                    .message_attribute_names("All")
+                    .visibility_timeout(30)
+                    .send()
+                    .await
+                    .expect("receive DLQ");
+                if r.messages().is_empty() {
+                    empty += 1;
+                }
+                let dump = format!("{:?}", r.messages());
+                for s in &secrets {
+                    assert!(
+                        !dump.contains(s.as_str()),
+                        "a secret in a {d:?} DLQ message"
+                    );
+                }
+                handles.extend(
+                    r.messages()
+                        .iter()
+                        .filter_map(|m| m.receipt_handle().map(str::to_string)),
                 );
             }
-            // Visible again at once, so an operator's redrive right after this finds them.
-            for m in r.messages() {
-                if let Some(h) = m.receipt_handle() {
-                    let _ = self
-                        .sqs
-                        .change_message_visibility()
-                        .queue_url(self.dlq_url(d))
-                        .receipt_handle(h)
-                        .visibility_timeout(0)
-                        .send()
-                        .await;
-                }
+            for h in handles {
+                let _ = self
+                    .sqs
+                    .change_message_visibility()
+                    .queue_url(self.dlq_url(d))
+                    .receipt_handle(h)
+                    .visibility_timeout(0)
+                    .send()
+                    .await;
             }
         }
     }
