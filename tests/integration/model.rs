@@ -14,7 +14,7 @@
 //! replays the same generated histories; fault timing is wall-clock, so a replay may differ). Failing cases are saved to `integration/model.proptest-regressions`.
 //!   MODEL_CASES=10000 cargo test -p bridge-tests --test model -- --nocapture
 
-use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
+use bridge_core::delivery::pipeline::PipelineConfig;
 use bridge_core::delivery::{Backoff, DeliveryStatus, Destination};
 use bridge_core::event::{CanonicalEvent, parse_event_json};
 use bridge_core::identity::parse_region;
@@ -29,6 +29,7 @@ use bridge_platforms::meta::{MetaConfig, MetaPlatform};
 use bridge_tests::fakes::Fault;
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::meta::FakeMeta;
+use bridge_tests::{invoke_sender, receive_records};
 use proptest::prelude::*;
 use proptest::test_runner::{
     Config, FileFailurePersistence, RngAlgorithm, TestCaseError, TestRng, TestRunner,
@@ -320,16 +321,7 @@ impl World {
                     (Destination::Meta, faults.0),
                     (Destination::Google, faults.1),
                 ] {
-                    let records: Vec<Record> = queue
-                        .receive(d, 1000)
-                        .into_iter()
-                        .map(|m| Record {
-                            message_id: m.receipt.clone(),
-                            receipt: m.receipt,
-                            body: m.message.to_body(),
-                            attributes: Default::default(),
-                        })
-                        .collect();
+                    let records = receive_records(queue, d, 1000);
                     if records.is_empty() {
                         continue;
                     }
@@ -346,33 +338,14 @@ impl World {
                             Destination::Google => self.google.inject(ff),
                         }
                     }
-                    let crash = matches!(f, Some(FaultKind::Crash));
-                    let receipts: Vec<String> = records.iter().map(|r| r.receipt.clone()).collect();
-                    let report = match d {
+                    let crash_after = matches!(f, Some(FaultKind::Crash)).then_some(CRASH_AFTER);
+                    match d {
                         Destination::Meta => {
-                            let run = process_batch(records, meta, store, queue, pcfg, now);
-                            if crash {
-                                tokio::time::timeout(CRASH_AFTER, run).await.ok()
-                            } else {
-                                Some(run.await)
-                            }
+                            invoke_sender(records, meta, store, queue, pcfg, now, crash_after).await
                         }
                         Destination::Google => {
-                            let run = process_batch(records, google, store, queue, pcfg, now);
-                            if crash {
-                                tokio::time::timeout(CRASH_AFTER, run).await.ok()
-                            } else {
-                                Some(run.await)
-                            }
-                        }
-                    };
-                    // As the SQS event source mapping does: a finished invocation's messages
-                    // are deleted unless listed as failures; a crashed one's all stay.
-                    if let Some(report) = report {
-                        for r in receipts {
-                            if !report.failures.contains(&r) {
-                                queue.delete(d, &r);
-                            }
+                            invoke_sender(records, google, store, queue, pcfg, now, crash_after)
+                                .await
                         }
                     }
                 }

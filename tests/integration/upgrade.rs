@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine;
 use bridge_aws::dynamodb::DynamoStore;
-use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
+use bridge_core::delivery::pipeline::PipelineConfig;
 use bridge_core::delivery::{Backoff, DeliveryStatus, Destination};
 use bridge_core::event::parse_event_json;
 use bridge_core::identity::parse_region;
@@ -24,7 +24,7 @@ use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_platforms::meta::{MetaConfig, MetaPlatform};
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::meta::FakeMeta;
-use bridge_tests::{Stack, sdk_config};
+use bridge_tests::{Stack, invoke_sender, receive_records, sdk_config};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -230,29 +230,16 @@ async fn a_release_0_table_upgrades_without_a_resend_and_its_waiting_refunds_fin
         queue.set_now(t);
         for d in [Destination::Meta, Destination::Google] {
             sweep(&store, &queue, d, t, 100).await.expect("sweep");
-            let records: Vec<Record> = queue
-                .receive(d, 100)
-                .into_iter()
-                .map(|m| Record {
-                    message_id: m.receipt.clone(),
-                    receipt: m.receipt,
-                    body: m.message.to_body(),
-                    attributes: Default::default(),
-                })
-                .collect();
+            let records = receive_records(&queue, d, 100);
             if records.is_empty() {
                 continue;
             }
-            let receipts: Vec<String> = records.iter().map(|r| r.receipt.clone()).collect();
-            let report = match d {
-                Destination::Meta => process_batch(records, &meta, &store, &queue, &pcfg, t).await,
-                Destination::Google => {
-                    process_batch(records, &google, &store, &queue, &pcfg, t).await
+            match d {
+                Destination::Meta => {
+                    invoke_sender(records, &meta, &store, &queue, &pcfg, t, None).await
                 }
-            };
-            for r in receipts {
-                if !report.failures.contains(&r) {
-                    queue.delete(d, &r);
+                Destination::Google => {
+                    invoke_sender(records, &google, &store, &queue, &pcfg, t, None).await
                 }
             }
         }

@@ -50,3 +50,52 @@ pub fn sample_event(
 fn phonenumber_us() -> bridge_core::identity::Region {
     bridge_core::identity::parse_region("US").expect("US is a region")
 }
+
+/// What the SQS event source mapping hands a sender from the in-memory queue: up to `max`
+/// visible messages of `d` as SQS records (the receipt doubles as the message id).
+pub fn receive_records(
+    queue: &bridge_core::queue::memory::MemoryQueue,
+    d: Destination,
+    max: usize,
+) -> Vec<bridge_core::delivery::pipeline::Record> {
+    queue
+        .receive(d, max)
+        .into_iter()
+        .map(|m| bridge_core::delivery::pipeline::Record {
+            message_id: m.receipt.clone(),
+            receipt: m.receipt,
+            body: m.message.to_body(),
+            attributes: Default::default(),
+        })
+        .collect()
+}
+
+/// One sender invocation on the in-memory queue, as the event source mapping runs it: the
+/// batch is processed and the messages not listed as failures are deleted. With `crash_after`
+/// the invocation is dropped after that long (a sender killed between its send and its status
+/// write), and every message stays for redelivery.
+pub async fn invoke_sender<P: bridge_core::delivery::pipeline::Platform>(
+    records: Vec<bridge_core::delivery::pipeline::Record>,
+    platform: &P,
+    store: &dyn bridge_core::store::EventStore,
+    queue: &bridge_core::queue::memory::MemoryQueue,
+    cfg: &bridge_core::delivery::pipeline::PipelineConfig,
+    now: Timestamp,
+    crash_after: Option<std::time::Duration>,
+) {
+    let d = platform.destination();
+    let receipts: Vec<String> = records.iter().map(|r| r.receipt.clone()).collect();
+    let run =
+        bridge_core::delivery::pipeline::process_batch(records, platform, store, queue, cfg, now);
+    let report = match crash_after {
+        Some(after) => tokio::time::timeout(after, run).await.ok(),
+        None => Some(run.await),
+    };
+    if let Some(report) = report {
+        for r in receipts {
+            if !report.failures.contains(&r) {
+                queue.delete(d, &r);
+            }
+        }
+    }
+}
