@@ -105,17 +105,27 @@ impl Timestamp {
 
     /// The canonical text form: `YYYY-MM-DDTHH:MM:SS.mmmZ`.
     pub fn canonical(&self) -> String {
-        let t = self.0;
-        format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-            t.year(),
-            t.month() as u8,
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.millisecond()
-        )
+        // Written digit by digit: every stored event serializes two or three of these on the
+        // ingest hot path, and `format!` over the date's accessors cost several times more.
+        let (year, month, day) = self.0.to_calendar_date();
+        let (hour, minute, second, milli) = self.0.to_hms_milli();
+        let mut out = String::with_capacity(24);
+        // Years are 2000..=2100 when parsed (parse_rfc3339) and near now from the clock.
+        push_digits(&mut out, year.clamp(0, 9999).unsigned_abs(), 4);
+        out.push('-');
+        push_digits(&mut out, u32::from(u8::from(month)), 2);
+        out.push('-');
+        push_digits(&mut out, u32::from(day), 2);
+        out.push('T');
+        push_digits(&mut out, u32::from(hour), 2);
+        out.push(':');
+        push_digits(&mut out, u32::from(minute), 2);
+        out.push(':');
+        push_digits(&mut out, u32::from(second), 2);
+        out.push('.');
+        push_digits(&mut out, u32::from(milli), 3);
+        out.push('Z');
+        out
     }
 
     /// Google Ads' `yyyy-mm-dd hh:mm:ss+hh:mm`, written in the given offset.
@@ -134,6 +144,14 @@ impl Timestamp {
             h.unsigned_abs(),
             m.unsigned_abs()
         )
+    }
+}
+
+/// `value`'s last `width` decimal digits, zero-padded.
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for place in (0..width).rev() {
+        let digit = (value / 10u32.pow(place)) % 10;
+        out.push(char::from(b'0' + digit as u8));
     }
 }
 
@@ -174,6 +192,25 @@ mod tests {
         assert_eq!(a.canonical(), "2026-03-01T12:00:00.000Z");
         assert_eq!(a, b);
         assert_eq!(a, c, "sub-millisecond digits are truncated");
+    }
+
+    /// The hand-written form is what RFC 3339 formatting gives, at millisecond precision, and
+    /// parses back to the same instant, across the whole supported range.
+    #[test]
+    fn canonical_form_matches_rfc3339_and_round_trips() {
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        let mut rng = fastrand::Rng::with_seed(3);
+        let (lo, hi) = (946_684_800_000i64, 4_133_980_799_999i64); // 2000-01-01 .. 2100-12-31
+        for ms in [lo, hi, 1_764_255_600_250, 1_772_323_199_999]
+            .into_iter()
+            .chain((0..5000).map(|_| rng.i64(lo..=hi)))
+        {
+            let t = Timestamp::from_unix_ms(ms);
+            assert_eq!(t.canonical(), t.0.format(&fmt).unwrap(), "{ms}");
+            assert_eq!(Timestamp::parse_rfc3339(&t.canonical()), Ok(t), "{ms}");
+        }
     }
 
     #[test]
