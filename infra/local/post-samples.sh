@@ -7,4 +7,4 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:${MOTO_PORT:-5000}}" AWS_REGION=us-east-1
 bash infra/local/build.sh --quiet
-target/local/bridge-local post-samples "$@"
+target/debug/bridge-local post-samples "$@"

@@ -16,8 +16,8 @@ trap cleanup EXIT
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 export AWS_REGION="${AWS_REGION:-us-east-1}" AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
-# The end-to-end and chaos tests run the functions' optimised binaries (the `local` profile:
-# an optimised host build without LTO; infra/local/build.sh).
+# The end-to-end and chaos tests run the functions' binaries from the same dev build as the
+# tests (infra/local/build.sh), so nothing compiles twice.
 bash infra/local/build.sh
-export BRIDGE_BIN_DIR="$root/target/local"
+export BRIDGE_BIN_DIR="$root/target/debug"
 cargo test --workspace "$@"

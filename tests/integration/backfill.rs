@@ -31,7 +31,7 @@ async fn dry_run_validates_everything_and_imports_nothing() {
     let mut text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     text.push_str("{\"event_name\": \"won\", \"occurred_at\": \"yesterday\"}\n\n");
     let meta_p = Checked(MetaPlatform::new(
-        reqwest::Client::new(),
+        bridge_platforms::http::client().expect("HTTP client"),
         MetaConfig {
             base_url: meta.base_url.clone(),
             api_version: "v26.0".into(),
@@ -44,7 +44,7 @@ async fn dry_run_validates_everything_and_imports_nothing() {
         mapping.clone(),
     ));
     let google_p = Checked(GooglePlatform::new(
-        reqwest::Client::new(),
+        bridge_platforms::http::client().expect("HTTP client"),
         GoogleConfig {
             ads_base_url: google.base_url.clone(),
             ads_api_version: "v26".into(),

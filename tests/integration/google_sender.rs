@@ -42,7 +42,11 @@ fn platform_with(
         timeout: Duration::from_millis(timeout_ms),
         terms_ttl: Duration::from_secs(3600),
     };
-    GooglePlatform::new(reqwest::Client::new(), cfg, m)
+    GooglePlatform::new(
+        bridge_platforms::http::client().expect("HTTP client"),
+        cfg,
+        m,
+    )
 }
 
 fn platform(fake: &FakeGoogle, backend: GoogleBackend) -> GooglePlatform {

@@ -66,7 +66,7 @@ async fn env(test: &str, hubspot: Option<&FakeHubSpot>) -> Env {
     let hubspot_api: Option<Arc<dyn HubSpotRecords>> = match (hubspot, secrets.get("hubspot-token"))
     {
         (Some(h), Some(token)) => Some(Arc::new(HubSpotClient::new(
-            reqwest::Client::new(),
+            bridge_platforms::http::client().expect("HTTP client"),
             &h.base_url,
             token,
         ))),

@@ -32,7 +32,11 @@ fn platform(fake: &FakeMeta, timeout_ms: u64) -> MetaPlatform {
         test_event_code: None,
         timeout: Duration::from_millis(timeout_ms),
     };
-    MetaPlatform::new(reqwest::Client::new(), cfg, Mapping::bundled().unwrap())
+    MetaPlatform::new(
+        bridge_platforms::http::client().expect("HTTP client"),
+        cfg,
+        Mapping::bundled().unwrap(),
+    )
 }
 
 fn fast_retries() -> PipelineConfig {
@@ -371,7 +375,11 @@ async fn a_configured_test_event_code_goes_on_every_request() {
         test_event_code: Some("TEST4242".into()),
         timeout: Duration::from_secs(10),
     };
-    let p = MetaPlatform::new(reqwest::Client::new(), cfg, Mapping::bundled().unwrap());
+    let p = MetaPlatform::new(
+        bridge_platforms::http::client().expect("HTTP client"),
+        cfg,
+        Mapping::bundled().unwrap(),
+    );
     let events: Vec<_> = (0..1500).map(|i| recent(&format!("X-{i}"))).collect();
     let (store, queue, records) = in_memory(&events).await;
     let r = process_batch(

@@ -217,7 +217,11 @@ impl World {
             test_event_code: None,
             timeout: PLATFORM_TIMEOUT,
         };
-        MetaPlatform::new(reqwest::Client::new(), cfg, self.mapping.clone())
+        MetaPlatform::new(
+            bridge_platforms::http::client().expect("HTTP client"),
+            cfg,
+            self.mapping.clone(),
+        )
     }
 
     fn google_platform(&self) -> Result<GooglePlatform, TestCaseError> {
@@ -233,7 +237,7 @@ impl World {
             terms_ttl: Duration::from_secs(3600),
         };
         Ok(GooglePlatform::new(
-            reqwest::Client::new(),
+            bridge_platforms::http::client().expect("HTTP client"),
             cfg,
             self.mapping.clone(),
         ))

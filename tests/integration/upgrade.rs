@@ -187,7 +187,7 @@ async fn a_release_0_table_upgrades_without_a_resend_and_its_waiting_refunds_fin
     let fake_meta = FakeMeta::start("upgrade-token").await;
     let fake_google = FakeGoogle::start().await;
     let meta = MetaPlatform::new(
-        reqwest::Client::new(),
+        bridge_platforms::http::client().expect("HTTP client"),
         MetaConfig {
             base_url: fake_meta.base_url.clone(),
             api_version: "v26.0".into(),
@@ -200,7 +200,7 @@ async fn a_release_0_table_upgrades_without_a_resend_and_its_waiting_refunds_fin
         mapping.clone(),
     );
     let google = GooglePlatform::new(
-        reqwest::Client::new(),
+        bridge_platforms::http::client().expect("HTTP client"),
         GoogleConfig {
             ads_base_url: fake_google.base_url.clone(),
             ads_api_version: "v26".into(),

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 /// A real run: posts the lines, signed with the source's `secret`, in batches of 100 to
 /// `{url}/webhooks/{source}`; returns the counts per item status and the invalid lines.
 pub async fn load(url: &str, source: &str, text: &str, secret: &str) -> Result<Value, String> {
-    let http = reqwest::Client::new();
+    let http = bridge_platforms::http::client().map_err(|e| e.to_string())?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
     let mut problems = Vec::new();

@@ -37,7 +37,7 @@ async fn dry(source: &str, text: &str) -> Result<Value, String> {
     })
     .map_err(|e| e.to_string())?;
     let e = &settings.endpoints;
-    let http = reqwest::Client::new();
+    let http = bridge_platforms::http::client().map_err(|e| e.to_string())?;
     let mut platforms: Vec<Box<dyn DryRunPlatform>> = Vec::new();
     if let (Some(token), Some(pixel)) = (env("META_ACCESS_TOKEN"), env("META_PIXEL_ID")) {
         platforms.push(Box::new(Checked(MetaPlatform::new(

@@ -27,6 +27,10 @@ async fn main() -> Result<(), Error> {
         timeout: env_secs("GOOGLE_TIMEOUT_SECS", 30),
         terms_ttl: env_secs("GOOGLE_TERMS_TTL_SECS", 3600),
     };
-    let platform = GooglePlatform::new(reqwest::Client::new(), cfg, settings.mapping.clone());
+    let platform = GooglePlatform::new(
+        bridge_platforms::http::client()?,
+        cfg,
+        settings.mapping.clone(),
+    );
     bridge_aws::lambda::run_sender(platform, &settings, &aws).await
 }

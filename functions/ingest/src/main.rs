@@ -24,7 +24,7 @@ async fn main() -> Result<(), Error> {
         }
         Err(_) => Default::default(),
     };
-    let http = reqwest::Client::builder()
+    let http = bridge_platforms::http::builder()
         .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
         .build()?;
     let hubspot: Option<Arc<dyn HubSpotRecords>> = secrets.get("hubspot-token").map(|token| {

@@ -28,6 +28,10 @@ async fn main() -> Result<(), Error> {
         test_event_code: env("META_TEST_EVENT_CODE"),
         timeout: env_secs("META_TIMEOUT_SECS", 20),
     };
-    let platform = MetaPlatform::new(reqwest::Client::new(), cfg, settings.mapping.clone());
+    let platform = MetaPlatform::new(
+        bridge_platforms::http::client()?,
+        cfg,
+        settings.mapping.clone(),
+    );
     bridge_aws::lambda::run_sender(platform, &settings, &aws).await
 }

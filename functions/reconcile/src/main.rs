@@ -120,6 +120,7 @@ async fn main() -> Result<(), Error> {
             .force_path_style(path_style)
             .build(),
     );
+    let http = bridge_platforms::http::client()?;
     let google = match std::env::var("GOOGLE_CREDENTIALS_PARAMETER")
         .ok()
         .filter(|v| !v.is_empty())
@@ -141,7 +142,7 @@ async fn main() -> Result<(), Error> {
             let e = &settings.endpoints;
             credentials.map(|credentials| {
                 GooglePlatform::new(
-                    reqwest::Client::new(),
+                    http.clone(),
                     GoogleConfig {
                         ads_base_url: e.google_ads_base_url.clone(),
                         ads_api_version: e.google_ads_api_version.clone(),

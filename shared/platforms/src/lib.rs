@@ -2,5 +2,6 @@
 //! Ads API and the Data Manager API) as delivery `Platform`s, and the CRM API clients.
 
 pub mod google;
+pub mod http;
 pub mod hubspot;
 pub mod meta;

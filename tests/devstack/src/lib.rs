@@ -29,6 +29,7 @@ pub fn endpoint() -> String {
 /// AWS SDK config for the emulator, with dummy credentials when none are set.
 pub async fn sdk_config() -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(bridge_aws::clients::http_client())
         .endpoint_url(endpoint())
         .region(Region::new(
             std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),

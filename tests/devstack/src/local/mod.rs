@@ -425,6 +425,35 @@ pub async fn depth(sqs: &Sqs, url: &str) -> u64 {
         + get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
 }
 
+/// The event a function URL hands its function (payload format 2.0).
+pub fn url_event(
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: serde_json::Map<String, Value>,
+    user_agent: &str,
+    body: Value,
+    is_base64: bool,
+) -> Value {
+    let now = bridge_core::timestamp::Timestamp::now();
+    json!({
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": "anonymous", "apiId": "local", "domainName": "127.0.0.1", "domainPrefix": "local",
+            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
+                     "userAgent": user_agent},
+            "requestId": format!("local-{}", now.unix_ms()), "routeKey": "$default", "stage": "$default",
+            "time": "01/Jan/2026:00:00:00 +0000", "timeEpoch": now.unix_ms()
+        },
+        "body": body,
+        "isBase64Encoded": is_base64,
+    })
+}
+
 /// A Lambda function URL in front of `f`: HTTP requests in, payload format 2.0 events to the
 /// function, its response back as HTTP.
 pub async fn serve_url(addr: &str, f: Function, stats: Arc<Stats>) -> std::io::Result<String> {
@@ -452,7 +481,6 @@ pub async fn serve_url(addr: &str, f: Function, stats: Arc<Stats>) -> std::io::R
                 h.insert(k.as_str().to_string(), json!(v));
             }
         }
-        let now = bridge_core::timestamp::Timestamp::now();
         let text = String::from_utf8(body.to_vec());
         let (body, b64) = match &text {
             Ok(t) => (json!(t), false),
@@ -464,22 +492,19 @@ pub async fn serve_url(addr: &str, f: Function, stats: Arc<Stats>) -> std::io::R
                 )
             }
         };
-        let event = json!({
-            "version": "2.0",
-            "routeKey": "$default",
-            "rawPath": uri.path(),
-            "rawQueryString": uri.query().unwrap_or(""),
-            "headers": h,
-            "requestContext": {
-                "accountId": "anonymous", "apiId": "local", "domainName": "127.0.0.1", "domainPrefix": "local",
-                "http": {"method": method.as_str(), "path": uri.path(), "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
-                         "userAgent": headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("")},
-                "requestId": format!("local-{}", now.unix_ms()), "routeKey": "$default", "stage": "$default",
-                "time": "01/Jan/2026:00:00:00 +0000", "timeEpoch": now.unix_ms()
-            },
-            "body": body,
-            "isBase64Encoded": b64,
-        });
+        let ua = headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let event = url_event(
+            method.as_str(),
+            uri.path(),
+            uri.query().unwrap_or(""),
+            h,
+            ua,
+            body,
+            b64,
+        );
         match s.f.invoke(event).await {
             Ok(r) => {
                 let status = r["statusCode"].as_u64().unwrap_or(200) as u16;
@@ -547,7 +572,7 @@ pub struct Running {
 }
 
 pub struct Options {
-    /// Directory holding the functions' binaries (e.g. target/local).
+    /// Directory holding the functions' binaries (e.g. target/debug).
     pub bin_dir: std::path::PathBuf,
     /// Where the function URL listens (`127.0.0.1:9000`).
     pub url_addr: String,

@@ -236,6 +236,11 @@ impl Function {
         &self.shared.spec.name
     }
 
+    /// What the function was started with (to start another copy of it).
+    pub fn spec(&self) -> &FunctionSpec {
+        &self.shared.spec
+    }
+
     /// Invokes the function synchronously (RequestResponse), as an event source mapping or a
     /// function URL does.
     pub async fn invoke(&self, payload: Value) -> Result<Value, InvokeError> {

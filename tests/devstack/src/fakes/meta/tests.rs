@@ -24,7 +24,8 @@ async fn post_json(
     query: &[(&str, &str)],
     body: Value,
 ) -> (u16, Value) {
-    let r = reqwest::Client::new()
+    let r = bridge_platforms::http::client()
+        .expect("HTTP client")
         .post(format!("{}/v26.0/{pixel}/events", fake.base_url))
         .query(query)
         .json(&body)
@@ -74,7 +75,8 @@ async fn form_multipart_and_query_json_all_carry_the_parameters_and_the_proof_is
         ("data", data.to_string()),
         ("test_event_code", "TEST1".to_string()),
     ];
-    let r = reqwest::Client::new()
+    let r = bridge_platforms::http::client()
+        .expect("HTTP client")
         .post(format!("{}/v26.0/{DEFAULT_PIXEL}/events", fake.base_url))
         .form(&form)
         .send()
@@ -95,7 +97,8 @@ async fn form_multipart_and_query_json_all_carry_the_parameters_and_the_proof_is
         ));
     }
     body.push_str(&format!("--{boundary}--\r\n"));
-    let r = reqwest::Client::new()
+    let r = bridge_platforms::http::client()
+        .expect("HTTP client")
         .post(format!("{}/v26.0/{DEFAULT_PIXEL}/events", fake.base_url))
         .header(
             "content-type",

@@ -20,7 +20,7 @@ impl Client {
     pub async fn new(fake: &FakeGoogle) -> Client {
         let mut c = Client {
             fake: fake.clone(),
-            http: reqwest::Client::new(),
+            http: bridge_platforms::http::client().expect("HTTP client"),
             token: String::new(),
         };
         c.refresh().await;
