@@ -356,3 +356,82 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     );
     b.running.stop();
 }
+
+/// The Data Manager back end through the binaries: the local bridge started with a mapping
+/// file whose Google back end is `data_manager` (handed to every function as `MAPPING_PATH`,
+/// as `up.sh --mapping FILE` does). A won and a partial refund of the same order reach the
+/// fake's events:ingest as one transaction restated to the new total (Data Manager overwrites
+/// by transactionId), a replayed webhook adds nothing, and Google counts the order once.
+#[tokio::test]
+async fn data_manager_back_end_through_the_binaries() {
+    let bundled = std::fs::read_to_string(bridge_tests::repo_root().join("infra/mapping.toml"))
+        .expect("bundled mapping");
+    assert!(bundled.contains("backend = \"ads_api\""));
+    let mapping = bundled.replacen("backend = \"ads_api\"", "backend = \"data_manager\"", 1);
+    let path = std::env::temp_dir().join(format!("dm-mapping-{}.toml", std::process::id()));
+    std::fs::write(&path, mapping).expect("write mapping");
+    let path_text = path.display().to_string();
+    let b = LocalBridge::start_with_env("e2e-dm", &[], 1, &[("MAPPING_PATH", &path_text)]).await;
+
+    let won = json!({"event_name": "won", "occurred_at": ago(30), "entity_type": "opportunity", "entity_id": "DM-1",
+        "order_id": "O-DM-1", "value": 250.0, "currency": "USD",
+        "identity": {"email": "dm.buyer@example.com", "gclid": "Cj0-dm-1"},
+        "consent": {"status": "granted", "ad_user_data": "granted", "ad_personalization": "granted"}});
+    let (status, r) = b.post("hubspot", &won).await;
+    assert_eq!(status, 202, "{r}");
+    let won_id = ids(&r)[0].clone();
+    let (_, r) = b.post("hubspot", &won).await;
+    assert_eq!(r["status"], "duplicate", "a replayed webhook: {r}");
+    b.settle(std::slice::from_ref(&won_id), Duration::from_secs(120))
+        .await;
+    // Google processes the request. (A refund arriving while it still reads PROCESSING is
+    // held and looked at again later: a restatement must not overtake its won.)
+    b.google.dm_complete_all();
+
+    let refund = json!({"event_name": "refund", "occurred_at": ago(5), "entity_type": "order", "entity_id": "R-DM-1",
+        "order_id": "O-DM-1", "value": 100.0, "currency": "USD", "identity": {"email": "dm.buyer@example.com"},
+        "consent": {"status": "granted"}});
+    let (status, r) = b.post("hubspot", &refund).await;
+    assert_eq!(status, 202, "{r}");
+    let refund_id = ids(&r)[0].clone();
+
+    let events = b
+        .settle(
+            &[won_id.clone(), refund_id.clone()],
+            Duration::from_secs(120),
+        )
+        .await;
+    for id in [&won_id, &refund_id] {
+        let google = &events[id].destinations[&Destination::Google];
+        assert_eq!(google.status, DeliveryStatus::Delivered, "{id}: {google:?}");
+        assert!(
+            google.log.iter().any(|l| l
+                .platform_ref
+                .as_deref()
+                .is_some_and(|r| r.starts_with("requestId:"))),
+            "the Data Manager request id is kept for reconciliation: {google:?}"
+        );
+    }
+    assert!(
+        b.google.requests("uploadClickConversions").is_empty(),
+        "nothing went to the Ads API"
+    );
+    let ingests = b.google.requests("events:ingest");
+    assert_eq!(ingests.len(), 2, "the won, then its restatement");
+    assert_eq!(ingests[0]["events"][0]["transactionId"], "O-DM-1");
+    assert_eq!(ingests[1]["events"][0]["transactionId"], "O-DM-1");
+
+    // Data Manager processes asynchronously: nothing counts until Google has processed it.
+    b.google.dm_complete_all();
+    let key = bridge_tests::fakes::google::DmKey::new("1234567890", "987654321", "O-DM-1");
+    let conversions = b.google.dm_conversions();
+    assert_eq!(conversions[&key].value, Some(150.0), "the new total");
+    assert_eq!(
+        conversions[&key].ingests, 2,
+        "same transactionId: a restatement"
+    );
+    assert_eq!(b.google.dm_count(), 1, "one order, counted once");
+    assert_eq!(b.google.dm_revenue()["USD"], 150.0);
+    b.assert_no_secrets().await;
+    let _ = std::fs::remove_file(&path);
+}

@@ -1,7 +1,8 @@
 //! `bridge-local`: the whole bridge on one machine (see `infra/local/up.sh`), and the operator
 //! commands that go with it: post the sample events, look an event up, redrive a DLQ.
 //!
-//!   bridge-local up [--port 9000] [--instances 1] [--bin-dir target/local] [--param K=V ...]
+//!   bridge-local up [--port 9000] [--instances 1] [--bin-dir DIR (default: this binary's)]
+//!                   [--mapping FILE (default: the bundled infra/mapping.toml)] [--param K=V ...]
 //!   bridge-local post-samples [--url http://127.0.0.1:9000]
 //!   bridge-local show <event_id>
 //!   bridge-local redrive <meta|google>
@@ -97,9 +98,26 @@ async fn up(args: &[String]) -> Result<()> {
     let instances: usize = arg(args, "--instances")
         .and_then(|p| p.parse().ok())
         .unwrap_or(1);
+    // By default the functions built beside this binary (same profile, same build).
     let bin_dir = arg(args, "--bin-dir")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/local"));
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(PathBuf::from))
+        })
+        .unwrap_or_else(|| root().join("target/debug"));
+    // Checked here, so a bad file is one clear error instead of every function failing init.
+    let mapping = match arg(args, "--mapping") {
+        Some(p) => {
+            let path = std::fs::canonicalize(&p).map_err(|e| format!("--mapping {p}: {e}"))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("--mapping {p}: {e}"))?;
+            bridge_core::mapping::Mapping::load(&text)
+                .map_err(|e| format!("--mapping {p}: {e}"))?;
+            Some(path)
+        }
+        None => None,
+    };
     let stack = env_or("STACK_NAME", "bridge-local");
     let endpoint = bridge_devstack::endpoint();
     std::fs::create_dir_all(state_dir().join("logs")).map_err(|e| e.to_string())?;
@@ -206,6 +224,9 @@ async fn up(args: &[String]) -> Result<()> {
         "AWS_SECRET_ACCESS_KEY".into(),
         env_or("AWS_SECRET_ACCESS_KEY", "test"),
     );
+    if let Some(path) = &mapping {
+        env.insert("MAPPING_PATH".into(), path.display().to_string());
+    }
     let running = Running::start(
         &plan,
         bridge_aws::clients::sqs(&aws),
@@ -220,6 +241,13 @@ async fn up(args: &[String]) -> Result<()> {
     )
     .await?;
     println!("local AWS (moto)             {endpoint}, stack {stack} from infra/template.yaml");
+    match &mapping {
+        Some(p) => println!(
+            "mapping                      {} (MAPPING_PATH)",
+            p.display()
+        ),
+        None => println!("mapping                      the bundled infra/mapping.toml"),
+    }
     for s in &started {
         println!("{s}");
     }
@@ -384,7 +412,7 @@ async fn post_samples(args: &[String]) -> Result<()> {
         .minus_secs(3600)
         .unix_ms()
         - newest;
-    let http = reqwest::Client::new();
+    let http = bridge_platforms::http::client().map_err(|e| e.to_string())?;
     for (path, mut v) in samples {
         freshen(&mut v, shift);
         if path.ends_with("hubspot-delivery.json") {

@@ -37,16 +37,27 @@ pub struct LocalBridge {
     http: reqwest::Client,
 }
 
-/// Where the functions' binaries are: `BRIDGE_BIN_DIR`, else `target/local` (infra/local/build.sh).
+/// Where the functions' binaries are: `BRIDGE_BIN_DIR`, else `target/debug` (infra/local/build.sh).
 pub fn bin_dir() -> PathBuf {
     std::env::var("BRIDGE_BIN_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| crate::repo_root().join("target/local"))
+        .unwrap_or_else(|_| crate::repo_root().join("target/debug"))
 }
 
 impl LocalBridge {
     /// Starts everything; `params` are template parameters on top of the test defaults.
     pub async fn start(test: &str, params: &[(&str, &str)], instances: usize) -> LocalBridge {
+        Self::start_with_env(test, params, instances, &[]).await
+    }
+
+    /// As `start`, with extra environment for every function (e.g. `MAPPING_PATH`, the
+    /// mapping contract the functions load instead of the bundled one).
+    pub async fn start_with_env(
+        test: &str,
+        params: &[(&str, &str)],
+        instances: usize,
+        extra_env: &[(&str, &str)],
+    ) -> LocalBridge {
         let meta = FakeMeta::start(META_TOKEN).await;
         let google = FakeGoogle::start().await;
         let hubspot = FakeHubSpot::start(HUBSPOT_TOKEN).await;
@@ -119,6 +130,9 @@ impl LocalBridge {
         env.insert("AWS_REGION".to_string(), "us-east-1".to_string());
         env.insert("AWS_ACCESS_KEY_ID".to_string(), "test".to_string());
         env.insert("AWS_SECRET_ACCESS_KEY".to_string(), "test".to_string());
+        for (k, v) in extra_env {
+            env.insert(k.to_string(), v.to_string());
+        }
         let dir = bin_dir();
         assert!(
             dir.join("bridge-ingest").exists(),
@@ -160,7 +174,7 @@ impl LocalBridge {
             sqs: bridge_aws::clients::sqs(&aws),
             url,
             logs,
-            http: reqwest::Client::new(),
+            http: bridge_platforms::http::client().expect("HTTP client"),
         }
     }
 
