@@ -11,6 +11,8 @@
 //!   which projects keys only: a state write changes no key, so it writes nothing there.
 //! - `<destination>_sw`, `<destination>_due`: set only while that destination is open, keys
 //!   of the sparse `sweep-<destination>` index, so the sweep reads stuck pairs and nothing else.
+//!   Set when a pair opens and by a result that leaves it open, removed when it closes; a
+//!   claim leaves them (a moved index key is billed as a delete and a put).
 //! - `ttl`: expiry in Unix seconds. Expired items may linger (DynamoDB deletes late), so reads
 //!   check it too.
 //! - `pk = ORD#<order_id>`, `sk = ORDER`: the order guard; `w_<destination>` holds the key of
@@ -510,6 +512,12 @@ impl EventStore for DynamoStore {
         redrive_of: Option<u32>,
     ) -> Result<ClaimOutcome, StoreError> {
         let due = lease_until.plus_secs(bridge_core::delivery::SWEEP_GRACE_SECS);
+        // The sweep key is left as it is when there is one (a pending or retrying pair): a
+        // changed index key is billed as a delete and a put in the sweep index, twice the
+        // price of the whole claim's index work, and the sweep does not need it moved (a pair
+        // still in flight when its old time comes is re-enqueued, and the claim refuses the
+        // copy while the lease holds). Only a claim that reopens a closed pair (an
+        // operator's redrive of a dead letter) puts the pair back into the index.
         // The claim rule of `DestinationState::claimability`: a dead-lettered pair only for
         // the message that carries its dead-letter token (an operator's redrive).
         let dead = if redrive_of.is_some() {
@@ -523,7 +531,8 @@ impl EventStore for DynamoStore {
             .table_name(&self.table)
             .set_key(Some(key(event_key)))
             .update_expression(
-                "SET #d.#st = :sending, #d.#att = #d.#att + :one, #d.#lease = :lease, #d.#upd = :now, #sw = :shard, #due = :due",
+                "SET #d.#st = :sending, #d.#att = #d.#att + :one, #d.#lease = :lease, #d.#upd = :now, \
+                 #sw = if_not_exists(#sw, :shard), #due = if_not_exists(#due, :due)",
             )
             .condition_expression(format!(
                 "attribute_exists(#d) AND (#d.#st = :pending {dead}\
@@ -1054,11 +1063,16 @@ impl EventStore for DynamoStore {
             .table_name(&self.table)
             .set_key(Some(key(event_key)))
             .update_expression("SET #due = :due")
-            .condition_expression("#d.#st = :st")
+            // Still open (the claim does not rewrite the key's status, so match any open one).
+            .condition_expression(
+                "attribute_exists(#due) AND #d.#st IN (:pending, :sending, :retry)",
+            )
             .expression_attribute_names("#d", format!("d_{destination}"))
             .expression_attribute_names("#st", "status")
             .expression_attribute_names("#due", format!("{destination}_due"))
-            .expression_attribute_values(":st", s(status.as_str()))
+            .expression_attribute_values(":pending", s("pending"))
+            .expression_attribute_values(":sending", s("sending"))
+            .expression_attribute_values(":retry", s("retry"))
             .expression_attribute_values(":due", s(due_key(due, status)))
             .send()
             .await;

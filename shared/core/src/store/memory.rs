@@ -15,7 +15,9 @@ use std::sync::{Mutex, MutexGuard};
 struct Tables {
     /// Events by store key.
     events: HashMap<String, CanonicalEvent>,
-    /// Sweep overrides set by `defer_sweep`, keyed by (event key, destination).
+    /// Sweep times that differ from the one the pair's state gives, keyed by (event key,
+    /// destination): set by `defer_sweep`, and by a claim, which leaves the time where it was
+    /// (as the DynamoDB store leaves the index key).
     deferred: HashMap<(String, Destination), Timestamp>,
     /// (order id, destination) -> the key of the won that holds the order there.
     orders: HashMap<(String, Destination), String>,
@@ -181,12 +183,21 @@ impl EventStore for MemoryStore {
         };
         match state.claimability(now, redrive_of) {
             Claimability::Claimable => {
+                let prior_due = state.sweep_due();
                 state.status = DeliveryStatus::Sending;
                 state.attempts += 1;
                 state.lease_until = Some(lease_until);
                 state.updated_at = now;
                 let claimed = event.clone();
-                t.deferred.remove(&(key.to_string(), destination));
+                let slot = (key.to_string(), destination);
+                match prior_due {
+                    Some(due) => {
+                        t.deferred.entry(slot).or_insert(due);
+                    }
+                    None => {
+                        t.deferred.remove(&slot);
+                    }
+                }
                 count(&mut t, "claim");
                 Ok(ClaimOutcome::Claimed(Box::new(claimed)))
             }
@@ -244,6 +255,7 @@ impl EventStore for MemoryStore {
             }
         }
         event.destinations.insert(destination, next);
+        t.deferred.remove(&(key.to_string(), destination));
         count(&mut t, "complete");
         Ok(true)
     }
@@ -431,12 +443,14 @@ impl EventStore for MemoryStore {
         due: Timestamp,
     ) -> Result<bool, StoreError> {
         let mut t = self.lock();
-        let current = t
+        // Any open status: the claim leaves the sweep entry's status as it was.
+        let _ = status;
+        let open = t
             .events
             .get(key)
             .and_then(|e| e.destinations.get(&destination))
-            .map(|s| s.status);
-        if current != Some(status) {
+            .is_some_and(|s| s.status.is_open());
+        if !open {
             return Ok(false);
         }
         count(&mut t, "defer");

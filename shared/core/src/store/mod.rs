@@ -192,7 +192,9 @@ pub trait EventStore: Send + Sync {
     ) -> Result<Vec<CanonicalEvent>, StoreError>;
 
     /// Open (pending, sending, retry) pairs for `destination` that the sweep should have seen
-    /// progress on by `before`, oldest first.
+    /// progress on by `before`, oldest first. A pair's time is set when it opens (ingest, a
+    /// result that leaves it open, a redrive) and by `defer_sweep`; a claim leaves it (and the
+    /// status it was set with) as it was, since moving an index key is billed twice.
     async fn stuck(
         &self,
         destination: Destination,
@@ -200,8 +202,9 @@ pub trait EventStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<StuckRef>, StoreError>;
 
-    /// Moves the sweep's next look at an open pair to `due`, if it is still in `status`, so
-    /// one stuck event is re-enqueued once per grace period rather than on every sweep.
+    /// Moves the sweep's next look at an open pair to `due` (recorded with `status`), if the
+    /// pair is still open, so one stuck event is re-enqueued once per grace period rather
+    /// than on every sweep.
     async fn defer_sweep(
         &self,
         key: &str,
