@@ -26,6 +26,7 @@ from werkzeug.serving import run_simple
 
 _dynamodb = threading.Lock()
 _counts = {}
+_origins = {}
 _millis = {}
 _counts_lock = threading.Lock()
 
@@ -35,6 +36,21 @@ def serialize_dynamodb(app):
         if environ.get("PATH_INFO") == "/_bridge/requests":
             with _counts_lock:
                 body = json.dumps(_counts).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
+        if environ.get("PATH_INFO") == "/_bridge/requests-by-origin":
+            # The bridge's own requests, and the test harness's and the emulated event source
+            # mappings' (user agent app/bridge-devstack), by operation.
+            with _counts_lock:
+                body = json.dumps(_origins).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
+        if environ.get("PATH_INFO") == "/_bridge/storage":
+            # Stored bytes of a table and its indexes as DynamoDB bills storage: each item's
+            # size plus 100 bytes, each index entry's likewise (GET /_bridge/storage?table=T).
+            table = environ.get("QUERY_STRING", "").partition("table=")[2].partition("&")[0]
+            with _dynamodb:
+                body = json.dumps(stored_bytes(_backend(environ), table)).encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [body]
         if environ.get("PATH_INFO") == "/_bridge/write-units":
@@ -50,8 +66,12 @@ def serialize_dynamodb(app):
             return [body]
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         op = target or environ.get("QUERY_STRING", "").partition("Action=")[2].partition("&")[0] or "other"
+        ua = environ.get("HTTP_USER_AGENT", "") + environ.get("HTTP_X_AMZ_USER_AGENT", "")
+        origin = "devstack" if "app/bridge-devstack" in ua else "bridge"
         with _counts_lock:
             _counts[op] = _counts.get(op, 0) + 1
+            by = _origins.setdefault(origin, {})
+            by[op] = by.get(op, 0) + 1
         if target.startswith("DynamoDB"):
             with _dynamodb:
                 # Consume the body inside the lock: the response is computed here.
@@ -190,6 +210,24 @@ def _writes(op, body):
     return out
 
 
+def stored_bytes(backend, table):
+    try:
+        t = backend.get_table(table)
+    except Exception:
+        return {}
+    keys = [k for k in (t.hash_key_attr, t.range_key_attr) if k]
+    items = [i.to_json()["Attributes"] for i in t.all_items()]
+    out = {"items": len(items), "table": sum(item_size(i) + 100 for i in items), "indexes": {}}
+    for index in t.global_indexes:
+        entries = [e for e in (_index_entry(index, i, keys) for i in items) if e]
+        out["indexes"][index.name] = sum(item_size(e[1]) + 100 for e in entries)
+    return out
+
+
+def _new_units():
+    return {"writes": 0, "failed_conditions": 0, "table": 0, "indexes": {}, "max_item_bytes": 0, "reads": 0}
+
+
 def _current(backend, table, key_or_item):
     try:
         t = backend.get_table(table)
@@ -200,15 +238,49 @@ def _current(backend, table, key_or_item):
         return None, None, None
 
 
+def _read_units(op, body, response):
+    """(table, read units) a read request is billed: one unit per 4 KB read consistently, half
+    that eventually consistently; a query or scan per 4 KB of all it read (counted here from
+    what it returned, so a filtered scan is billed more than this says)."""
+    op = op.rpartition(".")[2]
+    factor = 1.0 if body.get("ConsistentRead") else 0.5
+    if op == "GetItem":
+        item = response.get("Item")
+        return [(body.get("TableName"), factor * math.ceil(item_size(item) / 4096) if item else factor)]
+    if op in ("Query", "Scan"):
+        size = sum(item_size(i) for i in response.get("Items", []))
+        return [(body.get("TableName"), factor * max(1, math.ceil(size / 4096)))]
+    if op == "BatchGetItem":
+        out = []
+        for table, items in response.get("Responses", {}).items():
+            f = 1.0 if body.get("RequestItems", {}).get(table, {}).get("ConsistentRead") else 0.5
+            out += [(table, f * math.ceil(item_size(i) / 4096)) for i in items]
+        return out
+    return []
+
+
 def metered(app, environ, start_response, op, raw):
-    """Runs one DynamoDB request and adds what it is billed to `_units`."""
+    """Runs one DynamoDB request and adds what it is billed to `_units`. Requests from the
+    test harness and the event source mapping emulator (user agent app/bridge-devstack) are
+    not the bridge's and are not billed."""
+    if "app/bridge-devstack" in environ.get("HTTP_USER_AGENT", "") + environ.get("HTTP_X_AMZ_USER_AGENT", ""):
+        return list(app(environ, start_response))
     try:
         body = json.loads(raw or b"{}")
     except ValueError:
         body = {}
     writes = _writes(op, body)
     if not writes:
-        return list(app(environ, start_response))
+        out = list(app(environ, start_response))
+        try:
+            response = json.loads(b"".join(out) or b"{}")
+        except ValueError:
+            return out
+        with _counts_lock:
+            for table, units in _read_units(op, body, response):
+                u = _units.setdefault(table, _new_units())
+                u["reads"] = u.get("reads", 0) + units
+        return out
     backend = _backend(environ)
     before = [_current(backend, t, k) for t, _, k, _ in writes]
     status = {}
@@ -224,7 +296,7 @@ def metered(app, environ, start_response, op, raw):
         for (table, kind, key_or_item, factor), (t, keys, old) in zip(writes, before):
             if t is None:
                 continue
-            u = _units.setdefault(table, {"writes": 0, "failed_conditions": 0, "table": 0, "indexes": {}, "max_item_bytes": 0})
+            u = _units.setdefault(table, _new_units())
             if not ok:
                 if failed_condition:
                     u["failed_conditions"] += 1
@@ -242,11 +314,42 @@ def metered(app, environ, start_response, op, raw):
     return out
 
 
+def self_test():
+    """The billing rules above on small cases worked out by hand from the same pages."""
+    from types import SimpleNamespace
+
+    S = lambda v: {"S": v}  # noqa: E731
+    assert item_size({"pk": S("abc")}) == 5, "name bytes + UTF-8 bytes"
+    assert item_size({"n": {"N": "12345"}}) == 1 + 4, "ceil(5 digits / 2) + 1"
+    assert item_size({"n": {"N": "-0.0012300"}}) == 1 + 3, "leading and trailing zeroes trimmed"
+    assert item_size({"b": {"B": base64.b64encode(bytes(32)).decode()}}) == 1 + 32
+    assert item_size({"m": {"M": {"a": S("x")}}}) == 1 + 3 + 1 + 1 + 1, "map: 3 + per element 1 + name + value"
+    assert item_size({"l": {"L": [S("x"), {"BOOL": True}]}}) == 1 + 3 + 2 + 2, "list: 3 + per element 1 + value"
+    assert (_kb(1), _kb(1024), _kb(1025)) == (1, 1, 2)
+    keys_only = SimpleNamespace(schema=[{"AttributeName": "g"}], projection={"ProjectionType": "KEYS_ONLY"})
+    every = SimpleNamespace(schema=[{"AttributeName": "g"}], projection={"ProjectionType": "ALL"})
+    base = {"pk": S("p"), "x": S("1")}
+    with_key = dict(base, g=S("k1"))
+    assert index_units(keys_only, base, dict(base, x=S("2")), ["pk"]) == 0, "in the index neither before nor after"
+    assert index_units(keys_only, base, with_key, ["pk"]) == 1, "put into the index"
+    assert index_units(keys_only, with_key, base, ["pk"]) == 1, "deleted from the index"
+    assert index_units(keys_only, with_key, dict(with_key, g=S("k2")), ["pk"]) == 2, "key moved: delete + put"
+    assert index_units(keys_only, with_key, dict(with_key, x=S("2")), ["pk"]) == 0, "no projected attribute changed"
+    assert index_units(every, with_key, dict(with_key, x=S("2")), ["pk"]) == 1, "a projected attribute changed"
+    big = dict(with_key, x=S("y" * 1000))
+    assert index_units(every, base, big, ["pk"]) == 2, "entry size + 100 bytes, per KB"
+    print("moto_server.py billing rules: ok")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-H", "--host", default="127.0.0.1")
     ap.add_argument("-p", "--port", type=int, default=5000)
+    ap.add_argument("--self-test", action="store_true", help="check the write-unit rules and exit")
     a = ap.parse_args()
+    if a.self_test:
+        self_test()
+        return
     app = DomainDispatcherApplication(create_backend_app)
     run_simple(a.host, a.port, serialize_dynamodb(app), threaded=True, use_reloader=False, use_debugger=False)
 

@@ -433,6 +433,24 @@ async fn sweep_index_holds_open_pairs_only() {
         [a.key.as_str()]
     );
     assert_eq!(stuck[0].status, DeliveryStatus::Pending);
+    // A claim leaves the pair where the sweep will look (moving an index key is billed as a
+    // delete and a put): still listed, at the same time, with the status it was put with.
+    let pending_due = stuck[0].due;
+    let ClaimOutcome::Claimed(_) = store
+        .claim(&a.event_id, Destination::Meta, now, now.plus_secs(30), None)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let stuck = store.stuck(Destination::Meta, far, 100).await.unwrap();
+    assert_eq!(
+        stuck
+            .iter()
+            .map(|s| (s.key.as_str(), s.due, s.status))
+            .collect::<Vec<_>>(),
+        [(a.key.as_str(), pending_due, DeliveryStatus::Pending)]
+    );
     assert!(
         store
             .stuck(Destination::Meta, now, 100)
@@ -497,6 +515,124 @@ async fn batch_reads_span_several_round_trips() {
     let got = store.get_many(&ids).await.unwrap();
     assert_eq!(got.len(), 130);
     assert_eq!(got[0].event_id, ids[0], "request order is kept");
+}
+
+/// An event item written before identity items existed (release 1 and earlier) holds its
+/// identity itself: it is read whole, found by the privacy scans, scrubbed and erased in place.
+#[tokio::test]
+async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let stack = Stack::create("inline_identity", &[]);
+    let table = stack.var("TABLE_NAME");
+    let client = bridge_aws::clients::dynamodb(&sdk_config().await);
+    let store = DynamoStore::new(client.clone(), table.clone(), 400);
+    let now = Timestamp::now();
+    let person = format!("inline-{}@example.com", now.unix_ms());
+    let mut e = sample_event("INL-1", "lead", None, None, "2026-01-01T10:00:00Z");
+    let (ident, _) = bridge_core::identity::normalize(
+        &bridge_core::identity::IdentityInput {
+            email: Some(person.clone()),
+            gclid: Some("G-inline".into()),
+            client_ip_address: Some("203.0.113.9".into()),
+            ..Default::default()
+        },
+        &bridge_core::identity::IdentityContext {
+            default_region: bridge_core::identity::parse_region("US").unwrap(),
+            occurred_at_ms: 0,
+        },
+    );
+    e.identity = ident.clone();
+    store.put_new(&e).await.unwrap();
+    // Rewrite it in the earlier layout: the identity on the event item, no identity item.
+    let pk = AttributeValue::S(format!("EV#{}", e.key));
+    let idn = client
+        .get_item()
+        .table_name(&table)
+        .key("pk", pk.clone())
+        .key("sk", AttributeValue::S("IDENTITY".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item()
+        .and_then(|i| i.get("identity").cloned())
+        .expect("this release writes an identity item");
+    client
+        .update_item()
+        .table_name(&table)
+        .key("pk", pk.clone())
+        .key("sk", AttributeValue::S("EVENT".into()))
+        .update_expression("SET #i = :i")
+        .expression_attribute_names("#i", "identity")
+        .expression_attribute_values(":i", idn)
+        .send()
+        .await
+        .unwrap();
+    client
+        .delete_item()
+        .table_name(&table)
+        .key("pk", pk)
+        .key("sk", AttributeValue::S("IDENTITY".into()))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(store.get(&e.key).await.unwrap().unwrap().identity, ident);
+    assert_eq!(
+        store.get_many(&[e.key.clone()]).await.unwrap()[0].identity,
+        ident
+    );
+    let ClaimOutcome::Claimed(claimed) = store
+        .claim(&e.key, Destination::Meta, now, now.plus_secs(30), None)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(claimed.identity, ident, "the sender gets the identity");
+    let retention = store.retention_candidates(now, 10_000).await.unwrap();
+    assert!(retention.iter().any(|x| x.key == e.key));
+    assert!(
+        store
+            .scrub(&e.key, bridge_core::store::Scrub::Browser, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .scrub(&e.key, bridge_core::store::Scrub::ClickIds, now)
+            .await
+            .unwrap()
+    );
+    let back = store.get(&e.key).await.unwrap().unwrap().identity;
+    assert_eq!(
+        (
+            back.click.client_ip_address,
+            back.click.gclid,
+            back.meta.em.is_some()
+        ),
+        (None, None, true)
+    );
+    let found = store
+        .find_for_erasure(None, &[bridge_core::hashing::sha256_hex(&person)])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(
+        store
+            .scrub(&e.key, bridge_core::store::Scrub::All, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .get(&e.key)
+            .await
+            .unwrap()
+            .unwrap()
+            .identity
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -679,6 +815,10 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
             .identity
             .is_empty()
     );
+    // The CRM sends the webhook again: a duplicate, and the erased identity stays erased.
+    assert_eq!(store.put_new(&p).await.unwrap(), PutOutcome::Duplicate);
+    let back = store.get(&p.key).await.unwrap().unwrap();
+    assert!(back.identity.is_empty());
 
     // First sightings are an atomic minimum.
     let h = format!("hash-{}", now.unix_ms());

@@ -7,6 +7,13 @@
 //!   binaries (half the size of hex: every KB is a write unit).
 //! - `d_<destination>`: that destination's delivery state and log, a map, so a claim or a
 //!   result is one conditional `UpdateItem` on a document path.
+//! - `pk = EV#<key>`, `sk = IDENTITY`: the event's `identity` (hashes, click ids) and
+//!   `source` and `occurred_at` (what the retention and erasure scans filter on), written
+//!   once before the event item and changed only by retention and
+//!   erasure. Kept apart because every claim and result rewrites the event item and is
+//!   billed for its whole size: without the identity (about 600 bytes for a full profile)
+//!   an event item stays within the 1 KB of one write unit. Items written by release 1
+//!   and earlier hold `identity` on the event item; readers take it from there.
 //! - `ord`, `ord_sk`: set on revenue events only, keys of the sparse `by-order-keys` index,
 //!   which projects keys only: a state write changes no key, so it writes nothing there.
 //! - `<destination>_sw`, `<destination>_due`: set only while that destination is open, keys
@@ -45,6 +52,7 @@ pub const SWEEP_SHARDS: u32 = 8;
 const EVENT_SK: &str = "EVENT";
 const ORDER_SK: &str = "ORDER";
 const EVENT_ID_SK: &str = "EVENT_ID";
+const IDENTITY_SK: &str = "IDENTITY";
 /// Revenue events by order id, keys only (see `find_by_order`).
 pub const ORDER_INDEX: &str = "by-order-keys";
 
@@ -76,6 +84,10 @@ fn item_key(pk: String, sk: &str) -> Item {
 
 fn key(event_key: &str) -> Item {
     item_key(pk(event_key), EVENT_SK)
+}
+
+fn identity_key(event_key: &str) -> Item {
+    item_key(pk(event_key), IDENTITY_SK)
 }
 
 fn order_item(order_id: &str) -> Item {
@@ -172,7 +184,8 @@ impl DynamoStore {
         }
     }
 
-    fn to_item(&self, e: &CanonicalEvent) -> Result<Item, StoreError> {
+    /// The event item and its identity item.
+    fn to_item(&self, e: &CanonicalEvent) -> Result<(Item, Item), StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
             key: pk(&e.key),
             reason,
@@ -184,17 +197,35 @@ impl DynamoStore {
         obj.remove("event_id");
         obj.remove("key");
         obj.remove("destinations");
+        // Defaults cost bytes on every write of the item and read back the same without them.
+        if obj.get("event_id_origin") == Some(&Value::String("derived".into())) {
+            obj.remove("event_id_origin");
+        }
         let mut item = key(&e.key);
         if e.key != e.event_id {
             item.insert("event_id".into(), s(e.event_id.clone()));
         }
+        let ttl = AttributeValue::N((e.received_at.unix_secs() + self.retention_secs).to_string());
+        let mut identity = identity_key(&e.key);
+        // What the retention and erasure scans filter on beside the identity.
+        identity.insert("source".into(), s(e.source.clone()));
+        identity.insert("occurred_at".into(), s(e.occurred_at.canonical()));
+        identity.insert("ttl".into(), ttl.clone());
+        if let Some(av) = obj.remove("identity").and_then(|v| to_av(&v, true)) {
+            identity.insert("identity".into(), av);
+        }
         for (k, v) in &obj {
-            if let Some(av) = to_av(v, k == "identity") {
+            if let Some(av) = to_av(v, false) {
                 item.insert(k.clone(), av);
             }
         }
         for (d, state) in &e.destinations {
-            let v = serde_json::to_value(state).map_err(|x| corrupt(x.to_string()))?;
+            let mut v = serde_json::to_value(state).map_err(|x| corrupt(x.to_string()))?;
+            if let Some(m) = v.as_object_mut()
+                && m.get("attempts_base") == Some(&Value::from(0))
+            {
+                m.remove("attempts_base");
+            }
             if let Some(av) = to_av(&v, false) {
                 item.insert(format!("d_{d}"), av);
             }
@@ -210,17 +241,169 @@ impl DynamoStore {
                 s(format!("{}#{}", e.occurred_at.canonical(), e.key)),
             );
         }
-        item.insert(
-            "ttl".into(),
-            AttributeValue::N((e.received_at.unix_secs() + self.retention_secs).to_string()),
-        );
-        Ok(item)
+        item.insert("ttl".into(), ttl);
+        Ok((item, identity))
+    }
+
+    /// Puts the identity item of each event item in `items` that has none of its own (one
+    /// written by this release), read consistently, so `from_item` sees a whole event.
+    async fn attach_identities(&self, items: &mut [Item]) -> Result<(), StoreError> {
+        let wanted: Vec<String> = items
+            .iter()
+            .filter(|i| !i.contains_key("identity"))
+            .filter_map(|i| match i.get("pk") {
+                Some(AttributeValue::S(p)) => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let found = self
+            .batch_get(
+                wanted
+                    .iter()
+                    .map(|p| item_key(p.clone(), IDENTITY_SK))
+                    .collect(),
+            )
+            .await?;
+        let by_pk: HashMap<String, AttributeValue> = found
+            .into_iter()
+            .filter_map(|mut i| match (i.remove("pk"), i.remove("identity")) {
+                (Some(AttributeValue::S(p)), Some(idn)) => Some((p, idn)),
+                _ => None,
+            })
+            .collect();
+        for item in items.iter_mut() {
+            if item.contains_key("identity") {
+                continue;
+            }
+            if let Some(AttributeValue::S(p)) = item.get("pk")
+                && let Some(idn) = by_pk.get(p)
+            {
+                let idn = idn.clone();
+                item.insert("identity".into(), idn);
+            }
+        }
+        Ok(())
+    }
+
+    /// Consistent reads of `keys` (any item kind), 100 per request, unprocessed keys retried.
+    async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(100) {
+            let mut keys: Vec<Item> = chunk.to_vec();
+            // Unprocessed keys come back under throttling; retry them a bounded number of times.
+            for round in 0..8 {
+                if keys.is_empty() {
+                    break;
+                }
+                let ka = KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(unavailable)?;
+                let got = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, ka)
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                out.extend(
+                    got.responses()
+                        .and_then(|r| r.get(&self.table))
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+                keys = got
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.table))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << round)).await;
+                }
+            }
+            if !keys.is_empty() {
+                return Err(StoreError::Unavailable(
+                    "batch read left keys unprocessed after 8 rounds".into(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes `what` from the `identity` of the item at `item_key`, if that item exists;
+    /// `erased_at` (an event item's) records a whole erasure.
+    async fn scrub_item(
+        &self,
+        item_key: Item,
+        what: Scrub,
+        erased_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        const CLICKS: [&str; 6] = ["gclid", "gbraid", "wbraid", "fbc", "fbp", "lead_id"];
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(item_key))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#idn", "identity");
+        let expr = match what {
+            Scrub::Browser => {
+                req = req
+                    .expression_attribute_names("#click", "click")
+                    .expression_attribute_names("#ip", "client_ip_address")
+                    .expression_attribute_names("#ua", "client_user_agent");
+                "REMOVE #idn.#click.#ip, #idn.#click.#ua".to_string()
+            }
+            Scrub::ClickIds => {
+                req = req.expression_attribute_names("#click", "click");
+                let mut paths = Vec::new();
+                for (i, f) in CLICKS.iter().enumerate() {
+                    req = req.expression_attribute_names(format!("#c{i}"), *f);
+                    paths.push(format!("#idn.#click.#c{i}"));
+                }
+                format!("REMOVE {}", paths.join(", "))
+            }
+            Scrub::All => {
+                req = req.expression_attribute_values(":empty", AttributeValue::M(HashMap::new()));
+                match erased_at {
+                    Some(now) => {
+                        req = req
+                            .expression_attribute_names("#erased", "erased_at")
+                            .expression_attribute_values(":now", s(now.canonical()));
+                        "SET #idn = :empty, #erased = :now".to_string()
+                    }
+                    None => "SET #idn = :empty".to_string(),
+                }
+            }
+        };
+        match req.update_expression(expr).send().await {
+            Ok(_) => Ok(true),
+            Err(e) if conditional_failed(&e) => Ok(false),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// One event item, whole (with its identity), or None.
+    async fn whole(
+        &self,
+        item: &Item,
+        now: Timestamp,
+    ) -> Result<Option<CanonicalEvent>, StoreError> {
+        let mut items = [item.clone()];
+        self.attach_identities(&mut items).await?;
+        from_item(&items[0], now)
     }
 }
 
 impl DynamoStore {
-    /// Every event item matching `filter` (with `:ev` bound to the event sort key), page by
-    /// page, until `limit` are found; `bind` adds the filter's names and values.
+    /// Every event matching `filter` (with `:ev` bound to the event sort key and `:idk` to the
+    /// identity item's), page by page, until `limit` are found; `bind` adds the filter's names
+    /// and values. A match on either item of an event reads the whole event.
     async fn scan_events(
         &self,
         filter: &str,
@@ -229,8 +412,7 @@ impl DynamoStore {
             aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
         ) -> aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
     ) -> Result<Vec<CanonicalEvent>, StoreError> {
-        let now = Timestamp::now();
-        let mut out = Vec::new();
+        let mut keys: Vec<String> = Vec::new();
         let mut start: Option<Item> = None;
         loop {
             let q = self
@@ -238,17 +420,26 @@ impl DynamoStore {
                 .scan()
                 .table_name(&self.table)
                 .filter_expression(filter)
+                .projection_expression("pk")
                 .expression_attribute_values(":ev", s(EVENT_SK))
                 .set_exclusive_start_key(start);
+            let q = if filter.contains(":idk") {
+                q.expression_attribute_values(":idk", s(IDENTITY_SK))
+            } else {
+                q
+            };
             let page = bind(q).send().await.map_err(unavailable)?;
             for item in page.items() {
-                if let Some(e) = from_item(item, now)? {
-                    out.push(e);
+                if let Some(AttributeValue::S(p)) = item.get("pk")
+                    && let Some(k) = p.strip_prefix("EV#")
+                    && !keys.iter().any(|x| x == k)
+                {
+                    keys.push(k.to_string());
                 }
             }
             start = page.last_evaluated_key().cloned();
-            if start.is_none() || out.len() >= limit {
-                return Ok(out);
+            if start.is_none() || keys.len() >= limit {
+                return self.get_many(&keys).await;
             }
         }
     }
@@ -354,7 +545,7 @@ fn from_item(item: &Item, now: Timestamp) -> Result<Option<CanonicalEvent>, Stor
 #[async_trait]
 impl EventStore for DynamoStore {
     async fn put_new(&self, event: &CanonicalEvent) -> Result<PutOutcome, StoreError> {
-        let item = self.to_item(event)?;
+        let (item, identity) = self.to_item(event)?;
         let mut conflict = None;
         if event.event_id_origin == EventIdOrigin::Provided && event.key != event.event_id {
             match self.reserve_event_id(event).await? {
@@ -373,6 +564,28 @@ impl EventStore for DynamoStore {
                 Reservation::Ours => {}
                 Reservation::Other(src) => conflict = Some(src),
             }
+        }
+        // The identity first, so an event item never exists without it (a crash between the
+        // two leaves an identity item the webhook's retry finds and keeps). Only if absent:
+        // an erased identity must not come back with a replayed webhook.
+        let r = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(identity))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        if let Err(e) = r
+            && !conditional_failed(&e)
+        {
+            return Err(match too_large(&e) {
+                Some(reason) => StoreError::TooLarge {
+                    key: event.key.clone(),
+                    reason,
+                },
+                None => unavailable(e),
+            });
         }
         let r = self
             .client
@@ -409,59 +622,46 @@ impl EventStore for DynamoStore {
             .await
             .map_err(unavailable)?;
         match out.item() {
-            Some(item) => from_item(item, Timestamp::now()),
+            Some(item) => self.whole(item, Timestamp::now()).await,
             None => Ok(None),
         }
     }
 
     async fn get_many(&self, keys: &[String]) -> Result<Vec<CanonicalEvent>, StoreError> {
         let now = Timestamp::now();
-        let mut found = HashMap::new();
         let mut unique: Vec<&String> = keys.iter().collect();
         unique.sort();
         unique.dedup();
-        for chunk in unique.chunks(100) {
-            let mut keys: Vec<Item> = chunk.iter().map(|id| key(id)).collect();
-            // Unprocessed keys come back under throttling; retry them a bounded number of times.
-            for round in 0..8 {
-                if keys.is_empty() {
-                    break;
+        // Each event's two items in the same requests.
+        let wanted: Vec<Item> = unique
+            .iter()
+            .flat_map(|k| [key(k), identity_key(k)])
+            .collect();
+        let mut events: HashMap<String, Item> = HashMap::new();
+        let mut identities: HashMap<String, AttributeValue> = HashMap::new();
+        for mut item in self.batch_get(wanted).await? {
+            let (Some(AttributeValue::S(p)), Some(AttributeValue::S(sk))) =
+                (item.get("pk").cloned(), item.get("sk").cloned())
+            else {
+                continue;
+            };
+            if sk == IDENTITY_SK {
+                if let Some(idn) = item.remove("identity") {
+                    identities.insert(p, idn);
                 }
-                let ka = KeysAndAttributes::builder()
-                    .set_keys(Some(keys))
-                    .consistent_read(true)
-                    .build()
-                    .map_err(unavailable)?;
-                let out = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table, ka)
-                    .send()
-                    .await
-                    .map_err(unavailable)?;
-                for item in out
-                    .responses()
-                    .and_then(|r| r.get(&self.table))
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(e) = from_item(item, now)? {
-                        found.insert(e.key.clone(), e);
-                    }
-                }
-                keys = out
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&self.table))
-                    .map(|k| k.keys().to_vec())
-                    .unwrap_or_default();
-                if !keys.is_empty() {
-                    tokio::time::sleep(std::time::Duration::from_millis(20 << round)).await;
-                }
+            } else {
+                events.insert(p, item);
             }
-            if !keys.is_empty() {
-                return Err(StoreError::Unavailable(
-                    "batch read left keys unprocessed after 8 rounds".into(),
-                ));
+        }
+        let mut found = HashMap::new();
+        for (p, mut item) in events {
+            if !item.contains_key("identity")
+                && let Some(idn) = identities.remove(&p)
+            {
+                item.insert("identity".into(), idn);
+            }
+            if let Some(e) = from_item(&item, now)? {
+                found.insert(e.key.clone(), e);
             }
         }
         Ok(keys
@@ -563,12 +763,10 @@ impl EventStore for DynamoStore {
                 .expression_attribute_values(":redrive", AttributeValue::N(token.to_string()));
         }
         match req.send().await {
-            Ok(out) => match out
-                .attributes()
-                .map(|a| from_item(a, now))
-                .transpose()?
-                .flatten()
-            {
+            Ok(out) => match match out.attributes() {
+                Some(a) => self.whole(a, now).await?,
+                None => None,
+            } {
                 Some(e) => Ok(ClaimOutcome::Claimed(Box::new(e))),
                 None => Ok(ClaimOutcome::Missing),
             },
@@ -582,6 +780,8 @@ impl EventStore for DynamoStore {
                 let Some(old) = ccf.item() else {
                     return Ok(ClaimOutcome::Missing);
                 };
+                // Nothing is sent for a refused claim: the event comes without its identity
+                // (no read of the identity item).
                 match from_item(old, now)? {
                     Some(e) => match e.destinations.get(&destination) {
                         Some(state) => Ok(ClaimOutcome::Refused(
@@ -615,10 +815,6 @@ impl EventStore for DynamoStore {
             .ok_or_else(|| corrupt("log does not serialize"))?;
         let mut set = vec!["#d.#st = :st", "#d.#upd = :now", "#d.#log = :log"];
         let mut remove = vec!["#d.#lease"];
-        if t.scrub_browser {
-            remove.push("#idn.#click.#ip");
-            remove.push("#idn.#click.#ua");
-        }
         let mut req = self
             .client
             .update_item()
@@ -675,13 +871,6 @@ impl EventStore for DynamoStore {
                 .expression_attribute_values(":zero", AttributeValue::N("0".into()))
                 .expression_attribute_values(":one", AttributeValue::N("1".into()));
         }
-        if t.scrub_browser {
-            req = req
-                .expression_attribute_names("#idn", "identity")
-                .expression_attribute_names("#click", "click")
-                .expression_attribute_names("#ip", "client_ip_address")
-                .expression_attribute_names("#ua", "client_user_agent");
-        }
         let probe = DestinationState {
             status: t.status,
             next_attempt_at: t.next_attempt_at,
@@ -702,7 +891,16 @@ impl EventStore for DynamoStore {
         }
         let expr = format!("SET {} REMOVE {}", set.join(", "), remove.join(", "));
         match req.update_expression(expr).send().await {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                // The browser data lives on the identity item, another write; if this one
+                // fails, the retention run finds the data and removes it.
+                if t.scrub_browser
+                    && let Err(e) = self.scrub(event_key, Scrub::Browser, t.now).await
+                {
+                    tracing::warn!(key = %event_key, destination = %destination, error = %e, result = "scrub_deferred", "browser data left for the retention run");
+                }
+                Ok(true)
+            }
             Err(e) if conditional_failed(&e) => Ok(false),
             Err(e) => match too_large(&e) {
                 Some(reason) => Err(StoreError::TooLarge {
@@ -788,43 +986,25 @@ impl EventStore for DynamoStore {
         what: Scrub,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        const CLICKS: [&str; 6] = ["gclid", "gbraid", "wbraid", "fbc", "fbp", "lead_id"];
-        let mut req = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key(event_key)))
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_names("#idn", "identity");
-        let expr = match what {
-            Scrub::Browser => {
-                req = req
-                    .expression_attribute_names("#click", "click")
-                    .expression_attribute_names("#ip", "client_ip_address")
-                    .expression_attribute_names("#ua", "client_user_agent");
-                "REMOVE #idn.#click.#ip, #idn.#click.#ua".to_string()
-            }
-            Scrub::ClickIds => {
-                req = req.expression_attribute_names("#click", "click");
-                let mut paths = Vec::new();
-                for (i, f) in CLICKS.iter().enumerate() {
-                    req = req.expression_attribute_names(format!("#c{i}"), *f);
-                    paths.push(format!("#idn.#click.#c{i}"));
+        // The identity item (this release's events), else the event item (earlier ones).
+        match self.scrub_item(identity_key(event_key), what, None).await? {
+            true => {
+                if what == Scrub::All {
+                    self.client
+                        .update_item()
+                        .table_name(&self.table)
+                        .set_key(Some(key(event_key)))
+                        .condition_expression("attribute_exists(pk)")
+                        .update_expression("SET #erased = :now")
+                        .expression_attribute_names("#erased", "erased_at")
+                        .expression_attribute_values(":now", s(now.canonical()))
+                        .send()
+                        .await
+                        .map_err(unavailable)?;
                 }
-                format!("REMOVE {}", paths.join(", "))
+                Ok(true)
             }
-            Scrub::All => {
-                req = req
-                    .expression_attribute_names("#erased", "erased_at")
-                    .expression_attribute_values(":empty", AttributeValue::M(HashMap::new()))
-                    .expression_attribute_values(":now", s(now.canonical()));
-                "SET #idn = :empty, #erased = :now".to_string()
-            }
-        };
-        match req.update_expression(expr).send().await {
-            Ok(_) => Ok(true),
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(unavailable(e)),
+            false => self.scrub_item(key(event_key), what, Some(now)).await,
         }
     }
 
@@ -833,7 +1013,7 @@ impl EventStore for DynamoStore {
         clicks_before: Timestamp,
         limit: usize,
     ) -> Result<Vec<CanonicalEvent>, StoreError> {
-        let filter = "sk = :ev AND (attribute_exists(#idn.#click.#ip) \
+        let filter = "(sk = :ev OR sk = :idk) AND (attribute_exists(#idn.#click.#ip) \
              OR attribute_exists(#idn.#click.#ua) \
              OR (occurred_at < :before AND (attribute_exists(#idn.#click.#c0) \
                  OR attribute_exists(#idn.#click.#c1) OR attribute_exists(#idn.#click.#c2) \
@@ -882,8 +1062,8 @@ impl EventStore for DynamoStore {
         }
         // DynamoDB refuses redundant parentheses: one term stands as it is.
         let filter = match terms.as_slice() {
-            [one] => format!("sk = :ev AND {one}"),
-            many => format!("sk = :ev AND ({})", many.join(" OR ")),
+            [one] => format!("(sk = :ev OR sk = :idk) AND {one}"),
+            many => format!("(sk = :ev OR sk = :idk) AND ({})", many.join(" OR ")),
         };
         self.scan_events(&filter, usize::MAX, |mut q| {
             if !values.is_empty() || entity.is_some() {

@@ -26,9 +26,12 @@ pub fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
 }
 
-/// AWS SDK config for the emulator, with dummy credentials when none are set.
+/// AWS SDK config for the emulator, with dummy credentials when none are set. Its requests
+/// say `app/bridge-devstack` in their user agent, so the emulator's cost meter tells the test
+/// harness and the emulated event source mappings from the bridge's functions.
 pub async fn sdk_config() -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .app_name(aws_config::AppName::new("bridge-devstack").expect("a valid app name"))
         .http_client(bridge_aws::clients::http_client())
         .endpoint_url(endpoint())
         .region(Region::new(
