@@ -14,11 +14,16 @@ async fn main() -> Result<(), Error> {
     let ssm = bridge_aws::clients::ssm(&aws);
     let token_param =
         env("META_ACCESS_TOKEN_PARAMETER").ok_or("META_ACCESS_TOKEN_PARAMETER is required")?;
-    let access_token = bridge_aws::clients::parameter(&ssm, &token_param).await?;
-    let app_secret = match env("META_APP_SECRET_PARAMETER") {
-        Some(p) => Some(bridge_aws::clients::parameter(&ssm, &p).await?),
-        None => None,
-    };
+    let secret_param = env("META_APP_SECRET_PARAMETER");
+    // Both secrets in one request: each SSM round trip is paid by every cold start.
+    let names: Vec<&str> = std::iter::once(token_param.as_str())
+        .chain(secret_param.as_deref())
+        .collect();
+    let mut values = bridge_aws::clients::parameters(&ssm, &names).await?;
+    let access_token = values
+        .remove(&token_param)
+        .ok_or("META_ACCESS_TOKEN_PARAMETER has no value")?;
+    let app_secret = secret_param.and_then(|p| values.remove(&p));
     let cfg = MetaConfig {
         base_url: settings.endpoints.meta_graph_base_url.clone(),
         api_version: settings.endpoints.meta_api_version.clone(),

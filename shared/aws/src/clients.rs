@@ -81,3 +81,36 @@ pub async fn parameter(
         .unwrap_or_default()
         .to_string())
 }
+
+/// What reading named parameters found wrong: a name SSM does not have (named, since
+/// parameter names are configuration, not secrets), or the call itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ParameterError {
+    #[error("SSM parameter {0} does not exist")]
+    Missing(String),
+    #[error("SSM GetParameters failed")]
+    Ssm(#[from] aws_sdk_ssm::Error),
+}
+
+/// Several parameters' decrypted values in one request (SSM takes up to 10 names), keyed by
+/// name: one round trip of the init instead of one per secret.
+pub async fn parameters(
+    client: &aws_sdk_ssm::Client,
+    names: &[&str],
+) -> Result<std::collections::HashMap<String, String>, ParameterError> {
+    let out = client
+        .get_parameters()
+        .set_names(Some(names.iter().map(|n| n.to_string()).collect()))
+        .with_decryption(true)
+        .send()
+        .await
+        .map_err(aws_sdk_ssm::Error::from)?;
+    if let Some(missing) = out.invalid_parameters().first() {
+        return Err(ParameterError::Missing(missing.clone()));
+    }
+    Ok(out
+        .parameters()
+        .iter()
+        .filter_map(|p| Some((p.name()?.to_string(), p.value()?.to_string())))
+        .collect())
+}

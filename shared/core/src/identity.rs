@@ -672,6 +672,73 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
+    /// phonenumber's patterns are built through the vendored regex-cache, which no longer
+    /// parses them at load (shared/regex-cache/README.md): compile every one of them here,
+    /// with the options phonenumber gives them, so an invalid pattern fails CI, not a request.
+    #[test]
+    fn every_phone_metadata_pattern_compiles() {
+        use phonenumber::metadata::{DATABASE, Descriptor, Format};
+        let mut patterns: Vec<(String, String)> = Vec::new();
+        for m in DATABASE.iter() {
+            let mut add = |what: &str, src: &str| {
+                patterns.push((format!("{} {what}", m.id()), src.to_string()))
+            };
+            let d = m.descriptors();
+            let descriptors: Vec<(&str, Option<&Descriptor>)> = vec![
+                ("general", Some(d.general())),
+                ("fixed_line", d.fixed_line()),
+                ("mobile", d.mobile()),
+                ("toll_free", d.toll_free()),
+                ("premium_rate", d.premium_rate()),
+                ("shared_cost", d.shared_cost()),
+                ("personal_number", d.personal_number()),
+                ("voip", d.voip()),
+                ("pager", d.pager()),
+                ("uan", d.uan()),
+                ("emergency", d.emergency()),
+                ("voicemail", d.voicemail()),
+                ("short_code", d.short_code()),
+                ("standard_rate", d.standard_rate()),
+                ("carrier", d.carrier()),
+                ("no_international", d.no_international()),
+            ];
+            for (name, desc) in descriptors {
+                if let Some(desc) = desc {
+                    add(name, desc.national_number().as_str());
+                }
+            }
+            let formats: Vec<&Format> = m
+                .formats()
+                .iter()
+                .chain(m.international_formats())
+                .collect();
+            for f in formats {
+                add("format", f.pattern().as_str());
+                for l in f.leading_digits() {
+                    add("format leading digits", l.as_str());
+                }
+            }
+            if let Some(r) = m.international_prefix() {
+                add("international prefix", r.as_str());
+            }
+            if let Some(r) = m.national_prefix_for_parsing() {
+                add("national prefix for parsing", r.as_str());
+            }
+            if let Some(r) = m.leading_digits() {
+                add("leading digits", r.as_str());
+            }
+        }
+        assert!(patterns.len() > 2_000, "{} patterns", patterns.len());
+        for (what, src) in &patterns {
+            if let Err(e) = regex::RegexBuilder::new(src)
+                .ignore_whitespace(true)
+                .build()
+            {
+                panic!("{what}: {e}");
+            }
+        }
+    }
+
     fn ctx(region: &str) -> IdentityContext {
         IdentityContext {
             default_region: parse_region(region).unwrap(),

@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const META_TOKEN: &str = "e2e-meta-token";
+/// The Meta app secret: the fake Meta then requires `appsecret_proof` on every request.
+pub const META_APP_SECRET: &str = "e2e-meta-app-secret";
 pub const HUBSPOT_TOKEN: &str = "e2e-hubspot-token";
 pub const SECRET: &str = "e2e-signing-secret";
 pub const HUBSPOT_APP_SECRET: &str = "e2e-hubspot-app-secret";
@@ -59,11 +61,13 @@ impl LocalBridge {
         extra_env: &[(&str, &str)],
     ) -> LocalBridge {
         let meta = FakeMeta::start(META_TOKEN).await;
+        meta.set_app_secret(Some(META_APP_SECRET));
         let google = FakeGoogle::start().await;
         let hubspot = FakeHubSpot::start(HUBSPOT_TOKEN).await;
         let prefix = format!("/e2e/{test}-{}", std::process::id());
         let secrets_path = format!("{prefix}/webhooks");
         let meta_param = format!("{prefix}/meta-token");
+        let meta_secret_param = format!("{prefix}/meta-app-secret");
         let google_param = format!("{prefix}/google");
         let mut all: Vec<(String, String)> = vec![
             ("MetaGraphBaseUrl".into(), meta.base_url.clone()),
@@ -75,6 +79,7 @@ impl LocalBridge {
             ("HubSpotPortalId".into(), "62515".into()),
             ("WebhookSecretsParameterPath".into(), secrets_path.clone()),
             ("MetaAccessTokenParameter".into(), meta_param.clone()),
+            ("MetaAppSecretParameter".into(), meta_secret_param.clone()),
             ("GoogleCredentialsParameter".into(), google_param.clone()),
             ("MetaBatchingWindowSeconds".into(), "1".into()),
             ("GoogleBatchingWindowSeconds".into(), "1".into()),
@@ -100,6 +105,7 @@ impl LocalBridge {
         let ssm = aws_sdk_ssm::Client::new(&aws);
         let mut params = vec![
             (meta_param, META_TOKEN.to_string()),
+            (meta_secret_param, META_APP_SECRET.to_string()),
             (google_param, google.credentials_json()),
             (
                 format!("{secrets_path}/hubspot-token"),
@@ -357,10 +363,16 @@ impl LocalBridge {
     /// Every secret this bridge was configured with, and every OAuth access token the fake
     /// Google issued to it.
     pub fn secrets(&self) -> Vec<String> {
-        let mut all: Vec<String> = [META_TOKEN, HUBSPOT_TOKEN, SECRET, HUBSPOT_APP_SECRET]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut all: Vec<String> = [
+            META_TOKEN,
+            META_APP_SECRET,
+            HUBSPOT_TOKEN,
+            SECRET,
+            HUBSPOT_APP_SECRET,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         all.extend([
             self.google.client_secret.clone(),
             self.google.refresh_token.clone(),

@@ -79,6 +79,10 @@ struct Shared {
     cold_starts: AtomicU64,
     /// Peak resident memory seen per instance (kB), from /proc.
     peak_rss_kb: AtomicU64,
+    /// When each instance's current process started, until its first `next`.
+    spawned_at: Mutex<HashMap<usize, std::time::Instant>>,
+    /// Process start to first `next` of every process started (Lambda's Init Duration).
+    init_ms: Mutex<Vec<f64>>,
 }
 
 /// One function: its instances and the handle to invoke it.
@@ -99,6 +103,15 @@ struct Instance {
 
 async fn next(State(inst): State<Arc<Instance>>) -> Response {
     let s = &inst.shared;
+    if let Some(at) = s
+        .spawned_at
+        .lock()
+        .ok()
+        .and_then(|mut m| m.remove(&inst.index))
+        && let Ok(mut v) = s.init_ms.lock()
+    {
+        v.push(at.elapsed().as_secs_f64() * 1000.0);
+    }
     let mut restarted = inst.generation.subscribe();
     let inv = tokio::select! {
         inv = async {
@@ -201,6 +214,8 @@ impl Function {
             stopped: AtomicBool::new(false),
             sink,
             cold_starts: AtomicU64::new(0),
+            spawned_at: Mutex::new(HashMap::new()),
+            init_ms: Mutex::new(Vec::new()),
             peak_rss_kb: AtomicU64::new(0),
         });
         for index in 0..spec.instances.max(1) {
@@ -323,6 +338,16 @@ impl Function {
         }
     }
 
+    /// Process start to first `next` (the runtime ready for work: Lambda's Init Duration), in
+    /// ms, of every process this function started.
+    pub fn init_durations_ms(&self) -> Vec<f64> {
+        self.shared
+            .init_ms
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
+    }
+
     pub fn cold_starts(&self) -> u64 {
         self.shared.cold_starts.load(Ordering::Relaxed)
     }
@@ -379,6 +404,7 @@ async fn supervise(inst: Arc<Instance>, api: String) {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let spawned = std::time::Instant::now();
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -391,6 +417,9 @@ async fn supervise(inst: Arc<Instance>, api: String) {
             }
         };
         s.cold_starts.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = s.spawned_at.lock() {
+            m.insert(inst.index, spawned);
+        }
         if let Some(pid) = child.id()
             && let Ok(mut p) = s.pids.lock()
         {
