@@ -174,7 +174,8 @@ pub struct BatchReport {
     /// SQS message ids to list in `batchItemFailures`: they stay on the queue.
     pub failures: Vec<String>,
     pub results: BTreeMap<String, PairResult>,
-    /// Configuration errors that need a person (bad token, terms not accepted).
+    /// Configuration errors that need a person (bad token, terms not accepted): distinct
+    /// error codes, so one refused request of 2,000 events is one, not 2,000.
     pub alerts: usize,
 }
 
@@ -205,6 +206,8 @@ struct Routing {
     report: BatchReport,
     visibility: Vec<(String, Duration)>,
     dead: Vec<(String, DeadLetter)>,
+    /// The configuration error codes seen in this batch (`report.alerts` counts them).
+    alert_codes: std::collections::BTreeSet<String>,
 }
 
 impl Routing {
@@ -536,6 +539,7 @@ pub async fn process_batch<P: Platform>(
         mut report,
         visibility,
         dead,
+        ..
     } = routing;
     if !dead.is_empty() {
         let failed = queue
@@ -620,10 +624,14 @@ async fn record<I>(
         for (i, transition, route, result, kept, alert) in results {
             let c = &claimed[i];
             let mid = c.record.message_id.as_str();
-            if alert {
+            let err = transition.error.as_ref();
+            if alert
+                && routing
+                    .alert_codes
+                    .insert(err.map_or_else(String::new, |e| e.code.clone()))
+            {
                 routing.report.alerts += 1;
             }
-            let err = transition.error.as_ref();
             tracing::info!(
                 event_id = %c.event.event_id,
                 order_id = c.event.order_id.as_deref().unwrap_or(""),
@@ -1209,6 +1217,36 @@ mod tests {
 
     fn state(store: &MemoryStore, key: &str) -> DestinationState {
         store.get_sync(key).destinations[&Destination::Meta].clone()
+    }
+
+    #[tokio::test]
+    async fn configuration_errors_count_once_per_code_not_per_event() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let ids = [
+            stored(&store, "A").await,
+            stored(&store, "B").await,
+            stored(&store, "C").await,
+        ];
+        let refused = |code: &str| Outcome::Rejected {
+            error: e(code),
+            dead_letter: true,
+            alert: true,
+        };
+        let mut p = Scripted::new(vec![
+            refused("terms_not_signed"),
+            refused("terms_not_signed"),
+            refused("meta_190"),
+        ]);
+        p.max = 1;
+        let records: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| record(n, id))
+            .collect();
+        let r = process_batch(records, &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(r.alerts, 2, "two codes, one of them on two events");
+        assert_eq!(r.count(PairResult::DeadLetter), 3);
     }
 
     #[tokio::test]

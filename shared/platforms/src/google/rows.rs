@@ -190,10 +190,13 @@ pub fn build_item(
     if e.occurred_at.secs_since(&now) > 60 {
         return Err(err("event_in_future", "occurred_at is in the future"));
     }
+    // The attempt in this retry budget: claims that only waited (a refund for its won) and
+    // attempts before an operator's redrive do not count, so CONVERSION_NOT_FOUND's few tries
+    // are real tries.
     let attempt = e
         .destinations
         .get(&Destination::Google)
-        .map_or(1, |s| s.attempts.max(1));
+        .map_or(1, |s| s.attempts_in_budget().max(1));
     if e.event_name == EventName::Refund {
         return build_adjustment(e, order, g, now, attempt);
     }
@@ -503,6 +506,38 @@ mod tests {
         let mut m = Mapping::bundled().unwrap();
         m.google.as_mut().unwrap().backend = backend;
         m
+    }
+
+    #[test]
+    fn a_rows_attempt_counts_only_real_tries_in_this_budget() {
+        let m = mapping(GoogleBackend::AdsApi);
+        let mut w = event(
+            won(json!({"gclid": "Cj0"})),
+            Some(DeliveryStatus::Delivered),
+        );
+        w.destinations.get_mut(&Destination::Google).unwrap().log =
+            vec![bridge_core::delivery::DeliveryLogEntry {
+                attempt: 1,
+                result: bridge_core::delivery::PairResult::Delivered,
+                request_at: now(),
+                response_at: now(),
+                error: None,
+                platform_ref: None,
+                sent_as: None,
+            }];
+        let mut r = event(
+            refund(10.0, "2026-11-27T12:00:00Z"),
+            Some(DeliveryStatus::Sending),
+        );
+        let state = r.destinations.get_mut(&Destination::Google).unwrap();
+        // Six claims: three only waited for the won, two went before a redrive, one is now.
+        state.attempts = 6;
+        state.attempts_base = 5;
+        let item = build_item(&r, &[w.clone()], &m, now()).unwrap();
+        assert_eq!(item.attempt, 1);
+        let state = r.destinations.get_mut(&Destination::Google).unwrap();
+        state.attempts_base = 2;
+        assert_eq!(build_item(&r, &[w], &m, now()).unwrap().attempt, 4);
     }
 
     #[test]
