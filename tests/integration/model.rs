@@ -3,9 +3,13 @@
 //! source, consent denied) with platform faults (server errors, answers that time out after the
 //! platform accepted, senders killed between their send and their status write) run through the
 //! real ingest and delivery pipeline with the in-memory store and queue, against the strict fake
-//! Meta and Google. Scored on what the fakes count, never on our own state:
+//! Meta and Google (its Ads API, or for about a third of the cases its Data Manager API, which
+//! processes asynchronously and overwrites by transactionId). Scored on what the fakes count,
+//! never on our own state:
 //! - every order that reached a platform is counted there once, under one event id;
-//! - Meta's Purchase value is the won; Google's counted value is the won minus every refund;
+//! - Meta's Purchase value is the won; Google's counted value is the won minus every refund
+//!   (through Data Manager, once Google has processed every request; a full refund leaves the
+//!   conversion at 0, as Data Manager cannot retract);
 //! - an order the system of record did not grant consent for, or another source's won, reaches
 //!   no platform, and its pairs say why;
 //! - every pair ends in a terminal state.
@@ -72,6 +76,9 @@ struct History {
     batches: usize,
     /// Faults per delivery round, for (Meta, Google).
     faults: Vec<(Option<FaultKind>, Option<FaultKind>)>,
+    /// Google through the Data Manager API (transactionId overwrites, asynchronous
+    /// processing, refunds held until the won's request is confirmed) instead of the Ads API.
+    data_manager: bool,
 }
 
 fn deal() -> impl Strategy<Value = Deal> {
@@ -122,11 +129,13 @@ fn history() -> impl Strategy<Value = History> {
         prop::collection::vec(deal(), 1..5),
         1usize..4,
         prop::collection::vec((fault(), fault()), 0..4),
+        prop::bool::weighted(0.35),
     )
-        .prop_map(|(deals, batches, faults)| History {
+        .prop_map(|(deals, batches, faults, data_manager)| History {
             deals,
             batches,
             faults,
+            data_manager,
         })
 }
 
@@ -141,6 +150,8 @@ struct World {
     meta: FakeMeta,
     google: FakeGoogle,
     mapping: Mapping,
+    /// The same mapping with Google through Data Manager.
+    mapping_dm: Mapping,
     rt: tokio::runtime::Runtime,
     case: AtomicUsize,
     /// What the cases exercised, printed at the end (so a run shows it tested something).
@@ -197,10 +208,15 @@ impl World {
         if let Some(g) = mapping.google.as_mut() {
             g.backend = GoogleBackend::AdsApi;
         }
+        let mut mapping_dm = mapping.clone();
+        if let Some(g) = mapping_dm.google.as_mut() {
+            g.backend = GoogleBackend::DataManager;
+        }
         World {
             meta,
             google,
             mapping,
+            mapping_dm,
             rt,
             case: AtomicUsize::new(0),
             stats: Default::default(),
@@ -224,7 +240,7 @@ impl World {
         )
     }
 
-    fn google_platform(&self) -> Result<GooglePlatform, TestCaseError> {
+    fn google_platform(&self, mapping: &Mapping) -> Result<GooglePlatform, TestCaseError> {
         let cfg = GoogleConfig {
             ads_base_url: self.google.base_url.clone(),
             ads_api_version: "v26".into(),
@@ -239,7 +255,7 @@ impl World {
         Ok(GooglePlatform::new(
             bridge_platforms::http::client().expect("HTTP client"),
             cfg,
-            self.mapping.clone(),
+            mapping.clone(),
         ))
     }
 
@@ -307,8 +323,13 @@ impl World {
             default_region: parse_region("US").ok_or_else(|| fail("US".into()))?,
             max_future_skew_secs: 300,
         };
+        let mapping = if h.data_manager {
+            &self.mapping_dm
+        } else {
+            &self.mapping
+        };
         let meta = self.meta_platform();
-        let google = self.google_platform()?;
+        let google = self.google_platform(mapping)?;
         let pcfg = pipeline();
         // The CRM history happened over the last two days; the bridge's clock starts now.
         let start = Timestamp::now().minus_secs(48 * 3600);
@@ -365,7 +386,7 @@ impl World {
                 by_source.entry(source).or_default().push(item);
             }
             for (source, items) in by_source {
-                let r = ingest(items, source, &self.mapping, &cfg, now, &store, &queue).await;
+                let r = ingest(items, source, mapping, &cfg, now, &store, &queue).await;
                 for item in &r.results {
                     prop_assert!(item.errors.is_empty(), "ingest refused an item: {item:?}");
                 }
@@ -402,12 +423,16 @@ impl World {
         h: &History,
         events: &[CanonicalEvent],
     ) -> Result<(), TestCaseError> {
-        let terminal = [
+        let mut terminal = vec![
             DeliveryStatus::Delivered,
             DeliveryStatus::BlockedConsent,
             DeliveryStatus::RejectedNotSystemOfRecord,
             DeliveryStatus::DuplicateOrder,
         ];
+        if h.data_manager {
+            // A full refund restated to 0 (Data Manager cannot retract).
+            terminal.push(DeliveryStatus::RetractionUnsupported);
+        }
         for e in events {
             for (d, s) in &e.destinations {
                 prop_assert!(
@@ -452,6 +477,19 @@ impl World {
                 *per_order.entry(o.clone()).or_default() += 1;
             }
         }
+        // Data Manager: what Google holds once it has processed every request, one
+        // conversion per (account, action, transactionId) at its latest value.
+        let mut dm: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        if h.data_manager {
+            self.google.dm_complete_all();
+            for (k, c) in self.google.dm_conversions() {
+                if k.transaction_id.starts_with(&prefix) {
+                    let e = dm.entry(k.transaction_id.clone()).or_insert((0, 0.0));
+                    e.0 += 1;
+                    e.1 = c.value.unwrap_or(f64::NAN);
+                }
+            }
+        }
         if let Ok(mut st) = self.stats.lock() {
             for (k, f) in &h.faults {
                 for f in [k, f].into_iter().flatten() {
@@ -470,6 +508,7 @@ impl World {
                     }
                 };
                 add("orders", true);
+                add("orders through Data Manager", h.data_manager);
                 add("orders with consent denied", !d.consent);
                 add("re-won orders", d.rewon);
                 add("refunds", !d.refunds.is_empty());
@@ -489,12 +528,29 @@ impl World {
             if !d.consent {
                 prop_assert!(!meta_ids.contains_key(&order), "{order}: denied, at Meta");
                 prop_assert!(!google.contains_key(&order), "{order}: denied, at Google");
+                prop_assert!(!dm.contains_key(&order), "{order}: denied, at Data Manager");
                 continue;
             }
             // Meta: one Purchase id per order, at the won's value (refunds are their own events).
             let ids = meta_ids.get(&order).cloned().unwrap_or_default();
             prop_assert_eq!(ids.len(), 1, "{}: Meta Purchase ids {:?}", order, ids);
             prop_assert_eq!(meta_value.get(&order).copied(), Some(f64::from(d.value)));
+            let want = won_cents.saturating_sub(refunded);
+            if h.data_manager {
+                // Data Manager: one conversion per transaction, overwritten by each
+                // restatement; a full refund leaves it at 0 (it cannot retract).
+                prop_assert!(!google.contains_key(&order), "{order}: through the Ads API");
+                let (count, value) = dm.get(&order).copied().unwrap_or((0, f64::NAN));
+                prop_assert_eq!(count, 1, "{}: Data Manager conversions", order);
+                prop_assert!(
+                    (value * 100.0 - want as f64).abs() < 0.5,
+                    "{}: Data Manager value {} want {}",
+                    order,
+                    value,
+                    want as f64 / 100.0
+                );
+                continue;
+            }
             // Google: one conversion per order, worth the won minus every refund; a full
             // refund is a retraction (counted zero).
             prop_assert_eq!(
@@ -508,7 +564,6 @@ impl World {
             let c = c
                 .cloned()
                 .ok_or_else(|| TestCaseError::fail(order.clone()))?;
-            let want = won_cents.saturating_sub(refunded);
             if want == 0 {
                 prop_assert!(c.retracted, "{}: fully refunded, not retracted", order);
             } else {
