@@ -635,6 +635,38 @@ async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased()
     );
 }
 
+/// The reconciliation report's read: the events of a business-time period, from the table
+/// and from the in-memory store alike (the report reads no identifier, so the DynamoDB store
+/// leaves the identity item unread).
+#[tokio::test]
+async fn events_of_a_period_are_read_for_the_report() {
+    let dynamo = dynamo("period").await;
+    let memory = MemoryStore::new();
+    let stores: [&dyn EventStore; 2] = [&dynamo, &memory];
+    for store in stores {
+        for (entity, at) in [
+            ("PER-1", "2026-11-01T09:59:59Z"),
+            ("PER-2", "2026-11-01T10:00:00Z"),
+            ("PER-3", "2026-11-02T09:59:59Z"),
+            ("PER-4", "2026-11-02T10:00:00Z"),
+        ] {
+            let e = sample_event(entity, "won", Some(entity), Some(10.0), at);
+            store.put_new(&e).await.unwrap();
+        }
+        let from = Timestamp::parse_rfc3339("2026-11-01T10:00:00Z").unwrap();
+        let to = Timestamp::parse_rfc3339("2026-11-02T10:00:00Z").unwrap();
+        let found = store.events_between(from, to).await.unwrap();
+        let mut entities: Vec<&str> = found.iter().map(|e| e.entity_id.as_str()).collect();
+        entities.sort();
+        assert_eq!(entities, ["PER-2", "PER-3"], "[from, to)");
+        assert!(
+            found
+                .iter()
+                .all(|e| e.value.is_some() && e.destinations.len() == 2)
+        );
+    }
+}
+
 #[tokio::test]
 async fn expired_items_read_as_missing() {
     let stack = Stack::create("ttl", &[]);

@@ -403,43 +403,57 @@ impl DynamoStore {
 impl DynamoStore {
     /// Every event matching `filter` (with `:ev` bound to the event sort key and `:idk` to the
     /// identity item's), page by page, until `limit` are found; `bind` adds the filter's names
-    /// and values. A match on either item of an event reads the whole event.
+    /// and values. `whole`: a match on either item of an event reads the whole event, identity
+    /// included (the privacy scans); otherwise the matching event items are returned as they
+    /// are, without a second read, and without the identity kept in its own item (the
+    /// reconciliation report, which reads none).
     async fn scan_events(
         &self,
         filter: &str,
         limit: usize,
+        whole: bool,
         bind: impl Fn(
             aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
         ) -> aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
     ) -> Result<Vec<CanonicalEvent>, StoreError> {
+        let now = Timestamp::now();
         let mut keys: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
         let mut start: Option<Item> = None;
         loop {
-            let q = self
+            let mut q = self
                 .client
                 .scan()
                 .table_name(&self.table)
                 .filter_expression(filter)
-                .projection_expression("pk")
                 .expression_attribute_values(":ev", s(EVENT_SK))
                 .set_exclusive_start_key(start);
-            let q = if filter.contains(":idk") {
-                q.expression_attribute_values(":idk", s(IDENTITY_SK))
-            } else {
-                q
-            };
+            if whole {
+                q = q.projection_expression("pk");
+            }
+            if filter.contains(":idk") {
+                q = q.expression_attribute_values(":idk", s(IDENTITY_SK));
+            }
             let page = bind(q).send().await.map_err(unavailable)?;
             for item in page.items() {
-                if let Some(AttributeValue::S(p)) = item.get("pk")
+                if !whole {
+                    if let Some(e) = from_item(item, now)? {
+                        out.push(e);
+                    }
+                } else if let Some(AttributeValue::S(p)) = item.get("pk")
                     && let Some(k) = p.strip_prefix("EV#")
-                    && !keys.iter().any(|x| x == k)
+                    && seen.insert(k.to_string())
                 {
                     keys.push(k.to_string());
                 }
             }
             start = page.last_evaluated_key().cloned();
-            if start.is_none() || keys.len() >= limit {
-                return self.get_many(&keys).await;
+            if start.is_none() || keys.len().max(out.len()) >= limit {
+                return match whole {
+                    true => self.get_many(&keys).await,
+                    false => Ok(out),
+                };
             }
         }
     }
@@ -1020,7 +1034,7 @@ impl EventStore for DynamoStore {
                  OR attribute_exists(#idn.#click.#c3) OR attribute_exists(#idn.#click.#c4) \
                  OR attribute_exists(#idn.#click.#c5))))";
         let mut out = self
-            .scan_events(filter, limit, |mut q| {
+            .scan_events(filter, limit, true, |mut q| {
                 q = q
                     .expression_attribute_names("#idn", "identity")
                     .expression_attribute_names("#click", "click")
@@ -1065,7 +1079,7 @@ impl EventStore for DynamoStore {
             [one] => format!("(sk = :ev OR sk = :idk) AND {one}"),
             many => format!("(sk = :ev OR sk = :idk) AND ({})", many.join(" OR ")),
         };
-        self.scan_events(&filter, usize::MAX, |mut q| {
+        self.scan_events(&filter, usize::MAX, true, |mut q| {
             if !values.is_empty() || entity.is_some() {
                 q = q.expression_attribute_names("#idn", "identity");
             }
@@ -1152,6 +1166,8 @@ impl EventStore for DynamoStore {
         }
     }
 
+    /// Without the identity kept in its own item: the report counts and sums, it reads no
+    /// identifier, and a second read of every event of the period would double the scan.
     async fn events_between(
         &self,
         from: Timestamp,
@@ -1161,6 +1177,7 @@ impl EventStore for DynamoStore {
             .scan_events(
                 "sk = :ev AND occurred_at >= :from AND occurred_at < :to",
                 usize::MAX,
+                false,
                 |q| {
                     q.expression_attribute_values(":from", s(from.canonical()))
                         .expression_attribute_values(":to", s(to.canonical()))

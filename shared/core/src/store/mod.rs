@@ -214,9 +214,9 @@ pub trait EventStore: Send + Sync {
     ) -> Result<bool, StoreError>;
 
     /// Every stored event whose business time (`occurred_at`) is in `[from, to)`, for the
-    /// reconciliation report. The DynamoDB adapter scans with a filter: its cost grows with
-    /// the table, which suits a daily report over a CRM's volume; a by-day index is the next
-    /// step if it ever does not.
+    /// reconciliation report, which reads no identifier: a store may leave `identity` out.
+    /// The DynamoDB adapter scans with a filter: its cost grows with the table, which suits a
+    /// daily report over a CRM's volume; a by-day index is the next step if it ever does not.
     async fn events_between(
         &self,
         from: Timestamp,
