@@ -659,3 +659,239 @@ async fn validate_only_dry_run_imports_nothing() {
         "validateOnly requests have no status"
     );
 }
+
+/// The Google conversions of `order` under `action_id`: (value, retracted).
+fn held(fake: &FakeGoogle, order: &str, action_id: &str) -> Option<(f64, bool)> {
+    fake.conversions_by_key()
+        .into_iter()
+        .find(|(k, _)| {
+            k.action_id == action_id
+                && k.order == bridge_tests::fakes::google::OrderKey::Order(order.into())
+        })
+        .map(|(_, c)| (c.value, c.retracted))
+}
+
+#[tokio::test]
+async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_changes_nothing() {
+    use bridge_core::correction::{CorrectionStep, apply, plan_from_store};
+    let fake = FakeGoogle::start().await;
+    let stack = Stack::create("google_correction", &[]);
+    let aws = sdk_config().await;
+    let store = DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        stack.var("TABLE_NAME"),
+        400,
+    );
+    let vars = stack.env.clone();
+    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let queue = SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
+    // The won stage moves from action 987654321 to action 555 in a new mapping version.
+    let old = mapping(GoogleBackend::AdsApi);
+    let new = Mapping::load(
+        &include_str!("../../infra/mapping.toml")
+            .replace("987654321\"", "555\"")
+            .replace("version = \"", "version = \"moved-"),
+    )
+    .unwrap();
+    let before = platform_with(&fake, old.clone(), 10_000, false);
+    let after = platform_with(&fake, new.clone(), 10_000, false);
+    let now = Timestamp::now();
+    let (a, b, c) = (won("MA", 100.0), won("MB", 200.0), won("MC", 300.0));
+    let rb = refund("MB", 50.0, 20);
+    for e in [&a, &b, &c] {
+        store.put_new(e).await.unwrap();
+    }
+    process_batch(
+        records(&[a.clone(), b.clone(), c.clone()], "w"),
+        &before,
+        &store,
+        &queue,
+        &cfg(),
+        now,
+    )
+    .await;
+    store.put_new(&rb).await.unwrap();
+    process_batch(
+        records(std::slice::from_ref(&rb), "r"),
+        &before,
+        &store,
+        &queue,
+        &cfg(),
+        now,
+    )
+    .await;
+    assert_eq!(held(&fake, "O-MB", "987654321"), Some((150.0, false)));
+    // Retention removed MC's click id: its upload could not match, so it is not retracted.
+    store
+        .scrub(&c.key, bridge_core::store::Scrub::ClickIds, now)
+        .await
+        .unwrap();
+
+    let from = now.minus_secs(90 * 86_400);
+    let (plan, wons) = plan_from_store(&store, &old, &new, from, now.plus_secs(1), now)
+        .await
+        .unwrap();
+    let mut orders: Vec<&str> = plan
+        .corrections
+        .iter()
+        .map(|p| p.order_id.as_str())
+        .collect();
+    orders.sort();
+    assert_eq!(orders, ["O-MA", "O-MB"], "{plan:#?}");
+    assert_eq!(plan.revenue_moved["USD"].as_f64(), 250.0);
+    let mc = plan
+        .not_corrected
+        .iter()
+        .find(|n| n.order_id.as_deref() == Some("O-MC"))
+        .unwrap();
+    assert!(mc.reason.contains("click id is no longer stored"), "{mc:?}");
+    let applied = apply(&plan, &wons, &store, &queue, now).await.unwrap();
+    assert_eq!((applied.stored, applied.existing), (5, 0), "{applied:?}");
+
+    // The sender, now on the new mapping, delivers the steps in order: each waits for the one
+    // before it (the refund wait), so three rounds move both orders.
+    let steps: Vec<CanonicalEvent> = store
+        .events_between(from, now.plus_secs(1))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.correction.is_some())
+        .collect();
+    assert_eq!(steps.len(), 5);
+    let wait = bridge_core::delivery::pipeline::REFUND_WAIT.as_secs() as i64 + 5;
+    for round in 0..3 {
+        let at = now.plus_secs(round * wait);
+        process_batch(
+            records(&steps, &format!("c{round}")),
+            &after,
+            &store,
+            &queue,
+            &cfg(),
+            at,
+        )
+        .await;
+        if round == 0 {
+            assert_eq!(
+                held(&fake, "O-MA", "987654321"),
+                Some((100.0, true)),
+                "retracted first"
+            );
+            assert_eq!(
+                held(&fake, "O-MA", "555"),
+                None,
+                "uploaded only after the retraction"
+            );
+        }
+    }
+    for e in store
+        .events_between(from, now.plus_secs(1))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.correction.is_some())
+    {
+        let s = &e.destinations[&Destination::Google];
+        assert_eq!(s.status, DeliveryStatus::Delivered, "{e:?}");
+        let sent_as = s.delivered_as().unwrap();
+        let c = e.correction.as_ref().unwrap();
+        let expected = if c.step == CorrectionStep::Retract {
+            &c.from
+        } else {
+            &c.to
+        };
+        assert_eq!(
+            sent_as, expected,
+            "the delivery log says what each step was sent as"
+        );
+        assert_eq!(c.to_mapping_version, new.version);
+        assert_eq!(c.from_mapping_version, old.version);
+    }
+    // Google counts each order once, under the new action, at its net value.
+    assert_eq!(held(&fake, "O-MA", "555"), Some((100.0, false)));
+    assert_eq!(held(&fake, "O-MB", "987654321").map(|c| c.1), Some(true));
+    assert_eq!(
+        held(&fake, "O-MB", "555"),
+        Some((150.0, false)),
+        "the refund carried over"
+    );
+    assert_eq!(
+        held(&fake, "O-MC", "987654321"),
+        Some((300.0, false)),
+        "left as sent"
+    );
+    assert_eq!(fake.count(), 3);
+    assert_eq!(fake.revenue()["USD"], 550.0);
+
+    // A replay of the whole correction: the plan finds nothing to do, applying the old plan
+    // again stores nothing, and redelivered messages send nothing.
+    let requests = |fake: &FakeGoogle| {
+        fake.requests("uploadClickConversions").len()
+            + fake.requests("uploadConversionAdjustments").len()
+    };
+    let sent = requests(&fake);
+    let (again, _) = plan_from_store(&store, &old, &new, from, now.plus_secs(1), now)
+        .await
+        .unwrap();
+    assert!(again.corrections.is_empty(), "{again:#?}");
+    assert_eq!(again.unchanged[&Destination::Google], 2);
+    let reapplied = apply(&plan, &wons, &store, &queue, now).await.unwrap();
+    assert_eq!((reapplied.stored, reapplied.existing), (0, 5));
+    let r = process_batch(
+        records(&steps, "x"),
+        &after,
+        &store,
+        &queue,
+        &cfg(),
+        now.plus_secs(3 * wait),
+    )
+    .await;
+    assert_eq!(
+        r.count(bridge_core::delivery::PairResult::AlreadyDelivered),
+        5,
+        "{r:?}"
+    );
+    assert_eq!(requests(&fake), sent);
+
+    // A refund after the move restates the conversion that counts, under the new action.
+    let ra = refund("MA", 30.0, 1);
+    store.put_new(&ra).await.unwrap();
+    process_batch(
+        records(std::slice::from_ref(&ra), "ra"),
+        &after,
+        &store,
+        &queue,
+        &cfg(),
+        now.plus_secs(3 * wait),
+    )
+    .await;
+    assert_eq!(held(&fake, "O-MA", "555"), Some((70.0, false)));
+    assert_eq!(fake.revenue()["USD"], 520.0);
+
+    // The reconciliation report shows the corrections apart from the CRM's revenue.
+    let events = store.events_between(from, now.plus_secs(1)).await.unwrap();
+    let report = bridge_core::reconcile::build_report(
+        "correction",
+        from,
+        now.plus_secs(1),
+        now,
+        &events,
+        &Default::default(),
+    );
+    let g = &report.destinations["google"];
+    assert_eq!(g.corrections["retract"]["delivered"], 2);
+    assert_eq!(g.corrections["upload"]["delivered"], 2);
+    assert_eq!(g.corrections["restate"]["delivered"], 1);
+    assert_eq!(g.currencies["USD"].crm_revenue, "520.00");
+    assert_eq!(g.currencies["USD"].delivered_revenue, "520.00");
+    assert_eq!(
+        report.events, 5,
+        "three wons and two refunds; corrections are not CRM events"
+    );
+    assert!(
+        report
+            .to_csv()
+            .contains("correction,google,correction,retract,delivered,2\n"),
+        "{}",
+        report.to_csv()
+    );
+}

@@ -9,6 +9,7 @@
 
 pub mod backfill;
 pub mod consent;
+pub mod correction;
 pub mod delivery;
 pub mod event;
 pub mod hashing;

@@ -96,6 +96,7 @@ struct RawAccount {
 struct RawConversion {
     action: Option<String>,
     allow_without_click_id: Option<bool>,
+    click_through_lookback_window_days: Option<i64>,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -177,7 +178,15 @@ pub struct GoogleConversion {
     pub action_id: String,
     /// Enhanced conversions for leads: the action matches on user data without a click id.
     pub allow_without_click_id: bool,
+    /// The action's click-through conversion window as set in Google Ads
+    /// (`ConversionAction.click_through_lookback_window_days`, at most 90), when the mapping
+    /// says it; [`DEFAULT_CLICK_WINDOW_DAYS`] otherwise. A correction moves a conversion to
+    /// another action only when the click is sure to be inside that action's window.
+    pub click_through_lookback_window_days: Option<u32>,
 }
+
+/// Google Ads' click-through conversion window for an action created with default settings.
+pub const DEFAULT_CLICK_WINDOW_DAYS: u32 = 30;
 
 impl GoogleConversion {
     /// The conversion action a resource name (`customers/{cid}/conversionActions/{id}`, as a
@@ -189,7 +198,14 @@ impl GoogleConversion {
             customer_id,
             action_id,
             allow_without_click_id: false,
+            click_through_lookback_window_days: None,
         })
+    }
+
+    /// The click-through window in days (the mapping's, else Google's default).
+    pub fn click_window_days(&self) -> u32 {
+        self.click_through_lookback_window_days
+            .unwrap_or(DEFAULT_CLICK_WINDOW_DAYS)
     }
 }
 
@@ -685,6 +701,18 @@ fn validate_google(g: &RawGoogle, err: &mut Errors) -> Option<GoogleMapping> {
             Some((customer_id, action_id)) => {
                 let action = format!("customers/{customer_id}/conversionActions/{action_id}");
                 let allow_without_click_id = c.allow_without_click_id.unwrap_or(false);
+                let window = c.click_through_lookback_window_days;
+                let click_through_lookback_window_days = match window {
+                    None => None,
+                    Some(d @ 1..=90) => u32::try_from(d).ok(),
+                    Some(_) => {
+                        err.push(
+                            format!("{at}.click_through_lookback_window_days"),
+                            "must be a whole number of days from 1 to 90 (Google's range)",
+                        );
+                        None
+                    }
+                };
                 conversions.insert(
                     e,
                     GoogleConversion {
@@ -692,6 +720,7 @@ fn validate_google(g: &RawGoogle, err: &mut Errors) -> Option<GoogleMapping> {
                         customer_id,
                         action_id,
                         allow_without_click_id,
+                        click_through_lookback_window_days,
                     },
                 );
             }
@@ -744,6 +773,32 @@ mod tests {
             m.destinations_for(EventName::Won),
             [Destination::Meta, Destination::Google]
         );
+    }
+
+    #[test]
+    fn a_click_through_window_is_google_s_range_of_days() {
+        let with = |days: &str| {
+            BUNDLED.replace(
+                "action = \"customers/1234567890/conversionActions/987654321\"",
+                &format!("action = \"customers/1234567890/conversionActions/987654321\"\nclick_through_lookback_window_days = {days}"),
+            )
+        };
+        let m = Mapping::load(&with("60")).unwrap();
+        let won = &m.google.as_ref().unwrap().conversions[&EventName::Won];
+        assert_eq!(won.click_window_days(), 60);
+        let sql = &m.google.as_ref().unwrap().conversions[&EventName::Sql];
+        assert_eq!(
+            sql.click_window_days(),
+            DEFAULT_CLICK_WINDOW_DAYS,
+            "not stated"
+        );
+        for bad in ["0", "91", "-3"] {
+            let errs = Mapping::load(&with(bad)).unwrap_err().0;
+            assert_eq!(
+                errs[0].location, "google.conversions.won.click_through_lookback_window_days",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

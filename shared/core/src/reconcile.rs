@@ -104,6 +104,11 @@ pub struct DestinationFigures {
     /// `requestStatus:retrieve`: request statuses and error counts by reason).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub platform_status: BTreeMap<String, u64>,
+    /// Wons moved to another action by the correction command: step -> state -> events. Not
+    /// CRM events, so in no other figure: a correction moves revenue between actions, it does
+    /// not add any.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub corrections: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// The Data Manager requestIds recorded on the period's Google deliveries (deduplicated).
@@ -208,6 +213,14 @@ pub fn build_report(
                 continue;
             };
             let state = s.status.as_str().to_string();
+            if let Some(c) = &e.correction {
+                *f.corrections
+                    .entry(c.step.as_str().to_string())
+                    .or_default()
+                    .entry(state)
+                    .or_insert(0) += 1;
+                continue;
+            }
             *f.by_state.entry(state.clone()).or_insert(0) += 1;
             *f.by_stage
                 .entry(e.event_name.as_str().to_string())
@@ -278,7 +291,7 @@ pub fn build_report(
         from: from.canonical(),
         to: to.canonical(),
         generated_at: generated_at.canonical(),
-        events: sorted.len() as u64,
+        events: sorted.iter().filter(|e| e.correction.is_none()).count() as u64,
         destinations,
     }
 }
@@ -317,6 +330,11 @@ impl Report {
             for (stage, states) in &f.by_stage {
                 for (state, n) in states {
                     row(d, "stage", stage, state, &n.to_string());
+                }
+            }
+            for (step, states) in &f.corrections {
+                for (state, n) in states {
+                    row(d, "correction", step, state, &n.to_string());
                 }
             }
             for (c, m) in &f.currencies {

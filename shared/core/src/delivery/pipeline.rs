@@ -385,7 +385,8 @@ pub async fn process_batch<P: Platform>(
     let mut orders: Vec<Vec<CanonicalEvent>> = vec![Vec::new(); claimed.len()];
     for i in 0..claimed.len() {
         let c = &claimed[i];
-        if !open[i] || c.event.event_name != EventName::Refund {
+        let correction = c.event.event_name == EventName::Correction;
+        if !open[i] || !(c.event.event_name == EventName::Refund || correction) {
             continue;
         }
         let order_id = c.event.order_id.clone().unwrap_or_default();
@@ -397,6 +398,11 @@ pub async fn process_batch<P: Platform>(
             snapshots.insert(order_id.clone(), read);
         }
         let gate = match snapshots.get(&order_id) {
+            // A correction's step waits for the step before it.
+            Some(Ok(order)) if correction => {
+                crate::correction::gate(&c.event, dest, order, cfg.refund_wait)
+                    .map(|()| order.clone())
+            }
             Some(Ok(order)) => match refund_gate(&c.event, dest, order, cfg.refund_wait) {
                 Ok(()) => platform
                     .confirm_original(&c.event, order)
@@ -856,6 +862,18 @@ fn refund_gate(
         })
         .collect();
     let status = |w: &CanonicalEvent| w.destinations.get(&dest).map(|s| s.status);
+    // A correction moving the order's conversion to another action is on its way: the refund's
+    // adjustment must reach the conversion that will count, so it waits for the move.
+    if crate::correction::in_progress(order, dest) {
+        return Err(Outcome::Wait {
+            error: ErrorInfo::new(
+                "correction_in_progress",
+                format!("order {order_id} is being moved to another action at {dest}"),
+            ),
+            after: wait,
+            on_deadline: Some(DeliveryStatus::DeadLetter),
+        });
+    }
     if wons
         .iter()
         .any(|w| status(w).is_some_and(|s| s.is_delivered()))

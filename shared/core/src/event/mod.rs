@@ -29,9 +29,14 @@ pub enum EventName {
     Sql,
     Won,
     Refund,
+    /// An operator's correction of a won delivered under a conversion action the mapping no
+    /// longer maps it to (see [`crate::correction`]). Never from a CRM: not in [`Self::ALL`],
+    /// so no webhook and no mapping can name it.
+    Correction,
 }
 
 impl EventName {
+    /// The CRM lifecycle stages: what an input or a mapping may name.
     pub const ALL: [EventName; 5] = [Self::Lead, Self::Mql, Self::Sql, Self::Won, Self::Refund];
 
     pub fn as_str(&self) -> &'static str {
@@ -41,6 +46,7 @@ impl EventName {
             Self::Sql => "sql",
             Self::Won => "won",
             Self::Refund => "refund",
+            Self::Correction => "correction",
         }
     }
 
@@ -49,8 +55,9 @@ impl EventName {
     }
 
     /// Revenue events carry money and an order id, and only the system of record may emit them.
+    /// A correction carries its won's: it is read with the order's other events.
     pub fn is_revenue(&self) -> bool {
-        matches!(self, Self::Won | Self::Refund)
+        matches!(self, Self::Won | Self::Refund | Self::Correction)
     }
 }
 
@@ -132,8 +139,19 @@ pub struct CanonicalEvent {
     #[serde(default)]
     pub consent: Consent,
     pub mapping_version: String,
+    /// Set on a correction event only: which won it corrects, which step it is, and the
+    /// actions and mapping versions on both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correction: Option<crate::correction::Correction>,
     #[serde(default)]
     pub destinations: BTreeMap<Destination, DestinationState>,
+}
+
+impl CanonicalEvent {
+    /// The correction step this event is, if it is one.
+    pub fn correction_step(&self) -> Option<crate::correction::CorrectionStep> {
+        self.correction.as_ref().map(|c| c.step)
+    }
 }
 
 /// One problem with an input: the field's path and the reason.

@@ -217,3 +217,14 @@ fn stored_form_round_trips_and_holds_no_raw_pii() {
     let back: CanonicalEvent = serde_json::from_str(&text).unwrap();
     assert_eq!(back, e);
 }
+
+#[test]
+fn no_input_can_claim_to_be_a_correction() {
+    // Corrections are the operator's command's own events: a webhook naming one is refused.
+    let mut v = won();
+    v["event_name"] = json!("correction");
+    let errs = check(v).unwrap_err();
+    assert_eq!(errs[0].field, "event_name");
+    assert!(errs[0].reason.contains("must be one of"), "{errs:?}");
+    assert!(!EventName::ALL.contains(&EventName::Correction));
+}

@@ -272,6 +272,7 @@ pub fn validate(
         warnings,
         consent,
         mapping_version: ctx.mapping_version.clone(),
+        correction: None,
         destinations: BTreeMap::new(),
     })
 }

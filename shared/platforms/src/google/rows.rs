@@ -3,6 +3,7 @@
 
 use super::err;
 use bridge_core::consent::{Consent, GoogleSignal};
+use bridge_core::correction::{Correction, CorrectionStep};
 use bridge_core::delivery::{DeliveryStatus, Destination, ErrorInfo};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::identity::{ClickIds, GoogleHashes};
@@ -200,6 +201,9 @@ pub fn build_item(
     if e.event_name == EventName::Refund {
         return build_adjustment(e, order, g, now, attempt);
     }
+    if let Some(c) = &e.correction {
+        return build_correction(e, c, order, mapping, g, now, attempt);
+    }
     let Some(conv) = g.conversions.get(&e.event_name) else {
         return Err(err(
             "not_mapped",
@@ -371,12 +375,24 @@ fn build_adjustment(
         ));
     };
     // An adjustment cannot move a conversion to another action: it targets the action the won
-    // was really uploaded under, whatever the mapping says now.
-    let sent_under = won
-        .destinations
-        .get(&Destination::Google)
-        .and_then(|s| s.delivered_as())
-        .and_then(GoogleConversion::from_resource);
+    // was really uploaded under, whatever the mapping says now, or the one a correction moved
+    // it to.
+    let sent_under = match moved_to(won, order) {
+        Moved::To(action) => GoogleConversion::from_resource(&action),
+        Moved::Retracted => {
+            return Err(err(
+                "conversion_retracted",
+                format!(
+                    "a correction retracted the conversion of order {order_id} and its upload under the new action was not delivered"
+                ),
+            ));
+        }
+        Moved::No => won
+            .destinations
+            .get(&Destination::Google)
+            .and_then(|s| s.delivered_as())
+            .and_then(GoogleConversion::from_resource),
+    };
     let conv = sent_under.as_ref().unwrap_or(mapped);
     let (Some(won_value), Some(currency)) = (won.value, won.currency.as_deref()) else {
         return Err(err("missing_value", "the won event has no value to adjust"));
@@ -468,6 +484,164 @@ fn build_adjustment(
         }
     }
     Ok(item)
+}
+
+/// Where a correction moved a won's conversion.
+enum Moved {
+    No,
+    /// Uploaded again under this action (the newest delivered upload).
+    To(String),
+    /// Retracted, and not (yet) uploaded again.
+    Retracted,
+}
+
+fn moved_to(won: &CanonicalEvent, order: &[CanonicalEvent]) -> Moved {
+    let steps = || {
+        order.iter().filter_map(|e| {
+            let c = e.correction.as_ref().filter(|c| c.of == won.key)?;
+            let delivered = e
+                .destinations
+                .get(&Destination::Google)
+                .is_some_and(|s| s.status.is_delivered());
+            delivered.then_some((e, c))
+        })
+    };
+    if let Some((_, c)) = steps()
+        .filter(|(_, c)| c.step == CorrectionStep::Upload)
+        .max_by_key(|(e, _)| e.received_at)
+    {
+        return Moved::To(c.to.clone());
+    }
+    if steps().any(|(_, c)| c.step == CorrectionStep::Retract) {
+        return Moved::Retracted;
+    }
+    Moved::No
+}
+
+/// One step of a correction (see `bridge_core::correction`): the RETRACTION under the action
+/// the conversion was delivered as, the upload under the one the mapping names now, or the
+/// order's refunds restated there. Each row is a pure function of the stored events, so a
+/// replay sends the same row and Google answers it as a duplicate.
+fn build_correction(
+    e: &CanonicalEvent,
+    c: &Correction,
+    order: &[CanonicalEvent],
+    mapping: &Mapping,
+    g: &GoogleMapping,
+    now: Timestamp,
+    attempt: u32,
+) -> Result<GoogleItem, ErrorInfo> {
+    let order_id = e.order_id.as_deref().unwrap_or_default();
+    match c.step {
+        CorrectionStep::Retract => {
+            let Some(from) = GoogleConversion::from_resource(&c.from) else {
+                return Err(err(
+                    "invalid_action",
+                    format!("{} is not a conversion action resource name", c.from),
+                ));
+            };
+            // Data Manager has no retraction (DM-ADJ): only the Ads API can retract, where the
+            // account may use it.
+            if g.backend_for(&from.customer_id) == GoogleBackend::DataManager
+                && g.full_refund_policy != FullRefundPolicy::RetractViaAdsApi
+            {
+                return Err(err(
+                    "retraction_unsupported",
+                    "the conversion went through the Data Manager API, which cannot retract (full_refund_policy is not retract_via_ads_api)",
+                ));
+            }
+            // When the correction was made: fixed on the event, so a replay sends the same row;
+            // after the conversion (ADJUSTMENT_PRECEDES_CONVERSION) and never in the future.
+            let mut at = e.received_at.max(e.occurred_at.plus_secs(1));
+            if at > now {
+                at = now;
+            }
+            Ok(GoogleItem {
+                kind: Kind::Adjustment,
+                row: json!({
+                    "conversionAction": from.action,
+                    "adjustmentType": "RETRACTION",
+                    "adjustmentDateTime": ads_time(at),
+                    "orderId": order_id,
+                }),
+                login_customer_id: g.login_for(&from.customer_id).map(str::to_string),
+                customer_id: from.customer_id,
+                action_id: from.action_id,
+                has_user_data: false,
+                attempt,
+                restated_to_zero: false,
+            })
+        }
+        CorrectionStep::Upload => {
+            let mut won = e.clone();
+            won.event_name = EventName::Won;
+            won.correction = None;
+            // Data Manager keeps the last value written for a transactionId, so its upload
+            // carries the order's net value; the Ads API keeps the first upload, so it gets
+            // the won's value and the restate step brings the refunds over.
+            let to = GoogleConversion::from_resource(&c.to);
+            if to.is_some_and(|t| g.backend_for(&t.customer_id) == GoogleBackend::DataManager)
+                && let (Some(v), Some(cur)) = (won.value, won.currency.as_deref())
+            {
+                won.value = Some(v.saturating_sub(refunded(order, cur)));
+            }
+            let item = build_item(&won, &[], mapping, now)?;
+            if item.action() != c.to {
+                return Err(err(
+                    "mapping_changed",
+                    format!(
+                        "the mapping now sends won to {}, not {}: plan the correction again",
+                        item.action(),
+                        c.to
+                    ),
+                ));
+            }
+            Ok(GoogleItem { attempt, ..item })
+        }
+        CorrectionStep::Restate => {
+            let latest = order
+                .iter()
+                .filter(|r| r.event_name == EventName::Refund)
+                .filter(|r| {
+                    r.destinations
+                        .get(&Destination::Google)
+                        .is_some_and(|s| s.status.is_delivered())
+                })
+                .max_by_key(|r| (r.occurred_at, r.key.clone()));
+            let Some(refund) = latest else {
+                return Err(err(
+                    "nothing_to_restate",
+                    format!("no refund of order {order_id} was delivered to restate"),
+                ));
+            };
+            let item = build_adjustment(refund, order, g, now, attempt)?;
+            if item.action() != c.to {
+                return Err(err(
+                    "correction_not_uploaded",
+                    format!(
+                        "the restatement would go to {}, not {}: the upload is not delivered",
+                        item.action(),
+                        c.to
+                    ),
+                ));
+            }
+            Ok(item)
+        }
+    }
+}
+
+/// The refunds of the order in `currency` Google has been told about.
+fn refunded(order: &[CanonicalEvent], currency: &str) -> Money {
+    order
+        .iter()
+        .filter(|r| r.event_name == EventName::Refund && r.currency.as_deref() == Some(currency))
+        .filter(|r| {
+            r.destinations
+                .get(&Destination::Google)
+                .is_some_and(|s| s.status.is_delivered())
+        })
+        .filter_map(|r| r.value)
+        .fold(Money::from_micros(0), Money::saturating_add)
 }
 
 #[cfg(test)]
@@ -766,5 +940,121 @@ mod tests {
         // Data Manager takes both signals.
         let dm = build_item(&e, &[], &mapping(GoogleBackend::DataManager), now()).unwrap();
         assert_eq!(dm.row["consent"]["adPersonalization"], "CONSENT_DENIED");
+    }
+
+    fn delivered_as(e: &mut CanonicalEvent, action: &str) {
+        let mut s = DestinationState::new(DeliveryStatus::Delivered, now());
+        s.log = vec![bridge_core::delivery::DeliveryLogEntry {
+            attempt: 1,
+            result: bridge_core::delivery::PairResult::Delivered,
+            request_at: now(),
+            response_at: now(),
+            error: None,
+            platform_ref: None,
+            sent_as: Some(action.into()),
+        }];
+        e.destinations.insert(Destination::Google, s);
+    }
+
+    #[test]
+    fn a_correction_retracts_under_the_old_action_uploads_under_the_new_and_restates() {
+        const OLD: &str = "customers/1234567890/conversionActions/987654321";
+        const NEW: &str = "customers/1234567890/conversionActions/555";
+        let old = mapping(GoogleBackend::AdsApi);
+        let mut new = old.clone();
+        new.version = "new".into();
+        let g = new.google.as_mut().unwrap();
+        g.conversions.insert(
+            EventName::Won,
+            GoogleConversion::from_resource(NEW).unwrap(),
+        );
+        let mut w = event(won(json!({"gclid": "G"})), None);
+        delivered_as(&mut w, OLD);
+        let mut r = event(refund(40.0, "2026-11-27T12:00:00Z"), None);
+        delivered_as(&mut r, OLD);
+        let plan = bridge_core::correction::plan(&[w.clone(), r.clone()], &old, &new, now());
+        assert_eq!(plan.corrections.len(), 1, "{plan:?}");
+        let steps = bridge_core::correction::correction_events(
+            &w,
+            &plan.corrections[0],
+            &old.version,
+            &new.version,
+            now().minus_secs(30),
+        );
+        let order = |steps: &[CanonicalEvent]| {
+            let mut o = vec![w.clone(), r.clone()];
+            o.extend(steps.iter().cloned());
+            o
+        };
+
+        let retract = build_item(&steps[0], &order(&steps), &new, now()).unwrap();
+        assert_eq!(retract.kind, Kind::Adjustment);
+        assert_eq!(
+            retract.row,
+            json!({"conversionAction": OLD, "adjustmentType": "RETRACTION",
+                   "adjustmentDateTime": "2026-11-28 11:59:30+00:00", "orderId": "O-1"})
+        );
+        let upload = build_item(&steps[1], &order(&steps), &new, now()).unwrap();
+        assert_eq!(
+            (upload.kind, upload.action()),
+            (Kind::Click, NEW.to_string())
+        );
+        assert_eq!(upload.row["gclid"], "G");
+        assert_eq!(upload.row["orderId"], "O-1");
+        assert_eq!(
+            upload.row["conversionValue"], 100.0,
+            "the Ads API keeps the first upload"
+        );
+        assert_eq!(
+            upload.row["conversionDateTime"],
+            "2026-11-27 10:00:00+00:00"
+        );
+        let stale = build_item(&steps[1], &order(&steps), &old, now()).unwrap_err();
+        assert_eq!(stale.code, "mapping_changed");
+
+        // Retracted, not uploaded again yet: a refund has no conversion to adjust.
+        let mut done = steps.clone();
+        delivered_as(&mut done[0], OLD);
+        let late = event(
+            refund(10.0, "2026-11-27T13:00:00Z"),
+            Some(DeliveryStatus::Pending),
+        );
+        let mut with_late = order(&done);
+        with_late.push(late.clone());
+        assert_eq!(
+            build_item(&late, &with_late, &new, now()).unwrap_err().code,
+            "conversion_retracted"
+        );
+        delivered_as(&mut done[1], NEW);
+        let restate = build_item(&done[2], &order(&done), &new, now()).unwrap();
+        assert_eq!(restate.action(), NEW);
+        assert_eq!(restate.row["adjustmentType"], "RESTATEMENT");
+        assert_eq!(restate.row["restatementValue"]["adjustedValue"], 60.0);
+        // A refund after the move restates the conversion under the new action.
+        let mut with_late = order(&done);
+        with_late.push(late.clone());
+        let adj = build_item(&late, &with_late, &new, now()).unwrap();
+        assert_eq!(adj.action(), NEW);
+        assert_eq!(adj.row["restatementValue"]["adjustedValue"], 50.0);
+
+        // Data Manager keeps the last value written: the upload carries the net value.
+        let mut dm = new.clone();
+        let g = dm.google.as_mut().unwrap();
+        g.backend = GoogleBackend::DataManager;
+        g.full_refund_policy = FullRefundPolicy::RetractViaAdsApi;
+        let up = build_item(&steps[1], &order(&steps), &dm, now()).unwrap();
+        assert_eq!(
+            (up.kind, up.row["conversionValue"].as_f64()),
+            (Kind::DataManager, Some(60.0))
+        );
+        let rt = build_item(&steps[0], &order(&steps), &dm, now()).unwrap();
+        assert_eq!(rt.kind, Kind::Adjustment, "retracted through the Ads API");
+        dm.google.as_mut().unwrap().full_refund_policy = FullRefundPolicy::RestateToZero;
+        assert_eq!(
+            build_item(&steps[0], &order(&steps), &dm, now())
+                .unwrap_err()
+                .code,
+            "retraction_unsupported"
+        );
     }
 }
