@@ -5,6 +5,7 @@
 
 use bridge_core::delivery::{DeliveryStatus, Destination};
 use bridge_core::hashing::sha256_hex;
+use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_tests::local::harness::LocalBridge;
 use serde_json::{Value, json};
@@ -434,4 +435,157 @@ async fn data_manager_back_end_through_the_binaries() {
     assert_eq!(b.google.dm_revenue()["USD"], 150.0);
     b.assert_no_secrets().await;
     let _ = std::fs::remove_file(&path);
+}
+
+/// A mapping change that moves the won stage to another Google conversion action, then the
+/// operator's correction command, through the binaries: the bridge delivers two deals (one
+/// partly refunded) under the old action, is deployed again with the new mapping, and
+/// `bridge-backfill correct` plans (a dry run sends nothing), then with `--confirm` stores and
+/// enqueues the corrections, which the Google sender delivers in order. Google ends counting
+/// each order once, under the new action, at its net value; running the command again changes
+/// nothing.
+#[tokio::test]
+async fn a_mapping_change_and_the_correction_command_move_each_order_once() {
+    let bundled = std::fs::read_to_string(bridge_tests::repo_root().join("infra/mapping.toml"))
+        .expect("bundled mapping");
+    let moved = bundled
+        .replacen("version = \"", "version = \"moved-", 1)
+        .replace("conversionActions/987654321\"", "conversionActions/555\"");
+    assert_ne!(moved, bundled);
+    let dir = std::env::temp_dir().join(format!("correct-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (old_path, new_path) = (dir.join("old.toml"), dir.join("new.toml"));
+    std::fs::write(&old_path, &bundled).expect("write");
+    std::fs::write(&new_path, &moved).expect("write");
+    let (old_text, new_text) = (
+        old_path.display().to_string(),
+        new_path.display().to_string(),
+    );
+    let mut b =
+        LocalBridge::start_with_env("e2e-correct", &[], 1, &[("MAPPING_PATH", &old_text)]).await;
+    let won = |n: u32, value: f64| {
+        json!({"event_name": "won", "occurred_at": ago(90), "entity_type": "opportunity",
+            "entity_id": format!("MV-{n}"), "order_id": format!("O-MV-{n}"), "value": value,
+            "currency": "USD", "identity": {"email": format!("mv{n}@example.com"), "gclid": format!("Cj0-mv-{n}")},
+            "consent": {"status": "granted"}})
+    };
+    let (_, r) = b
+        .post("hubspot", &json!([won(1, 100.0), won(2, 200.0)]))
+        .await;
+    let mut keys = ids(&r);
+    assert_eq!(keys.len(), 2, "{r}");
+    let refund = json!({"event_name": "refund", "occurred_at": ago(30), "entity_type": "order",
+        "entity_id": "R-MV-2", "order_id": "O-MV-2", "value": 50.0, "currency": "USD",
+        "identity": {}, "consent": {"status": "granted"}});
+    b.settle(&keys, Duration::from_secs(120)).await;
+    let (_, r) = b.post("hubspot", &refund).await;
+    keys.extend(ids(&r));
+    b.settle(&keys, Duration::from_secs(120)).await;
+    let held = |b: &LocalBridge, order: &str, action: &str| {
+        b.google
+            .conversions_by_key()
+            .into_iter()
+            .find(|(k, _)| {
+                k.action_id == action
+                    && k.order == bridge_tests::fakes::google::OrderKey::Order(order.into())
+            })
+            .map(|(_, c)| (c.value, c.retracted))
+    };
+    assert_eq!(held(&b, "O-MV-2", "987654321"), Some((150.0, false)));
+
+    let run = |b: &LocalBridge, confirm: bool| {
+        let mut cmd = std::process::Command::new(
+            bridge_tests::local::harness::bin_dir().join("bridge-backfill"),
+        );
+        cmd.args([
+            "correct",
+            "--old-mapping",
+            &old_text,
+            "--new-mapping",
+            &new_text,
+        ]);
+        if confirm {
+            cmd.arg("--confirm");
+        }
+        cmd.envs(b.stack.env.iter()).envs(b.function_env().iter());
+        let out = cmd.output().expect("run bridge-backfill");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), stdout, stderr)
+    };
+    // The senders still run the old mapping: their uploads would go under the old action.
+    let (ok, _, err) = run(&b, true);
+    assert!(!ok && err.contains("deploy the new mapping first"), "{err}");
+    b.redeploy(&[("MAPPING_PATH", &new_text)]).await;
+    let command = |b: &LocalBridge, confirm: bool| {
+        let (ok, stdout, stderr) = run(b, confirm);
+        assert!(ok, "{stdout}\n{stderr}");
+        (
+            serde_json::from_str::<Value>(&stdout).expect("JSON"),
+            stderr,
+        )
+    };
+    let sent = |b: &LocalBridge| {
+        b.google.requests("uploadClickConversions").len()
+            + b.google.requests("uploadConversionAdjustments").len()
+    };
+    let before = sent(&b);
+    let (plan, table) = command(&b, false);
+    assert_eq!(plan["mode"], "correct_dry_run");
+    assert_eq!(
+        plan["corrections"].as_array().map(Vec::len),
+        Some(2),
+        "{plan:#}"
+    );
+    assert_eq!(plan["revenue_moved"]["USD"], 250.0);
+    assert!(
+        table.contains("O-MV-2") && table.contains("987654321 -> 555"),
+        "{table}"
+    );
+    assert!(table.contains("retract, upload, restate"), "{table}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sent(&b), before, "a dry run sends nothing");
+
+    let (done, _) = command(&b, true);
+    assert_eq!(done["applied"]["stored"], 5, "{done:#}");
+    let period = b
+        .store
+        .events_between(Timestamp::now().minus_secs(86_400), Timestamp::now())
+        .await
+        .expect("period");
+    let steps: Vec<String> = period
+        .iter()
+        .filter(|e| e.correction.is_some())
+        .map(|e| e.key.clone())
+        .collect();
+    assert_eq!(steps.len(), 5);
+    let events = b.settle(&steps, Duration::from_secs(180)).await;
+    for k in &steps {
+        let g = &events[k].destinations[&Destination::Google];
+        assert_eq!(g.status, DeliveryStatus::Delivered, "{k}: {g:?}");
+    }
+    assert_eq!(held(&b, "O-MV-1", "987654321"), Some((100.0, true)));
+    assert_eq!(held(&b, "O-MV-1", "555"), Some((100.0, false)));
+    assert_eq!(held(&b, "O-MV-2", "987654321").map(|c| c.1), Some(true));
+    assert_eq!(held(&b, "O-MV-2", "555"), Some((150.0, false)));
+    assert_eq!(b.google.count(), 2, "each order once");
+    assert_eq!(b.google.revenue()["USD"], 250.0);
+
+    let after = sent(&b);
+    let (again, table) = command(&b, true);
+    assert_eq!(
+        again["corrections"].as_array().map(Vec::len),
+        Some(0),
+        "{again:#}"
+    );
+    assert_eq!(again["unchanged"]["google"], 2, "{table}");
+    assert_eq!(
+        again["unchanged"]["meta"], 2,
+        "Purchase is still Purchase at Meta"
+    );
+    assert_eq!(again["applied"]["stored"], 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sent(&b), after, "a second run sends nothing");
+    b.assert_no_secrets().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,6 +4,12 @@
 //!       posts them, signed with $BRIDGE_SECRET, in batches of 100 through the ingest
 //!       endpoint: the same validation, consent, mapping and idempotency as live webhooks
 //!       (running it twice stores and sends nothing new).
+//!   bridge-backfill correct --old-mapping old.toml --new-mapping new.toml [--confirm]
+//!       after a mapping change that moves the won stage to another Google conversion action:
+//!       plans (and with --confirm, stores and enqueues) a RETRACTION under the old action, an
+//!       upload under the new one and the order's refunds restated there, for every delivered
+//!       won that can still be moved; reports the others, and Meta events sent under an old
+//!       event name (Meta has no retraction), with the reason.
 //!   bridge-backfill --file events.jsonl --source hubspot --dry-run
 //!       sends nothing for real: validates through the same ingest code into memory, builds
 //!       every platform row, and has Meta (test_event_code) and Google (validateOnly) check
@@ -131,13 +137,117 @@ async fn erase(args: &[String]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// The id after the last `/` of an action resource name, for the summary table.
+fn short(action: &str) -> &str {
+    action.rsplit('/').next().unwrap_or(action)
+}
+
+/// `bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90]
+/// [--confirm]`: moves the wons delivered under an action the new mapping no longer maps them
+/// to (see `bridge_core::correction`). Without `--confirm` it only prints the plan; with it,
+/// the correction events are stored and enqueued for the Google sender (TABLE_NAME, the queue
+/// URLs and AWS credentials from the environment, as the functions have them).
+async fn correct(args: &[String]) -> Result<Value, String> {
+    let usage = "usage: bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]";
+    let read = |flag: &str| -> Result<bridge_core::mapping::Mapping, String> {
+        let path = arg(args, flag).ok_or(usage)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{flag} {path}: {e}"))?;
+        bridge_core::mapping::Mapping::load(&text).map_err(|e| format!("{flag} {path}: {e}"))
+    };
+    let (old, new) = (read("--old-mapping")?, read("--new-mapping")?);
+    let days: i64 = match arg(args, "--days") {
+        None => 90,
+        Some(d) => d
+            .parse()
+            .ok()
+            .filter(|d| (1..=400).contains(d))
+            .ok_or(format!(
+                "--days {d}: must be a whole number of days from 1 to 400"
+            ))?,
+    };
+    let confirm = args.iter().any(|a| a == "--confirm");
+    let settings = Settings::from_env().map_err(|e| e.to_string())?;
+    if confirm && settings.mapping.version != new.version {
+        return Err(format!(
+            "the senders run mapping version {} (MAPPING_PATH, or the bundled file), not the new mapping's {}: deploy the new mapping first, or the uploads would be refused as mapping_changed",
+            settings.mapping.version, new.version
+        ));
+    }
+    let aws = bridge_aws::clients::sdk_config().await;
+    let store = bridge_aws::dynamodb::DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        &settings.table_name,
+        settings.retention_days,
+    );
+    let now = Timestamp::now();
+    let (plan, wons) = bridge_core::correction::plan_from_store(
+        &store,
+        &old,
+        &new,
+        now.minus_secs(days.saturating_mul(86_400)),
+        now.plus_secs(1),
+        now,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    eprintln!(
+        "{:<24} {:>14} -> {:<14} {:>12} {:<4} steps",
+        "order", "from action", "to action", "net value", ""
+    );
+    for c in &plan.corrections {
+        let steps: Vec<&str> = c.steps.iter().map(|s| s.as_str()).collect();
+        eprintln!(
+            "{:<24} {:>14} -> {:<14} {:>12.2} {:<4} {}",
+            c.order_id,
+            short(&c.from),
+            short(&c.to),
+            c.net.as_f64(),
+            c.currency,
+            steps.join(", ")
+        );
+    }
+    for n in &plan.not_corrected {
+        eprintln!(
+            "{:<24} {:>14} -> {:<14} not corrected at {}: {}",
+            n.order_id.as_deref().unwrap_or(&n.event_id),
+            short(&n.from),
+            short(&n.to),
+            n.destination,
+            n.reason
+        );
+    }
+    eprintln!(
+        "{} to correct, {} not corrected, {} unchanged, {} corrected before",
+        plan.corrections.len(),
+        plan.not_corrected.len(),
+        plan.unchanged.values().sum::<usize>(),
+        plan.already_corrected
+    );
+    let mut v = serde_json::to_value(&plan).map_err(|e| e.to_string())?;
+    if confirm {
+        let queue =
+            bridge_aws::sqs::SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
+        let applied = bridge_core::correction::apply(&plan, &wons, &store, &queue, now)
+            .await
+            .map_err(|e| e.to_string())?;
+        v["mode"] = json!("correct");
+        v["applied"] = serde_json::to_value(&applied).map_err(|e| e.to_string())?;
+    } else {
+        v["mode"] = json!("correct_dry_run");
+        v["note"] = json!("nothing was stored or sent; run again with --confirm to correct");
+    }
+    Ok(v)
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase --email E [--phone P] [--region US]";
+    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase --email E [--phone P] [--region US]\n       bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]";
     let run = async {
-        if args.get(1).map(String::as_str) == Some("erase") {
-            return erase(&args).await;
+        match args.get(1).map(String::as_str) {
+            Some("erase") => return erase(&args).await,
+            Some("correct") => return correct(&args).await,
+            _ => {}
         }
         let file = arg(&args, "--file").ok_or(usage)?;
         let source = arg(&args, "--source").unwrap_or_else(|| "generic".into());

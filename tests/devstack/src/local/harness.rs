@@ -37,6 +37,9 @@ pub struct LocalBridge {
     /// Every line every function wrote (for the PII scan).
     pub logs: Arc<Mutex<Vec<String>>>,
     http: reqwest::Client,
+    /// The functions' environment and instances, for `redeploy`.
+    env: BTreeMap<String, String>,
+    instances: usize,
 }
 
 /// Where the functions' binaries are: `BRIDGE_BIN_DIR`, else `target/debug` (infra/local/build.sh).
@@ -145,24 +148,7 @@ impl LocalBridge {
             "the functions' binaries are not in {} (infra/local/test.sh builds them with infra/local/build.sh)",
             dir.display()
         );
-        let running = Running::start(
-            &plan,
-            bridge_aws::clients::sqs(&aws),
-            Options {
-                bin_dir: dir,
-                url_addr: "127.0.0.1:0".into(),
-                instances,
-                env,
-                schedules: false,
-                sink: Arc::new(move |f: &str, l: &str| {
-                    if let Ok(mut v) = sink_logs.lock() {
-                        v.push(format!("{f}: {l}"));
-                    }
-                }),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        let running = Self::run(&plan, &aws, dir, instances, env.clone(), sink_logs).await;
         let url = running.url.clone().expect("function URL");
         let store = DynamoStore::new(
             bridge_aws::clients::dynamodb(&aws),
@@ -181,7 +167,65 @@ impl LocalBridge {
             url,
             logs,
             http: bridge_platforms::http::client().expect("HTTP client"),
+            env,
+            instances,
         }
+    }
+
+    async fn run(
+        plan: &Plan,
+        aws: &aws_config::SdkConfig,
+        bin_dir: PathBuf,
+        instances: usize,
+        env: BTreeMap<String, String>,
+        logs: Arc<Mutex<Vec<String>>>,
+    ) -> Running {
+        Running::start(
+            plan,
+            bridge_aws::clients::sqs(aws),
+            Options {
+                bin_dir,
+                url_addr: "127.0.0.1:0".into(),
+                instances,
+                env,
+                schedules: false,
+                sink: Arc::new(move |f: &str, l: &str| {
+                    if let Ok(mut v) = logs.lock() {
+                        v.push(format!("{f}: {l}"));
+                    }
+                }),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Deploys again with `extra_env` changed (a new `MAPPING_PATH`, say), as a stack update
+    /// would: the functions stop, and new instances start on the same table, queues and fakes.
+    pub async fn redeploy(&mut self, extra_env: &[(&str, &str)]) {
+        self.running.stop();
+        // Idle pollers see the stop within their one-second receive: none takes a message
+        // meant for the new instances.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        for (k, v) in extra_env {
+            self.env.insert(k.to_string(), v.to_string());
+        }
+        let aws = crate::sdk_config().await;
+        self.running = Self::run(
+            &self.plan,
+            &aws,
+            bin_dir(),
+            self.instances,
+            self.env.clone(),
+            self.logs.clone(),
+        )
+        .await;
+        self.url = self.running.url.clone().expect("function URL");
+    }
+
+    /// The environment the functions run with (what an operator's command is given too).
+    pub fn function_env(&self) -> &BTreeMap<String, String> {
+        &self.env
     }
 
     /// POSTs `body` to `/webhooks/{source}` with a valid `X-Bridge-Signature`.
