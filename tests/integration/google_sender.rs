@@ -671,6 +671,30 @@ fn held(fake: &FakeGoogle, order: &str, action_id: &str) -> Option<(f64, bool)> 
         .map(|(_, c)| (c.value, c.retracted))
 }
 
+async fn run_batch(
+    store: &DynamoStore,
+    queue: &SqsQueue,
+    p: &GooglePlatform,
+    evs: &[CanonicalEvent],
+    tag: &str,
+    at: Timestamp,
+) -> BatchReport {
+    process_batch(records(evs, tag), p, store, queue, &cfg(), at).await
+}
+
+/// The bundled mapping with the won stage under action `id` (click-through window 30 days).
+fn won_action(id: &str, version: &str) -> Mapping {
+    Mapping::load(
+        &include_str!("../../infra/mapping.toml")
+            .replace(
+                "conversionActions/987654321\"",
+                &format!("conversionActions/{id}\"\nclick_through_lookback_window_days = 30"),
+            )
+            .replacen("version = \"", &format!("version = \"{version}"), 1),
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_changes_nothing() {
     use bridge_core::correction::{CorrectionStep, apply, plan_from_store};
@@ -686,40 +710,28 @@ async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_c
     let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let queue = SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
     // The won stage moves from action 987654321 to action 555 in a new mapping version.
-    let old = mapping(GoogleBackend::AdsApi);
-    let new = Mapping::load(
-        &include_str!("../../infra/mapping.toml")
-            .replace("987654321\"", "555\"")
-            .replace("version = \"", "version = \"moved-"),
-    )
-    .unwrap();
+    let (old, new) = (won_action("987654321", ""), won_action("555", "moved-"));
     let before = platform_with(&fake, old.clone(), 10_000, false);
     let after = platform_with(&fake, new.clone(), 10_000, false);
     let now = Timestamp::now();
     let (a, b, c) = (won("MA", 100.0), won("MB", 200.0), won("MC", 300.0));
+    let mut d = won("MD", 400.0);
+    d.identity.click.gclid = Some("Cj0-md".into());
     let rb = refund("MB", 50.0, 20);
-    for e in [&a, &b, &c] {
+    for e in [&a, &b, &c, &d] {
         store.put_new(e).await.unwrap();
     }
-    process_batch(
-        records(&[a.clone(), b.clone(), c.clone()], "w"),
-        &before,
+    run_batch(
         &store,
         &queue,
-        &cfg(),
+        &before,
+        &[a.clone(), b.clone(), c.clone(), d.clone()],
+        "w",
         now,
     )
     .await;
     store.put_new(&rb).await.unwrap();
-    process_batch(
-        records(std::slice::from_ref(&rb), "r"),
-        &before,
-        &store,
-        &queue,
-        &cfg(),
-        now,
-    )
-    .await;
+    run_batch(&store, &queue, &before, std::slice::from_ref(&rb), "r", now).await;
     assert_eq!(held(&fake, "O-MB", "987654321"), Some((150.0, false)));
     // Retention removed MC's click id: its upload could not match, so it is not retracted.
     store
@@ -728,7 +740,8 @@ async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_c
         .unwrap();
 
     let from = now.minus_secs(90 * 86_400);
-    let (plan, wons) = plan_from_store(&store, &old, &new, from, now.plus_secs(1), now)
+    let period = now.plus_secs(1);
+    let plan = plan_from_store(&store, &old, &new, from, period, now)
         .await
         .unwrap();
     let mut orders: Vec<&str> = plan
@@ -737,39 +750,54 @@ async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_c
         .map(|p| p.order_id.as_str())
         .collect();
     orders.sort();
-    assert_eq!(orders, ["O-MA", "O-MB"], "{plan:#?}");
-    assert_eq!(plan.revenue_moved["USD"].as_f64(), 250.0);
+    assert_eq!(orders, ["O-MA", "O-MB", "O-MD"], "{plan:#?}");
+    assert_eq!(plan.revenue_moved["USD"].as_f64(), 650.0);
     let mc = plan
         .not_corrected
         .iter()
         .find(|n| n.order_id.as_deref() == Some("O-MC"))
         .unwrap();
     assert!(mc.reason.contains("click id is no longer stored"), "{mc:?}");
-    let applied = apply(&plan, &wons, &store, &queue, now).await.unwrap();
-    assert_eq!((applied.stored, applied.existing), (5, 0), "{applied:?}");
+    // Google will not find MD's click for the new upload (EVENT_NOT_FOUND).
+    fake.with(|f| f.unknown_clicks.insert("Cj0-md".into()));
+    let applied = apply(&plan, &store, &queue, now).await.unwrap();
+    assert_eq!((applied.stored, applied.existing), (9, 0), "{applied:?}");
+
+    // A refund arrives while the move is on its way: it waits for it.
+    let rb2 = refund("MB", 20.0, 10);
+    store.put_new(&rb2).await.unwrap();
+    let r = run_batch(
+        &store,
+        &queue,
+        &after,
+        std::slice::from_ref(&rb2),
+        "r2",
+        now,
+    )
+    .await;
+    assert_eq!(
+        r.count(bridge_core::delivery::PairResult::Waiting),
+        1,
+        "{r:?}"
+    );
 
     // The sender, now on the new mapping, delivers the steps in order: each waits for the one
-    // before it (the refund wait), so three rounds move both orders.
+    // before it (the refund wait), so three rounds move the orders.
     let steps: Vec<CanonicalEvent> = store
-        .events_between(from, now.plus_secs(1))
+        .events_between(from, period)
         .await
         .unwrap()
         .into_iter()
         .filter(|e| e.correction.is_some())
         .collect();
-    assert_eq!(steps.len(), 5);
+    assert_eq!(steps.len(), 9);
     let wait = bridge_core::delivery::pipeline::REFUND_WAIT.as_secs() as i64 + 5;
+    let mut alerts = 0;
     for round in 0..3 {
         let at = now.plus_secs(round * wait);
-        process_batch(
-            records(&steps, &format!("c{round}")),
-            &after,
-            &store,
-            &queue,
-            &cfg(),
-            at,
-        )
-        .await;
+        alerts += run_batch(&store, &queue, &after, &steps, &format!("c{round}"), at)
+            .await
+            .alerts;
         if round == 0 {
             assert_eq!(
                 held(&fake, "O-MA", "987654321"),
@@ -783,44 +811,105 @@ async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_c
             );
         }
     }
-    for e in store
-        .events_between(from, now.plus_secs(1))
-        .await
-        .unwrap()
-        .iter()
-        .filter(|e| e.correction.is_some())
-    {
+    run_batch(
+        &store,
+        &queue,
+        &after,
+        std::slice::from_ref(&rb2),
+        "r2",
+        now.plus_secs(3 * wait),
+    )
+    .await;
+    let stored = |key: &str| {
+        let store = &store;
+        let key = key.to_string();
+        async move { store.get(&key).await.unwrap().unwrap() }
+    };
+    for e in &steps {
+        let e = stored(&e.key).await;
         let s = &e.destinations[&Destination::Google];
-        assert_eq!(s.status, DeliveryStatus::Delivered, "{e:?}");
-        let sent_as = s.delivered_as().unwrap();
         let c = e.correction.as_ref().unwrap();
+        assert_eq!(c.to_mapping_version, new.version);
+        assert_eq!(c.from_mapping_version, old.version);
+        if e.order_id.as_deref() == Some("O-MD") {
+            continue;
+        }
+        assert_eq!(s.status, DeliveryStatus::Delivered, "{e:?}");
         let expected = if c.step == CorrectionStep::Retract {
             &c.from
         } else {
             &c.to
         };
         assert_eq!(
-            sent_as, expected,
+            s.delivered_as().unwrap(),
+            expected,
             "the delivery log says what each step was sent as"
         );
-        assert_eq!(c.to_mapping_version, new.version);
-        assert_eq!(c.from_mapping_version, old.version);
     }
     // Google counts each order once, under the new action, at its net value.
     assert_eq!(held(&fake, "O-MA", "555"), Some((100.0, false)));
     assert_eq!(held(&fake, "O-MB", "987654321").map(|c| c.1), Some(true));
     assert_eq!(
         held(&fake, "O-MB", "555"),
-        Some((150.0, false)),
-        "the refund carried over"
+        Some((130.0, false)),
+        "both refunds carried over, the one that came during the move too"
     );
     assert_eq!(
         held(&fake, "O-MC", "987654321"),
         Some((300.0, false)),
         "left as sent"
     );
-    assert_eq!(fake.count(), 3);
-    assert_eq!(fake.revenue()["USD"], 550.0);
+    // MD's upload failed after its retraction: nothing is silent about it. The step is in the
+    // dead-letter queue with an alert, and the plan says to redrive it.
+    let md: Vec<CanonicalEvent> = steps
+        .iter()
+        .filter(|e| e.order_id.as_deref() == Some("O-MD"))
+        .cloned()
+        .collect();
+    let upload = md
+        .iter()
+        .find(|e| e.correction.as_ref().unwrap().step == CorrectionStep::Upload)
+        .unwrap();
+    let state = stored(&upload.key).await.destinations[&Destination::Google].clone();
+    assert_eq!(state.status, DeliveryStatus::DeadLetter, "{state:?}");
+    assert_eq!(state.last_error.as_ref().unwrap().code, "EVENT_NOT_FOUND");
+    assert!(alerts >= 1);
+    assert_eq!(held(&fake, "O-MD", "987654321"), Some((400.0, true)));
+    assert_eq!(held(&fake, "O-MD", "555"), None);
+    let stuck = plan_from_store(&store, &old, &new, from, period, now)
+        .await
+        .unwrap();
+    let why = stuck
+        .not_corrected
+        .iter()
+        .find(|n| n.order_id.as_deref() == Some("O-MD"))
+        .unwrap();
+    assert!(why.reason.contains("redrive"), "{why:?}");
+    // Fixed (Google finds the click now) and redriven from the console: the move completes.
+    fake.with(|f| f.unknown_clicks.remove("Cj0-md"));
+    let redriven = Record {
+        message_id: "dlq-md".into(),
+        receipt: "r-dlq-md".into(),
+        body: DeliveryMessage {
+            redrive_of: Some(state.attempts),
+            ..DeliveryMessage::new(&upload.key, Destination::Google)
+        }
+        .to_body(),
+        attributes: Default::default(),
+    };
+    process_batch(
+        vec![redriven],
+        &after,
+        &store,
+        &queue,
+        &cfg(),
+        now.plus_secs(3 * wait),
+    )
+    .await;
+    run_batch(&store, &queue, &after, &md, "md", now.plus_secs(5 * wait)).await;
+    assert_eq!(held(&fake, "O-MD", "555"), Some((400.0, false)));
+    assert_eq!(fake.count(), 4);
+    assert_eq!(fake.revenue()["USD"], 100.0 + 130.0 + 300.0 + 400.0);
 
     // A replay of the whole correction: the plan finds nothing to do, applying the old plan
     // again stores nothing, and redelivered messages send nothing.
@@ -829,68 +918,84 @@ async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_c
             + fake.requests("uploadConversionAdjustments").len()
     };
     let sent = requests(&fake);
-    let (again, _) = plan_from_store(&store, &old, &new, from, now.plus_secs(1), now)
+    let again = plan_from_store(&store, &old, &new, from, period, now)
         .await
         .unwrap();
     assert!(again.corrections.is_empty(), "{again:#?}");
-    assert_eq!(again.unchanged[&Destination::Google], 2);
-    let reapplied = apply(&plan, &wons, &store, &queue, now).await.unwrap();
-    assert_eq!((reapplied.stored, reapplied.existing), (0, 5));
-    let r = process_batch(
-        records(&steps, "x"),
-        &after,
-        &store,
-        &queue,
-        &cfg(),
-        now.plus_secs(3 * wait),
-    )
-    .await;
+    assert_eq!(again.unchanged[&Destination::Google], 3);
+    let reapplied = apply(&plan, &store, &queue, now).await.unwrap();
+    assert_eq!((reapplied.stored, reapplied.existing), (0, 9));
+    let r = run_batch(&store, &queue, &after, &steps, "x", now.plus_secs(6 * wait)).await;
     assert_eq!(
         r.count(bridge_core::delivery::PairResult::AlreadyDelivered),
-        5,
+        9,
         "{r:?}"
     );
     assert_eq!(requests(&fake), sent);
+    // Sent again as if the first answers were lost (a sender crashed after sending): Google
+    // answers each step of MA's move as a replay and counts nothing new.
+    {
+        use bridge_core::delivery::pipeline::Platform;
+        let order = store.find_by_order("O-MA").await.unwrap();
+        for step in order.iter().filter(|e| e.correction.is_some()) {
+            let (group, item) = after
+                .prepare(step, &order, now.plus_secs(6 * wait))
+                .unwrap();
+            let out = after
+                .send(&group, &[item], bridge_core::delivery::Limits::DEFAULT)
+                .await;
+            assert!(
+                matches!(
+                    out[0],
+                    bridge_core::delivery::Outcome::Delivered { replay: true, .. }
+                ),
+                "{:?}: {out:?}",
+                step.correction
+            );
+        }
+        assert_eq!(fake.count(), 4);
+        assert_eq!(fake.revenue()["USD"], 100.0 + 130.0 + 300.0 + 400.0);
+    }
 
     // A refund after the move restates the conversion that counts, under the new action.
     let ra = refund("MA", 30.0, 1);
     store.put_new(&ra).await.unwrap();
-    process_batch(
-        records(std::slice::from_ref(&ra), "ra"),
-        &after,
+    run_batch(
         &store,
         &queue,
-        &cfg(),
-        now.plus_secs(3 * wait),
+        &after,
+        std::slice::from_ref(&ra),
+        "ra",
+        now.plus_secs(6 * wait),
     )
     .await;
     assert_eq!(held(&fake, "O-MA", "555"), Some((70.0, false)));
-    assert_eq!(fake.revenue()["USD"], 520.0);
+    assert_eq!(fake.revenue()["USD"], 70.0 + 130.0 + 300.0 + 400.0);
 
     // The reconciliation report shows the corrections apart from the CRM's revenue.
-    let events = store.events_between(from, now.plus_secs(1)).await.unwrap();
+    let events = store.events_between(from, period).await.unwrap();
     let report = bridge_core::reconcile::build_report(
         "correction",
         from,
-        now.plus_secs(1),
+        period,
         now,
         &events,
         &Default::default(),
     );
     let g = &report.destinations["google"];
-    assert_eq!(g.corrections["retract"]["delivered"], 2);
-    assert_eq!(g.corrections["upload"]["delivered"], 2);
-    assert_eq!(g.corrections["restate"]["delivered"], 1);
-    assert_eq!(g.currencies["USD"].crm_revenue, "520.00");
-    assert_eq!(g.currencies["USD"].delivered_revenue, "520.00");
+    assert_eq!(g.corrections["retract"]["delivered"], 3);
+    assert_eq!(g.corrections["upload"]["delivered"], 3);
+    assert_eq!(g.corrections["restate"]["delivered"], 3);
+    assert_eq!(g.currencies["USD"].crm_revenue, "900.00");
+    assert_eq!(g.currencies["USD"].delivered_revenue, "900.00");
     assert_eq!(
-        report.events, 5,
-        "three wons and two refunds; corrections are not CRM events"
+        report.events, 7,
+        "four wons and three refunds; corrections are not CRM events"
     );
     assert!(
         report
             .to_csv()
-            .contains("correction,google,correction,retract,delivered,2\n"),
+            .contains("correction,google,correction,retract,delivered,3\n"),
         "{}",
         report.to_csv()
     );

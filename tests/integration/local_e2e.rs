@@ -437,6 +437,18 @@ async fn data_manager_back_end_through_the_binaries() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The keys of the correction events stored in the last day.
+async fn stored_corrections(store: &bridge_aws::dynamodb::DynamoStore) -> Vec<String> {
+    store
+        .events_between(Timestamp::now().minus_secs(86_400), Timestamp::now())
+        .await
+        .expect("period")
+        .into_iter()
+        .filter(|e| e.correction.is_some())
+        .map(|e| e.key)
+        .collect()
+}
+
 /// A mapping change that moves the won stage to another Google conversion action, then the
 /// operator's correction command, through the binaries: the bridge delivers two deals (one
 /// partly refunded) under the old action, is deployed again with the new mapping, and
@@ -448,9 +460,13 @@ async fn data_manager_back_end_through_the_binaries() {
 async fn a_mapping_change_and_the_correction_command_move_each_order_once() {
     let bundled = std::fs::read_to_string(bridge_tests::repo_root().join("infra/mapping.toml"))
         .expect("bundled mapping");
+    // Both actions' click-through windows stated: the command checks the click against them.
+    let window =
+        |id: &str| format!("conversionActions/{id}\"\nclick_through_lookback_window_days = 60");
+    let bundled = bundled.replace("conversionActions/987654321\"", &window("987654321"));
     let moved = bundled
         .replacen("version = \"", "version = \"moved-", 1)
-        .replace("conversionActions/987654321\"", "conversionActions/555\"");
+        .replace(&window("987654321"), &window("555"));
     assert_ne!(moved, bundled);
     let dir = std::env::temp_dir().join(format!("correct-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -530,7 +546,16 @@ async fn a_mapping_change_and_the_correction_command_move_each_order_once() {
             + b.google.requests("uploadConversionAdjustments").len()
     };
     let before = sent(&b);
+    let no_pii = |out: &str| {
+        for raw in ["mv1@example.com", "mv2@example.com", "Cj0-mv-1", "Cj0-mv-2"] {
+            assert!(
+                !out.contains(raw),
+                "the command printed an identifier: {out}"
+            );
+        }
+    };
     let (plan, table) = command(&b, false);
+    no_pii(&format!("{plan}{table}"));
     assert_eq!(plan["mode"], "correct_dry_run");
     assert_eq!(
         plan["corrections"].as_array().map(Vec::len),
@@ -543,22 +568,17 @@ async fn a_mapping_change_and_the_correction_command_move_each_order_once() {
         "{table}"
     );
     assert!(table.contains("retract, upload, restate"), "{table}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(sent(&b), before, "a dry run sends nothing");
+    assert!(
+        stored_corrections(&b.store).await.is_empty(),
+        "a dry run stores nothing"
+    );
+    assert_eq!(sent(&b), before);
 
-    let (done, _) = command(&b, true);
-    assert_eq!(done["applied"]["stored"], 5, "{done:#}");
-    let period = b
-        .store
-        .events_between(Timestamp::now().minus_secs(86_400), Timestamp::now())
-        .await
-        .expect("period");
-    let steps: Vec<String> = period
-        .iter()
-        .filter(|e| e.correction.is_some())
-        .map(|e| e.key.clone())
-        .collect();
-    assert_eq!(steps.len(), 5);
+    let (done, table) = command(&b, true);
+    no_pii(&format!("{done}{table}"));
+    assert_eq!(done["applied"]["stored"], 6, "{done:#}");
+    let steps = stored_corrections(&b.store).await;
+    assert_eq!(steps.len(), 6);
     let events = b.settle(&steps, Duration::from_secs(180)).await;
     for k in &steps {
         let g = &events[k].destinations[&Destination::Google];

@@ -180,7 +180,7 @@ async fn correct(args: &[String]) -> Result<Value, String> {
         settings.retention_days,
     );
     let now = Timestamp::now();
-    let (plan, wons) = bridge_core::correction::plan_from_store(
+    let plan = bridge_core::correction::plan_from_store(
         &store,
         &old,
         &new,
@@ -227,7 +227,7 @@ async fn correct(args: &[String]) -> Result<Value, String> {
     if confirm {
         let queue =
             bridge_aws::sqs::SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
-        let applied = bridge_core::correction::apply(&plan, &wons, &store, &queue, now)
+        let applied = bridge_core::correction::apply(&plan, &store, &queue, now)
             .await
             .map_err(|e| e.to_string())?;
         v["mode"] = json!("correct");

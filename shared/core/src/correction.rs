@@ -70,6 +70,10 @@ pub struct Correction {
     /// The mapping version the won was delivered under, and the one it is corrected to.
     pub from_mapping_version: String,
     pub to_mapping_version: String,
+    /// When the operator confirmed the correction: the retraction's time, and what orders
+    /// one move before the next. (The event's `received_at` is the won's, so a correction
+    /// expires with the won it corrects.)
+    pub made_at: Timestamp,
 }
 
 impl Correction {
@@ -81,8 +85,34 @@ impl Correction {
 
 /// The longest a conversion may have been recorded for and still be corrected: Google refuses
 /// adjustments to conversions more than 54 days old (G-ERR-ADJ `CONVERSION_EXPIRED`), and a
-/// day is kept for the steps to go through (the upload waits for the retraction).
+/// day is kept for the steps after the retraction (the restatement is an adjustment too).
 pub const MAX_AGE_DAYS: i64 = 53;
+
+/// Where Google holds a won's conversion, given the corrections delivered so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Where the won was delivered: no correction step of it was delivered.
+    Original,
+    /// Uploaded again under this action by a correction.
+    Moved(String),
+    /// A correction retracted it and its upload has not been delivered: Google counts
+    /// nothing for the order until the upload goes (a refund waits).
+    Retracted,
+}
+
+/// Where Google holds `won`'s conversion: the newest delivered correction step of it decides.
+pub fn where_held<'a>(won_key: &str, order: impl IntoIterator<Item = &'a CanonicalEvent>) -> Held {
+    let newest = order
+        .into_iter()
+        .filter(|e| delivered(e, Destination::Google))
+        .filter_map(|e| e.correction.as_ref().filter(|c| c.of == won_key))
+        .max_by_key(|c| (c.made_at, c.step));
+    match newest {
+        None => Held::Original,
+        Some(c) if c.step == CorrectionStep::Retract => Held::Retracted,
+        Some(c) => Held::Moved(c.to.clone()),
+    }
+}
 
 /// One won to correct.
 #[derive(Serialize, Clone, Debug, PartialEq)]
@@ -122,7 +152,7 @@ pub struct CorrectionPlan {
     pub examined: BTreeMap<Destination, usize>,
     /// Already under the action (or event name) the new mapping names, per destination.
     pub unchanged: BTreeMap<Destination, usize>,
-    /// Corrections already stored by an earlier run (sent, or on their way).
+    /// Moves an earlier run stored whole and that are on their way (or done).
     pub already_corrected: usize,
     pub corrections: Vec<PlannedCorrection>,
     pub not_corrected: Vec<NotCorrected>,
@@ -136,7 +166,7 @@ fn delivered(e: &CanonicalEvent, d: Destination) -> bool {
         .is_some_and(|s| s.status.is_delivered())
 }
 
-/// The corrections of `won` at Google among the order's events.
+/// The corrections of `won` among the order's events.
 fn corrections_of<'a>(
     won: &'a CanonicalEvent,
     order: &'a [&'a CanonicalEvent],
@@ -149,20 +179,18 @@ fn corrections_of<'a>(
     })
 }
 
-/// The action Google holds `won`'s conversion under now: the newest delivered correction
-/// upload's, else what the won was delivered as. `Err`: not known (delivered before the action
-/// was recorded, under a mapping version other than `old`'s).
+/// The action Google holds `won`'s conversion under now. `Err`: not known, or not held.
 fn held_under(
     won: &CanonicalEvent,
     order: &[&CanonicalEvent],
     old: &Mapping,
 ) -> Result<String, String> {
-    let uploaded = corrections_of(won, order)
-        .filter(|(e, c)| c.step == CorrectionStep::Upload && delivered(e, Destination::Google))
-        .max_by_key(|(e, _)| e.received_at)
-        .map(|(_, c)| c.to.clone());
-    if let Some(a) = uploaded {
-        return Ok(a);
+    match where_held(&won.key, order.iter().copied()) {
+        Held::Moved(a) => return Ok(a),
+        Held::Retracted => {
+            return Err("a correction retracted the conversion and its upload was not delivered: fix the cause and redrive the dead-lettered step".into());
+        }
+        Held::Original => {}
     }
     let state = won.destinations.get(&Destination::Google);
     if let Some(a) = state.and_then(|s| s.delivered_as()) {
@@ -182,22 +210,38 @@ fn held_under(
     ))
 }
 
-/// The click-through window of `action` as a mapping declares it (the new mapping first).
-fn window_of(action: &str, old: &Mapping, new: &Mapping) -> u32 {
+/// Every action the order was ever uploaded under: Google keeps an order id once per action,
+/// even after a retraction (`ORDER_ID_ALREADY_IN_USE`), so it can never go there again.
+fn uploaded_under(won: &CanonicalEvent, order: &[&CanonicalEvent], from: &str) -> Vec<String> {
+    let mut out = vec![from.to_string()];
+    let logged = won
+        .destinations
+        .get(&Destination::Google)
+        .into_iter()
+        .flat_map(|s| s.log.iter())
+        .filter(|l| l.result.is_delivered())
+        .filter_map(|l| l.sent_as.clone());
+    out.extend(logged);
+    out.extend(
+        corrections_of(won, order)
+            .filter(|(e, c)| c.step == CorrectionStep::Upload && delivered(e, Destination::Google))
+            .map(|(_, c)| c.to.clone()),
+    );
+    out
+}
+
+/// The click-through window a mapping declares for `action` (the new mapping first).
+fn window_of(action: &str, old: &Mapping, new: &Mapping) -> Option<u32> {
     [new, old]
         .iter()
         .filter_map(|m| m.google.as_ref())
         .flat_map(|g| g.conversions.values())
-        .find(|c| c.action == action)
-        .map_or(
-            crate::mapping::DEFAULT_CLICK_WINDOW_DAYS,
-            GoogleConversion::click_window_days,
-        )
+        .filter(|c| c.action == action)
+        .find_map(|c| c.click_through_lookback_window_days)
 }
 
-/// Why `won` cannot move from `from` to `to` now, if it cannot: Google refuses the steps or
-/// would lose the conversion. A retraction is final, so everything the upload needs is checked
-/// first.
+/// Why `won` cannot move from `from` to `to` now, if it cannot: Google would refuse a step or
+/// lose the conversion. A retraction is final, so everything the upload needs is checked first.
 fn check_google(
     won: &CanonicalEvent,
     order: &[&CanonicalEvent],
@@ -214,6 +258,21 @@ fn check_google(
     if age_days > MAX_AGE_DAYS {
         return Err(format!(
             "the conversion is {age_days} days old: Google adjusts conversions up to 54 days old (CONVERSION_EXPIRED), so the old one could not be retracted"
+        ));
+    }
+    if uploaded_under(won, order, from).contains(&to.action) {
+        return Err(format!(
+            "the order was uploaded under {} before: Google keeps an order id once per action, even after a retraction (ORDER_ID_ALREADY_IN_USE)",
+            to.action
+        ));
+    }
+    let from_customer = GoogleConversion::from_resource(from)
+        .map(|c| c.customer_id)
+        .unwrap_or_default();
+    if from_customer != to.customer_id {
+        return Err(format!(
+            "the new action is in another Google Ads account ({} rather than {from_customer}): the click may not belong to it (INVALID_CUSTOMER_FOR_CLICK)",
+            to.customer_id
         ));
     }
     let refunds: Vec<&&CanonicalEvent> = order
@@ -253,24 +312,73 @@ fn check_google(
         });
     }
     // The click was inside the old action's window (Google accepted the upload); it is surely
-    // inside the new one's only if that is no shorter (EXPIRED_EVENT otherwise).
-    let (was, will) = (window_of(from, old, new), to.click_window_days());
+    // inside the new one's only if that is no shorter (EXPIRED_EVENT otherwise). Both must be
+    // stated: a default could hide an old 90-day window behind a new 30-day one.
+    let (Some(was), Some(will)) = (window_of(from, old, new), window_of(&to.action, old, new))
+    else {
+        return Err(format!(
+            "the click-through windows are not stated: set click_through_lookback_window_days for {from} and {} in the mappings (each action's setting in Google Ads), so the click can be checked against the new window",
+            to.action
+        ));
+    };
     if will < was {
         return Err(format!(
             "the new action's click-through window ({will} days) is shorter than the old one's ({was} days): the click may be outside it (EXPIRED_EVENT)"
         ));
     }
-    if let Some(g) = &new.google {
-        let old_customer = GoogleConversion::from_resource(from)
-            .map(|c| c.customer_id)
-            .unwrap_or_default();
-        if g.backend_for(&old_customer) == GoogleBackend::DataManager
-            && g.full_refund_policy != FullRefundPolicy::RetractViaAdsApi
-        {
-            return Err("the conversion went through the Data Manager API, which cannot retract; set google.full_refund_policy = \"retract_via_ads_api\" where the account may use the Ads API".into());
-        }
+    if let Some(g) = &new.google
+        && g.backend_for(&from_customer) == GoogleBackend::DataManager
+        && g.full_refund_policy != FullRefundPolicy::RetractViaAdsApi
+    {
+        return Err("the conversion went through the Data Manager API, which cannot retract; set google.full_refund_policy = \"retract_via_ads_api\" where the account may use the Ads API".into());
     }
     Ok((value, currency, refunded))
+}
+
+/// What stands of an earlier run's move of `won` from `from` to `to`.
+enum Earlier {
+    /// No move stored, or one stored in part (the retraction is stored last): plan it (again).
+    None,
+    /// Stored whole: on its way or done.
+    Stored,
+    /// A step ended without delivery: the reason, for the report.
+    Failed(String),
+}
+
+fn earlier_move(won: &CanonicalEvent, order: &[&CanonicalEvent], from: &str, to: &str) -> Earlier {
+    let steps: Vec<(&CanonicalEvent, &Correction)> = corrections_of(won, order)
+        .filter(|(_, c)| c.from == from && c.to == to)
+        .collect();
+    if !steps.iter().any(|(_, c)| c.step == CorrectionStep::Retract) {
+        return Earlier::None;
+    }
+    for (e, c) in &steps {
+        if let Some(s) = e.destinations.get(&Destination::Google)
+            && !s.status.is_open()
+            && !s.status.is_delivered()
+        {
+            let code = s.last_error.as_ref().map_or("", |x| x.code.as_str());
+            return Earlier::Failed(format!(
+                "the {} step of an earlier correction ended {} ({code}): fix the cause and redrive it from the dead-letter queue",
+                c.step.as_str(),
+                s.status.as_str()
+            ));
+        }
+    }
+    Earlier::Stored
+}
+
+/// The won whose conversion Google holds for an order with several delivered wons (stored
+/// before the order guard): the Ads API keeps the first upload of an order id, Data Manager
+/// the last value written.
+fn holder<'a>(wons: &[&'a CanonicalEvent], data_manager: bool) -> Option<&'a CanonicalEvent> {
+    let key = |e: &&&CanonicalEvent| (e.occurred_at, e.key.clone());
+    let delivered = wons.iter().filter(|w| delivered(w, Destination::Google));
+    if data_manager {
+        delivered.max_by_key(key).copied()
+    } else {
+        delivered.min_by_key(key).copied()
+    }
 }
 
 /// The plan for moving every delivered won in `events` (a period's events, the wons with their
@@ -297,6 +405,11 @@ pub fn plan(
         .google
         .as_ref()
         .and_then(|g| g.conversions.get(&EventName::Won));
+    let target_on_dm = target.is_some_and(|t| {
+        new.google
+            .as_ref()
+            .is_some_and(|g| g.backend_for(&t.customer_id) == GoogleBackend::DataManager)
+    });
     let meta_target = new
         .meta
         .as_ref()
@@ -349,12 +462,28 @@ pub fn plan(
             continue;
         }
         *out.examined.entry(Destination::Google).or_insert(0) += 1;
+        let to_name = target.map_or("(not sent)", |t| t.action.as_str());
+        let order_wons: Vec<&CanonicalEvent> = order
+            .iter()
+            .copied()
+            .filter(|e| e.event_name == EventName::Won)
+            .collect();
+        if order_wons.len() > 1
+            && holder(&order_wons, target_on_dm).is_some_and(|h| h.key != won.key)
+        {
+            out.not_corrected.push(not(
+                Destination::Google,
+                "(another won)",
+                to_name,
+                "another won of this order (stored before the order guard) holds its conversion at Google; that one is corrected".into(),
+            ));
+            continue;
+        }
         let from = match held_under(won, order, old) {
             Ok(a) => a,
             Err(reason) => {
-                let to = target.map_or("(not sent)", |t| t.action.as_str());
                 out.not_corrected
-                    .push(not(Destination::Google, "(unknown)", to, reason));
+                    .push(not(Destination::Google, "(unknown)", to_name, reason));
                 continue;
             }
         };
@@ -371,10 +500,17 @@ pub fn plan(
             *out.unchanged.entry(Destination::Google).or_insert(0) += 1;
             continue;
         }
-        // An earlier run stored this move already: its steps are on their way (or done).
-        if corrections_of(won, order).any(|(_, c)| c.from == from && c.to == to.action) {
-            out.already_corrected += 1;
-            continue;
+        match earlier_move(won, order, &from, &to.action) {
+            Earlier::Stored => {
+                out.already_corrected += 1;
+                continue;
+            }
+            Earlier::Failed(reason) => {
+                out.not_corrected
+                    .push(not(Destination::Google, &from, &to.action, reason));
+                continue;
+            }
+            Earlier::None => {}
         }
         match check_google(won, order, &from, to, old, new, now) {
             Ok((value, currency, refunded)) => {
@@ -384,15 +520,11 @@ pub fn plan(
                     .entry(currency.clone())
                     .or_insert(Money::from_micros(0));
                 *moved = moved.saturating_add(net);
-                // The Ads API keeps the first upload's value, so the refunds are restated
-                // after it; Data Manager keeps the last value written, so its upload carries
-                // the net value and needs no restatement.
+                // The Ads API keeps the first upload's value, so the refunds known when the
+                // step goes (there may be more by then than now) are restated after it; Data
+                // Manager keeps the last value written, so its upload carries the net value.
                 let mut steps = vec![CorrectionStep::Retract, CorrectionStep::Upload];
-                let ads_api = new
-                    .google
-                    .as_ref()
-                    .is_some_and(|g| g.backend_for(&to.customer_id) == GoogleBackend::AdsApi);
-                if refunded.micros() > 0 && ads_api {
+                if !target_on_dm {
                     steps.push(CorrectionStep::Restate);
                 }
                 out.corrections.push(PlannedCorrection {
@@ -420,7 +552,7 @@ pub fn plan(
 
 /// Reads the events of `[from, to)` (business time) from the store, the wons whole with their
 /// identity (a period read may leave it out; an upload needs the click id and hashes), and
-/// plans. Returns the plan and the wons, for [`apply`].
+/// plans.
 pub async fn plan_from_store(
     store: &dyn EventStore,
     old: &Mapping,
@@ -428,7 +560,7 @@ pub async fn plan_from_store(
     from: Timestamp,
     to: Timestamp,
     now: Timestamp,
-) -> Result<(CorrectionPlan, Vec<CanonicalEvent>), StoreError> {
+) -> Result<CorrectionPlan, StoreError> {
     let mut events = store.events_between(from, to).await?;
     let keys: Vec<String> = events
         .iter()
@@ -442,12 +574,12 @@ pub async fn plan_from_store(
             *e = w.clone();
         }
     }
-    Ok((plan(&events, old, new, now), wons))
+    Ok(plan(&events, old, new, now))
 }
 
-/// The correction events of one planned correction: the won's own fields (business time,
-/// order, value, identity hashes, consent), a key derived from the won and both actions, and a
-/// pending Google pair.
+/// The correction events of one planned correction, in step order: the won's own fields
+/// (business and receipt time, so a correction expires with its won; order, value, identity
+/// hashes, consent), a key derived from the won and both actions, and a pending pair.
 pub fn correction_events(
     won: &CanonicalEvent,
     p: &PlannedCorrection,
@@ -478,7 +610,7 @@ pub fn correction_events(
                 event_name: EventName::Correction,
                 crm_stage: None,
                 occurred_at: won.occurred_at,
-                received_at: now,
+                received_at: won.received_at,
                 entity_type: won.entity_type,
                 entity_id: won.entity_id.clone(),
                 order_id: won.order_id.clone(),
@@ -495,6 +627,7 @@ pub fn correction_events(
                     to: p.to.clone(),
                     from_mapping_version: from_mapping_version.to_string(),
                     to_mapping_version: to_mapping_version.to_string(),
+                    made_at: now,
                 }),
                 destinations: BTreeMap::from([(p.destination, state)]),
             }
@@ -512,20 +645,24 @@ pub struct ApplyReport {
     /// Delivery messages that could not be enqueued: the events stay pending and the
     /// reconciliation sweep enqueues them.
     pub enqueue_failures: usize,
-    /// Wons not read back from the store (erased since the plan was made): not corrected.
+    /// Wons no longer in the store (expired or erased since the plan was made): not corrected.
     pub missing: Vec<String>,
 }
 
 /// Stores the correction events of `plan` (written before any delivery, like every event) and
-/// enqueues their delivery. `wons` holds the planned wons as stored, with their identity.
+/// enqueues their delivery. The wons are read again, so an erasure since the plan was made is
+/// not undone by a copy. Each move's retraction is stored last: a run stopped half way leaves
+/// steps that wait for a retraction that is not there (nothing is retracted), and the next
+/// plan stores the move again.
 pub async fn apply(
     plan: &CorrectionPlan,
-    wons: &[CanonicalEvent],
     store: &dyn EventStore,
     queue: &dyn DeliveryQueue,
     now: Timestamp,
 ) -> Result<ApplyReport, StoreError> {
     let mut report = ApplyReport::default();
+    let keys: Vec<String> = plan.corrections.iter().map(|p| p.key.clone()).collect();
+    let wons = store.get_many(&keys).await?;
     let mut messages = Vec::new();
     for p in &plan.corrections {
         let Some(won) = wons.iter().find(|w| w.key == p.key) else {
@@ -539,13 +676,17 @@ pub async fn apply(
             &plan.new_mapping_version,
             now,
         );
-        for e in &events {
+        for e in events.iter().rev() {
             match store.put_new(e).await? {
                 PutOutcome::Duplicate => report.existing += 1,
                 _ => report.stored += 1,
             }
-            messages.push(DeliveryMessage::new(&e.key, p.destination));
         }
+        messages.extend(
+            events
+                .iter()
+                .map(|e| DeliveryMessage::new(&e.key, p.destination)),
+        );
     }
     for chunk in messages.chunks(10) {
         report.enqueue_failures += queue.enqueue(chunk).await.len();
@@ -588,9 +729,10 @@ pub fn gate(
                     c.step.as_str()
                 ),
             ),
-            dead_letter: false,
+            dead_letter: true,
             alert: true,
         }),
+        // Not stored yet, on its way, or in the dead-letter queue waiting for a redrive.
         _ => Err(Outcome::Wait {
             error: ErrorInfo::new(
                 "correction_step_pending",
@@ -605,15 +747,34 @@ pub fn gate(
     }
 }
 
-/// Whether a correction of the order is still on its way at `dest`: a refund waits for it, so
-/// its restatement reaches the conversion that will count, not the one being retracted.
+/// Whether a refund of the order must wait at `dest`: a correction step is on its way, or a
+/// correction retracted the conversion and its upload has not gone yet. The refund's
+/// adjustment must reach the conversion that will count, not the one being retracted.
 pub fn in_progress(order: &[CanonicalEvent], dest: Destination) -> bool {
-    order.iter().any(|e| {
+    let open = order.iter().any(|e| {
         e.correction.is_some()
             && e.destinations
                 .get(&dest)
-                .is_some_and(|s| s.status.is_open() || s.status == DeliveryStatus::DeadLetter)
-    })
+                .is_some_and(|s| s.status.is_open())
+    });
+    open || order
+        .iter()
+        .filter(|e| e.event_name == EventName::Won)
+        .any(|w| where_held(&w.key, order) == Held::Retracted)
+}
+
+/// Every correction step is delivered or dead-lettered, never closed quietly: a retraction
+/// without its upload loses the order, so a refusal goes to the dead-letter queue with an
+/// alert, for a person to fix and redrive.
+pub fn escalate(event: &CanonicalEvent, outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Rejected { error, .. } if event.correction.is_some() => Outcome::Rejected {
+            error,
+            dead_letter: true,
+            alert: true,
+        },
+        o => o,
+    }
 }
 
 #[cfg(test)]
@@ -621,6 +782,8 @@ mod tests {
     use super::*;
     use crate::delivery::{DeliveryLogEntry, PairResult};
     use crate::event::{ValidationContext, parse_event_json, validate};
+    use crate::queue::memory::MemoryQueue;
+    use crate::store::memory::MemoryStore;
     use serde_json::{Value, json};
 
     const OLD: &str = "customers/1234567890/conversionActions/987654321";
@@ -630,18 +793,31 @@ mod tests {
         Timestamp::parse_rfc3339("2026-11-28T12:00:00Z").unwrap()
     }
 
-    fn mappings() -> (Mapping, Mapping) {
-        let old = Mapping::bundled().unwrap();
+    /// The bundled mapping with the won action `id` and its click-through window.
+    fn mapping(id: &str, window: Option<u32>, version: &str) -> Mapping {
+        let mut line = format!("action = \"customers/1234567890/conversionActions/{id}\"");
+        if let Some(w) = window {
+            line.push_str(&format!("\nclick_through_lookback_window_days = {w}"));
+        }
         let text = include_str!("../../../infra/mapping.toml")
-            .replace("987654321\"", "555\"")
-            .replace("version = \"", "version = \"new-");
-        let new = Mapping::load(&text).unwrap();
-        (old, new)
+            .replace(
+                "action = \"customers/1234567890/conversionActions/987654321\"",
+                &line,
+            )
+            .replacen("version = \"", &format!("version = \"{version}"), 1);
+        Mapping::load(&text).unwrap()
+    }
+
+    fn mappings() -> (Mapping, Mapping) {
+        (
+            mapping("987654321", Some(30), ""),
+            mapping("555", Some(30), "new-"),
+        )
     }
 
     fn event(v: Value) -> CanonicalEvent {
         let mut ctx = ValidationContext::for_tests(now());
-        ctx.mapping_version = Mapping::bundled().unwrap().version;
+        ctx.mapping_version = mappings().0.version;
         validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap()
     }
 
@@ -657,6 +833,11 @@ mod tests {
             sent_as: sent_as.map(str::to_string),
         });
         e.destinations.insert(d, s);
+    }
+
+    fn set_status(e: &mut CanonicalEvent, status: DeliveryStatus) {
+        e.destinations
+            .insert(Destination::Google, DestinationState::new(status, now()));
     }
 
     fn won(order: &str, days_ago: i64, value: f64, identity: Value) -> CanonicalEvent {
@@ -677,8 +858,7 @@ mod tests {
             "entity_type": "order", "entity_id": format!("R-{order}-{value}"), "order_id": order,
             "value": value, "currency": "EUR", "identity": {}}),
         );
-        e.destinations
-            .insert(Destination::Google, DestinationState::new(status, now()));
+        set_status(&mut e, status);
         e
     }
 
@@ -691,6 +871,11 @@ mod tests {
             .iter()
             .find(|n| n.order_id.as_deref() == Some(order) && n.destination == Destination::Google)
             .map_or("", |n| n.reason.as_str())
+    }
+
+    fn steps_of(won: &CanonicalEvent, old: &Mapping, new: &Mapping) -> Vec<CanonicalEvent> {
+        let p = plan(std::slice::from_ref(won), old, new, now());
+        correction_events(won, &p.corrections[0], &old.version, &new.version, now())
     }
 
     #[test]
@@ -729,17 +914,15 @@ mod tests {
         let b = &p.corrections[0];
         assert_eq!((b.from.as_str(), b.to.as_str()), (OLD, NEW));
         assert_eq!(b.net.as_f64(), 150.0);
+        let all = [
+            CorrectionStep::Retract,
+            CorrectionStep::Upload,
+            CorrectionStep::Restate,
+        ];
+        assert_eq!(b.steps, all);
         assert_eq!(
-            b.steps,
-            [
-                CorrectionStep::Retract,
-                CorrectionStep::Upload,
-                CorrectionStep::Restate
-            ]
-        );
-        assert_eq!(
-            p.corrections[1].steps,
-            [CorrectionStep::Retract, CorrectionStep::Upload]
+            p.corrections[1].steps, all,
+            "restated even without a refund now: one may come before the step goes"
         );
         assert_eq!(p.revenue_moved["EUR"].as_f64(), 250.0);
         assert_eq!(
@@ -763,33 +946,60 @@ mod tests {
     }
 
     #[test]
-    fn a_shorter_window_or_data_manager_without_the_ads_api_is_not_corrected() {
-        let (old, mut new) = mappings();
-        let g = new.google.as_mut().unwrap();
-        g.conversions
-            .get_mut(&EventName::Won)
-            .unwrap()
-            .click_through_lookback_window_days = Some(7);
-        let p = plan(&[won("A", 2, 100.0, gclid())], &old, &new, now());
-        assert!(reason(&p, "A").contains("shorter"), "{p:?}");
+    fn windows_accounts_and_data_manager_decide_whether_the_upload_can_succeed() {
+        let old = mapping("987654321", Some(30), "");
+        let a = || vec![won("A", 2, 100.0, gclid())];
+        let shorter = mapping("555", Some(7), "new-");
+        assert!(reason(&plan(&a(), &old, &shorter, now()), "A").contains("shorter"));
+        let unstated = mapping("555", None, "new-");
+        assert!(reason(&plan(&a(), &old, &unstated, now()), "A").contains("not stated"));
+        let longer = mapping("555", Some(90), "new-");
+        assert_eq!(plan(&a(), &old, &longer, now()).corrections.len(), 1);
+        let mut elsewhere = longer.clone();
+        let g = elsewhere.google.as_mut().unwrap();
+        let w = g.conversions.get_mut(&EventName::Won).unwrap();
+        w.action = "customers/9999999999/conversionActions/555".into();
+        w.customer_id = "9999999999".into();
+        assert!(
+            reason(&plan(&a(), &old, &elsewhere, now()), "A")
+                .contains("another Google Ads account")
+        );
 
-        let (old, mut new) = mappings();
-        new.google.as_mut().unwrap().backend = GoogleBackend::DataManager;
-        let p = plan(&[won("A", 2, 100.0, gclid())], &old, &new, now());
-        assert!(reason(&p, "A").contains("cannot retract"), "{p:?}");
-        new.google.as_mut().unwrap().full_refund_policy = FullRefundPolicy::RetractViaAdsApi;
-        let events = [
-            won("A", 2, 100.0, gclid()),
-            refund("A", 10.0, DeliveryStatus::Delivered),
-        ];
-        let p = plan(&events, &old, &new, now());
-        assert_eq!(p.corrections.len(), 1);
+        let mut dm = longer.clone();
+        dm.google.as_mut().unwrap().backend = GoogleBackend::DataManager;
+        assert!(reason(&plan(&a(), &old, &dm, now()), "A").contains("cannot retract"));
+        dm.google.as_mut().unwrap().full_refund_policy = FullRefundPolicy::RetractViaAdsApi;
+        let mut events = a();
+        events.push(refund("A", 10.0, DeliveryStatus::Delivered));
+        let p = plan(&events, &old, &dm, now());
         assert_eq!(
             p.corrections[0].steps,
             [CorrectionStep::Retract, CorrectionStep::Upload],
             "Data Manager's upload carries the net value: nothing to restate"
         );
         assert_eq!(p.corrections[0].net.as_f64(), 90.0);
+    }
+
+    #[test]
+    fn an_order_never_goes_back_to_an_action_it_was_uploaded_under() {
+        // A to B, then the mapping goes back to A: Google keeps the order id once per action.
+        let (old, new) = mappings();
+        let a = won("A", 2, 100.0, gclid());
+        let mut events = vec![a.clone()];
+        for mut e in steps_of(&a, &old, &new) {
+            let step = e.correction.as_ref().unwrap().step;
+            let sent = if step == CorrectionStep::Retract {
+                OLD
+            } else {
+                NEW
+            };
+            delivered_as(&mut e, Destination::Google, Some(sent));
+            events.push(e);
+        }
+        let back = mapping("987654321", Some(30), "back-");
+        let p = plan(&events, &new, &back, now());
+        assert!(p.corrections.is_empty());
+        assert!(reason(&p, "A").contains("ORDER_ID_ALREADY_IN_USE"), "{p:?}");
     }
 
     #[test]
@@ -824,11 +1034,27 @@ mod tests {
     }
 
     #[test]
-    fn correction_events_are_deterministic_and_a_second_plan_finds_them() {
+    fn of_two_delivered_wons_only_the_one_google_holds_is_moved() {
+        // Two wons of one order delivered before the order guard existed: the Ads API holds
+        // the first upload, so only that one is corrected and its revenue counted once.
+        let (old, new) = mappings();
+        let first = won("A", 3, 100.0, gclid());
+        let mut second = won("A", 2, 100.0, gclid());
+        second.entity_id = "D-A-again".into();
+        second.key = "second".into();
+        let p = plan(&[first.clone(), second], &old, &new, now());
+        assert_eq!(p.corrections.len(), 1);
+        assert_eq!(p.corrections[0].key, first.key);
+        assert_eq!(p.revenue_moved["EUR"].as_f64(), 100.0);
+        assert!(reason(&p, "A").contains("another won of this order"));
+    }
+
+    #[test]
+    fn correction_events_are_deterministic_expire_with_their_won_and_are_found_again() {
         let (old, new) = mappings();
         let a = won("A", 2, 100.0, gclid());
+        let first = steps_of(&a, &old, &new);
         let p = plan(std::slice::from_ref(&a), &old, &new, now());
-        let first = correction_events(&a, &p.corrections[0], &old.version, &new.version, now());
         let again = correction_events(
             &a,
             &p.corrections[0],
@@ -859,6 +1085,10 @@ mod tests {
             first[1].occurred_at, a.occurred_at,
             "business time is the won's"
         );
+        assert_eq!(
+            first[1].received_at, a.received_at,
+            "it expires with the won"
+        );
 
         let mut events = vec![a.clone()];
         events.extend(first.clone());
@@ -866,20 +1096,61 @@ mod tests {
         assert!(p2.corrections.is_empty());
         assert_eq!(p2.already_corrected, 1);
         // Once the upload is delivered, Google holds the conversion under the new action.
+        delivered_as(&mut events[1], Destination::Google, Some(OLD));
         delivered_as(&mut events[2], Destination::Google, Some(NEW));
         let p3 = plan(&events, &old, &new, now());
         assert_eq!(
             (p3.unchanged[&Destination::Google], p3.already_corrected),
             (1, 0)
         );
+        // A failed step is reported, with what to do, not counted as corrected.
+        set_status(&mut events[1], DeliveryStatus::DeadLetter);
+        set_status(&mut events[2], DeliveryStatus::Pending);
+        let p4 = plan(&events, &old, &new, now());
+        assert!(reason(&p4, "A").contains("redrive"), "{p4:?}");
+    }
+
+    #[tokio::test]
+    async fn a_run_stopped_half_way_retracts_nothing_and_the_next_run_completes_it() {
+        let (old, new) = mappings();
+        let a = won("A", 2, 100.0, gclid());
+        let store = MemoryStore::new();
+        store.put_new(&a).await.unwrap();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        // The first run stopped after storing the upload: the retraction is stored last.
+        let steps = steps_of(&a, &old, &new);
+        store.put_new(&steps[1]).await.unwrap();
+        let everything = || store.all();
+        assert!(
+            matches!(
+                gate(
+                    &steps[1],
+                    Destination::Google,
+                    &everything(),
+                    Duration::from_secs(1)
+                ),
+                Err(Outcome::Wait { .. })
+            ),
+            "the upload waits for a retraction that is not there"
+        );
+        let p = plan(&everything(), &old, &new, now());
+        assert_eq!(p.corrections.len(), 1, "planned again: {p:?}");
+        let r = apply(&p, &store, &queue, now()).await.unwrap();
+        assert_eq!((r.stored, r.existing), (2, 1));
+        assert_eq!(queue.depth(Destination::Google), 3);
+        let r = apply(&p, &store, &queue, now()).await.unwrap();
+        assert_eq!(
+            (r.stored, r.existing),
+            (0, 3),
+            "a second run stores nothing"
+        );
     }
 
     #[test]
-    fn each_step_waits_for_the_one_before_and_stops_if_it_failed() {
+    fn each_step_waits_for_the_one_before_and_a_failure_goes_to_a_person() {
         let (old, new) = mappings();
         let a = won("A", 2, 100.0, gclid());
-        let p = plan(std::slice::from_ref(&a), &old, &new, now());
-        let mut steps = correction_events(&a, &p.corrections[0], &old.version, &new.version, now());
+        let mut steps = steps_of(&a, &old, &new);
         let wait = Duration::from_secs(60);
         let g = Destination::Google;
         assert!(
@@ -901,16 +1172,42 @@ mod tests {
         );
         delivered_as(&mut steps[0], g, Some(OLD));
         assert!(gate(&steps[1], g, &steps, wait).is_ok());
-        steps[0].destinations.get_mut(&g).unwrap().status = DeliveryStatus::Rejected;
+        // Retracted, and the upload failed: Google counts nothing for the order, refunds wait.
+        set_status(&mut steps[1], DeliveryStatus::DeadLetter);
+        set_status(&mut steps[2], DeliveryStatus::DeadLetter);
+        assert_eq!(where_held(&a.key, &order(&steps)), Held::Retracted);
+        assert!(in_progress(&order(&steps), g));
+        set_status(&mut steps[0], DeliveryStatus::Rejected);
         match gate(&steps[1], g, &steps, wait) {
-            Err(Outcome::Rejected { error, alert, .. }) => {
+            Err(Outcome::Rejected {
+                error,
+                alert,
+                dead_letter,
+            }) => {
                 assert_eq!(error.code, "correction_step_failed");
-                assert!(alert);
+                assert!(alert && dead_letter);
             }
             other => panic!("{other:?}"),
         }
+        // A refusal of any step goes to the dead-letter queue with an alert.
+        let refused = Outcome::Rejected {
+            error: ErrorInfo::new("EVENT_NOT_FOUND", "no click"),
+            dead_letter: false,
+            alert: false,
+        };
+        assert!(matches!(
+            escalate(&steps[1], refused.clone()),
+            Outcome::Rejected {
+                dead_letter: true,
+                alert: true,
+                ..
+            }
+        ));
+        assert_eq!(escalate(&a, refused.clone()), refused, "a won's is its own");
         delivered_as(&mut steps[0], g, Some(OLD));
         delivered_as(&mut steps[1], g, Some(NEW));
+        delivered_as(&mut steps[2], g, Some(NEW));
         assert!(!in_progress(&order(&steps), g));
+        assert_eq!(where_held(&a.key, &order(&steps)), Held::Moved(NEW.into()));
     }
 }

@@ -616,6 +616,9 @@ async fn record<I>(
     cfg: &PipelineConfig,
     routing: &mut Routing,
 ) {
+    let settled: Vec<_> = (settled.into_iter())
+        .map(|(i, o, at)| (i, crate::correction::escalate(&claimed[i].event, o), at))
+        .collect();
     for chunk in settled.chunks(CONCURRENT_WRITES) {
         let results = join_all(chunk.iter().map(|(i, outcome, at)| {
             let c = &claimed[*i];

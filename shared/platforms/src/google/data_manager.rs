@@ -5,6 +5,7 @@ use super::codes::retry_delay;
 use super::rows::{GoogleItem, Kind, build_item};
 use super::{Api, GooglePlatform, REQUEST_ID_PREFIX, err, rejected, retry};
 use async_trait::async_trait;
+use bridge_core::correction::CorrectionStep;
 use bridge_core::delivery::{Answer, Attempt, DeliveryStatus, Destination, ErrorInfo, Outcome};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::timestamp::Timestamp;
@@ -262,6 +263,21 @@ impl GooglePlatform {
             .filter_map(|e| Some((e, e.destinations.get(&Destination::Google)?)))
             .filter(|(_, s)| s.status.is_delivered())
             .max_by_key(|(e, _)| (e.occurred_at, e.key.clone()));
+        // After a correction moved the conversion, the upload that made it is the one to
+        // confirm: a restatement processed before it would be overwritten by it.
+        let won = won.map(|(w, s)| {
+            order
+                .iter()
+                .filter(|e| {
+                    e.correction
+                        .as_ref()
+                        .is_some_and(|c| c.of == w.key && c.step == CorrectionStep::Upload)
+                })
+                .filter_map(|e| Some((e, e.destinations.get(&Destination::Google)?)))
+                .filter(|(_, s)| s.status.is_delivered())
+                .max_by_key(|(e, _)| e.correction.as_ref().map(|c| c.made_at))
+                .unwrap_or((w, s))
+        });
         let unconfirmed = |why: String, after: Duration| Outcome::Wait {
             error: err("original_unconfirmed", why),
             after,

@@ -3,7 +3,7 @@
 
 use super::err;
 use bridge_core::consent::{Consent, GoogleSignal};
-use bridge_core::correction::{Correction, CorrectionStep};
+use bridge_core::correction::{Correction, CorrectionStep, Held, where_held};
 use bridge_core::delivery::{DeliveryStatus, Destination, ErrorInfo};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::identity::{ClickIds, GoogleHashes};
@@ -377,9 +377,9 @@ fn build_adjustment(
     // An adjustment cannot move a conversion to another action: it targets the action the won
     // was really uploaded under, whatever the mapping says now, or the one a correction moved
     // it to.
-    let sent_under = match moved_to(won, order) {
-        Moved::To(action) => GoogleConversion::from_resource(&action),
-        Moved::Retracted => {
+    let sent_under = match where_held(&won.key, order) {
+        Held::Moved(action) => GoogleConversion::from_resource(&action),
+        Held::Retracted => {
             return Err(err(
                 "conversion_retracted",
                 format!(
@@ -387,7 +387,7 @@ fn build_adjustment(
                 ),
             ));
         }
-        Moved::No => won
+        Held::Original => won
             .destinations
             .get(&Destination::Google)
             .and_then(|s| s.delivered_as())
@@ -410,14 +410,7 @@ fn build_adjustment(
     let counts = |e: &CanonicalEvent| {
         e.event_name == EventName::Refund
             && e.currency.as_deref() == Some(currency)
-            && e.destinations.get(&Destination::Google).is_some_and(|s| {
-                !matches!(
-                    s.status,
-                    DeliveryStatus::RejectedNotSystemOfRecord
-                        | DeliveryStatus::Rejected
-                        | DeliveryStatus::BlockedConsent
-                )
-            })
+            && counts_as_refund(e)
     };
     let mut refunds: BTreeMap<&str, &CanonicalEvent> = order
         .iter()
@@ -486,38 +479,6 @@ fn build_adjustment(
     Ok(item)
 }
 
-/// Where a correction moved a won's conversion.
-enum Moved {
-    No,
-    /// Uploaded again under this action (the newest delivered upload).
-    To(String),
-    /// Retracted, and not (yet) uploaded again.
-    Retracted,
-}
-
-fn moved_to(won: &CanonicalEvent, order: &[CanonicalEvent]) -> Moved {
-    let steps = || {
-        order.iter().filter_map(|e| {
-            let c = e.correction.as_ref().filter(|c| c.of == won.key)?;
-            let delivered = e
-                .destinations
-                .get(&Destination::Google)
-                .is_some_and(|s| s.status.is_delivered());
-            delivered.then_some((e, c))
-        })
-    };
-    if let Some((_, c)) = steps()
-        .filter(|(_, c)| c.step == CorrectionStep::Upload)
-        .max_by_key(|(e, _)| e.received_at)
-    {
-        return Moved::To(c.to.clone());
-    }
-    if steps().any(|(_, c)| c.step == CorrectionStep::Retract) {
-        return Moved::Retracted;
-    }
-    Moved::No
-}
-
 /// One step of a correction (see `bridge_core::correction`): the RETRACTION under the action
 /// the conversion was delivered as, the upload under the one the mapping names now, or the
 /// order's refunds restated there. Each row is a pure function of the stored events, so a
@@ -540,6 +501,27 @@ fn build_correction(
                     format!("{} is not a conversion action resource name", c.from),
                 ));
             };
+            // A retraction is final: it goes only if the conversion can still be adjusted
+            // through the steps after it, and the upload that must follow can be built from
+            // what is stored now under the mapping this sender runs.
+            let age_days = now.secs_since(&e.occurred_at) / 86_400;
+            if age_days > bridge_core::correction::MAX_AGE_DAYS {
+                return Err(err(
+                    "conversion_too_old",
+                    format!(
+                        "the conversion is {age_days} days old: too close to Google's 54-day limit on adjustments (CONVERSION_EXPIRED) to move it"
+                    ),
+                ));
+            }
+            correction_upload(e, c, order, mapping, g, now).map_err(|x| {
+                err(
+                    "upload_would_fail",
+                    format!(
+                        "not retracted, since the upload that must follow would fail: {}",
+                        x.message
+                    ),
+                )
+            })?;
             // Data Manager has no retraction (DM-ADJ): only the Ads API can retract, where the
             // account may use it.
             if g.backend_for(&from.customer_id) == GoogleBackend::DataManager
@@ -552,7 +534,7 @@ fn build_correction(
             }
             // When the correction was made: fixed on the event, so a replay sends the same row;
             // after the conversion (ADJUSTMENT_PRECEDES_CONVERSION) and never in the future.
-            let mut at = e.received_at.max(e.occurred_at.plus_secs(1));
+            let mut at = c.made_at.max(e.occurred_at.plus_secs(1));
             if at > now {
                 at = now;
             }
@@ -572,49 +554,53 @@ fn build_correction(
                 restated_to_zero: false,
             })
         }
-        CorrectionStep::Upload => {
-            let mut won = e.clone();
-            won.event_name = EventName::Won;
-            won.correction = None;
-            // Data Manager keeps the last value written for a transactionId, so its upload
-            // carries the order's net value; the Ads API keeps the first upload, so it gets
-            // the won's value and the restate step brings the refunds over.
-            let to = GoogleConversion::from_resource(&c.to);
-            if to.is_some_and(|t| g.backend_for(&t.customer_id) == GoogleBackend::DataManager)
-                && let (Some(v), Some(cur)) = (won.value, won.currency.as_deref())
-            {
-                won.value = Some(v.saturating_sub(refunded(order, cur)));
-            }
-            let item = build_item(&won, &[], mapping, now)?;
-            if item.action() != c.to {
-                return Err(err(
-                    "mapping_changed",
-                    format!(
-                        "the mapping now sends won to {}, not {}: plan the correction again",
-                        item.action(),
-                        c.to
-                    ),
-                ));
-            }
-            Ok(GoogleItem { attempt, ..item })
-        }
+        CorrectionStep::Upload => Ok(GoogleItem {
+            attempt,
+            ..correction_upload(e, c, order, mapping, g, now)?
+        }),
         CorrectionStep::Restate => {
+            // Every refund known now, whether or not it was known when the move was planned:
+            // the same restatement the latest refund made, now under the new action.
             let latest = order
                 .iter()
-                .filter(|r| r.event_name == EventName::Refund)
-                .filter(|r| {
-                    r.destinations
-                        .get(&Destination::Google)
-                        .is_some_and(|s| s.status.is_delivered())
-                })
+                .filter(|r| r.event_name == EventName::Refund && counts_as_refund(r))
                 .max_by_key(|r| (r.occurred_at, r.key.clone()));
-            let Some(refund) = latest else {
-                return Err(err(
-                    "nothing_to_restate",
-                    format!("no refund of order {order_id} was delivered to restate"),
-                ));
+            let item = match latest {
+                Some(refund) => build_adjustment(refund, order, g, now, attempt)?,
+                None => {
+                    // No refund: restated to the won's own value, which changes nothing but
+                    // keeps the step's outcome a platform answer.
+                    let (Some(value), Some(currency)) = (e.value, e.currency.as_deref()) else {
+                        return Err(err("missing_value", "the won has no value to restate"));
+                    };
+                    let Some(to) = GoogleConversion::from_resource(&c.to) else {
+                        return Err(err(
+                            "invalid_action",
+                            format!("{} is not a conversion action resource name", c.to),
+                        ));
+                    };
+                    let mut at = e.occurred_at.plus_secs(1);
+                    if at > now {
+                        at = now;
+                    }
+                    GoogleItem {
+                        kind: Kind::Adjustment,
+                        row: json!({
+                            "conversionAction": to.action,
+                            "adjustmentType": "RESTATEMENT",
+                            "adjustmentDateTime": ads_time(at),
+                            "orderId": order_id,
+                            "restatementValue": {"adjustedValue": value.as_f64(), "currencyCode": currency},
+                        }),
+                        login_customer_id: g.login_for(&to.customer_id).map(str::to_string),
+                        customer_id: to.customer_id,
+                        action_id: to.action_id,
+                        has_user_data: false,
+                        attempt,
+                        restated_to_zero: false,
+                    }
+                }
             };
-            let item = build_adjustment(refund, order, g, now, attempt)?;
             if item.action() != c.to {
                 return Err(err(
                     "correction_not_uploaded",
@@ -628,6 +614,53 @@ fn build_correction(
             Ok(item)
         }
     }
+}
+
+/// The upload of a correction: the won again, under the action the mapping this sender runs
+/// names, which must be the correction's. Data Manager keeps the last value written for a
+/// transactionId, so its upload carries the order's net value; the Ads API keeps the first
+/// upload, so it gets the won's value and the restate step brings the refunds over.
+fn correction_upload(
+    e: &CanonicalEvent,
+    c: &Correction,
+    order: &[CanonicalEvent],
+    mapping: &Mapping,
+    g: &GoogleMapping,
+    now: Timestamp,
+) -> Result<GoogleItem, ErrorInfo> {
+    let mut won = e.clone();
+    won.event_name = EventName::Won;
+    won.correction = None;
+    let to = GoogleConversion::from_resource(&c.to);
+    if to.is_some_and(|t| g.backend_for(&t.customer_id) == GoogleBackend::DataManager)
+        && let (Some(v), Some(cur)) = (won.value, won.currency.as_deref())
+    {
+        won.value = Some(v.saturating_sub(refunded(order, cur)));
+    }
+    let item = build_item(&won, &[], mapping, now)?;
+    if item.action() != c.to {
+        return Err(err(
+            "mapping_changed",
+            format!(
+                "the mapping now sends won to {}, not {}: plan the correction again",
+                item.action(),
+                c.to
+            ),
+        ));
+    }
+    Ok(item)
+}
+
+/// A refund that will be (or was) sent: not another source's, not blocked or invalid.
+fn counts_as_refund(e: &CanonicalEvent) -> bool {
+    e.destinations.get(&Destination::Google).is_some_and(|s| {
+        !matches!(
+            s.status,
+            DeliveryStatus::RejectedNotSystemOfRecord
+                | DeliveryStatus::Rejected
+                | DeliveryStatus::BlockedConsent
+        )
+    })
 }
 
 /// The refunds of the order in `currency` Google has been told about.
@@ -960,14 +993,20 @@ mod tests {
     fn a_correction_retracts_under_the_old_action_uploads_under_the_new_and_restates() {
         const OLD: &str = "customers/1234567890/conversionActions/987654321";
         const NEW: &str = "customers/1234567890/conversionActions/555";
-        let old = mapping(GoogleBackend::AdsApi);
+        let mut old = mapping(GoogleBackend::AdsApi);
+        let windowed = |m: &mut Mapping, action: &str| {
+            let mut c = GoogleConversion::from_resource(action).unwrap();
+            c.click_through_lookback_window_days = Some(30);
+            m.google
+                .as_mut()
+                .unwrap()
+                .conversions
+                .insert(EventName::Won, c);
+        };
+        windowed(&mut old, OLD);
         let mut new = old.clone();
         new.version = "new".into();
-        let g = new.google.as_mut().unwrap();
-        g.conversions.insert(
-            EventName::Won,
-            GoogleConversion::from_resource(NEW).unwrap(),
-        );
+        windowed(&mut new, NEW);
         let mut w = event(won(json!({"gclid": "G"})), None);
         delivered_as(&mut w, OLD);
         let mut r = event(refund(40.0, "2026-11-27T12:00:00Z"), None);
@@ -1011,6 +1050,19 @@ mod tests {
         );
         let stale = build_item(&steps[1], &order(&steps), &old, now()).unwrap_err();
         assert_eq!(stale.code, "mapping_changed");
+        // A sender still on the old mapping never retracts: the upload could not follow.
+        let held_back = build_item(&steps[0], &order(&steps), &old, now()).unwrap_err();
+        assert_eq!(held_back.code, "upload_would_fail");
+        assert!(held_back.message.contains("mapping"), "{held_back:?}");
+        let mut no_click = steps.clone();
+        no_click[0].identity.click.gclid = None;
+        assert_eq!(
+            build_item(&no_click[0], &order(&no_click), &new, now())
+                .unwrap_err()
+                .code,
+            "upload_would_fail",
+            "the click id is gone since the plan"
+        );
 
         // Retracted, not uploaded again yet: a refund has no conversion to adjust.
         let mut done = steps.clone();
@@ -1030,6 +1082,16 @@ mod tests {
         assert_eq!(restate.action(), NEW);
         assert_eq!(restate.row["adjustmentType"], "RESTATEMENT");
         assert_eq!(restate.row["restatementValue"]["adjustedValue"], 60.0);
+        // Without a refund the restatement states the won's own value.
+        let alone = |steps: &[CanonicalEvent]| {
+            let mut o = vec![w.clone()];
+            o.extend(steps.iter().cloned());
+            o
+        };
+        let plain = build_item(&done[2], &alone(&done), &new, now()).unwrap();
+        assert_eq!(plain.row["adjustmentType"], "RESTATEMENT");
+        assert_eq!(plain.row["restatementValue"]["adjustedValue"], 100.0);
+        assert_eq!(plain.row["adjustmentDateTime"], "2026-11-27 10:00:01+00:00");
         // A refund after the move restates the conversion under the new action.
         let mut with_late = order(&done);
         with_late.push(late.clone());
