@@ -747,12 +747,14 @@ pub fn gate(
     }
 }
 
-/// Whether a refund of the order must wait at `dest`: a correction step is on its way, or a
-/// correction retracted the conversion and its upload has not gone yet. The refund's
-/// adjustment must reach the conversion that will count, not the one being retracted.
+/// Whether a refund of the order must wait at `dest`: a correction's retraction is on its way,
+/// or it retracted the conversion and the upload has not gone yet. The refund's adjustment
+/// must reach the conversion that will count, not the one being retracted. A retraction that
+/// failed retracted nothing: the refund adjusts the conversion where it is (a redriven move
+/// restates every refund under the new action).
 pub fn in_progress(order: &[CanonicalEvent], dest: Destination) -> bool {
     let open = order.iter().any(|e| {
-        e.correction.is_some()
+        e.correction_step() == Some(CorrectionStep::Retract)
             && e.destinations
                 .get(&dest)
                 .is_some_and(|s| s.status.is_open())
@@ -1177,6 +1179,11 @@ mod tests {
         set_status(&mut steps[2], DeliveryStatus::DeadLetter);
         assert_eq!(where_held(&a.key, &order(&steps)), Held::Retracted);
         assert!(in_progress(&order(&steps), g));
+        set_status(&mut steps[0], DeliveryStatus::DeadLetter);
+        assert!(
+            !in_progress(&order(&steps), g),
+            "nothing was retracted: refunds adjust the conversion where it is"
+        );
         set_status(&mut steps[0], DeliveryStatus::Rejected);
         match gate(&steps[1], g, &steps, wait) {
             Err(Outcome::Rejected {
