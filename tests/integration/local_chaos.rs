@@ -1,6 +1,7 @@
 //! Chaos on the whole local bridge: realistic CRM traffic (leads moving through MQL, SQL and
-//! won; partial and full refunds, some arriving before their won event; duplicate webhooks;
-//! a consent mix) against fakes that throttle, fail, stall, time out after accepting, and
+//! won; partial and full refunds, some arriving before their won event, some while Google holds
+//! the won's click as too recent; re-won deals; the same order from a second source; duplicate
+//! webhooks; oversized fields; a consent mix) against fakes that throttle, fail, stall, time out after accepting, and
 //! crash the sender between its send and its status write, with permanent errors on a known
 //! subset. Invariants: delivered exactly once per platform dedupe key, nothing lost, revenue
 //! equals won minus refunds, the DLQ holds exactly the permanent failures, and after the fault
@@ -60,6 +61,16 @@ struct Traffic {
     rewon: Vec<(String, String)>,
     /// Another source's won for an order the system of record owns: never sent.
     foreign: BTreeSet<String>,
+    /// Orders whose click Google holds as too recent (TOO_RECENT_EVENT) until the test clears
+    /// it, with their won's and refunds' event ids: the refunds wait through the hold.
+    held: BTreeSet<String>,
+    held_wons: BTreeSet<String>,
+    held_refunds: BTreeSet<String>,
+    /// Posts with a field over its limit (an entity id past 256 characters): refused, each
+    /// naming the field, without costing the rest of their batch anything.
+    oversized: Vec<Planned>,
+    /// Leads carrying a user agent over 1,024 bytes: accepted without it, with a warning.
+    long_agents: BTreeSet<String>,
 }
 
 fn meta_name(stage: &str) -> &'static str {
@@ -93,6 +104,11 @@ fn generate(entities: usize, seed: u64) -> Traffic {
         poisoned_revenue: BTreeMap::new(),
         rewon: Vec::new(),
         foreign: BTreeSet::new(),
+        held: BTreeSet::new(),
+        held_wons: BTreeSet::new(),
+        held_refunds: BTreeSet::new(),
+        oversized: Vec::new(),
+        long_agents: BTreeSet::new(),
     };
     for i in 0..entities {
         let r = rng.f64();
@@ -129,7 +145,20 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                 key,
             }
         };
-        let mut stages = vec![event("lead", 0, json!({}), rng.f64())];
+        let mut lead = event("lead", 0, json!({}), rng.f64());
+        if i % 40 == 7 {
+            lead.body["identity"]["client_user_agent"] = json!("Mozilla/5.0 ".repeat(400));
+            t.long_agents.insert(lead.event_id.clone());
+        }
+        if i % 50 == 11 {
+            let mut big = event("lead", 0, json!({}), rng.f64());
+            big.event_id = format!("chaos-{seed}-{i}-oversized");
+            big.body["event_id"] = json!(big.event_id);
+            big.body["entity_id"] = json!("E".repeat(300));
+            big.counted = false;
+            t.oversized.push(big);
+        }
+        let mut stages = vec![lead];
         let poison_lead = granted && rng.f64() < 0.01;
         if rng.f64() < 0.7 {
             stages.push(event("mql", 1, json!({}), 1.0 + rng.f64()));
@@ -156,6 +185,19 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                     };
                     let poison_order = granted && gclid && refunds.is_empty() && rng.f64() < 0.03;
                     let refunded: f64 = refunds.iter().sum();
+                    // Google holds this order's click as too recent for a while: the won is
+                    // retried after the hold and its refunds wait for it, outside their
+                    // attempt budget.
+                    let held =
+                        granted && gclid && !poison_order && !refunds.is_empty() && rng.f64() < 0.4;
+                    if held {
+                        t.held.insert(order.clone());
+                        t.held_wons.insert(format!("chaos-{seed}-{i}-won"));
+                        for k in 0..refunds.len() {
+                            t.held_refunds
+                                .insert(format!("chaos-{seed}-{i}-refund-{k}"));
+                        }
+                    }
                     if granted {
                         *t.meta_revenue.entry(currency.into()).or_insert(0.0) += value;
                         if refunded > 0.0 {
@@ -301,7 +343,9 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.15);
     let traffic = generate(entities, 7);
-    let b = LocalBridge::start(
+    assert!(!traffic.held.is_empty() && !traffic.oversized.is_empty());
+    assert!(!traffic.long_agents.is_empty());
+    let b = LocalBridge::start_with_env(
         "chaos",
         &[
             ("MetaBatchSize", "100"),
@@ -315,8 +359,12 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
             ("RefundWaitSeconds", "4"),
         ],
         2,
+        // Google's six-hour TOO_RECENT wait, compressed like the rest of time here.
+        &[("GOOGLE_TOO_RECENT_WAIT_SECS", "10")],
     )
     .await;
+    b.google
+        .with(|d| d.too_recent.extend(traffic.held.iter().cloned()));
     for e in &traffic.meta_poison {
         b.meta.poison(e);
     }
@@ -349,7 +397,12 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     // duplicates go out again at the end.
     let mut all: Vec<&Planned> = traffic.posts.iter().collect();
     all.extend(traffic.duplicates.iter());
+    // The oversized posts go out inside ordinary batches.
+    for (n, p) in traffic.oversized.iter().enumerate() {
+        all.insert((n * 97 + 13).min(all.len()), p);
+    }
     let mut accepted = BTreeSet::new();
+    let mut refused = 0;
     for window in all.chunks(50) {
         let mut groups: Vec<(&'static str, Vec<&Planned>)> = Vec::new();
         for source in ["hubspot", "generic"] {
@@ -380,7 +433,17 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
                 "{status} {r}"
             );
             for item in r["results"].as_array().into_iter().flatten() {
-                assert_ne!(item["status"], "invalid", "{item}");
+                if item["status"] == "invalid" {
+                    assert_eq!(item["errors"][0]["field"], "entity_id", "{item}");
+                    assert!(
+                        item["errors"][0]["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("longer than 256")),
+                        "{item}"
+                    );
+                    refused += 1;
+                    continue;
+                }
                 // The caller's ids are stored under `source:event_id`: settle reads by key.
                 if let Some(key) = item["key"].as_str().or(item["event_id"].as_str()) {
                     accepted.insert(key.to_string());
@@ -394,6 +457,14 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         traffic.posts.len(),
         "every distinct event stored once"
     );
+    assert_eq!(
+        refused,
+        traffic.oversized.len(),
+        "each oversized post refused"
+    );
+    // Google holds the clicks a while longer, then they are old enough.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    b.google.with(|d| d.too_recent.clear());
     let events = b.settle(&ids, Duration::from_secs(420)).await;
     let elapsed = started.elapsed();
 
@@ -410,6 +481,50 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
                 st.status.as_str()
             );
         }
+    }
+
+    // Google held some wons as too recent: each was retried after the hold and delivered, and
+    // its refunds waited for it (claims that only waited spend no attempt) and were delivered.
+    let google_state =
+        |id: &String| events[&format!("hubspot:{id}")].destinations[&Destination::Google].clone();
+    // (Under chaos a won may first be tried after the hold ended: counted, not required.)
+    let mut too_recent = 0;
+    for id in &traffic.held_wons {
+        // A re-won deal: whichever of its two wons claimed the order is the one sent.
+        let mut s = google_state(id);
+        if s.status == DeliveryStatus::DuplicateOrder {
+            s = google_state(&format!("{id}-again"));
+        }
+        assert!(s.status.is_delivered(), "{id}: {s:?}");
+        if s.log.iter().any(|l| {
+            l.error
+                .as_ref()
+                .is_some_and(|e| e.code == "TOO_RECENT_EVENT")
+        }) {
+            too_recent += 1;
+        }
+    }
+    assert!(too_recent > 0, "no won was held as too recent");
+    let mut waited = 0;
+    for id in &traffic.held_refunds {
+        let s = google_state(id);
+        assert!(s.status.is_delivered(), "{id}: {s:?}");
+        if s.attempts_base > 0 {
+            waited += 1;
+        }
+    }
+    assert!(waited > 0, "no refund waited through a hold");
+    // A user agent past its limit is dropped with a warning; the event goes on without it.
+    for id in &traffic.long_agents {
+        let e = &events[&format!("hubspot:{id}")];
+        assert!(e.identity.click.client_user_agent.is_none());
+        assert!(
+            e.warnings
+                .iter()
+                .any(|w| w.field == "identity.client_user_agent"),
+            "{id}: {:?}",
+            e.warnings
+        );
     }
 
     // Nothing lost: every pair ended, and only the poisoned ones are dead letters.
@@ -583,12 +698,14 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         .sum::<u64>()
         - 8;
     println!(
-        "chaos: {} events ({} webhooks incl. {} duplicates), {delivered_pairs} delivered pairs in {:.1} s = {:.0} events/s end to end; \
+        "chaos: {} events ({} webhooks incl. {} duplicates and {refused} oversized, refused), {} orders held as too recent ({too_recent} wons answered TOO_RECENT_EVENT; {} refunds, {waited} of them waited), {delivered_pairs} delivered pairs in {:.1} s = {:.0} events/s end to end; \
          {calls} AWS requests = {:.2} per delivered conversion (bridge {:.0} req/s; emulator raw {:.0} req/s); \
          fault rate {rate}, sender restarts after crashes {crashes}; {}",
         ids.len(),
         all.len(),
         traffic.duplicates.len(),
+        traffic.held.len(),
+        traffic.held_refunds.len(),
         elapsed.as_secs_f64(),
         ids.len() as f64 / elapsed.as_secs_f64(),
         calls as f64 / delivered_pairs.max(1) as f64,

@@ -3,8 +3,11 @@
 
 use bridge_aws::config::Settings;
 use bridge_aws::lambda::{env, env_secs};
-use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use bridge_platforms::google::{
+    GoogleConfig, GoogleCredentials, GooglePlatform, TOO_RECENT_WAIT, Waits,
+};
 use lambda_runtime::Error;
+use std::time::Duration;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -27,10 +30,27 @@ async fn main() -> Result<(), Error> {
         timeout: env_secs("GOOGLE_TIMEOUT_SECS", 30),
         terms_ttl: env_secs("GOOGLE_TERMS_TTL_SECS", 3600),
     };
+    // Google asks for six hours after TOO_RECENT_*; an emulator run compresses that.
+    let too_recent = match env("GOOGLE_TOO_RECENT_WAIT_SECS") {
+        None => TOO_RECENT_WAIT,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=21_600).contains(s))
+            .map(Duration::from_secs)
+            .ok_or(
+                "GOOGLE_TOO_RECENT_WAIT_SECS must be a whole number of seconds from 1 to 21600",
+            )?,
+    };
     let platform = GooglePlatform::new(
         bridge_platforms::http::client()?,
         cfg,
         settings.mapping.clone(),
-    );
+    )
+    .with_waits(Waits {
+        too_recent,
+        ..Waits::default()
+    });
     bridge_aws::lambda::run_sender(platform, &settings, &aws).await
 }
