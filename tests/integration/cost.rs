@@ -6,8 +6,8 @@
 //! to a budget so a change that grows the bill fails here.
 
 use bridge_core::delivery::DeliveryStatus;
-use bridge_core::timestamp::Timestamp;
 use bridge_tests::local::harness::LocalBridge;
+use bridge_tests::{accepted_ids, minutes_ago};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,22 +43,6 @@ const USD_PER_GB_MONTH: f64 = 0.25 + 0.20;
 /// a few hundred ms, dominates).
 const ASSUMED_INGEST_SECS: f64 = 0.05;
 const ASSUMED_SENDER_SECS: f64 = 0.5;
-
-fn ago(mins: i64) -> String {
-    Timestamp::now().minus_secs(mins * 60).canonical()
-}
-
-fn accepted(r: &Value) -> Vec<String> {
-    let items = match r["results"].as_array() {
-        Some(a) => a.clone(),
-        None => vec![r.clone()],
-    };
-    items
-        .iter()
-        .filter(|i| i["status"] == "accepted")
-        .filter_map(|i| i["event_id"].as_str().map(str::to_string))
-        .collect()
-}
 
 /// A full CRM profile: every identifier both platforms match on, and both click ids.
 fn identity(i: usize) -> Value {
@@ -129,19 +113,19 @@ async fn write_units_and_requests_per_lifecycle_event() {
     for i in 0..DEALS {
         let identity = identity(i);
         for (n, stage) in ["lead", "mql", "sql"].iter().enumerate() {
-            let e = json!({"event_name": stage, "occurred_at": ago(60 - n as i64 * 10), "entity_type": "contact",
+            let e = json!({"event_name": stage, "occurred_at": minutes_ago(60 - n as i64 * 10), "entity_type": "contact",
                 "entity_id": format!("C-{i}"), "identity": identity, "consent": {"status": "granted"}});
             let (status, r) = b.post("hubspot", &e).await;
             posts += 1;
             assert_eq!(status, 202, "{r}");
-            ids.extend(accepted(&r));
+            ids.extend(accepted_ids(&r));
         }
-        let won = json!({"event_name": "won", "occurred_at": ago(25), "entity_type": "opportunity", "entity_id": format!("D-{i}"),
+        let won = json!({"event_name": "won", "occurred_at": minutes_ago(25), "entity_type": "opportunity", "entity_id": format!("D-{i}"),
             "order_id": format!("O-{i}"), "value": 1000.0 + i as f64, "currency": "USD", "identity": identity, "consent": {"status": "granted"}});
         let (status, r) = b.post("hubspot", &won).await;
         posts += 1;
         assert_eq!(status, 202, "{r}");
-        ids.extend(accepted(&r));
+        ids.extend(accepted_ids(&r));
     }
     // Refunds come days after the sale in real life: after the wons are delivered, so no
     // refund waits for its won (a wait costs a claim and a result of its own, and would make
@@ -149,12 +133,12 @@ async fn write_units_and_requests_per_lifecycle_event() {
     b.settle(&ids, Duration::from_secs(300)).await;
     for i in (0..DEALS).step_by(4) {
         let identity = identity(i);
-        let refund = json!({"event_name": "refund", "occurred_at": ago(5), "entity_type": "order", "entity_id": format!("R-{i}"),
+        let refund = json!({"event_name": "refund", "occurred_at": minutes_ago(5), "entity_type": "order", "entity_id": format!("R-{i}"),
             "order_id": format!("O-{i}"), "value": 100.0, "currency": "USD", "identity": identity, "consent": {"status": "granted"}});
         let (status, r) = b.post("hubspot", &refund).await;
         posts += 1;
         assert_eq!(status, 202, "{r}");
-        ids.extend(accepted(&r));
+        ids.extend(accepted_ids(&r));
     }
     let events = b.settle(&ids, Duration::from_secs(300)).await;
     let lifecycle = events.len() as f64;

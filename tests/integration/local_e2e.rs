@@ -8,25 +8,10 @@ use bridge_core::hashing::sha256_hex;
 use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_tests::local::harness::LocalBridge;
+use bridge_tests::{accepted_ids, minutes_ago};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-fn ago(mins: i64) -> String {
-    Timestamp::now().minus_secs(mins * 60).canonical()
-}
-
-fn ids(resp: &Value) -> Vec<String> {
-    let items = match resp["results"].as_array() {
-        Some(a) => a.clone(),
-        None => vec![resp.clone()],
-    };
-    items
-        .iter()
-        .filter(|i| i["status"] == "accepted")
-        .filter_map(|i| i["event_id"].as_str().map(str::to_string))
-        .collect()
-}
 
 #[tokio::test]
 async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
@@ -37,18 +22,18 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
 
     // Generic: a lead from a Meta lead ad (granted, with Meta's lead id) and an MQL whose
     // consent is denied.
-    let lead = json!({"event_name": "lead", "occurred_at": ago(30), "entity_type": "lead", "entity_id": "L-1",
+    let lead = json!({"event_name": "lead", "occurred_at": minutes_ago(30), "entity_type": "lead", "entity_id": "L-1",
         "identity": {"email": " Jane.Doe@Example.com ", "phone": "(650) 555-1234", "first_name": "Jane", "last_name": "Doe", "country": "US",
                      "lead_id": "1234567890123456"},
         "consent": {"status": "granted"}});
     let (status, r) = b.post("generic", &lead).await;
     assert_eq!(status, 202, "{r}");
-    let lead_id = ids(&r)[0].clone();
+    let lead_id = accepted_ids(&r)[0].clone();
     accepted.push(lead_id.clone());
-    let denied = json!({"event_name": "mql", "occurred_at": ago(29), "entity_type": "contact", "entity_id": "C-9",
+    let denied = json!({"event_name": "mql", "occurred_at": minutes_ago(29), "entity_type": "contact", "entity_id": "C-9",
         "identity": {"email": "nobody@example.org"}, "consent": {"status": "denied"}});
     let (_, r) = b.post("generic", &denied).await;
-    let denied_id = ids(&r)[0].clone();
+    let denied_id = accepted_ids(&r)[0].clone();
     accepted.push(denied_id.clone());
     // The same webhook again: nothing new.
     let (_, r) = b.post("generic", &lead).await;
@@ -57,13 +42,13 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     // Salesforce: a qualified lead (sql) and a closed-won opportunity from a source that is
     // not the system of record.
     let sf = json!([
-        {"object": "Lead", "id": "00Q-1", "stage": "Qualified", "changed_at": ago(25), "email": "lead@prospect.example", "consent": {"status": "granted"}},
-        {"object": "Opportunity", "id": "006-1", "stage": "Closed Won", "changed_at": ago(24), "amount": 500, "currency": "USD",
+        {"object": "Lead", "id": "00Q-1", "stage": "Qualified", "changed_at": minutes_ago(25), "email": "lead@prospect.example", "consent": {"status": "granted"}},
+        {"object": "Opportunity", "id": "006-1", "stage": "Closed Won", "changed_at": minutes_ago(24), "amount": 500, "currency": "USD",
          "email": "buyer@prospect.example", "gclid": "Cj0-sf", "consent": {"status": "granted"}}
     ]);
     let (status, r) = b.post("salesforce", &sf).await;
     assert!(status == 202 || status == 207, "{status} {r}");
-    let sf_ids = ids(&r);
+    let sf_ids = accepted_ids(&r);
     assert_eq!(sf_ids.len(), 2, "{r}");
     accepted.extend(sf_ids.clone());
 
@@ -76,17 +61,17 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     ]);
     let (status, r) = b.post_hubspot(&hs).await;
     assert_eq!(status, 202, "{r}");
-    let hs_ids = ids(&r);
+    let hs_ids = accepted_ids(&r);
     assert_eq!(hs_ids.len(), 2, "{r}");
     accepted.extend(hs_ids.clone());
     let won_id = hs_ids[0].clone();
 
     // Billing posts a partial refund for the system of record, before the won event was sent.
-    let refund = json!({"event_name": "refund", "occurred_at": ago(10), "entity_type": "order", "entity_id": "R-9001",
+    let refund = json!({"event_name": "refund", "occurred_at": minutes_ago(10), "entity_type": "order", "entity_id": "R-9001",
         "order_id": "9001", "value": 200.0, "currency": "GBP", "identity": {"email": "ada@example.com"}, "consent": {"status": "granted"}});
     let (status, r) = b.post("hubspot", &refund).await;
     assert_eq!(status, 202, "{r}");
-    let refund_id = ids(&r)[0].clone();
+    let refund_id = accepted_ids(&r)[0].clone();
     accepted.push(refund_id.clone());
 
     let events = b.settle(&accepted, Duration::from_secs(120)).await;
@@ -254,7 +239,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
 
     // Backfill through the same ingest path: the second run stores nothing new.
     let history: String = (0..3)
-        .map(|i| format!("{}\n", json!({"event_name": "lead", "occurred_at": ago(120 + i), "entity_type": "lead", "entity_id": format!("H-{i}"),
+        .map(|i| format!("{}\n", json!({"event_name": "lead", "occurred_at": minutes_ago(120 + i), "entity_type": "lead", "entity_id": format!("H-{i}"),
             "identity": {"email": format!("history{i}@example.com")}, "consent": {"status": "granted"}})))
         .collect();
     let first = backfill::load(
@@ -278,7 +263,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
 
     // The sweep: a pair left pending with no message (an enqueue that failed after the
     // write) is re-enqueued by the scheduled reconcile run and delivered.
-    let mut orphan = bridge_tests::sample_event("ORPHAN-1", "lead", None, None, &ago(90));
+    let mut orphan = bridge_tests::sample_event("ORPHAN-1", "lead", None, None, &minutes_ago(90));
     for s in orphan.destinations.values_mut() {
         s.updated_at = Timestamp::now().minus_secs(3600);
     }
@@ -374,13 +359,13 @@ async fn data_manager_back_end_through_the_binaries() {
     let path_text = path.display().to_string();
     let b = LocalBridge::start_with_env("e2e-dm", &[], 1, &[("MAPPING_PATH", &path_text)]).await;
 
-    let won = json!({"event_name": "won", "occurred_at": ago(30), "entity_type": "opportunity", "entity_id": "DM-1",
+    let won = json!({"event_name": "won", "occurred_at": minutes_ago(30), "entity_type": "opportunity", "entity_id": "DM-1",
         "order_id": "O-DM-1", "value": 250.0, "currency": "USD",
         "identity": {"email": "dm.buyer@example.com", "gclid": "Cj0-dm-1"},
         "consent": {"status": "granted", "ad_user_data": "granted", "ad_personalization": "granted"}});
     let (status, r) = b.post("hubspot", &won).await;
     assert_eq!(status, 202, "{r}");
-    let won_id = ids(&r)[0].clone();
+    let won_id = accepted_ids(&r)[0].clone();
     let (_, r) = b.post("hubspot", &won).await;
     assert_eq!(r["status"], "duplicate", "a replayed webhook: {r}");
     b.settle(std::slice::from_ref(&won_id), Duration::from_secs(120))
@@ -389,12 +374,12 @@ async fn data_manager_back_end_through_the_binaries() {
     // held and looked at again later: a restatement must not overtake its won.)
     b.google.dm_complete_all();
 
-    let refund = json!({"event_name": "refund", "occurred_at": ago(5), "entity_type": "order", "entity_id": "R-DM-1",
+    let refund = json!({"event_name": "refund", "occurred_at": minutes_ago(5), "entity_type": "order", "entity_id": "R-DM-1",
         "order_id": "O-DM-1", "value": 100.0, "currency": "USD", "identity": {"email": "dm.buyer@example.com"},
         "consent": {"status": "granted"}});
     let (status, r) = b.post("hubspot", &refund).await;
     assert_eq!(status, 202, "{r}");
-    let refund_id = ids(&r)[0].clone();
+    let refund_id = accepted_ids(&r)[0].clone();
 
     let events = b
         .settle(
@@ -480,7 +465,7 @@ async fn a_mapping_change_and_the_correction_command_move_each_order_once() {
     let mut b =
         LocalBridge::start_with_env("e2e-correct", &[], 1, &[("MAPPING_PATH", &old_text)]).await;
     let won = |n: u32, value: f64| {
-        json!({"event_name": "won", "occurred_at": ago(90), "entity_type": "opportunity",
+        json!({"event_name": "won", "occurred_at": minutes_ago(90), "entity_type": "opportunity",
             "entity_id": format!("MV-{n}"), "order_id": format!("O-MV-{n}"), "value": value,
             "currency": "USD", "identity": {"email": format!("mv{n}@example.com"), "gclid": format!("Cj0-mv-{n}")},
             "consent": {"status": "granted"}})
@@ -488,14 +473,14 @@ async fn a_mapping_change_and_the_correction_command_move_each_order_once() {
     let (_, r) = b
         .post("hubspot", &json!([won(1, 100.0), won(2, 200.0)]))
         .await;
-    let mut keys = ids(&r);
+    let mut keys = accepted_ids(&r);
     assert_eq!(keys.len(), 2, "{r}");
-    let refund = json!({"event_name": "refund", "occurred_at": ago(30), "entity_type": "order",
+    let refund = json!({"event_name": "refund", "occurred_at": minutes_ago(30), "entity_type": "order",
         "entity_id": "R-MV-2", "order_id": "O-MV-2", "value": 50.0, "currency": "USD",
         "identity": {}, "consent": {"status": "granted"}});
     b.settle(&keys, Duration::from_secs(120)).await;
     let (_, r) = b.post("hubspot", &refund).await;
-    keys.extend(ids(&r));
+    keys.extend(accepted_ids(&r));
     b.settle(&keys, Duration::from_secs(120)).await;
     let held = |b: &LocalBridge, order: &str, action: &str| {
         b.google

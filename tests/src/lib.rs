@@ -8,6 +8,24 @@ use bridge_core::event::{CanonicalEvent, ValidationContext, parse_event, validat
 use bridge_core::timestamp::Timestamp;
 pub use bridge_devstack::{Stack, endpoint, fakes, local, repo_root, sdk_config};
 
+/// The business time `mins` minutes ago, as a webhook carries it.
+pub fn minutes_ago(mins: i64) -> String {
+    Timestamp::now().minus_secs(mins * 60).canonical()
+}
+
+/// The event ids an ingest response accepted (a batch's `results`, or a single item's answer).
+pub fn accepted_ids(resp: &serde_json::Value) -> Vec<String> {
+    let items = match resp["results"].as_array() {
+        Some(a) => a.clone(),
+        None => vec![resp.clone()],
+    };
+    items
+        .iter()
+        .filter(|i| i["status"] == "accepted")
+        .filter_map(|i| i["event_id"].as_str().map(str::to_string))
+        .collect()
+}
+
 /// A valid event built through the real validation path, with every destination pending.
 pub fn sample_event(
     entity: &str,

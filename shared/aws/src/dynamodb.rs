@@ -267,23 +267,9 @@ impl DynamoStore {
                     .collect(),
             )
             .await?;
-        let by_pk: HashMap<String, AttributeValue> = found
-            .into_iter()
-            .filter_map(|mut i| match (i.remove("pk"), i.remove("identity")) {
-                (Some(AttributeValue::S(p)), Some(idn)) => Some((p, idn)),
-                _ => None,
-            })
-            .collect();
+        let mut by_pk = identities_by_pk(found);
         for item in items.iter_mut() {
-            if item.contains_key("identity") {
-                continue;
-            }
-            if let Some(AttributeValue::S(p)) = item.get("pk")
-                && let Some(idn) = by_pk.get(p)
-            {
-                let idn = idn.clone();
-                item.insert("identity".into(), idn);
-            }
+            attach_identity(item, &mut by_pk);
         }
         Ok(())
     }
@@ -506,6 +492,30 @@ impl DynamoStore {
 }
 
 /// Reads an item back into an event; `None` when it has expired.
+/// The `identity` of each identity item, by its `pk` (the event's).
+fn identities_by_pk(identity_items: Vec<Item>) -> HashMap<String, AttributeValue> {
+    identity_items
+        .into_iter()
+        .filter_map(|mut i| match (i.remove("pk"), i.remove("identity")) {
+            (Some(AttributeValue::S(p)), Some(idn)) => Some((p, idn)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Gives an event item its identity item's `identity`, unless it holds its own (written by
+/// release 1 or earlier, when the identity lived on the event item).
+fn attach_identity(item: &mut Item, by_pk: &mut HashMap<String, AttributeValue>) {
+    if item.contains_key("identity") {
+        return;
+    }
+    if let Some(AttributeValue::S(p)) = item.get("pk")
+        && let Some(idn) = by_pk.remove(p)
+    {
+        item.insert("identity".into(), idn);
+    }
+}
+
 fn from_item(item: &Item, now: Timestamp) -> Result<Option<CanonicalEvent>, StoreError> {
     let key = match item.get("pk") {
         Some(AttributeValue::S(k)) => k.clone(),
@@ -651,29 +661,14 @@ impl EventStore for DynamoStore {
             .iter()
             .flat_map(|k| [key(k), identity_key(k)])
             .collect();
-        let mut events: HashMap<String, Item> = HashMap::new();
-        let mut identities: HashMap<String, AttributeValue> = HashMap::new();
-        for mut item in self.batch_get(wanted).await? {
-            let (Some(AttributeValue::S(p)), Some(AttributeValue::S(sk))) =
-                (item.get("pk").cloned(), item.get("sk").cloned())
-            else {
-                continue;
-            };
-            if sk == IDENTITY_SK {
-                if let Some(idn) = item.remove("identity") {
-                    identities.insert(p, idn);
-                }
-            } else {
-                events.insert(p, item);
-            }
-        }
+        let (identity_items, events): (Vec<Item>, Vec<Item>) =
+            self.batch_get(wanted).await?.into_iter().partition(
+                |i| matches!(i.get("sk"), Some(AttributeValue::S(sk)) if sk == IDENTITY_SK),
+            );
+        let mut identities = identities_by_pk(identity_items);
         let mut found = HashMap::new();
-        for (p, mut item) in events {
-            if !item.contains_key("identity")
-                && let Some(idn) = identities.remove(&p)
-            {
-                item.insert("identity".into(), idn);
-            }
+        for mut item in events {
+            attach_identity(&mut item, &mut identities);
             if let Some(e) = from_item(&item, now)? {
                 found.insert(e.key.clone(), e);
             }
