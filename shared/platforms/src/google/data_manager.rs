@@ -80,7 +80,7 @@ fn is_destination_path(field: &str) -> bool {
 pub fn classify_datamanager(status: u16, body: &str) -> Answer {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     if (200..300).contains(&status) {
-        warn_fields(&v);
+        let _ = warn_fields(&v);
         return Answer::Whole(Outcome::Delivered {
             // Prefixed so reconciliation can tell a Data Manager request from an Ads API job.
             platform_ref: v["requestId"]
@@ -179,8 +179,8 @@ pub fn classify_datamanager(status: u16, body: &str) -> Answer {
 
 /// Warnings for invalid optional fields on an accepted request (the Data Manager release
 /// notes of 2026-07 describe `fieldWarnings`; the REST reference shows only `requestId`):
-/// logged and counted, never a failure.
-fn warn_fields(v: &Value) {
+/// logged and counted (the `field_warnings` metric), never a failure. Returns the count.
+fn warn_fields(v: &Value) -> usize {
     let warnings = v["fieldWarnings"]
         .as_array()
         .map(Vec::as_slice)
@@ -201,6 +201,7 @@ fn warn_fields(v: &Value) {
             &[("field_warnings", warnings.len() as f64)],
         ));
     }
+    warnings.len()
 }
 
 pub(super) struct DataManagerRequest<'a> {
@@ -467,5 +468,10 @@ mod tests {
             ),
             Answer::Whole(Outcome::Delivered { .. })
         ));
+        let two = json!({"requestId": "r", "fieldWarnings": [
+            {"field": "events.events[0].currency", "reason": "INVALID_CURRENCY_CODE"},
+            {"field": "events.events[1].event_source", "reason": "INVALID_EVENT_SOURCE"}]});
+        assert_eq!(warn_fields(&two), 2, "each warning counted");
+        assert_eq!(warn_fields(&json!({"requestId": "r"})), 0);
     }
 }
