@@ -1000,3 +1000,37 @@ async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_c
         report.to_csv()
     );
 }
+
+/// A customer without enhanced conversions for leads turned on: a lead matched on hashed email
+/// without a click id is refused (G-ERR-UP #50), a configuration error for a person: dead
+/// letter and an alert, while the won with a click id in the same request is delivered.
+#[tokio::test]
+async fn leads_without_enhanced_conversions_for_leads_turned_on_alert() {
+    let fake = FakeGoogle::start().await;
+    fake.with(|d| d.ec_for_leads_disabled.insert("1234567890".into()));
+    let mut lead = sample_event("EC-1", "sql", None, None, &hours_ago(30));
+    lead.identity.click.gclid = None;
+    let w = won("EC-2", 10.0);
+    let events = [lead.clone(), w.clone()];
+    let (store, queue) = memory(&events).await;
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(
+        status(&store, &lead),
+        (
+            DeliveryStatus::DeadLetter,
+            "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS".into()
+        )
+    );
+    assert_eq!(r.alerts, 1, "{r:?}");
+    assert_eq!(status(&store, &w).0, DeliveryStatus::Delivered);
+    assert_eq!(fake.count(), 1);
+}

@@ -225,6 +225,19 @@ fn check_click(
             "Make sure you agree to the customer data processing terms in conversion settings and try again.",
         );
     }
+    // source: G-ERR-UP #50 CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS ("Make sure
+    // you've turned on enhanced conversions for leads in conversion settings ... querying
+    // conversion_tracking_setting.enhanced_conversions_for_leads_enabled on Customer"). A row
+    // matched on user identifiers without a click id is an enhanced conversion for leads.
+    let has_click = c.gclid.is_some() || c.gbraid.is_some() || c.wbraid.is_some();
+    if !has_click && !ids.is_empty() && d.ec_for_leads_disabled.contains(customer) {
+        return row_error(
+            kind,
+            "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS",
+            Some("user_identifiers"),
+            "Make sure you've turned on enhanced conversions for leads in conversion settings and try again.",
+        );
+    }
     let order = c.order_id.clone();
     // The test's hook: a row Google refuses for good.
     if order.as_ref().is_some_and(|o| d.poison.contains(o)) {

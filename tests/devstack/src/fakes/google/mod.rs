@@ -96,6 +96,9 @@ pub struct Data {
     pub terms: HashMap<String, bool>,
     /// Customers whose developer token is not allowlisted for offline click conversion import.
     pub not_allowlisted: HashSet<String>,
+    /// Customers whose `conversion_tracking_setting.enhanced_conversions_for_leads_enabled` is
+    /// false (absent: enabled).
+    pub ec_for_leads_disabled: HashSet<String>,
     /// Conversion action id -> type (UPLOAD_CLICKS, WEBPAGE, SALESFORCE, ...). Empty: every id
     /// exists, as an UPLOAD_CLICKS action.
     pub conversion_actions: HashMap<String, String>,
@@ -152,6 +155,7 @@ impl Default for Data {
             scope_denied: 0,
             terms: HashMap::new(),
             not_allowlisted: HashSet::new(),
+            ec_for_leads_disabled: HashSet::new(),
             conversion_actions: HashMap::new(),
             clicks: HashMap::new(),
             unknown_clicks: HashSet::new(),

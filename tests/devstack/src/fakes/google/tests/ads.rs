@@ -416,3 +416,42 @@ async fn the_frame_partial_failure_row_limits_job_ids_and_scopes() {
     );
     assert_eq!(fake.with(|d| d.scope_denied), 1);
 }
+
+#[tokio::test]
+async fn a_lead_without_a_click_needs_enhanced_conversions_for_leads_turned_on() {
+    let fake = FakeGoogle::start().await;
+    let c = Client::new(&fake).await;
+    let at = hours_ago(30);
+    let lead = |order: &str| {
+        let mut r = click(Some(order), "1", &at, 1.0);
+        r.as_object_mut().unwrap().remove("gclid");
+        r["userIdentifiers"] = json!([{"hashedEmail": hash("ada@example.com")}]);
+        r
+    };
+    fake.with(|d| d.ec_for_leads_disabled.insert(CUSTOMER.into()));
+    let (_, b) = c
+        .ads(
+            "uploadClickConversions",
+            upload(vec![lead("O-L1"), click(Some("O-C1"), "1", &at, 1.0)]),
+        )
+        .await;
+    assert_eq!(
+        row_errors(&b),
+        [(
+            0,
+            "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS".to_string()
+        )],
+        "{b}"
+    );
+    assert_eq!(
+        fake.count(),
+        1,
+        "a row with a click id is not a lead conversion"
+    );
+    fake.with(|d| d.ec_for_leads_disabled.clear());
+    let (_, b) = c
+        .ads("uploadClickConversions", upload(vec![lead("O-L2")]))
+        .await;
+    assert_eq!(row_errors(&b), vec![], "{b}");
+    assert_eq!(fake.count(), 2);
+}
