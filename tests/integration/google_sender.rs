@@ -15,7 +15,7 @@ use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use bridge_tests::fakes::google::{DmKey, FakeGoogle, Fault};
+use bridge_tests::fakes::google::{DmKey, FakeGoogle, Fault, dm_aborted};
 use bridge_tests::{Stack, sample_event, sdk_config};
 use serde_json::json;
 use std::time::Duration;
@@ -309,6 +309,43 @@ async fn quota_errors_honour_retry_delay_and_outages_retry() {
     .await;
     assert!(r.failures.is_empty(), "{r:?}");
     assert_eq!(fake.count(), 2);
+}
+
+/// Data Manager's ABORTED (the guide's retry list) is a wait, not a refusal: nothing is lost and
+/// nothing is sent twice.
+#[tokio::test]
+async fn data_manager_aborted_is_retried() {
+    let fake = FakeGoogle::start().await;
+    let events: Vec<_> = (0..2).map(|i| won(&format!("AB{i}"), 5.0)).collect();
+    let (store, queue) = memory(&events).await;
+    let p = platform(&fake, GoogleBackend::DataManager);
+    let (status_code, body) = dm_aborted();
+    fake.inject(Fault::Respond(status_code, body));
+    let now = Timestamp::now();
+    let r = process_batch(records(&events, "m"), &p, &store, &queue, &cfg(), now).await;
+    assert_eq!(r.failures.len(), 2, "{r:?}");
+    assert_eq!(r.alerts, 0);
+    for e in &events {
+        let (st, code) = status(&store, e);
+        assert_eq!((st, code.as_str()), (DeliveryStatus::Retry, "ABORTED"));
+    }
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        now.plus_secs(10),
+    )
+    .await;
+    assert!(r.failures.is_empty(), "{r:?}");
+    fake.dm_complete_all();
+    assert_eq!(fake.dm_count(), 2);
+    assert_eq!(
+        fake.requests("events:ingest").len(),
+        1,
+        "the aborted request was not kept"
+    );
 }
 
 #[tokio::test]
@@ -1004,6 +1041,84 @@ async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_c
 /// A customer without enhanced conversions for leads turned on: a lead matched on hashed email
 /// without a click id is refused (G-ERR-UP #50), a configuration error for a person: dead
 /// letter and an alert, while the won with a click id in the same request is delivered.
+/// The Ads API's account, action and click configuration codes, each triggered the way Google
+/// documents it (google-ads-python v25 conversion_upload_error.py), reach a person as an alert
+/// on the row that caused it, while the rest of the batch delivers.
+#[tokio::test]
+async fn account_action_and_click_configuration_codes_alert_on_their_own_rows() {
+    let fake = FakeGoogle::start().await;
+    fake.with(|d| {
+        // #46: the won action counts one conversion per click and refuses braids.
+        d.one_per_click_actions.insert("987654321".into());
+        // #30 and #8: clicks of another account, one the login can reach, one it cannot.
+        d.click_accounts
+            .insert("G-OTHER".into(), ("2222222222".into(), true));
+        d.click_accounts
+            .insert("G-FOREIGN".into(), ("3333333333".into(), false));
+    });
+    let mut braid = won("CFG-1", 10.0);
+    braid.identity.click.gclid = None;
+    braid.identity.click.gbraid = Some("B-1".into());
+    let mut other = won("CFG-2", 10.0);
+    other.identity.click.gclid = Some("G-OTHER".into());
+    let mut foreign = won("CFG-3", 10.0);
+    foreign.identity.click.gclid = Some("G-FOREIGN".into());
+    let fine = won("CFG-4", 10.0);
+    let events = [braid.clone(), other.clone(), foreign.clone(), fine.clone()];
+    let (store, queue) = memory(&events).await;
+    let p = platform(&fake, GoogleBackend::AdsApi);
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    for (e, code) in [
+        (
+            &braid,
+            "ONE_PER_CLICK_CONVERSION_ACTION_NOT_PERMITTED_WITH_BRAID",
+        ),
+        (&other, "INVALID_CUSTOMER_FOR_CLICK"),
+        (&foreign, "UNAUTHORIZED_CUSTOMER"),
+    ] {
+        assert_eq!(status(&store, e), (DeliveryStatus::DeadLetter, code.into()));
+    }
+    assert_eq!(r.alerts, 3, "{r:?}");
+    assert_eq!(status(&store, &fine).0, DeliveryStatus::Delivered);
+    assert_eq!(fake.count(), 1);
+    assert_eq!(
+        fake.requests("uploadClickConversions").len(),
+        1,
+        "no row is sent twice"
+    );
+
+    // #47: Google's customer data policies prohibit enhanced conversions in the account.
+    fake.with(|d| d.ec_prohibited.insert("1234567890".into()));
+    let prohibited = won("CFG-5", 10.0);
+    let events = [prohibited.clone()];
+    let (store, queue) = memory(&events).await;
+    let r = process_batch(
+        records(&events, "m"),
+        &p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(
+        status(&store, &prohibited),
+        (
+            DeliveryStatus::DeadLetter,
+            "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCED_CONVERSIONS".into()
+        )
+    );
+    assert_eq!(r.alerts, 1, "{r:?}");
+}
+
 #[tokio::test]
 async fn leads_without_enhanced_conversions_for_leads_turned_on_alert() {
     let fake = FakeGoogle::start().await;

@@ -187,6 +187,28 @@ fn check_adjustment(
             );
         }
     }
+    if adjustment == AdjustmentType::Enhancement {
+        // source: G-ERR-ADJ #16 ("Can't use enhanced conversions with the specified conversion
+        // action")
+        if d.not_enhanceable_actions.contains(&action) {
+            return row_error(
+                kind,
+                "CONVERSION_ACTION_NOT_ELIGIBLE_FOR_ENHANCEMENT",
+                Some("conversion_action"),
+                "Can't use enhanced conversions with the specified conversion action.",
+            );
+        }
+        // source: G-ERR-ADJ #23 ("Enhanced conversions can't be used for this account because
+        // of Google customer data policies")
+        if d.ec_prohibited.contains(customer) {
+            return row_error(
+                kind,
+                "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCEMENT",
+                Some("user_identifiers"),
+                "Enhanced conversions can't be used for this account because of Google customer data policies.",
+            );
+        }
+    }
     let Some(at_text) = a.adjustment_date_time.as_deref() else {
         // the fake's own code (UNCONFIRMED)
         return row_error(

@@ -184,8 +184,55 @@ fn check_click(
             "gclid is set together with a braid",
         );
     }
+    // source: G-ERR-UP #46 ("Conversion actions that use one-per-click counting can't be used
+    // with gbraid or wbraid parameters")
+    if (c.gbraid.is_some() || c.wbraid.is_some()) && d.one_per_click_actions.contains(&action_id) {
+        return row_error(
+            kind,
+            "ONE_PER_CLICK_CONVERSION_ACTION_NOT_PERMITTED_WITH_BRAID",
+            Some(if c.gbraid.is_some() {
+                "gbraid"
+            } else {
+                "wbraid"
+            }),
+            "Conversion actions that use one-per-click counting can't be used with gbraid or wbraid parameters.",
+        );
+    }
+    if let Some((owner, reachable)) = c.gclid.as_ref().and_then(|g| d.click_accounts.get(g)) {
+        if owner != customer {
+            // source: G-ERR-UP #8 UNAUTHORIZED_CUSTOMER ("The click ID or call is associated
+            // with an Ads account you don't have access to") and #30 INVALID_CUSTOMER_FOR_CLICK
+            // ("The click from the imported event is associated with a different Google Ads
+            // account. Make sure you're importing to the correct account").
+            return if *reachable {
+                row_error(
+                    kind,
+                    "INVALID_CUSTOMER_FOR_CLICK",
+                    Some("gclid"),
+                    "The click from the imported event is associated with a different Google Ads account.",
+                )
+            } else {
+                row_error(
+                    kind,
+                    "UNAUTHORIZED_CUSTOMER",
+                    Some("gclid"),
+                    "The click ID or call is associated with an Ads account you don't have access to.",
+                )
+            };
+        }
+    }
     let ids = c.user_identifiers.as_deref().unwrap_or(&[]);
     check_identifiers(UPLOAD, ids, true)?;
+    // source: G-ERR-UP #47 ("Enhanced conversions can't be used for this account because of
+    // Google customer data policies"): a row that carries user identifiers is an enhanced one.
+    if !ids.is_empty() && d.ec_prohibited.contains(customer) {
+        return row_error(
+            kind,
+            "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCED_CONVERSIONS",
+            Some("user_identifiers"),
+            "Enhanced conversions can't be used for this account because of Google customer data policies.",
+        );
+    }
     // the fake's own rule (UNCONFIRMED: what Google answers for a row without any identifier)
     if c.click().is_none() && ids.is_empty() {
         return row_error(

@@ -658,6 +658,15 @@ fn check_accounts(d: &Data, req: &Ingest, request_id: &str) -> Result<(), Reply>
     }
 }
 
+/// A transaction aborted by concurrency on Google's side (google.rpc.Code ABORTED maps to HTTP
+/// 409; DM-RETRY lists it as retryable).
+pub fn dm_aborted() -> (u16, Value) {
+    (
+        409,
+        json!({"error": {"code": 409, "status": "ABORTED", "message": "The operation was aborted."}}),
+    )
+}
+
 pub(super) async fn ingest(State(s): State<FakeGoogle>, headers: HeaderMap, body: Bytes) -> Reply {
     // source: research google-ads.md Q4 (datamanager scope; no developer token)
     if let Err(r) = authorized(&s, &headers, DATAMANAGER_SCOPE) {
@@ -666,21 +675,28 @@ pub(super) async fn ingest(State(s): State<FakeGoogle>, headers: HeaderMap, body
     let fault = {
         let mut d = lock(&s.data);
         let chaos = d.chaos.clone();
+        let seq = d.requests.len();
         Fault::next(
             &mut d.faults,
             chaos.as_ref(),
-            // source: DM-LIM (429 RESOURCE_EXHAUSTED over quota); DM-RETRY (503 retried)
+            // source: DM-LIM (429 RESOURCE_EXHAUSTED over quota)
             || {
                 (
                     429,
                     json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Quota exceeded."}}),
                 )
             },
+            // source: DM-RETRY (the guide's retry list: UNAVAILABLE, DEADLINE_EXCEEDED,
+            // INTERNAL, UNKNOWN, ABORTED): the weather answers both outage shapes in turn.
             || {
-                (
-                    503,
-                    json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "The service is currently unavailable."}}),
-                )
+                if seq % 2 == 0 {
+                    (
+                        503,
+                        json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "The service is currently unavailable."}}),
+                    )
+                } else {
+                    dm_aborted()
+                }
             },
         )
     };

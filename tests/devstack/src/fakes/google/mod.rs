@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use super::Fault;
+pub use data_manager::dm_aborted;
 pub use dm_processing::{
     DmAccount, DmConversion, DmJob, DmJobDestination, DmKey, DmOutcome, EcTermsCheck,
 };
@@ -99,6 +100,17 @@ pub struct Data {
     /// Customers whose `conversion_tracking_setting.enhanced_conversions_for_leads_enabled` is
     /// false (absent: enabled).
     pub ec_for_leads_disabled: HashSet<String>,
+    /// Customers where Google's customer data policies prohibit enhanced conversions (G-ERR-UP
+    /// #47, G-ERR-ADJ #23).
+    pub ec_prohibited: HashSet<String>,
+    /// Conversion action ids counted one per click (ONE_PER_CLICK), which refuse braids
+    /// (G-ERR-UP #46).
+    pub one_per_click_actions: HashSet<String>,
+    /// Conversion action ids that cannot take enhancements (G-ERR-ADJ #16).
+    pub not_enhanceable_actions: HashSet<String>,
+    /// gclid -> (the Google Ads account the click belongs to, whether the uploader's login can
+    /// reach that account). Absent: the click belongs to the uploading customer.
+    pub click_accounts: HashMap<String, (String, bool)>,
     /// Conversion action id -> type (UPLOAD_CLICKS, WEBPAGE, SALESFORCE, ...). Empty: every id
     /// exists, as an UPLOAD_CLICKS action.
     pub conversion_actions: HashMap<String, String>,
@@ -156,6 +168,10 @@ impl Default for Data {
             terms: HashMap::new(),
             not_allowlisted: HashSet::new(),
             ec_for_leads_disabled: HashSet::new(),
+            ec_prohibited: HashSet::new(),
+            one_per_click_actions: HashSet::new(),
+            not_enhanceable_actions: HashSet::new(),
+            click_accounts: HashMap::new(),
             conversion_actions: HashMap::new(),
             clicks: HashMap::new(),
             unknown_clicks: HashSet::new(),

@@ -2,7 +2,7 @@
 
 use super::{CUSTOMER, Client, ads_time, hash, request_error, row_errors};
 use crate::fakes::Clock;
-use crate::fakes::google::{ADWORDS_SCOPE, FakeGoogle};
+use crate::fakes::google::{ADWORDS_SCOPE, Conversion, ConversionKey, FakeGoogle, OrderKey};
 use bridge_core::timestamp::Timestamp;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -454,4 +454,128 @@ async fn a_lead_without_a_click_needs_enhanced_conversions_for_leads_turned_on()
         .await;
     assert_eq!(row_errors(&b), vec![], "{b}");
     assert_eq!(fake.count(), 2);
+}
+
+#[tokio::test]
+async fn account_action_and_click_configuration_refuse_their_rows() {
+    let fake = FakeGoogle::start().await;
+    let c = Client::new(&fake).await;
+    let at = hours_ago(30);
+    let braid = |order: &str, action_id: &str| {
+        let mut r = click(Some(order), action_id, &at, 1.0);
+        let o = r.as_object_mut().unwrap();
+        o.remove("gclid");
+        o.insert("gbraid".into(), json!("B-1"));
+        r
+    };
+    let with_click = |order: &str, gclid: &str| {
+        let mut r = click(Some(order), "1", &at, 1.0);
+        r["gclid"] = json!(gclid);
+        r
+    };
+    let mut enhanced = click(Some("O-EC"), "1", &at, 1.0);
+    enhanced["userIdentifiers"] = json!([{"hashedEmail": hash("ada@example.com")}]);
+    fake.with(|d| {
+        d.one_per_click_actions.insert("7".into());
+        d.click_accounts
+            .insert("G-OTHER".into(), ("2222222222".into(), true));
+        d.click_accounts
+            .insert("G-FOREIGN".into(), ("3333333333".into(), false));
+        d.click_accounts
+            .insert("G-MINE".into(), (CUSTOMER.into(), true));
+        d.ec_prohibited.insert(CUSTOMER.into());
+    });
+    let (_, b) = c
+        .ads(
+            "uploadClickConversions",
+            upload(vec![
+                braid("O-B7", "7"),
+                braid("O-B1", "1"),
+                with_click("O-OTHER", "G-OTHER"),
+                with_click("O-FOREIGN", "G-FOREIGN"),
+                with_click("O-MINE", "G-MINE"),
+                enhanced,
+            ]),
+        )
+        .await;
+    assert_eq!(
+        row_errors(&b),
+        [
+            (
+                0,
+                "ONE_PER_CLICK_CONVERSION_ACTION_NOT_PERMITTED_WITH_BRAID".to_string()
+            ),
+            (2, "INVALID_CUSTOMER_FOR_CLICK".to_string()),
+            (3, "UNAUTHORIZED_CUSTOMER".to_string()),
+            (
+                5,
+                "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCED_CONVERSIONS".to_string()
+            ),
+        ],
+        "{b}"
+    );
+    assert_eq!(
+        fake.count(),
+        2,
+        "a braid on a many-per-click action and a click of this account import"
+    );
+
+    // Enhancements (G-ERR-ADJ #16, #23), of a conversion the site's tag recorded under a
+    // WEBPAGE action (uploads cannot create one: INVALID_CONVERSION_ACTION_TYPE).
+    fake.add_conversion_action("8", "WEBPAGE");
+    fake.add_conversion_action("9", "WEBPAGE");
+    fake.with(|d| {
+        let tagged = Conversion {
+            customer: CUSTOMER.into(),
+            action: action("8"),
+            action_id: "8".into(),
+            order_id: Some("O-W8".into()),
+            gclid: None,
+            gbraid: None,
+            wbraid: None,
+            value: 1.0,
+            currency: "USD".into(),
+            at: at.clone(),
+            retracted: false,
+            adjusted_at: None,
+            restatements: 0,
+            enhanced: false,
+        };
+        let key = ConversionKey {
+            customer: CUSTOMER.into(),
+            action_id: "8".into(),
+            order: OrderKey::Order("O-W8".into()),
+        };
+        d.conversions.insert(key, tagged)
+    });
+    let enhance = |order: &str, action_id: &str| {
+        json!({"conversionAction": action(action_id), "adjustmentType": "ENHANCEMENT", "orderId": order,
+            "adjustmentDateTime": hours_ago(1), "userIdentifiers": [{"hashedEmail": hash("ada@example.com")}]})
+    };
+    fake.with(|d| d.not_enhanceable_actions.insert("9".into()));
+    let (_, b) = c
+        .ads(
+            "uploadConversionAdjustments",
+            adjust(vec![enhance("O-W9", "9"), enhance("O-W8", "8")]),
+        )
+        .await;
+    assert_eq!(
+        row_errors(&b),
+        [
+            (
+                0,
+                "CONVERSION_ACTION_NOT_ELIGIBLE_FOR_ENHANCEMENT".to_string()
+            ),
+            (1, "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCEMENT".to_string()),
+        ],
+        "{b}"
+    );
+    fake.with(|d| d.ec_prohibited.clear());
+    let (_, b) = c
+        .ads(
+            "uploadConversionAdjustments",
+            adjust(vec![enhance("O-W8", "8")]),
+        )
+        .await;
+    assert_eq!(row_errors(&b), vec![], "{b}");
 }
