@@ -73,6 +73,24 @@ const USER_DATA_KEYS: &[&str] = &[
     "ig_sid",
 ];
 
+/// The keys that match on their own (M-CIP): contact ids, the advertiser's own id, Meta's click
+/// and browser ids, and the app and messaging ids.
+const STRONG_USER_DATA_KEYS: &[&str] = &[
+    "em",
+    "ph",
+    "external_id",
+    "fbc",
+    "fbp",
+    "lead_id",
+    "subscription_id",
+    "fb_login_id",
+    "anon_id",
+    "madid",
+    "page_scoped_user_id",
+    "ctwa_clid",
+    "ig_sid",
+];
+
 // source: M-CIP ("hashing required" for these; arrays allowed), SDK serverside/user_data.py
 const HASH_REQUIRED: &[&str] = &[
     "em", "ph", "fn", "ln", "ge", "db", "ct", "st", "zp", "country",
@@ -168,7 +186,7 @@ pub(super) fn check_event(e: &Value, cx: &Context) -> Result<(), Refusal> {
     }
     let cd = obj.get("custom_data").and_then(Value::as_object);
     check_custom_data(name, cd, cx)?;
-    check_conversion_leads(source, cd, ud, cx)?;
+    check_conversion_leads(name, source, cd, ud, cx)?;
     // The test's hook: an event it made invalid.
     if event_id(e).is_some_and(|id| cx.poison.contains(&id)) {
         return invalid("invalid parameter (poisoned by the test)");
@@ -223,12 +241,14 @@ fn check_user_data(ud: &Map<String, Value>, cx: &Context) -> Result<(), Refusal>
             ));
         }
     }
-    // third-party (UNCONFIRMED: a PHP client comment and a JS test; the v13 combination table
-    // of M-CIP's best practices was not read): IP and user agent alone are not enough.
-    // Strict mode only.
-    let matchable = ud.iter().any(|(k, v)| {
-        present(v) && !matches!(k.as_str(), "client_ip_address" | "client_user_agent")
-    });
+    // source: M-CIP (v13 "new requirements around the combinations of customer information
+    // parameters"; the best-practices combination as issue #12's review read it): at least one
+    // key that identifies a person or a browser on its own, or both the IP address and the user
+    // agent. Names and address fields alone, or IP or user agent alone, are not enough. The
+    // subcode is third-party (UNCONFIRMED); strict mode only.
+    let has = |k: &str| ud.get(k).is_some_and(present);
+    let matchable = STRONG_USER_DATA_KEYS.iter().any(|k| has(k))
+        || (has("client_ip_address") && has("client_user_agent"));
     if cx.strict && !matchable {
         return invalid_sub(
             2804050,
@@ -264,6 +284,7 @@ fn check_custom_data(
 }
 
 fn check_conversion_leads(
+    name: &str,
     source: &str,
     cd: Option<&Map<String, Value>>,
     ud: &Map<String, Value>,
@@ -288,6 +309,14 @@ fn check_conversion_leads(
     }
     if event_source.is_none() && lead_source.is_none() {
         return Ok(());
+    }
+    // source: M-LEADS ("Do not use this specification for events not related to this
+    // optimization"): a Purchase is a commerce event, never a lead stage. That Meta refuses it
+    // is UNCONFIRMED: strict mode only.
+    if cx.strict && name == "Purchase" {
+        return invalid(
+            "Conversion Leads fields (custom_data.event_source crm, lead_event_source) are for lead stages, not Purchase",
+        );
     }
     // source: M-LEADS (custom_data.event_source: "Set this parameter to the value crm for all
     // Conversions Leads events"; lead_event_source: Required)

@@ -236,9 +236,20 @@ async fn event_rules_time_customer_information_and_value() {
     let mut old = event(Some("O"), "Lead", 0.0, now);
     old["event_time"] = json!(now.unix_secs() - 8 * 86_400);
     assert_eq!(code(&send(&fake, vec![old]).await.1), (100, Some(2804003)));
-    let mut thin = event(Some("T"), "Lead", 0.0, now);
-    thin["user_data"] = json!({"client_ip_address": "192.0.2.1", "client_user_agent": "ua"});
-    assert_eq!(code(&send(&fake, vec![thin]).await.1), (100, Some(2804050)));
+    // Names, or the IP address alone, do not identify anyone; both the IP address and the
+    // user agent do (M-CIP's v13 combinations).
+    let mut names = event(Some("T1"), "Lead", 0.0, now);
+    names["user_data"] = json!({"fn": [sha256_hex("ada")], "ln": [sha256_hex("lovelace")]});
+    assert_eq!(
+        code(&send(&fake, vec![names]).await.1),
+        (100, Some(2804050))
+    );
+    let mut ip = event(Some("T2"), "Lead", 0.0, now);
+    ip["user_data"] = json!({"client_ip_address": "192.0.2.1"});
+    assert_eq!(code(&send(&fake, vec![ip]).await.1), (100, Some(2804050)));
+    let mut browser = event(Some("T3"), "Lead", 0.0, now);
+    browser["user_data"] = json!({"client_ip_address": "192.0.2.1", "client_user_agent": "ua"});
+    assert_eq!(send(&fake, vec![browser]).await.0, 200);
     let mut unknown = event(Some("U"), "Lead", 0.0, now);
     unknown["user_data"] = json!({"email": "x"});
     assert_eq!(code(&send(&fake, vec![unknown]).await.1), (100, None));
@@ -256,7 +267,11 @@ async fn event_rules_time_customer_information_and_value() {
     let mut web = event(Some("W"), "Lead", 0.0, now);
     web["action_source"] = json!("website");
     assert_eq!(code(&send(&fake, vec![web]).await.1), (100, None));
-    assert!(fake.accepted().is_empty(), "all refused");
+    assert_eq!(
+        fake.accepted().len(),
+        1,
+        "all refused but the IP and user agent pair"
+    );
     // A negative value is an undocumented rejection: accepted outside strict mode.
     fake.set_strict(false);
     assert_eq!(send(&fake, vec![negative]).await.0, 200);
@@ -297,6 +312,15 @@ async fn conversion_leads_fields_need_crm_system_generated_and_an_integer_lead_i
     let mut half = event(Some("H"), "Lead", 0.0, now);
     half["custom_data"] = json!({"event_source": "crm"});
     assert_eq!(code(&send(&fake, vec![half]).await.1), (100, None));
+    // A Purchase is no lead stage: the Conversion Leads fields do not belong on it.
+    let mut purchase = event(Some("PU"), "Purchase", 5.0, now);
+    purchase["action_source"] = json!("system_generated");
+    purchase["custom_data"]["event_source"] = json!("crm");
+    purchase["custom_data"]["lead_event_source"] = json!("HubSpot");
+    purchase["user_data"]["lead_id"] = json!(1234567890123456u64);
+    let (_, b) = send(&fake, vec![purchase]).await;
+    assert_eq!(code(&b), (100, None));
+    assert!(b.to_string().contains("lead stages"), "{b}");
     fake.set_strict(false);
     assert_eq!(
         send(
