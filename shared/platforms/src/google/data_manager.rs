@@ -342,16 +342,8 @@ impl GooglePlatform {
     /// Data Manager processes asynchronously: the per-destination status of a request whose
     /// requestId was recorded on its events (for reconciliation).
     pub async fn request_status(&self, request_id: &str) -> Result<Value, Outcome> {
-        let url = format!(
-            "{}/v1/requestStatus:retrieve",
-            self.cfg.datamanager_base_url
-        );
         let token = self.tokens.token().await?;
-        // The request id goes URL-encoded as the query parameter.
-        let resp = self
-            .http
-            .get(url)
-            .query(&[("requestId", request_id)])
+        let resp = status_request(&self.http, &self.cfg.datamanager_base_url, request_id)
             .bearer_auth(token)
             .timeout(self.cfg.timeout)
             .send()
@@ -372,9 +364,34 @@ impl GooglePlatform {
     }
 }
 
+/// `requestStatus:retrieve` for one request id. The id goes URL-encoded as the query parameter:
+/// Google's ids may hold '+', '/' and '=', which a raw query would change.
+fn status_request(
+    http: &reqwest::Client,
+    base_url: &str,
+    request_id: &str,
+) -> reqwest::RequestBuilder {
+    http.get(format!("{base_url}/v1/requestStatus:retrieve"))
+        .query(&[("requestId", request_id)])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_id_is_url_encoded_in_the_status_query() {
+        let http = crate::http::client().unwrap();
+        let req = status_request(&http, "https://dm.example", "Ab+c/d=e f")
+            .build()
+            .unwrap();
+        assert_eq!(
+            req.url().as_str(),
+            "https://dm.example/v1/requestStatus:retrieve?requestId=Ab%2Bc%2Fd%3De+f"
+        );
+        let back: Vec<(String, String)> = req.url().query_pairs().into_owned().collect();
+        assert_eq!(back, [("requestId".to_string(), "Ab+c/d=e f".to_string())]);
+    }
     #[test]
     fn data_manager_answers() {
         assert_eq!(
