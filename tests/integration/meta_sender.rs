@@ -21,12 +21,16 @@ use serde_json::json;
 use std::time::Duration;
 
 fn platform(fake: &FakeMeta, timeout_ms: u64) -> MetaPlatform {
+    platform_for(fake, timeout_ms, "1234567890")
+}
+
+fn platform_for(fake: &FakeMeta, timeout_ms: u64, pixel_id: &str) -> MetaPlatform {
     // The fake verifies the appsecret_proof the sender computes with the same secret.
     fake.set_app_secret(Some("app-secret"));
     let cfg = MetaConfig {
         base_url: fake.base_url.clone(),
         api_version: "v26.0".into(),
-        pixel_id: "1234567890".into(),
+        pixel_id: pixel_id.into(),
         access_token: fake.token.clone(),
         app_secret: Some("app-secret".into()),
         test_event_code: None,
@@ -265,6 +269,32 @@ async fn two_thousand_five_hundred_events_make_three_requests() {
     assert_eq!(fake.batch_sizes(), [1000, 1000, 500]);
     assert_eq!(fake.distinct().len(), 2500);
     assert_eq!(fake.purchases_deduped().len(), 2500);
+}
+
+/// A wrong pixel id is a configuration error (code 100, subcode 33): a 1,000-event batch costs
+/// one request and one alert, not a bisection.
+#[tokio::test]
+async fn a_wrong_pixel_id_costs_one_request_and_one_alert() {
+    let fake = FakeMeta::start("meta-token").await;
+    let events: Vec<_> = (0..1000).map(|i| recent(&format!("W-{i}"))).collect();
+    let (store, queue, records) = in_memory(&events).await;
+    let r = process_batch(
+        records,
+        &platform_for(&fake, 10_000, "999999999"),
+        &store,
+        &queue,
+        &fast_retries(),
+        Timestamp::now(),
+    )
+    .await;
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(r.alerts, 1, "{r:?}");
+    for e in [&events[0], &events[999]] {
+        let s = store.get_sync(&e.event_id).destinations[&Destination::Meta].clone();
+        assert_eq!(s.status, DeliveryStatus::DeadLetter);
+        assert_eq!(s.last_error.unwrap().code, "meta_100_33");
+    }
+    assert_eq!(queue.dlq(Destination::Meta).len(), 1000);
 }
 
 #[tokio::test]
