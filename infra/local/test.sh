@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, and integration tests against moto (started here if needed,
-# and stopped again if this script started it). Extra arguments go to `cargo test`.
+# and stopped again if this script started it). Extra arguments go to one `cargo test`.
+#
+# Without arguments the suite runs in three lanes side by side: the chaos test (about 5 min,
+# mostly waiting on its fakes' timeouts and Lambda's retries) against a moto of its own, the
+# model test (about 3.5 min, in memory, mostly waiting on simulated timeouts), and everything
+# else against the shared moto. Run one after the other they took 10 minutes, with the
+# machine's CPUs idle most of the time. Each lane's output is printed as the lane ends.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 port="${MOTO_PORT:-5000}"
 bash infra/local/setup.sh
-started=""
-if ! python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.3); sys.exit(s.connect_ex(('127.0.0.1', $port)))" 2>/dev/null; then
-  bash infra/local/moto.sh start >/dev/null
-  started=1
-fi
-cleanup() { if [[ -n "$started" ]]; then bash infra/local/moto.sh stop; fi; }
+
+listening() {
+  python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.3); sys.exit(s.connect_ex(('127.0.0.1', $1)))" 2>/dev/null
+}
+started=()
+start_moto() {
+  if ! listening "$1"; then
+    MOTO_PORT="$1" bash infra/local/moto.sh start >/dev/null
+    started+=("$1")
+  fi
+}
+cleanup() {
+  for p in "${started[@]}"; do MOTO_PORT="$p" bash infra/local/moto.sh stop; done
+}
 trap cleanup EXIT
+start_moto "$port"
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 export AWS_REGION="${AWS_REGION:-us-east-1}" AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
@@ -20,4 +35,48 @@ export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${A
 # tests (infra/local/build.sh), so nothing compiles twice.
 bash infra/local/build.sh
 export BRIDGE_BIN_DIR="$root/target/debug"
-cargo test --workspace "$@"
+if [[ $# -gt 0 ]]; then
+  cargo test --workspace "$@"
+  exit
+fi
+
+slow=(local_chaos model)
+# Every other integration test target of the workspace, read from cargo's metadata so a new one
+# is not missed. Each lane selects its targets with --workspace, so every lane resolves the
+# same features as the build above and nothing compiles again.
+others=()
+while read -r name; do
+  [[ " ${slow[*]} " == *" $name "* ]] || others+=(--test "$name")
+done < <(cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["packages"]:
+    for t in p["targets"]:
+        if "test" in t["kind"]:
+            print(t["name"])
+')
+chaos_port=$((port + 1))
+start_moto "$chaos_port"
+logs="$root/.local/test-lanes"
+rm -rf "$logs"; mkdir -p "$logs"
+lane() {
+  local name="$1"; shift
+  local t0; t0=$(date +%s)
+  if "$@" > "$logs/$name.log" 2>&1; then echo 0 > "$logs/$name.rc"; else echo $? > "$logs/$name.rc"; fi
+  echo $(( $(date +%s) - t0 )) > "$logs/$name.secs"
+}
+lane chaos env AWS_ENDPOINT_URL="http://127.0.0.1:$chaos_port" \
+  cargo test --workspace --test local_chaos &
+lane model cargo test --workspace --test model &
+lane rest bash -c 'cargo test --workspace --lib --bins "$@" && cargo test --workspace --doc' _ "${others[@]}" &
+wait
+failed=0
+for name in rest model chaos; do
+  echo "==== lane $name: $(cat "$logs/$name.secs") s, exit $(cat "$logs/$name.rc")"
+  # The functions' JSON log lines (EMF metrics) are kept in the lane's log file, not echoed.
+  grep -v '^{"_aws"' "$logs/$name.log" || true
+  [[ "$(cat "$logs/$name.rc")" == 0 ]] || failed=1
+done
+if [[ "$failed" != 0 ]]; then
+  echo "some lane failed; full logs in $logs" >&2
+  exit 1
+fi
