@@ -10,6 +10,14 @@
 //!       upload under the new one and the order's refunds restated there, for every delivered
 //!       won that can still be moved; reports the others, and Meta events sent under an old
 //!       event name (Meta has no retraction), with the reason.
+//!   bridge-backfill crm-check [--from 2026-11-01] [--to 2026-12-01] [--csv F] [--repair]
+//!       reconciles against HubSpot itself (default: the last 7 days): lists the deals won in
+//!       the period (CRM search), reports each one the bridge never stored (its webhook never
+//!       arrived) and each stored won the CRM has since reopened, deleted or changed the amount
+//!       of; with --repair, ingests the missed deals as their webhooks would have been (same
+//!       confirmation, validation, consent and event ids; occurredAt from the stage history).
+//!       Reads HUBSPOT_TOKEN or hubspot-token under WEBHOOK_SECRETS_PARAMETER_PATH,
+//!       HUBSPOT_PORTAL_ID and HUBSPOT_API_BASE_URL as the ingest function does.
 //!   bridge-backfill --file events.jsonl --source hubspot --dry-run
 //!       sends nothing for real: validates through the same ingest code into memory, builds
 //!       every platform row, and has Meta (test_event_code) and Google (validateOnly) check
@@ -239,14 +247,167 @@ async fn correct(args: &[String]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// Parses `YYYY-MM-DD` (UTC midnight) or an RFC 3339 instant.
+fn instant(flag: &str, v: &str) -> Result<Timestamp, String> {
+    Timestamp::parse_rfc3339(v)
+        .or_else(|_| Timestamp::parse_rfc3339(&format!("{v}T00:00:00Z")))
+        .map_err(|_| format!("{flag} {v}: must be a date (2026-11-01) or an RFC 3339 instant"))
+}
+
+async fn crm_check(args: &[String]) -> Result<Value, String> {
+    let now = Timestamp::now();
+    let from = match arg(args, "--from") {
+        Some(v) => instant("--from", &v)?,
+        None => now.minus_secs(7 * 86_400),
+    };
+    let to = match arg(args, "--to") {
+        Some(v) => instant("--to", &v)?,
+        None => now.plus_secs(1),
+    };
+    if from.unix_ms() >= to.unix_ms() {
+        return Err("--from must be before --to".into());
+    }
+    let confirm = args.iter().any(|a| a == "--repair");
+    let settings = Settings::from_env().map_err(|e| e.to_string())?;
+    let aws = bridge_aws::clients::sdk_config().await;
+    // The same private-app token the ingest function reads HubSpot with.
+    let token = match env("HUBSPOT_TOKEN") {
+        Some(t) => t,
+        None => {
+            let path = env("WEBHOOK_SECRETS_PARAMETER_PATH").ok_or(
+                "set WEBHOOK_SECRETS_PARAMETER_PATH (the SSM path holding hubspot-token) or HUBSPOT_TOKEN",
+            )?;
+            let secrets =
+                bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(&aws), &path)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            secrets
+                .get("hubspot-token")
+                .cloned()
+                .ok_or(format!("no hubspot-token under {path}"))?
+        }
+    };
+    let portal_id = match env("HUBSPOT_PORTAL_ID") {
+        Some(p) => Some(
+            p.trim()
+                .parse::<i64>()
+                .map_err(|_| "HUBSPOT_PORTAL_ID must be a HubSpot account id (digits)")?,
+        ),
+        None => None,
+    };
+    let base = env("HUBSPOT_API_BASE_URL").unwrap_or_else(|| "https://api.hubapi.com".into());
+    let http = bridge_platforms::http::builder()
+        .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let client = bridge_platforms::hubspot::HubSpotClient::new(http, base, token);
+    let store = bridge_aws::dynamodb::DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        &settings.table_name,
+        settings.retention_days,
+    );
+    let check = bridge_core::crm_check::check_hubspot(
+        &client,
+        &client,
+        &store,
+        &settings.mapping,
+        bridge_core::crm_check::Period {
+            portal_id,
+            from,
+            to,
+        },
+        now,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    eprintln!(
+        "{:<6} {:>10} {:>14} {:>10} {:>14} {:>8} {:>14}",
+        "", "CRM won", "CRM revenue", "stored", "stored rev.", "missed", "missed rev."
+    );
+    for (cur, f) in &check.per_currency {
+        eprintln!(
+            "{:<6} {:>10} {:>14.2} {:>10} {:>14.2} {:>8} {:>14.2}",
+            cur,
+            f.crm_deals,
+            f.crm_revenue,
+            f.stored_wons,
+            f.stored_revenue,
+            f.missed,
+            f.missed_revenue
+        );
+    }
+    for m in &check.missed {
+        eprintln!(
+            "missed by webhook: deal {} ({}), won {}{}",
+            m.deal_id,
+            m.stage,
+            m.won_at
+                .map(|t| t.canonical())
+                .unwrap_or_else(|| "at an unknown time".into()),
+            if m.notes.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", m.notes.join("; "))
+            }
+        );
+    }
+    for c in &check.changed {
+        eprintln!("changed in the CRM: deal {}: {}", c.deal_id, c.reason);
+    }
+    if let Some(path) = arg(args, "--csv") {
+        std::fs::write(&path, check.to_csv()).map_err(|e| format!("--csv {path}: {e}"))?;
+    }
+    let mut v = check.to_json();
+    if confirm {
+        let queue =
+            bridge_aws::sqs::SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
+        let opts = bridge_core::webhook::hubspot::ResolveOptions {
+            portal_id,
+            ..Default::default()
+        };
+        let cfg = IngestConfig {
+            default_region: settings.default_region,
+            max_future_skew_secs: settings.max_future_skew_secs,
+        };
+        let report = bridge_core::crm_check::repair(
+            &check,
+            &client,
+            &settings.mapping,
+            &opts,
+            &cfg,
+            now,
+            &store,
+            &queue,
+        )
+        .await;
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        for r in &report.results {
+            let s = serde_json::to_value(r.status).map_err(|e| e.to_string())?;
+            *counts
+                .entry(s.as_str().unwrap_or("?").to_string())
+                .or_insert(0) += 1;
+        }
+        eprintln!("repaired: {counts:?}");
+        v["mode"] = json!("crm_repair");
+        v["repaired"] = json!(counts);
+        v["enqueue_failures"] = json!(report.enqueue_failures);
+    } else {
+        v["mode"] = json!("crm_check");
+        v["note"] =
+            json!("nothing was stored or sent; run again with --repair to ingest the missed deals");
+    }
+    Ok(v)
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase --email E [--phone P] [--region US]\n       bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]";
+    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase --email E [--phone P] [--region US]\n       bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]\n       bridge-backfill crm-check [--from DATE] [--to DATE] [--csv FILE] [--repair]";
     let run = async {
         match args.get(1).map(String::as_str) {
             Some("erase") => return erase(&args).await,
             Some("correct") => return correct(&args).await,
+            Some("crm-check") => return crm_check(&args).await,
             _ => {}
         }
         let file = arg(&args, "--file").ok_or(usage)?;

@@ -10,6 +10,7 @@
 pub mod backfill;
 pub mod consent;
 pub mod correction;
+pub mod crm_check;
 pub mod delivery;
 pub mod event;
 pub mod hashing;

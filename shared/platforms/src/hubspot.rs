@@ -1,14 +1,17 @@
 //! The HubSpot CRM API client: the records a HubSpot webhook names (a contact, a deal and its
-//! contact) with the property histories that confirm a change, read over HTTPS with a
-//! private-app token. The base URL is configurable so tests and the local stack use a fake.
+//! contact) with the property histories that confirm a change, and the search for the won deals
+//! of a period (reconciliation against the CRM), over HTTPS with a private-app token. The base
+//! URL is configurable so tests and the local stack use a fake.
 
 use async_trait::async_trait;
+use bridge_core::crm_check::{CrmDeal, WonDeals};
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::hubspot::{
     CONTACT_HISTORY, CONTACT_PROPERTIES, CrmError, DEAL_HISTORY, DEAL_PROPERTIES, HistoryEntry,
     HubSpotRecord, HubSpotRecords, Properties,
 };
 use serde::Deserialize;
+use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -157,5 +160,182 @@ impl HubSpotRecords for HubSpotClient {
             ("associations", "contacts".to_string()),
         ];
         self.get(&format!("/crm/v3/objects/deals/{id}"), &q).await
+    }
+}
+
+/// A search page holds at most 200 records, and one query reaches at most 10,000 (paging past
+/// that answers 400). source: HS-SEARCH
+const SEARCH_PAGE: usize = 200;
+const SEARCH_MAX: u64 = 10_000;
+/// The search API's 429 ("secondly limit") is retried after 1 s x attempt, as HubSpot's own SDK
+/// does (HS-RETRY-SDK), or after its Retry-After when given; 5xx likewise.
+const SEARCH_ATTEMPTS: u32 = 5;
+
+#[derive(Deserialize)]
+struct SearchPage {
+    #[serde(default)]
+    total: u64,
+    #[serde(default)]
+    results: Vec<SearchResult>,
+    #[serde(default)]
+    paging: Option<Paging>,
+}
+
+#[derive(Deserialize)]
+struct SearchResult {
+    id: String,
+    #[serde(default)]
+    properties: Properties,
+}
+
+#[derive(Deserialize)]
+struct Paging {
+    next: Option<NextPage>,
+}
+
+#[derive(Deserialize)]
+struct NextPage {
+    after: String,
+}
+
+enum Window {
+    Deals(Vec<CrmDeal>),
+    /// More than one query can page through: split the window.
+    TooMany,
+}
+
+impl HubSpotClient {
+    /// One search request, retried on 429 and 5xx.
+    async fn search_page(&self, body: &Value) -> Result<SearchPage, CrmError> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let resp = self
+                .http
+                .post(format!("{}/crm/v3/objects/deals/search", self.base))
+                .bearer_auth(&self.token)
+                .json(body)
+                .timeout(REQUEST_TIMEOUT)
+                .send()
+                .await
+                .map_err(|e| CrmError::Unavailable(e.without_url().to_string()))?;
+            let status = resp.status().as_u16();
+            let retry_after: Option<u64> = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok());
+            let err = match status {
+                200 => {
+                    return resp
+                        .json::<SearchPage>()
+                        .await
+                        .map_err(|e| CrmError::Unavailable(e.without_url().to_string()));
+                }
+                429 => CrmError::Throttled {
+                    retry_after_secs: retry_after,
+                },
+                500..=599 => CrmError::Unavailable(format!("HTTP {status}")),
+                _ => {
+                    return Err(CrmError::Refused {
+                        status,
+                        message: resp
+                            .text()
+                            .await
+                            .unwrap_or_default()
+                            .chars()
+                            .take(300)
+                            .collect(),
+                    });
+                }
+            };
+            if attempt >= SEARCH_ATTEMPTS {
+                return Err(err);
+            }
+            let wait = retry_after.unwrap_or(u64::from(attempt)).min(60);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+    }
+
+    /// Every won deal of one window, or `TooMany` when the query would pass 10,000 results.
+    async fn search_window(
+        &self,
+        stages: &[String],
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Window, CrmError> {
+        let mut deals = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            // Enumeration properties (dealstage) match case-sensitively; BETWEEN includes both
+            // ends, so the window's end is its last millisecond. Date filters take epoch-ms
+            // strings. source: HS-SEARCH
+            let mut body = json!({
+                "filterGroups": [{"filters": [
+                    {"propertyName": "dealstage", "operator": "IN", "values": stages},
+                    {"propertyName": "closedate", "operator": "BETWEEN",
+                     "value": from_ms.to_string(), "highValue": (to_ms - 1).to_string()},
+                ]}],
+                "properties": ["dealstage", "amount", "deal_currency_code", "closedate"],
+                "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
+                "limit": SEARCH_PAGE,
+            });
+            if let Some(a) = &after {
+                body["after"] = json!(a);
+            }
+            let page = self.search_page(&body).await?;
+            if page.total > SEARCH_MAX {
+                return Ok(Window::TooMany);
+            }
+            for r in page.results {
+                let prop = |k: &str| r.properties.get(k).cloned().flatten();
+                deals.push(CrmDeal {
+                    stage: prop("dealstage").unwrap_or_default(),
+                    amount: prop("amount").and_then(|a| a.trim().parse().ok()),
+                    currency: prop("deal_currency_code").filter(|c| !c.is_empty()),
+                    id: r.id,
+                });
+            }
+            match page.paging.and_then(|p| p.next) {
+                Some(n) => after = Some(n.after),
+                None => return Ok(Window::Deals(deals)),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl WonDeals for HubSpotClient {
+    /// Windows holding more than one query's 10,000 results are halved until each fits.
+    async fn won_deals(
+        &self,
+        stages: &[String],
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CrmDeal>, CrmError> {
+        let mut out = Vec::new();
+        let mut windows = vec![(from.unix_ms(), to.unix_ms())];
+        while let Some((a, b)) = windows.pop() {
+            if a >= b {
+                continue;
+            }
+            match self.search_window(stages, a, b).await? {
+                Window::Deals(d) => out.extend(d),
+                Window::TooMany if b - a > 1 => {
+                    let mid = a + (b - a) / 2;
+                    windows.push((mid, b));
+                    windows.push((a, mid));
+                }
+                Window::TooMany => {
+                    return Err(CrmError::Refused {
+                        status: 400,
+                        message: "more than 10,000 deals closed in one millisecond".into(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|x, y| x.id.cmp(&y.id));
+        out.dedup_by(|x, y| x.id == y.id);
+        Ok(out)
     }
 }

@@ -1,8 +1,9 @@
 //! A fake of the HubSpot CRM objects API: contacts and deals by id (deals with their
-//! associated contact), each property's history (`propertiesWithHistory`), a required
-//! private-app bearer token, injected 429s, and a log of requests. Rules and shapes from
-//! crm-apis.md: HS-DEALS / HS-BASIC (GET by id, history entries `{value, timestamp (ISO),
-//! sourceType}`), HS-ERR (error body), HS-USAGE / HS-REC (429 `RATE_LIMIT` body).
+//! associated contact), each property's history (`propertiesWithHistory`), the deal search
+//! (filters, paging, its limits), a required private-app bearer token, injected 429s, and a log
+//! of requests. Rules and shapes from crm-apis.md: HS-DEALS / HS-BASIC (GET by id, history
+//! entries `{value, timestamp (ISO), sourceType}`), HS-SEARCH (search), HS-ERR (error body),
+//! HS-USAGE / HS-REC (429 `RATE_LIMIT` body).
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -27,6 +28,8 @@ pub struct Data {
     /// (object type, id, property) -> every value it had, with when (Unix ms).
     pub history: HashMap<(String, String, String), Vec<(String, i64)>>,
     pub requests: Vec<String>,
+    /// Deleted (archived) deals: GET answers 404 and the search never lists them (HS-SEARCH).
+    pub archived: std::collections::HashSet<String>,
     /// The next this many reads answer 429, with this Retry-After (seconds) when set.
     pub throttle: usize,
     pub retry_after: Option<u64>,
@@ -161,7 +164,7 @@ async fn deal(
         q.get("associations").cloned().unwrap_or_default(),
         q.get("propertiesWithHistory").cloned().unwrap_or_default()
     ));
-    match d.deals.get(&id) {
+    match d.deals.get(&id).filter(|_| !d.archived.contains(&id)) {
         Some((props, contact)) => {
             let assoc = contact
                 .iter()
@@ -181,6 +184,144 @@ async fn deal(
             "resource not found",
         ),
     }
+}
+
+/// One search filter against one deal's properties. source: HS-SEARCH (enumeration properties
+/// such as `dealstage` match case-sensitively; date filters take epoch-ms strings, `BETWEEN`
+/// includes both ends).
+fn matches(props: &Value, f: &Value) -> Result<bool, String> {
+    let name = f["propertyName"]
+        .as_str()
+        .ok_or("a filter needs propertyName")?;
+    let value = props[name].as_str();
+    // Dates are ISO in responses and epoch ms in filters.
+    let as_ms = |v: &str| {
+        v.parse::<i64>()
+            .ok()
+            .or_else(|| Timestamp::parse_rfc3339(v).ok().map(|t| t.unix_ms()))
+    };
+    let bound = |k: &str| -> Result<i64, String> {
+        f[k].as_str()
+            .and_then(as_ms)
+            .ok_or_else(|| format!("{name}: {k} must be an epoch-ms string"))
+    };
+    Ok(match f["operator"].as_str().unwrap_or("") {
+        "IN" => {
+            let values = f["values"].as_array().ok_or("IN needs values")?;
+            value.is_some_and(|v| values.iter().any(|x| x.as_str() == Some(v)))
+        }
+        "EQ" => value.is_some() && value == f["value"].as_str(),
+        "BETWEEN" => {
+            let (lo, hi) = (bound("value")?, bound("highValue")?);
+            value.and_then(as_ms).is_some_and(|v| lo <= v && v <= hi)
+        }
+        "GTE" => {
+            let b = bound("value")?;
+            value.and_then(as_ms).is_some_and(|v| v >= b)
+        }
+        "LT" => {
+            let b = bound("value")?;
+            value.and_then(as_ms).is_some_and(|v| v < b)
+        }
+        "HAS_PROPERTY" => value.is_some(),
+        other => return Err(format!("operator {other} is not supported by this fake")),
+    })
+}
+
+/// `POST /crm/v3/objects/deals/search`. source: HS-SEARCH (at most 5 filter groups of 6 filters
+/// and 18 in all, one sort, `limit` at most 200, `after` an offset string, at most 10,000
+/// results per query and 400 past them, archived deals never listed).
+async fn search(State(s): State<AppState>, h: HeaderMap, Json(body): Json<Value>) -> Response {
+    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = gate(&mut d, &h, &s.token) {
+        return r;
+    }
+    d.requests.push(format!(
+        "search deals after={}",
+        body["after"].as_str().unwrap_or("")
+    ));
+    let invalid = |m: &str| error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR", m);
+    let groups = body["filterGroups"].as_array().cloned().unwrap_or_default();
+    let filters: usize = groups
+        .iter()
+        .map(|g| g["filters"].as_array().map_or(0, Vec::len))
+        .sum();
+    if groups.len() > 5
+        || groups
+            .iter()
+            .any(|g| g["filters"].as_array().is_some_and(|f| f.len() > 6))
+        || filters > 18
+    {
+        return invalid("at most 5 filterGroups of 6 filters, 18 filters in all");
+    }
+    if body["sorts"].as_array().is_some_and(|v| v.len() > 1) {
+        return invalid("only one sort is allowed");
+    }
+    let limit = body["limit"].as_u64().unwrap_or(10);
+    if limit > 200 {
+        return invalid("limit must be at most 200");
+    }
+    let after: u64 = match body["after"].as_str().map(str::parse) {
+        None => 0,
+        Some(Ok(a)) => a,
+        Some(Err(_)) => return invalid("after must be an integer offset"),
+    };
+    let mut hits = Vec::new();
+    let mut ids: Vec<&String> = d
+        .deals
+        .keys()
+        .filter(|id| !d.archived.contains(*id))
+        .collect();
+    ids.sort_by_key(|id| (id.len(), id.to_string()));
+    for id in ids {
+        let props = &d.deals[id].0;
+        let mut any = groups.is_empty();
+        for g in &groups {
+            let mut all = true;
+            for f in g["filters"].as_array().into_iter().flatten() {
+                match matches(props, f) {
+                    Ok(m) => all &= m,
+                    Err(e) => return invalid(&e),
+                }
+            }
+            any |= all;
+        }
+        if any {
+            hits.push(id.clone());
+        }
+    }
+    let total = hits.len() as u64;
+    if after >= 10_000 {
+        return invalid("paging is limited to 10,000 results; narrow the query");
+    }
+    let wanted: Vec<String> = body["properties"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let results: Vec<Value> = hits
+        .iter()
+        .skip(after as usize)
+        .take(limit as usize)
+        .map(|id| {
+            let props = &d.deals[id].0;
+            let mut out = Map::new();
+            out.insert("hs_object_id".into(), json!(id));
+            for p in &wanted {
+                // The search lists unset properties as null (HS-REC).
+                out.insert(p.clone(), props.get(p).cloned().unwrap_or(Value::Null));
+            }
+            json!({"id": id, "properties": out, "archived": false})
+        })
+        .collect();
+    let mut reply = json!({"total": total, "results": results});
+    if after + limit < total {
+        reply["paging"] = json!({"next": {"after": (after + limit).to_string()}});
+    }
+    (StatusCode::OK, Json(reply)).into_response()
 }
 
 /// Test control (not HubSpot's API): record property changes, as a person editing the CRM
@@ -229,6 +370,7 @@ impl FakeHubSpot {
         };
         let app = Router::new()
             .route("/crm/v3/objects/contacts/{id}", get(contact))
+            .route("/crm/v3/objects/deals/search", post(search))
             .route("/crm/v3/objects/deals/{id}", get(deal))
             .route("/_fake/changes", post(changes))
             .with_state(state);
@@ -295,5 +437,67 @@ impl FakeHubSpot {
         let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
         d.throttle = n;
         d.retry_after = retry_after;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn search_deals(fake: &FakeHubSpot, body: Value) -> (u16, Value) {
+        let http = bridge_platforms::http::client().unwrap();
+        let r = http
+            .post(format!("{}/crm/v3/objects/deals/search", fake.base_url))
+            .bearer_auth(&fake.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    fn won_in(stages: Value) -> Value {
+        json!({"filterGroups": [{"filters": [
+            {"propertyName": "dealstage", "operator": "IN", "values": stages},
+            {"propertyName": "closedate", "operator": "BETWEEN", "value": "0", "highValue": "4102444800000"}]}],
+            "properties": ["amount"], "limit": 2})
+    }
+
+    #[tokio::test]
+    async fn the_deal_search_filters_pages_and_enforces_its_limits() {
+        let fake = FakeHubSpot::start("t").await;
+        for (id, stage) in [
+            ("1", "closedwon"),
+            ("2", "closedwon"),
+            ("3", "closedwon"),
+            ("4", "closedlost"),
+        ] {
+            fake.change("deal", id, "amount", "10", 1_000);
+            fake.change("deal", id, "closedate", "2026-11-01T00:00:00.000Z", 1_000);
+            fake.change("deal", id, "dealstage", stage, 1_000);
+        }
+        fake.data.lock().unwrap().archived.insert("3".into());
+        // Enumeration values match case-sensitively; archived deals are never listed.
+        let (s, b) = search_deals(&fake, won_in(json!(["ClosedWon"]))).await;
+        assert_eq!((s, b["total"].clone()), (200, json!(0)));
+        let (s, b) = search_deals(&fake, won_in(json!(["closedwon"]))).await;
+        assert_eq!((s, b["total"].clone()), (200, json!(2)), "{b}");
+        assert!(b["paging"].is_null(), "two results fit one page of 2: {b}");
+        let mut one = won_in(json!(["closedwon"]));
+        one["limit"] = json!(1);
+        let (_, b) = search_deals(&fake, one.clone()).await;
+        assert_eq!(b["results"][0]["id"], "1");
+        assert_eq!(b["paging"]["next"]["after"], "1");
+        one["after"] = json!("1");
+        let (_, b) = search_deals(&fake, one.clone()).await;
+        assert_eq!(b["results"][0]["id"], "2");
+        assert!(b["paging"].is_null());
+        // The documented limits: 200 a page, 10,000 a query.
+        one["limit"] = json!(201);
+        assert_eq!(search_deals(&fake, one.clone()).await.0, 400);
+        one["limit"] = json!(100);
+        one["after"] = json!("10000");
+        let (s, b) = search_deals(&fake, one).await;
+        assert_eq!((s, b["category"].as_str()), (400, Some("VALIDATION_ERROR")));
     }
 }

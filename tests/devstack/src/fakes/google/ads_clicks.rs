@@ -198,28 +198,28 @@ fn check_click(
             "Conversion actions that use one-per-click counting can't be used with gbraid or wbraid parameters.",
         );
     }
-    if let Some((owner, reachable)) = c.gclid.as_ref().and_then(|g| d.click_accounts.get(g)) {
-        if owner != customer {
-            // source: G-ERR-UP #8 UNAUTHORIZED_CUSTOMER ("The click ID or call is associated
-            // with an Ads account you don't have access to") and #30 INVALID_CUSTOMER_FOR_CLICK
-            // ("The click from the imported event is associated with a different Google Ads
-            // account. Make sure you're importing to the correct account").
-            return if *reachable {
-                row_error(
-                    kind,
-                    "INVALID_CUSTOMER_FOR_CLICK",
-                    Some("gclid"),
-                    "The click from the imported event is associated with a different Google Ads account.",
-                )
-            } else {
-                row_error(
-                    kind,
-                    "UNAUTHORIZED_CUSTOMER",
-                    Some("gclid"),
-                    "The click ID or call is associated with an Ads account you don't have access to.",
-                )
-            };
-        }
+    if let Some((owner, reachable)) = c.gclid.as_ref().and_then(|g| d.click_accounts.get(g))
+        && owner != customer
+    {
+        // source: G-ERR-UP #8 UNAUTHORIZED_CUSTOMER ("The click ID or call is associated
+        // with an Ads account you don't have access to") and #30 INVALID_CUSTOMER_FOR_CLICK
+        // ("The click from the imported event is associated with a different Google Ads
+        // account. Make sure you're importing to the correct account").
+        return if *reachable {
+            row_error(
+                kind,
+                "INVALID_CUSTOMER_FOR_CLICK",
+                Some("gclid"),
+                "The click from the imported event is associated with a different Google Ads account.",
+            )
+        } else {
+            row_error(
+                kind,
+                "UNAUTHORIZED_CUSTOMER",
+                Some("gclid"),
+                "The click ID or call is associated with an Ads account you don't have access to.",
+            )
+        };
     }
     let ids = c.user_identifiers.as_deref().unwrap_or(&[]);
     check_identifiers(UPLOAD, ids, true)?;

@@ -689,7 +689,7 @@ pub(super) async fn ingest(State(s): State<FakeGoogle>, headers: HeaderMap, body
             // source: DM-RETRY (the guide's retry list: UNAVAILABLE, DEADLINE_EXCEEDED,
             // INTERNAL, UNKNOWN, ABORTED): the weather answers both outage shapes in turn.
             || {
-                if seq % 2 == 0 {
+                if seq.is_multiple_of(2) {
                     (
                         503,
                         json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "The service is currently unavailable."}}),

@@ -1,0 +1,623 @@
+//! Reconciling against the CRM itself: the won deals HubSpot shows for a period, compared with
+//! the events the bridge stored, so a change whose webhook never arrived (HubSpot gave up after
+//! its retries, a paused subscription) is found, and on request ingested exactly as its webhook
+//! would have been.
+//!
+//! A missed deal becomes the webhook event HubSpot would have sent (`deal.propertyChange` of
+//! `dealstage`, `occurredAt` = the stage history's own time of the change, never the time of the
+//! repair) and goes through the webhook's own resolution and the ingest use case: the same
+//! confirmation against the record's history, validation, consent and event_id rules. A late
+//! webhook for the same change is then a duplicate, and the order guard keeps an order counted
+//! once either way.
+
+use crate::event::{CanonicalEvent, EventName};
+use crate::ingest::{IngestConfig, IngestReport, ingest};
+use crate::mapping::Mapping;
+use crate::queue::DeliveryQueue;
+use crate::store::{EventStore, StoreError};
+use crate::timestamp::Timestamp;
+use crate::webhook::hubspot::{
+    CrmError, HubSpotEvent, HubSpotRecords, ResolveOptions, event_key, resolve,
+};
+use async_trait::async_trait;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+
+/// Meta refuses an event older than 7 days (and the whole request that holds one): a repair
+/// later than that reaches Google only. source: M-EVENT
+const META_WINDOW_SECS: i64 = 7 * 86_400;
+
+/// A deal as the CRM's search lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CrmDeal {
+    pub id: String,
+    pub stage: String,
+    pub amount: Option<f64>,
+    pub currency: Option<String>,
+}
+
+/// The CRM's search for won deals. Implemented over HTTP in `bridge-platforms`.
+#[async_trait]
+pub trait WonDeals: Send + Sync {
+    /// Every deal in one of `stages` whose close date is in `[from, to)`, all pages read.
+    async fn won_deals(
+        &self,
+        stages: &[String],
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CrmDeal>, CrmError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("the mapping contract maps no HubSpot deal stage to won")]
+    NoWonStage,
+    #[error(transparent)]
+    Crm(#[from] CrmError),
+    #[error("event store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A won deal the bridge never stored.
+#[derive(Clone, Debug, Serialize)]
+pub struct Missed {
+    pub deal_id: String,
+    pub stage: String,
+    /// When the deal entered the stage, from its stage history (the webhook's `occurredAt`).
+    pub won_at: Option<Timestamp>,
+    pub amount: Option<f64>,
+    pub currency: Option<String>,
+    /// Why it cannot be repaired as it stands, or what a repair cannot reach.
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    pub webhook: Option<HubSpotEvent>,
+}
+
+/// A won the bridge stored whose CRM record says something else now.
+#[derive(Clone, Debug, Serialize)]
+pub struct Changed {
+    pub deal_id: String,
+    pub stored_value: Option<f64>,
+    pub stored_currency: Option<String>,
+    /// `None` when the deal is no longer won (reopened, lost or deleted).
+    pub crm_amount: Option<f64>,
+    pub crm_currency: Option<String>,
+    pub reason: &'static str,
+}
+
+/// Per currency: what the CRM shows won against what the bridge stored.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct CrmFigures {
+    pub crm_deals: u64,
+    pub crm_revenue: f64,
+    pub stored_wons: u64,
+    pub stored_revenue: f64,
+    pub missed: u64,
+    pub missed_revenue: f64,
+}
+
+/// The CRM side of reconciliation for one period.
+#[derive(Clone, Debug, Serialize)]
+pub struct CrmCheck {
+    pub source: &'static str,
+    pub from: Timestamp,
+    pub to: Timestamp,
+    pub per_currency: BTreeMap<String, CrmFigures>,
+    pub missed: Vec<Missed>,
+    pub changed: Vec<Changed>,
+}
+
+const UNKNOWN_CURRENCY: &str = "(none)";
+
+fn stored_won(events: &[CanonicalEvent]) -> Option<&CanonicalEvent> {
+    events
+        .iter()
+        .filter(|e| e.source == "hubspot" && e.event_name == EventName::Won)
+        .min_by_key(|e| e.occurred_at)
+}
+
+fn differs(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (Some(x), Some(y)) => (x - y).abs() >= 0.005,
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+/// What one check covers: the HubSpot account (`portalId`, put on the webhooks a repair
+/// replays) and the period of close dates, `[from, to)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Period {
+    pub portal_id: Option<i64>,
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+/// Compares the CRM's won deals of the period with the stored events. Reads the stage history
+/// of each missed deal (for its `occurredAt`); stores nothing.
+pub async fn check_hubspot(
+    search: &dyn WonDeals,
+    records: &dyn HubSpotRecords,
+    store: &dyn EventStore,
+    mapping: &Mapping,
+    period: Period,
+    now: Timestamp,
+) -> Result<CrmCheck, CheckError> {
+    let Period {
+        portal_id,
+        from,
+        to,
+    } = period;
+    let mut stages: Vec<String> = mapping
+        .source("hubspot")
+        .map(|s| {
+            s.stages
+                .iter()
+                .filter(|(_, e)| **e == EventName::Won)
+                .map(|(stage, _)| stage.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    stages.sort();
+    if stages.is_empty() {
+        return Err(CheckError::NoWonStage);
+    }
+    let deals = search.won_deals(&stages, from, to).await?;
+    let mut check = CrmCheck {
+        source: "hubspot",
+        from,
+        to,
+        per_currency: BTreeMap::new(),
+        missed: Vec::new(),
+        changed: Vec::new(),
+    };
+    let mut seen = HashSet::new();
+    for deal in &deals {
+        seen.insert(deal.id.clone());
+        let cur = deal
+            .currency
+            .clone()
+            .unwrap_or_else(|| UNKNOWN_CURRENCY.into());
+        let amount = deal.amount.unwrap_or(0.0);
+        {
+            let f = check.per_currency.entry(cur.clone()).or_default();
+            f.crm_deals += 1;
+            f.crm_revenue += amount;
+        }
+        let events = store.find_by_order(&deal.id).await?;
+        if let Some(won) = stored_won(&events) {
+            let value = won.value.map(|m| m.as_f64());
+            let f = check.per_currency.entry(cur).or_default();
+            f.stored_wons += 1;
+            f.stored_revenue += value.unwrap_or(0.0);
+            // A deal without a currency is in the account's own; only a named one can differ.
+            let currency_moved = deal.currency.is_some() && won.currency != deal.currency;
+            if differs(value, deal.amount) || currency_moved {
+                check.changed.push(Changed {
+                    deal_id: deal.id.clone(),
+                    stored_value: value,
+                    stored_currency: won.currency.clone(),
+                    crm_amount: deal.amount,
+                    crm_currency: deal.currency.clone(),
+                    reason: "amount_changed_after_won",
+                });
+            }
+            continue;
+        }
+        let f = check.per_currency.entry(cur).or_default();
+        f.missed += 1;
+        f.missed_revenue += amount;
+        check
+            .missed
+            .push(missed(deal, records, mapping, portal_id, now).await?);
+    }
+    // Stored wons of the period the search did not list: the record says whether the deal was
+    // reopened or deleted, or only has a close date outside the period (then all is well).
+    for e in store.events_between(from, to).await? {
+        let Some(order) = e.order_id.as_deref() else {
+            continue;
+        };
+        if e.source != "hubspot" || e.event_name != EventName::Won || seen.contains(order) {
+            continue;
+        }
+        seen.insert(order.to_string());
+        let reason = match records.deal(order).await? {
+            None => "deleted_in_crm",
+            Some(r) => {
+                let stage = r
+                    .properties
+                    .get("dealstage")
+                    .cloned()
+                    .flatten()
+                    .unwrap_or_default();
+                if stages.contains(&stage.trim().to_lowercase()) {
+                    continue;
+                }
+                "reopened_in_crm"
+            }
+        };
+        check.changed.push(Changed {
+            deal_id: order.to_string(),
+            stored_value: e.value.map(|m| m.as_f64()),
+            stored_currency: e.currency.clone(),
+            crm_amount: None,
+            crm_currency: None,
+            reason,
+        });
+    }
+    Ok(check)
+}
+
+/// The webhook HubSpot would have sent for a missed deal, from the record's stage history.
+async fn missed(
+    deal: &CrmDeal,
+    records: &dyn HubSpotRecords,
+    mapping: &Mapping,
+    portal_id: Option<i64>,
+    now: Timestamp,
+) -> Result<Missed, CheckError> {
+    let mut m = Missed {
+        deal_id: deal.id.clone(),
+        stage: deal.stage.clone(),
+        won_at: None,
+        amount: deal.amount,
+        currency: deal.currency.clone(),
+        notes: Vec::new(),
+        webhook: None,
+    };
+    let Ok(object_id) = deal.id.parse::<i64>() else {
+        m.notes
+            .push("the deal id is not a HubSpot object id".into());
+        return Ok(m);
+    };
+    let Some(record) = records.deal(&deal.id).await? else {
+        m.notes
+            .push("the deal is gone from HubSpot since the search".into());
+        return Ok(m);
+    };
+    // The latest entry into the current stage: what the webhook for this won carried.
+    let won_at = record
+        .history
+        .get("dealstage")
+        .into_iter()
+        .flatten()
+        .filter(|h| h.value == deal.stage)
+        .map(|h| h.at)
+        .max();
+    let Some(won_at) = won_at else {
+        m.notes
+            .push("the deal's stage history does not show the stage".into());
+        return Ok(m);
+    };
+    m.won_at = Some(won_at);
+    if now.secs_since(&won_at) > META_WINDOW_SECS {
+        m.notes
+            .push("older than 7 days: Meta refuses it, so a repair reaches Google only".into());
+    }
+    let webhook = HubSpotEvent {
+        event_id: None,
+        portal_id,
+        subscription_type: "deal.propertyChange".into(),
+        object_id,
+        occurred_at: won_at.unix_ms(),
+        property_name: Some("dealstage".into()),
+        property_value: Some(deal.stage.clone()),
+    };
+    if event_key(&webhook, mapping).is_none() {
+        m.notes
+            .push("the mapping contract does not map the stage".into());
+        return Ok(m);
+    }
+    m.webhook = Some(webhook);
+    Ok(m)
+}
+
+/// Ingests the missed deals as their webhooks would have been: resolved against the CRM, then
+/// the ingest use case. Deals without a webhook (see their notes) are left out.
+#[allow(clippy::too_many_arguments)]
+pub async fn repair(
+    check: &CrmCheck,
+    records: &dyn HubSpotRecords,
+    mapping: &Mapping,
+    opts: &ResolveOptions,
+    cfg: &IngestConfig,
+    now: Timestamp,
+    store: &dyn EventStore,
+    queue: &dyn DeliveryQueue,
+) -> IngestReport {
+    let webhooks: Vec<HubSpotEvent> = check
+        .missed
+        .iter()
+        .filter_map(|m| m.webhook.clone())
+        .collect();
+    let items = resolve(&webhooks, records, mapping, opts, &HashSet::new()).await;
+    ingest(items, "hubspot", mapping, cfg, now, store, queue).await
+}
+
+impl CrmCheck {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// One line per missed or changed deal: what a person reads into a spreadsheet.
+    pub fn to_csv(&self) -> String {
+        let num = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_default();
+        let mut out = String::from(
+            "kind,deal_id,stage,won_at,crm_amount,crm_currency,stored_value,stored_currency,reason\n",
+        );
+        for m in &self.missed {
+            out.push_str(&format!(
+                "missed_by_webhook,{},{},{},{},{},,,{}\n",
+                csv(&m.deal_id),
+                csv(&m.stage),
+                m.won_at.map(|t| t.canonical()).unwrap_or_default(),
+                num(m.amount),
+                csv(m.currency.as_deref().unwrap_or("")),
+                csv(&m.notes.join("; ")),
+            ));
+        }
+        for c in &self.changed {
+            out.push_str(&format!(
+                "changed_in_crm,{},,,{},{},{},{},{}\n",
+                csv(&c.deal_id),
+                num(c.crm_amount),
+                csv(c.crm_currency.as_deref().unwrap_or("")),
+                num(c.stored_value),
+                csv(c.stored_currency.as_deref().unwrap_or("")),
+                c.reason,
+            ));
+        }
+        out
+    }
+}
+
+/// A CSV field, quoted when it holds a separator, a quote or a line break.
+fn csv(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Region;
+    use crate::ingest::ItemStatus;
+    use crate::queue::memory::MemoryQueue;
+    use crate::store::memory::MemoryStore;
+    use crate::webhook::hubspot::{HistoryEntry, HubSpotRecord};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    const DAY_MS: i64 = 86_400_000;
+    const PORTAL: i64 = 62515;
+
+    fn now() -> Timestamp {
+        Timestamp::parse_rfc3339("2026-11-28T12:00:00Z").unwrap()
+    }
+
+    /// HubSpot as far as these tests need it: deals with a stage history and a contact, and
+    /// the search over them by stage and close date.
+    #[derive(Default)]
+    struct Crm {
+        deals: Mutex<HashMap<String, (HubSpotRecord, i64)>>,
+        contact: HubSpotRecord,
+    }
+
+    impl Crm {
+        fn new() -> Crm {
+            let mut contact = HubSpotRecord::default();
+            for (k, v) in [
+                ("email", "ada@example.com"),
+                ("hs_google_click_id", "gc-1"),
+                ("ads_consent_status", "granted"),
+                ("hs_legal_basis", "Freely given consent"),
+            ] {
+                contact.properties.insert(k.into(), Some(v.into()));
+            }
+            Crm {
+                contact,
+                ..Default::default()
+            }
+        }
+
+        /// The deal moves to `stage` at `at_ms` (its close date too when won), for `amount`.
+        fn set(&self, id: &str, stage: &str, amount: &str, at_ms: i64) {
+            let mut deals = self.deals.lock().unwrap();
+            let (r, close) = deals.entry(id.to_string()).or_default();
+            r.contact_id = Some("101".into());
+            r.properties.insert("dealstage".into(), Some(stage.into()));
+            r.properties.insert("amount".into(), Some(amount.into()));
+            r.properties
+                .insert("deal_currency_code".into(), Some("EUR".into()));
+            r.history
+                .entry("dealstage".into())
+                .or_default()
+                .push(HistoryEntry {
+                    value: stage.into(),
+                    at: Timestamp::from_unix_ms(at_ms),
+                });
+            if stage == "closedwon" {
+                *close = at_ms;
+            }
+        }
+
+        fn webhook(&self, id: &str) -> HubSpotEvent {
+            let deals = self.deals.lock().unwrap();
+            let (r, _) = &deals[id];
+            let last = r.history["dealstage"].last().unwrap();
+            HubSpotEvent {
+                event_id: Some(1),
+                portal_id: Some(PORTAL),
+                subscription_type: "deal.propertyChange".into(),
+                object_id: id.parse().unwrap(),
+                occurred_at: last.at.unix_ms(),
+                property_name: Some("dealstage".into()),
+                property_value: Some(last.value.clone()),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl HubSpotRecords for Crm {
+        async fn contact(&self, _id: &str) -> Result<Option<HubSpotRecord>, CrmError> {
+            Ok(Some(self.contact.clone()))
+        }
+        async fn deal(&self, id: &str) -> Result<Option<HubSpotRecord>, CrmError> {
+            Ok(self.deals.lock().unwrap().get(id).map(|(r, _)| r.clone()))
+        }
+    }
+
+    #[async_trait]
+    impl WonDeals for Crm {
+        async fn won_deals(
+            &self,
+            stages: &[String],
+            from: Timestamp,
+            to: Timestamp,
+        ) -> Result<Vec<CrmDeal>, CrmError> {
+            let deals = self.deals.lock().unwrap();
+            let prop = |r: &HubSpotRecord, k: &str| r.properties.get(k).cloned().flatten();
+            let mut out: Vec<CrmDeal> = deals
+                .iter()
+                .filter(|(_, (r, close))| {
+                    prop(r, "dealstage").is_some_and(|s| stages.contains(&s))
+                        && (from.unix_ms()..to.unix_ms()).contains(close)
+                })
+                .map(|(id, (r, _))| CrmDeal {
+                    id: id.clone(),
+                    stage: prop(r, "dealstage").unwrap_or_default(),
+                    amount: prop(r, "amount").and_then(|a| a.parse().ok()),
+                    currency: prop(r, "deal_currency_code"),
+                })
+                .collect();
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(out)
+        }
+    }
+
+    fn cfg() -> IngestConfig {
+        IngestConfig {
+            default_region: Region::US,
+            max_future_skew_secs: 300,
+        }
+    }
+
+    fn period(from: Timestamp, to: Timestamp) -> Period {
+        Period {
+            portal_id: Some(PORTAL),
+            from,
+            to,
+        }
+    }
+
+    fn opts() -> ResolveOptions {
+        ResolveOptions {
+            portal_id: Some(PORTAL),
+            ..Default::default()
+        }
+    }
+
+    /// What the webhook path stores for these deliveries.
+    async fn deliver(
+        crm: &Crm,
+        ids: &[&str],
+        store: &MemoryStore,
+        queue: &MemoryQueue,
+    ) -> IngestReport {
+        let m = Mapping::bundled().unwrap();
+        let hooks: Vec<HubSpotEvent> = ids.iter().map(|id| crm.webhook(id)).collect();
+        let items = resolve(&hooks, crm, &m, &opts(), &HashSet::new()).await;
+        ingest(items, "hubspot", &m, &cfg(), now(), store, queue).await
+    }
+
+    #[tokio::test]
+    async fn missed_webhooks_are_found_repaired_once_and_changes_reported() {
+        let m = Mapping::bundled().unwrap();
+        let crm = Crm::new();
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let t = now().unix_ms();
+        crm.set("1001", "closedwon", "100", t - 2 * DAY_MS);
+        crm.set("1002", "closedwon", "200", t - 3 * DAY_MS);
+        crm.set("1003", "closedwon", "300", t - 10 * DAY_MS);
+        crm.set("1004", "closedwon", "150", t - 4 * DAY_MS);
+        crm.set("1005", "closedwon", "50", t - 5 * DAY_MS);
+        // The webhooks of 1001, 1004 and 1005 arrived; those of 1002 and 1003 never did.
+        let r = deliver(&crm, &["1001", "1004", "1005"], &store, &queue).await;
+        assert!(
+            r.results.iter().all(|x| x.status == ItemStatus::Accepted),
+            "{r:?}"
+        );
+        // Then the CRM changed: 1004's amount, and 1005 reopened.
+        crm.set("1004", "closedwon", "175", t - 4 * DAY_MS);
+        crm.set("1005", "appointmentscheduled", "50", t - DAY_MS);
+
+        let (from, to) = (now().minus_secs(30 * 86_400), now());
+        let check = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
+            .await
+            .unwrap();
+        let missed: Vec<&str> = check.missed.iter().map(|x| x.deal_id.as_str()).collect();
+        assert_eq!(missed, ["1002", "1003"]);
+        assert_eq!(
+            check.missed[0].won_at,
+            Some(Timestamp::from_unix_ms(t - 3 * DAY_MS)),
+            "the stage history's time, never the repair's"
+        );
+        assert!(check.missed[0].notes.is_empty());
+        assert!(check.missed[1].notes[0].contains("Meta refuses it"));
+        let changed: Vec<(&str, &str)> = check
+            .changed
+            .iter()
+            .map(|c| (c.deal_id.as_str(), c.reason))
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                ("1004", "amount_changed_after_won"),
+                ("1005", "reopened_in_crm")
+            ]
+        );
+        let eur = &check.per_currency["EUR"];
+        assert_eq!((eur.crm_deals, eur.stored_wons, eur.missed), (4, 2, 2));
+        assert_eq!((eur.crm_revenue, eur.missed_revenue), (775.0, 500.0));
+        let csv = check.to_csv();
+        assert_eq!(csv.lines().count(), 5, "{csv}");
+        assert!(csv.contains("missed_by_webhook,1002,closedwon,"), "{csv}");
+
+        let r = repair(&check, &crm, &m, &opts(), &cfg(), now(), &store, &queue).await;
+        let statuses: Vec<ItemStatus> = r.results.iter().map(|x| x.status).collect();
+        assert_eq!(statuses, [ItemStatus::Accepted, ItemStatus::Accepted]);
+        let won = stored_won(&store.find_by_order("1002").await.unwrap())
+            .cloned()
+            .unwrap();
+        assert_eq!(won.occurred_at, Timestamp::from_unix_ms(t - 3 * DAY_MS));
+        assert_eq!(won.value.map(|v| v.as_f64()), Some(200.0));
+
+        // Run again: nothing is missed, so a repair sends nothing.
+        let again = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
+            .await
+            .unwrap();
+        assert!(again.missed.is_empty(), "{:?}", again.missed);
+        let r = repair(&again, &crm, &m, &opts(), &cfg(), now(), &store, &queue).await;
+        assert!(r.results.is_empty());
+        // The webhook that was late all along is a duplicate of the repair.
+        let late = deliver(&crm, &["1002"], &store, &queue).await;
+        assert_eq!(late.results[0].status, ItemStatus::Duplicate);
+    }
+
+    #[tokio::test]
+    async fn a_mapping_without_a_won_stage_is_refused() {
+        let text = crate::mapping::BUNDLED.replace("closedwon = \"won\"", "");
+        let m = Mapping::load(&text).unwrap();
+        let crm = Crm::new();
+        let store = MemoryStore::new();
+        let err = check_hubspot(&crm, &crm, &store, &m, period(now(), now()), now())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CheckError::NoWonStage), "{err}");
+    }
+}

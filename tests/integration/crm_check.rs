@@ -1,0 +1,318 @@
+//! Reconciliation against the CRM: HubSpot's deal search (the strict fake, over HTTP, paged and
+//! throttled) finds the won deals whose webhooks never arrived; the repair ingests them as their
+//! webhooks would have been, and the strict fake Meta and Google count every order once with
+//! the CRM's exact revenue; a second repair sends nothing; a reopened deal and a changed amount
+//! are reported.
+
+use bridge_core::crm_check::{Period, check_hubspot, repair};
+use bridge_core::delivery::pipeline::{PipelineConfig, REFUND_WAIT, WAIT_DEADLINE};
+use bridge_core::delivery::{Backoff, Destination};
+use bridge_core::identity::parse_region;
+use bridge_core::ingest::{IngestConfig, ItemStatus, ingest};
+use bridge_core::mapping::Mapping;
+use bridge_core::queue::memory::MemoryQueue;
+use bridge_core::store::memory::MemoryStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_core::webhook::hubspot::{HubSpotEvent, ResolveOptions, resolve};
+use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use bridge_platforms::hubspot::HubSpotClient;
+use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_tests::fakes::google::FakeGoogle;
+use bridge_tests::fakes::hubspot::FakeHubSpot;
+use bridge_tests::fakes::meta::FakeMeta;
+use bridge_tests::{invoke_sender, receive_records};
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+
+const PORTAL: i64 = 62515;
+const DEALS: usize = 250;
+const HOUR_MS: i64 = 3_600_000;
+
+fn cfg() -> IngestConfig {
+    IngestConfig {
+        default_region: parse_region("US").unwrap(),
+        max_future_skew_secs: 300,
+    }
+}
+
+fn opts() -> ResolveOptions {
+    ResolveOptions {
+        portal_id: Some(PORTAL),
+        ..Default::default()
+    }
+}
+
+fn pipeline() -> PipelineConfig {
+    PipelineConfig {
+        lease_secs: 30,
+        max_attempts: 5,
+        backoff: Backoff {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(20),
+            floor: Duration::from_millis(10),
+        },
+        refund_wait: REFUND_WAIT,
+        wait_deadline: WAIT_DEADLINE,
+    }
+}
+
+fn deal_id(i: usize) -> String {
+    (30_000 + i).to_string()
+}
+
+/// Deal i: won `i` hours before `now` (so within Meta's 7 days) for 100 + i EUR.
+fn won_at(now: i64, i: usize) -> i64 {
+    now - (i as i64 + 7) * HOUR_MS / 2
+}
+
+fn webhook(id: &str, at_ms: i64, stage: &str) -> HubSpotEvent {
+    HubSpotEvent {
+        event_id: Some(1),
+        portal_id: Some(PORTAL),
+        subscription_type: "deal.propertyChange".into(),
+        object_id: id.parse().unwrap(),
+        occurred_at: at_ms,
+        property_name: Some("dealstage".into()),
+        property_value: Some(stage.into()),
+    }
+}
+
+async fn drain(
+    meta: &MetaPlatform,
+    google: &GooglePlatform,
+    store: &MemoryStore,
+    queue: &MemoryQueue,
+) {
+    for _ in 0..20 {
+        let mut any = false;
+        for d in [Destination::Meta, Destination::Google] {
+            let records = receive_records(queue, d, 1000);
+            if records.is_empty() {
+                continue;
+            }
+            any = true;
+            let now = Timestamp::now();
+            match d {
+                Destination::Meta => {
+                    invoke_sender(records, meta, store, queue, &pipeline(), now, None).await
+                }
+                _ => invoke_sender(records, google, store, queue, &pipeline(), now, None).await,
+            }
+        }
+        if !any {
+            return;
+        }
+    }
+    panic!("the queues did not drain");
+}
+
+#[tokio::test]
+async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once() {
+    let mapping = Mapping::bundled().unwrap();
+    let hubspot = FakeHubSpot::start("hs-token").await;
+    let now = Timestamp::now().unix_ms();
+    {
+        let mut d = hubspot.data.lock().unwrap();
+        d.contacts.insert(
+            "101".into(),
+            json!({"email": "ada@example.com", "hs_google_click_id": "Cj0KCQ-ada",
+                   "ads_consent_status": "granted", "hs_legal_basis": "Freely given consent"}),
+        );
+    }
+    for i in 0..DEALS {
+        let id = deal_id(i);
+        let at = won_at(now, i);
+        hubspot.change("deal", &id, "amount", &(100 + i).to_string(), at);
+        hubspot.change("deal", &id, "deal_currency_code", "EUR", at);
+        hubspot.change(
+            "deal",
+            &id,
+            "closedate",
+            &Timestamp::from_unix_ms(at).canonical(),
+            at,
+        );
+        hubspot.change("deal", &id, "dealstage", "closedwon", at);
+        hubspot.data.lock().unwrap().deals.get_mut(&id).unwrap().1 = Some("101".into());
+    }
+    let http = bridge_platforms::http::client().unwrap();
+    let client = HubSpotClient::new(http.clone(), hubspot.base_url.clone(), "hs-token");
+    let store = MemoryStore::new();
+    let queue = MemoryQueue::new(5, Duration::from_secs(30));
+
+    // Every tenth deal's webhook never arrives.
+    let dropped: HashSet<String> = (0..DEALS).step_by(10).map(deal_id).collect();
+    let delivered: Vec<HubSpotEvent> = (0..DEALS)
+        .map(deal_id)
+        .filter(|id| !dropped.contains(id))
+        .map(|id| {
+            let i = id.parse::<usize>().unwrap() - 30_000;
+            webhook(&id, won_at(now, i), "closedwon")
+        })
+        .collect();
+    let items = resolve(&delivered, &client, &mapping, &opts(), &HashSet::new()).await;
+    let r = ingest(
+        items,
+        "hubspot",
+        &mapping,
+        &cfg(),
+        Timestamp::now(),
+        &store,
+        &queue,
+    )
+    .await;
+    assert!(
+        r.results.iter().all(|x| x.status == ItemStatus::Accepted),
+        "{:?}",
+        r.results.iter().find(|x| x.status != ItemStatus::Accepted)
+    );
+    // After their webhooks: deal 1 reopened, deal 2's amount corrected.
+    hubspot.change(
+        "deal",
+        &deal_id(1),
+        "dealstage",
+        "appointmentscheduled",
+        now,
+    );
+    hubspot.change("deal", &deal_id(2), "amount", "150", now);
+
+    let meta_fake = FakeMeta::start("meta-token").await;
+    let google_fake = FakeGoogle::start().await;
+    let meta = MetaPlatform::new(
+        http.clone(),
+        MetaConfig {
+            base_url: meta_fake.base_url.clone(),
+            api_version: "v26.0".into(),
+            pixel_id: "1234567890".into(),
+            access_token: "meta-token".into(),
+            app_secret: None,
+            test_event_code: None,
+            timeout: Duration::from_secs(10),
+        },
+        mapping.clone(),
+    );
+    let google = GooglePlatform::new(
+        http.clone(),
+        GoogleConfig {
+            ads_base_url: google_fake.base_url.clone(),
+            ads_api_version: "v26".into(),
+            datamanager_base_url: google_fake.base_url.clone(),
+            token_url: google_fake.token_url(),
+            credentials: GoogleCredentials::from_json(&google_fake.credentials_json()).unwrap(),
+            validate_only: false,
+            timeout: Duration::from_secs(10),
+            terms_ttl: Duration::from_secs(3600),
+        },
+        mapping.clone(),
+    );
+    drain(&meta, &google, &store, &queue).await;
+    assert_eq!(meta_fake.purchases_deduped().len(), DEALS - dropped.len());
+
+    // The search pages (200 a page) and is throttled once (retried after 1 s).
+    hubspot.throttle(1, Some(1));
+    let from = Timestamp::from_unix_ms(now - 30 * 24 * HOUR_MS);
+    let to = Timestamp::from_unix_ms(now + 1);
+    let check = check_hubspot(
+        &client,
+        &client,
+        &store,
+        &mapping,
+        Period {
+            portal_id: Some(PORTAL),
+            from,
+            to,
+        },
+        Timestamp::now(),
+    )
+    .await
+    .unwrap();
+    let searches = hubspot
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("search"))
+        .count();
+    assert_eq!(searches, 2, "two pages of 200 for 249 deals");
+    let missed: HashSet<String> = check.missed.iter().map(|m| m.deal_id.clone()).collect();
+    assert_eq!(missed, dropped, "every dropped webhook found, nothing else");
+    assert!(check.missed.iter().all(|m| m.notes.is_empty()));
+    let mut changed: Vec<(String, &str)> = check
+        .changed
+        .iter()
+        .map(|c| (c.deal_id.clone(), c.reason))
+        .collect();
+    changed.sort();
+    assert_eq!(
+        changed,
+        [
+            (deal_id(1), "reopened_in_crm"),
+            (deal_id(2), "amount_changed_after_won")
+        ]
+    );
+    let eur = &check.per_currency["EUR"];
+    assert_eq!(
+        (eur.crm_deals, eur.missed),
+        ((DEALS - 1) as u64, dropped.len() as u64)
+    );
+    println!(
+        "crm check: {} deals won in HubSpot, {} stored, {} missed by webhook ({:.2} EUR), {} changed",
+        eur.crm_deals,
+        eur.stored_wons,
+        eur.missed,
+        eur.missed_revenue,
+        check.changed.len()
+    );
+
+    let r = repair(
+        &check,
+        &client,
+        &mapping,
+        &opts(),
+        &cfg(),
+        Timestamp::now(),
+        &store,
+        &queue,
+    )
+    .await;
+    assert_eq!(r.results.len(), dropped.len());
+    assert!(r.results.iter().all(|x| x.status == ItemStatus::Accepted));
+    drain(&meta, &google, &store, &queue).await;
+
+    // Every order counted once at each platform, with the CRM's won amounts.
+    let expected: f64 = (0..DEALS).map(|i| (100 + i) as f64).sum();
+    assert_eq!(meta_fake.purchases_deduped().len(), DEALS);
+    assert_eq!(meta_fake.revenue_deduped()["EUR"], expected);
+    assert_eq!(google_fake.count(), DEALS);
+    assert_eq!(google_fake.revenue()["EUR"], expected);
+
+    // A second run finds nothing missed and sends nothing.
+    let again = check_hubspot(
+        &client,
+        &client,
+        &store,
+        &mapping,
+        Period {
+            portal_id: Some(PORTAL),
+            from,
+            to,
+        },
+        Timestamp::now(),
+    )
+    .await
+    .unwrap();
+    assert!(again.missed.is_empty());
+    let r = repair(
+        &again,
+        &client,
+        &mapping,
+        &opts(),
+        &cfg(),
+        Timestamp::now(),
+        &store,
+        &queue,
+    )
+    .await;
+    assert!(r.results.is_empty());
+    drain(&meta, &google, &store, &queue).await;
+    assert_eq!(meta_fake.purchases_deduped().len(), DEALS);
+    assert_eq!(google_fake.count(), DEALS);
+}
