@@ -340,6 +340,133 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         report["destinations"]["meta"]["by_state"]["blocked_consent"],
         1
     );
+
+    // The CRM's own side: HubSpot shows a second won deal whose webhook never came. The
+    // reconcile run's CRM check names it; `bridge-backfill crm-check --repair` ingests it as its
+    // webhook would have been, and both platforms count it once, for the CRM's amount.
+    let missed_at = Timestamp::now().minus_secs(2 * 3600).unix_ms();
+    b.hubspot.won_deal("9002", "300", "GBP", missed_at);
+    reconcile
+        .invoke(json!({"task": "crm"}))
+        .await
+        .expect("reconcile runs with the CRM check");
+    let mut keys: Vec<String> = s3
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix("reports/last_day/")
+        .send()
+        .await
+        .unwrap()
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .filter(|k| k.ends_with(".json"))
+        .collect();
+    keys.sort();
+    let body = s3
+        .get_object()
+        .bucket(&bucket)
+        .key(keys.last().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    let report: Value = serde_json::from_slice(&body).unwrap();
+    let crm = &report["crm"];
+    assert_eq!(crm["source"], "hubspot", "{report}");
+    assert_eq!(crm["missed"][0]["deal_id"], "9002", "{crm}");
+    assert_eq!(
+        crm["missed"][0]["won_at"],
+        json!(Timestamp::from_unix_ms(missed_at).canonical())
+    );
+    let gbp = &crm["per_currency"]["GBP"];
+    assert_eq!(
+        (&gbp["crm_deals"], &gbp["stored_wons"], &gbp["missed"]),
+        (&json!(2), &json!(1), &json!(1)),
+        "{crm}"
+    );
+    assert!(crm["changed"].as_array().unwrap().is_empty(), "{crm}");
+    // The command runs while this test's runtime serves the fakes: off the runtime's thread.
+    let crm_check = |repair: bool| {
+        let mut cmd = std::process::Command::new(
+            bridge_tests::local::harness::bin_dir().join("bridge-backfill"),
+        );
+        cmd.args(["crm-check", "--from", &minutes_ago(24 * 60)]);
+        if repair {
+            cmd.arg("--repair");
+        }
+        // What an operator gives it: the reconcile function's own configuration.
+        cmd.envs(b.plan.functions["ReconcileFunction"].env.iter())
+            .envs(b.function_env().iter());
+        async move {
+            let out = tokio::task::spawn_blocking(move || cmd.output())
+                .await
+                .unwrap()
+                .expect("run bridge-backfill crm-check");
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_str::<Value>(&stdout).expect("JSON")
+        }
+    };
+    let dry = crm_check(false).await;
+    assert_eq!(dry["mode"], "crm_check");
+    assert_eq!(dry["missed"].as_array().unwrap().len(), 1, "{dry}");
+    assert!(
+        b.store.find_by_order("9002").await.unwrap().is_empty(),
+        "a dry run stores nothing"
+    );
+    let fixed = crm_check(true).await;
+    assert_eq!(fixed["repaired"], json!({"accepted": 1}), "{fixed}");
+    let repaired: Vec<String> = b
+        .store
+        .find_by_order("9002")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.event_id.clone())
+        .collect();
+    assert_eq!(repaired.len(), 1);
+    let events = b.settle(&repaired, Duration::from_secs(60)).await;
+    let won = &events[&repaired[0]];
+    assert_eq!(won.occurred_at, Timestamp::from_unix_ms(missed_at));
+    for d in [Destination::Meta, Destination::Google] {
+        assert_eq!(
+            won.destinations[&d].status,
+            DeliveryStatus::Delivered,
+            "{d}"
+        );
+    }
+    assert_eq!(
+        b.meta
+            .purchases_deduped()
+            .iter()
+            .filter(|(_, e)| e["custom_data"]["order_id"] == "9002")
+            .map(|(_, e)| e["custom_data"]["value"].as_f64())
+            .collect::<Vec<_>>(),
+        [Some(300.0)]
+    );
+    let google_9002: Vec<f64> = b
+        .google
+        .conversions()
+        .values()
+        .filter(|c| c.order_id.as_deref() == Some("9002"))
+        .map(|c| c.value)
+        .collect();
+    assert_eq!(google_9002, [300.0]);
+    let again = crm_check(true).await;
+    assert!(again["missed"].as_array().unwrap().is_empty(), "{again}");
+    assert!(
+        again.get("repaired").is_none() || again["repaired"] == json!({}),
+        "{again}"
+    );
     b.running.stop();
 }
 

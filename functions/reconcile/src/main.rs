@@ -1,18 +1,25 @@
 //! The reconcile Lambda (EventBridge schedule): sweeps stuck pairs back onto their queues,
 //! then writes the report (last day and rolling 7 days) as JSON and CSV to the reports
-//! bucket, logs a summary and emits EMF metrics. Clients are built once here, at init.
+//! bucket, logs a summary and emits EMF metrics. With a HubSpot token configured the report
+//! also compares HubSpot's own won deals with the stored events (and with `CRM_REPAIR=true`
+//! ingests the deals whose webhooks never arrived). Clients are built once here, at init.
 
 use aws_sdk_s3::primitives::ByteStream;
 use bridge_aws::config::Settings;
 use bridge_aws::dynamodb::DynamoStore;
 use bridge_aws::sqs::SqsQueue;
+use bridge_core::crm_check::{Period, check_hubspot, repair};
 use bridge_core::delivery::Destination;
+use bridge_core::ingest::IngestConfig;
+use bridge_core::mapping::Mapping;
 use bridge_core::reconcile::{
-    Observations, build_report, data_manager_requests, fold_request_status, sweep,
+    CrmSection, Observations, build_report, data_manager_requests, fold_request_status, sweep,
 };
 use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
+use bridge_core::webhook::hubspot::ResolveOptions;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use bridge_platforms::hubspot::HubSpotClient;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -27,13 +34,89 @@ struct App {
     bucket: String,
     /// Set when Google credentials are configured: Data Manager request statuses are checked.
     google: Option<GooglePlatform>,
+    /// Set when a HubSpot token is configured: the report gets the CRM's own side.
+    crm: Option<Crm>,
+}
+
+/// What the CRM side of the report needs.
+struct Crm {
+    client: HubSpotClient,
+    portal_id: Option<i64>,
+    /// Ingest the deals whose webhooks never arrived (template parameter CrmRepair).
+    repair: bool,
+    mapping: Mapping,
+    ingest: IngestConfig,
+}
+
+impl Crm {
+    /// The CRM side for one period; a CRM that cannot be read leaves the section out (logged),
+    /// never the rest of the report.
+    async fn section(
+        &self,
+        store: &DynamoStore,
+        queue: &SqsQueue,
+        from: Timestamp,
+        now: Timestamp,
+    ) -> Option<CrmSection> {
+        let period = Period {
+            portal_id: self.portal_id,
+            from,
+            to: now,
+        };
+        let check = match check_hubspot(
+            &self.client,
+            &self.client,
+            store,
+            &self.mapping,
+            period,
+            now,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "the CRM could not be reconciled");
+                return None;
+            }
+        };
+        let mut repaired = None;
+        if self.repair && !check.missed.is_empty() {
+            let opts = ResolveOptions {
+                portal_id: self.portal_id,
+                ..Default::default()
+            };
+            let report = repair(
+                &check,
+                &self.client,
+                &self.mapping,
+                &opts,
+                &self.ingest,
+                now,
+                store,
+                queue,
+            )
+            .await;
+            let mut counts = BTreeMap::new();
+            for r in &report.results {
+                let status = serde_json::to_value(r.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                *counts.entry(status).or_insert(0u64) += 1;
+            }
+            tracing::info!(repaired = ?counts, enqueue_failures = report.enqueue_failures, "missed webhooks repaired");
+            repaired = Some(counts);
+        }
+        Some(CrmSection { check, repaired })
+    }
 }
 
 /// At most this many Data Manager requests are checked per report.
 const STATUS_CHECKS: usize = 200;
 
 impl App {
-    async fn run(&self, now: Timestamp) -> Result<Value, Error> {
+    /// `with_crm`: the report also gets the CRM's own side (its own, slower schedule).
+    async fn run(&self, now: Timestamp, with_crm: bool) -> Result<Value, Error> {
         let mut seen = Observations::default();
         for dest in Destination::ALL {
             let swept = sweep(&self.store, &self.queue, dest, now, SWEEP_LIMIT).await?;
@@ -65,7 +148,10 @@ impl App {
                     seen.platform_status.insert(Destination::Google, counts);
                 }
             }
-            let report = build_report(period, from, now, now, &events, &seen);
+            let mut report = build_report(period, from, now, now, &events, &seen);
+            if let Some(crm) = self.crm.as_ref().filter(|_| with_crm) {
+                report.crm = crm.section(&self.store, &self.queue, from, now).await;
+            }
             let stem = format!("reports/{period}/{}", now.canonical());
             for (ext, body, ctype) in [
                 ("json", report.to_json(), "application/json"),
@@ -159,7 +245,58 @@ async fn main() -> Result<(), Error> {
         }
         None => None,
     };
+    let crm = match std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        Some(path) => {
+            let ssm = bridge_aws::clients::ssm(&aws);
+            match bridge_aws::clients::parameters_by_path(&ssm, &path).await {
+                Ok(secrets) => {
+                    match secrets.get("hubspot-token") {
+                        Some(token) => {
+                            let portal_id = match std::env::var("HUBSPOT_PORTAL_ID") {
+                            Ok(p) if !p.trim().is_empty() => Some(p.trim().parse::<i64>().map_err(
+                                |_| "HUBSPOT_PORTAL_ID must be a HubSpot account id (digits)",
+                            )?),
+                            _ => None,
+                        };
+                            let base = std::env::var("HUBSPOT_API_BASE_URL")
+                                .unwrap_or_else(|_| "https://api.hubapi.com".into());
+                            let repair = match std::env::var("CRM_REPAIR").as_deref() {
+                                Ok("true") => true,
+                                Ok("false") | Err(_) => false,
+                                Ok(other) => {
+                                    return Err(format!(
+                                        "CRM_REPAIR must be true or false, not {other}"
+                                    )
+                                    .into());
+                                }
+                            };
+                            Some(Crm {
+                                client: HubSpotClient::new(http.clone(), base, token.clone()),
+                                portal_id,
+                                repair,
+                                mapping: settings.mapping.clone(),
+                                ingest: IngestConfig {
+                                    default_region: settings.default_region,
+                                    max_future_skew_secs: settings.max_future_skew_secs,
+                                },
+                            })
+                        }
+                        None => None,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook secrets unreadable: the report has no CRM side");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let app = App {
+        crm,
         google,
         store: DynamoStore::new(
             bridge_aws::clients::dynamodb(&aws),
@@ -182,7 +319,8 @@ async fn main() -> Result<(), Error> {
             );
             return Ok(serde_json::to_value(report)?);
         }
-        app.run(event_time(&event.payload)).await
+        let with_crm = event.payload["task"] == "crm";
+        app.run(event_time(&event.payload), with_crm).await
     }))
     .await
 }

@@ -59,7 +59,7 @@ pub enum CheckError {
 }
 
 /// A won deal the bridge never stored.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Missed {
     pub deal_id: String,
     pub stage: String,
@@ -74,7 +74,7 @@ pub struct Missed {
 }
 
 /// A won the bridge stored whose CRM record says something else now.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Changed {
     pub deal_id: String,
     pub stored_value: Option<f64>,
@@ -97,7 +97,7 @@ pub struct CrmFigures {
 }
 
 /// The CRM side of reconciliation for one period.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CrmCheck {
     pub source: &'static str,
     pub from: Timestamp,

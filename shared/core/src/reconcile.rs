@@ -160,7 +160,7 @@ pub fn fold_request_status(counts: &mut BTreeMap<String, u64>, status: &serde_js
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
     pub period: String,
     pub from: String,
@@ -168,6 +168,20 @@ pub struct Report {
     pub generated_at: String,
     pub events: u64,
     pub destinations: BTreeMap<String, DestinationFigures>,
+    /// The CRM's own side, when the run could ask the CRM (HubSpot configured): its won deals
+    /// against the stored events, what never arrived by webhook and what changed since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crm: Option<CrmSection>,
+}
+
+/// The CRM side of a report: [`crate::crm_check::CrmCheck`] and, when the run repaired, what
+/// the repair ingested per item status.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CrmSection {
+    #[serde(flatten)]
+    pub check: crate::crm_check::CrmCheck,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<BTreeMap<String, u64>>,
 }
 
 fn money(m: Money) -> String {
@@ -293,6 +307,7 @@ pub fn build_report(
         generated_at: generated_at.canonical(),
         events: sorted.iter().filter(|e| e.correction.is_none()).count() as u64,
         destinations,
+        crm: None,
     }
 }
 
@@ -387,6 +402,57 @@ impl Report {
                 &f.sweep.re_enqueued.to_string(),
             );
         }
+        if let Some(crm) = &self.crm {
+            let c = &crm.check;
+            let d = format!("crm:{}", c.source);
+            for (cur, f) in &c.per_currency {
+                row(&d, "crm_won", cur, "deals", &f.crm_deals.to_string());
+                row(
+                    &d,
+                    "crm_won",
+                    cur,
+                    "revenue",
+                    &format!("{:.2}", f.crm_revenue),
+                );
+                row(&d, "crm_won", cur, "stored", &f.stored_wons.to_string());
+                row(
+                    &d,
+                    "crm_won",
+                    cur,
+                    "stored_revenue",
+                    &format!("{:.2}", f.stored_revenue),
+                );
+                row(&d, "crm_won", cur, "missed", &f.missed.to_string());
+                row(
+                    &d,
+                    "crm_won",
+                    cur,
+                    "missed_revenue",
+                    &format!("{:.2}", f.missed_revenue),
+                );
+            }
+            for m in &c.missed {
+                let amount = m.amount.map(|a| format!("{a:.2}")).unwrap_or_default();
+                row(
+                    &d,
+                    "missed_by_webhook",
+                    &m.deal_id,
+                    &m.won_at.map(|t| t.canonical()).unwrap_or_default(),
+                    format!(
+                        "{amount} {} {}",
+                        m.currency.as_deref().unwrap_or(""),
+                        m.notes.join("; ")
+                    )
+                    .trim(),
+                );
+            }
+            for x in &c.changed {
+                row(&d, "changed_in_crm", &x.deal_id, x.reason, "");
+            }
+            for (status, n) in crm.repaired.iter().flatten() {
+                row(&d, "repaired", status, "", &n.to_string());
+            }
+        }
         out
     }
 
@@ -418,6 +484,26 @@ impl Report {
                     ],
                 )
             })
+            .chain(self.crm.iter().map(|crm| {
+                let missed_revenue: f64 = crm
+                    .check
+                    .per_currency
+                    .values()
+                    .map(|f| f.missed_revenue)
+                    .sum();
+                crate::metrics::emf_line(
+                    timestamp_ms,
+                    &[
+                        ("source", crm.check.source),
+                        ("period", self.period.as_str()),
+                    ],
+                    &[
+                        ("missed_by_webhook", crm.check.missed.len() as f64),
+                        ("missed_by_webhook_revenue", missed_revenue),
+                        ("changed_in_crm", crm.check.changed.len() as f64),
+                    ],
+                )
+            }))
             .collect()
     }
 }

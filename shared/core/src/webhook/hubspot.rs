@@ -27,7 +27,7 @@ use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 
 /// One subscription event of a HubSpot webhook delivery.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HubSpotEvent {
     pub event_id: Option<i64>,

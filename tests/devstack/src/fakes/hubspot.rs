@@ -396,8 +396,8 @@ impl FakeHubSpot {
         record_change(&mut d, kind, id, prop, value, at_ms);
     }
 
-    /// Seeds the sample records (contact 101, deal 9001 won at `at_ms`, its contact's MQL
-    /// stage at `at_ms`), as `events/webhooks/hubspot-delivery.json` expects them.
+    /// Seeds the sample records (contact 101, deal 9001 won and closed at `at_ms`, its
+    /// contact's MQL stage at `at_ms`), as `events/webhooks/hubspot-delivery.json` expects them.
     pub fn seed_samples(&self, at_ms: i64) {
         {
             let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
@@ -422,6 +422,13 @@ impl FakeHubSpot {
             "appointmentscheduled",
             at_ms - 86_400_000,
         );
+        self.change(
+            "deal",
+            SAMPLE_DEAL,
+            "closedate",
+            &Timestamp::from_unix_ms(at_ms).canonical(),
+            at_ms,
+        );
         self.change("deal", SAMPLE_DEAL, "dealstage", "closedwon", at_ms);
         self.change(
             "contact",
@@ -430,6 +437,25 @@ impl FakeHubSpot {
             "marketingqualifiedlead",
             at_ms,
         );
+    }
+
+    /// A deal of the sample contact won (and closed) at `at_ms` for `amount` in `currency`, as a
+    /// person closing it in HubSpot would record it.
+    pub fn won_deal(&self, id: &str, amount: &str, currency: &str, at_ms: i64) {
+        self.change("deal", id, "amount", amount, at_ms);
+        self.change("deal", id, "deal_currency_code", currency, at_ms);
+        self.change(
+            "deal",
+            id,
+            "closedate",
+            &Timestamp::from_unix_ms(at_ms).canonical(),
+            at_ms,
+        );
+        self.change("deal", id, "dealstage", "closedwon", at_ms);
+        let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(deal) = d.deals.get_mut(id) {
+            deal.1 = Some(SAMPLE_CONTACT.into());
+        }
     }
 
     /// The next `n` reads answer 429 (with `retry_after` seconds when given).
