@@ -2,11 +2,13 @@
 # Runs every test: unit tests, and integration tests against moto (started here if needed,
 # and stopped again if this script started it). Extra arguments go to one `cargo test`.
 #
-# Without arguments the suite runs in three lanes side by side: the chaos test (about 5 min,
+# Without arguments the suite runs in four lanes side by side: the chaos test (about 5 min,
 # mostly waiting on its fakes' timeouts and Lambda's retries) against a moto of its own, the
-# model test (about 3.5 min, in memory, mostly waiting on simulated timeouts), and everything
-# else against the shared moto. Run one after the other they took 10 minutes, with the
-# machine's CPUs idle most of the time. Each lane's output is printed as the lane ends.
+# model test (about 3.5 min, in memory, mostly waiting on simulated timeouts), everything else
+# against the shared moto, and the fuzz targets (tests/fuzz/run.sh: a nightly build with
+# libFuzzer, then 12 s per target; skipped with a notice where nightly is missing), whose
+# build, niced, uses the CPU the waiting lanes leave idle. Run one after the other the tests alone
+# took 10 minutes. Each lane's output is printed as the lane ends.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -68,9 +70,11 @@ lane chaos env AWS_ENDPOINT_URL="http://127.0.0.1:$chaos_port" \
   cargo test --workspace --test local_chaos &
 lane model cargo test --workspace --test model &
 lane rest bash -c 'cargo test --workspace --lib --bins "$@" && cargo test --workspace --doc' _ "${others[@]}" &
+# Niced: the chaos test's emulator is CPU-bound, and the fuzz build must only take what is idle.
+lane fuzz nice -n 19 bash tests/fuzz/run.sh "${FUZZ_SECONDS:-12}" &
 wait
 failed=0
-for name in rest model chaos; do
+for name in rest model chaos fuzz; do
   echo "==== lane $name: $(cat "$logs/$name.secs") s, exit $(cat "$logs/$name.rc")"
   # The functions' JSON log lines (EMF metrics) are kept in the lane's log file, not echoed.
   grep -v '^{"_aws"' "$logs/$name.log" || true

@@ -148,6 +148,8 @@ pub async fn check_hubspot(
         from,
         to,
     } = period;
+    // The mapping keeps stage values lower-cased; HubSpot's stage ids are lower-case
+    // (`closedwon`) or numeric, which its case-sensitive search on `dealstage` matches.
     let mut stages: Vec<String> = mapping
         .source("hubspot")
         .map(|s| {
