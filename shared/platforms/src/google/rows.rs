@@ -444,37 +444,16 @@ fn build_adjustment(
         }
         (b, _, _) => b,
     };
-    let mut item = GoogleItem {
-        kind: Kind::Adjustment,
-        row: Value::Null,
-        customer_id: conv.customer_id.clone(),
-        login_customer_id: g.login_for(&conv.customer_id).map(str::to_string),
-        action_id: conv.action_id.clone(),
-        has_user_data: false,
-        attempt,
-        restated_to_zero: false,
-    };
-    match backend {
-        GoogleBackend::AdsApi => {
-            let mut row = json!({
-                "conversionAction": conv.action,
-                "adjustmentType": if full { "RETRACTION" } else { "RESTATEMENT" },
-                "adjustmentDateTime": ads_time(at),
-                "orderId": order_id,
-            });
-            if !full {
-                row["restatementValue"] =
-                    json!({"adjustedValue": total.as_f64(), "currencyCode": currency});
-            }
-            item.row = row;
-        }
-        GoogleBackend::DataManager => {
-            let value = if full { Money::from_micros(0) } else { total };
-            item.kind = Kind::DataManager;
-            item.row = dm_event(won, refund, Some(value))?;
-            item.has_user_data = item.row.get("userData").is_some();
-            item.restated_to_zero = full;
-        }
+    let restate = (!full).then_some((total, currency));
+    let mut item = ads_adjustment(conv, g, order_id, at, restate, attempt);
+    if backend == GoogleBackend::DataManager {
+        // Data Manager overwrites the conversion by transaction id: the net value, 0 when
+        // refunded in full (it cannot retract).
+        let value = if full { Money::from_micros(0) } else { total };
+        item.kind = Kind::DataManager;
+        item.row = dm_event(won, refund, Some(value))?;
+        item.has_user_data = item.row.get("userData").is_some();
+        item.restated_to_zero = full;
     }
     Ok(item)
 }
@@ -538,21 +517,7 @@ fn build_correction(
             if at > now {
                 at = now;
             }
-            Ok(GoogleItem {
-                kind: Kind::Adjustment,
-                row: json!({
-                    "conversionAction": from.action,
-                    "adjustmentType": "RETRACTION",
-                    "adjustmentDateTime": ads_time(at),
-                    "orderId": order_id,
-                }),
-                login_customer_id: g.login_for(&from.customer_id).map(str::to_string),
-                customer_id: from.customer_id,
-                action_id: from.action_id,
-                has_user_data: false,
-                attempt,
-                restated_to_zero: false,
-            })
+            Ok(ads_adjustment(&from, g, order_id, at, None, attempt))
         }
         CorrectionStep::Upload => Ok(GoogleItem {
             attempt,
@@ -583,22 +548,7 @@ fn build_correction(
                     if at > now {
                         at = now;
                     }
-                    GoogleItem {
-                        kind: Kind::Adjustment,
-                        row: json!({
-                            "conversionAction": to.action,
-                            "adjustmentType": "RESTATEMENT",
-                            "adjustmentDateTime": ads_time(at),
-                            "orderId": order_id,
-                            "restatementValue": {"adjustedValue": value.as_f64(), "currencyCode": currency},
-                        }),
-                        login_customer_id: g.login_for(&to.customer_id).map(str::to_string),
-                        customer_id: to.customer_id,
-                        action_id: to.action_id,
-                        has_user_data: false,
-                        attempt,
-                        restated_to_zero: false,
-                    }
+                    ads_adjustment(&to, g, order_id, at, Some((value, currency)), attempt)
                 }
             };
             if item.action() != c.to {
@@ -661,6 +611,38 @@ fn counts_as_refund(e: &CanonicalEvent) -> bool {
                 | DeliveryStatus::BlockedConsent
         )
     })
+}
+
+/// An Ads API adjustment of `order_id` under `conv` at `at`: a RESTATEMENT to `restate`'s value
+/// and currency, else a RETRACTION.
+fn ads_adjustment(
+    conv: &GoogleConversion,
+    g: &GoogleMapping,
+    order_id: &str,
+    at: Timestamp,
+    restate: Option<(Money, &str)>,
+    attempt: u32,
+) -> GoogleItem {
+    let mut row = json!({
+        "conversionAction": conv.action,
+        "adjustmentType": if restate.is_some() { "RESTATEMENT" } else { "RETRACTION" },
+        "adjustmentDateTime": ads_time(at),
+        "orderId": order_id,
+    });
+    if let Some((value, currency)) = restate {
+        row["restatementValue"] =
+            json!({"adjustedValue": value.as_f64(), "currencyCode": currency});
+    }
+    GoogleItem {
+        kind: Kind::Adjustment,
+        row,
+        customer_id: conv.customer_id.clone(),
+        login_customer_id: g.login_for(&conv.customer_id).map(str::to_string),
+        action_id: conv.action_id.clone(),
+        has_user_data: false,
+        attempt,
+        restated_to_zero: false,
+    }
 }
 
 /// The refunds of the order in `currency` Google has been told about.
