@@ -758,4 +758,78 @@ mod tests {
             "still stuck: again, and the other pending pair is now overdue too"
         );
     }
+
+    #[test]
+    fn the_crm_side_goes_into_the_csv_and_the_metrics() {
+        use crate::crm_check::{Changed, CrmCheck, CrmFigures, Missed};
+        let from = now().minus_secs(86_400);
+        let mut r = build_report(
+            "last_day",
+            from,
+            now(),
+            now(),
+            &scenario(),
+            &Default::default(),
+        );
+        let plain_rows = r.to_csv().lines().count();
+        let figures = CrmFigures {
+            crm_deals: 3,
+            crm_revenue: 600.0,
+            stored_wons: 2,
+            stored_revenue: 400.0,
+            missed: 1,
+            missed_revenue: 200.0,
+        };
+        r.crm = Some(CrmSection {
+            check: CrmCheck {
+                source: "hubspot",
+                from,
+                to: now(),
+                per_currency: BTreeMap::from([("EUR".to_string(), figures)]),
+                missed: vec![Missed {
+                    deal_id: "9002".into(),
+                    stage: "closedwon".into(),
+                    won_at: Some(now().minus_secs(3600)),
+                    amount: Some(200.0),
+                    currency: Some("EUR".into()),
+                    notes: vec![],
+                    webhook: None,
+                }],
+                changed: vec![Changed {
+                    deal_id: "9001".into(),
+                    stored_value: Some(100.0),
+                    stored_currency: Some("EUR".into()),
+                    crm_amount: None,
+                    crm_currency: None,
+                    reason: "reopened_in_crm",
+                }],
+            },
+            repaired: Some(BTreeMap::from([("accepted".to_string(), 1)])),
+        });
+        let csv = r.to_csv();
+        let crm: Vec<&str> = csv.lines().skip(plain_rows).collect();
+        assert_eq!(
+            crm,
+            [
+                "last_day,crm:hubspot,crm_won,EUR,deals,3",
+                "last_day,crm:hubspot,crm_won,EUR,revenue,600.00",
+                "last_day,crm:hubspot,crm_won,EUR,stored,2",
+                "last_day,crm:hubspot,crm_won,EUR,stored_revenue,400.00",
+                "last_day,crm:hubspot,crm_won,EUR,missed,1",
+                "last_day,crm:hubspot,crm_won,EUR,missed_revenue,200.00",
+                "last_day,crm:hubspot,missed_by_webhook,9002,2026-11-28T11:00:00.000Z,200.00 EUR",
+                "last_day,crm:hubspot,changed_in_crm,9001,reopened_in_crm,",
+                "last_day,crm:hubspot,repaired,accepted,,1",
+            ]
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["crm"]["missed"][0]["deal_id"], "9002");
+        assert_eq!(json["crm"]["repaired"]["accepted"], 1);
+        let metrics = r.metrics_lines(0);
+        let last: serde_json::Value = serde_json::from_str(metrics.last().unwrap()).unwrap();
+        assert_eq!(last["source"], "hubspot");
+        assert_eq!(last["missed_by_webhook"], 1.0);
+        assert_eq!(last["missed_by_webhook_revenue"], 200.0);
+        assert_eq!(last["changed_in_crm"], 1.0);
+    }
 }
