@@ -23,7 +23,7 @@ pub async fn load(url: &str, source: &str, text: &str, secret: &str) -> Result<V
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("batch {b}: {e}"))?;
+            .map_err(|e| format!("batch {b}: {}", bridge_platforms::http::error_text(e)))?;
         let status = resp.status().as_u16();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if status == 503 || status == 401 || status == 413 {

@@ -20,6 +20,22 @@ pub fn client() -> Result<reqwest::Client, reqwest::Error> {
     builder().build()
 }
 
+/// A transport error's text without its URL. reqwest's `Display` names the URL, and these
+/// texts go into logs, the delivery log (kept 400 days) and DLQ attributes: whatever a URL
+/// carries (a customer id, a path, a token if anyone ever put one there) must not follow.
+/// Its causes (refused, reset, DNS) are kept, since they are what an operator acts on.
+pub fn error_text(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -33,5 +49,28 @@ mod tests {
                 .iter()
                 .any(|s| format!("{:?}", s.suite()).contains("TLS13_AES_128_GCM_SHA256"))
         );
+    }
+
+    #[tokio::test]
+    async fn transport_errors_never_carry_the_url() {
+        // A port nothing listens on: the connection is refused at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let url = format!("http://127.0.0.1:{port}/v1/act_SECRET-PATH?access_token=SECRET-TOKEN");
+        let e = super::client()
+            .expect("client")
+            .get(&url)
+            .send()
+            .await
+            .expect_err("nothing listens");
+        assert!(
+            e.to_string().contains("SECRET-TOKEN"),
+            "reqwest names the URL: {e}"
+        );
+        let text = super::error_text(e);
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(!text.contains(&port.to_string()), "{text}");
+        assert!(text.contains("error sending request"), "{text}");
     }
 }

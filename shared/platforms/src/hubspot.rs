@@ -82,14 +82,14 @@ impl HubSpotClient {
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await
-            .map_err(|e| CrmError::Unavailable(e.without_url().to_string()))?;
+            .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))?;
         let status = resp.status().as_u16();
         match status {
             200 => resp
                 .json::<RecordBody>()
                 .await
                 .map(|b| Some(record(b)))
-                .map_err(|e| CrmError::Unavailable(e.without_url().to_string())),
+                .map_err(|e| CrmError::Unavailable(crate::http::error_text(e))),
             404 => Ok(None),
             // HubSpot's own 429s may carry no Retry-After (HS-REC); the SDK waits 1-10 s.
             429 => Err(CrmError::Throttled {
@@ -218,7 +218,7 @@ impl HubSpotClient {
                 .timeout(REQUEST_TIMEOUT)
                 .send()
                 .await
-                .map_err(|e| CrmError::Unavailable(e.without_url().to_string()))?;
+                .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))?;
             let status = resp.status().as_u16();
             let retry_after: Option<u64> = resp
                 .headers()
@@ -230,7 +230,7 @@ impl HubSpotClient {
                     return resp
                         .json::<SearchPage>()
                         .await
-                        .map_err(|e| CrmError::Unavailable(e.without_url().to_string()));
+                        .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)));
                 }
                 429 => CrmError::Throttled {
                     retry_after_secs: retry_after,

@@ -301,7 +301,7 @@ impl MetaPlatform {
                 match r.text().await {
                     Ok(text) => classify(status, &text, events.len()),
                     Err(e) => Outcome::Retryable {
-                        error: err("response_read", e.without_url().to_string()),
+                        error: err("response_read", crate::http::error_text(e)),
                         after: None,
                     },
                 }
@@ -313,7 +313,7 @@ impl MetaPlatform {
                 after: None,
             },
             Err(e) => Outcome::Retryable {
-                error: err("network", e.without_url().to_string()),
+                error: err("network", crate::http::error_text(e)),
                 after: None,
             },
         }

@@ -348,12 +348,12 @@ impl GooglePlatform {
             .timeout(self.cfg.timeout)
             .send()
             .await
-            .map_err(|e| retry("network", e.without_url().to_string(), None))?;
+            .map_err(|e| retry("network", crate::http::error_text(e), None))?;
         let status = resp.status().as_u16();
         let text = resp
             .text()
             .await
-            .map_err(|e| retry("response_read", e.without_url().to_string(), None))?;
+            .map_err(|e| retry("response_read", crate::http::error_text(e), None))?;
         if !(200..300).contains(&status) {
             return Err(match classify_datamanager(status, &text) {
                 Answer::Whole(o) => o,

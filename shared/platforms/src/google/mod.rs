@@ -208,7 +208,7 @@ impl GooglePlatform {
                 Err(e) if e.is_timeout() => {
                     return Err(retry("timeout", "no answer in time", None));
                 }
-                Err(e) => return Err(retry("network", e.to_string(), None)),
+                Err(e) => return Err(retry("network", crate::http::error_text(e), None)),
             };
             let status = resp.status().as_u16();
             if status == 401 && !refreshed {
@@ -219,7 +219,7 @@ impl GooglePlatform {
             let text = resp
                 .text()
                 .await
-                .map_err(|e| retry("response_read", e.to_string(), None))?;
+                .map_err(|e| retry("response_read", crate::http::error_text(e), None))?;
             return Ok((status, text));
         }
     }

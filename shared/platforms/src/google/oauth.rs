@@ -75,12 +75,21 @@ impl TokenSource {
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| retry("oauth_unavailable", format!("token endpoint: {e}"), None))?;
+            .map_err(|e| {
+                retry(
+                    "oauth_unavailable",
+                    format!("token endpoint: {}", crate::http::error_text(e)),
+                    None,
+                )
+            })?;
         let status = resp.status().as_u16();
-        let body = resp
-            .text()
-            .await
-            .map_err(|e| retry("oauth_unavailable", format!("token endpoint: {e}"), None))?;
+        let body = resp.text().await.map_err(|e| {
+            retry(
+                "oauth_unavailable",
+                format!("token endpoint: {}", crate::http::error_text(e)),
+                None,
+            )
+        })?;
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         if (200..300).contains(&status)
             && let Some(t) = v["access_token"].as_str()

@@ -87,6 +87,10 @@ pub struct Data {
     pub requests: usize,
     pub batch_sizes: Vec<usize>,
     pub transports: Vec<Transport>,
+    /// Requests, faulted ones included, whose URL carried the token or the proof. Graph accepts
+    /// them there (M-USE `?access_token=`), but a URL ends up in proxy logs and in reqwest's error
+    /// text, so the bridge must never put them there: the harness asserts this stays 0.
+    pub secrets_in_url: usize,
     /// Event ids the fake treats as invalid (a whole-request 400, as Meta does).
     pub poison: HashSet<String>,
     pub test_event_codes: Vec<String>,
@@ -107,6 +111,7 @@ impl Default for Data {
             requests: 0,
             batch_sizes: Vec::new(),
             transports: Vec::new(),
+            secrets_in_url: 0,
             poison: HashSet::new(),
             test_event_codes: Vec::new(),
         }
@@ -360,6 +365,15 @@ async fn events(
     let fault = {
         let mut d = lock(&s.data);
         d.requests += 1;
+        let url_params =
+            serde_urlencoded::from_str::<Vec<(String, String)>>(query.as_deref().unwrap_or(""))
+                .unwrap_or_default();
+        if url_params
+            .iter()
+            .any(|(k, _)| k == "access_token" || k == "appsecret_proof")
+        {
+            d.secrets_in_url += 1;
+        }
         let chaos = d.chaos.clone();
         Fault::next(
             &mut d.faults,
@@ -631,6 +645,11 @@ impl FakeMeta {
     /// How each accepted request carried its parameters.
     pub fn transports(&self) -> Vec<Transport> {
         self.with(|d| d.transports.clone())
+    }
+
+    /// Requests whose URL carried the access token or the proof (see `Data::secrets_in_url`).
+    pub fn secrets_in_url(&self) -> usize {
+        self.with(|d| d.secrets_in_url)
     }
 
     pub fn test_event_codes(&self) -> Vec<String> {

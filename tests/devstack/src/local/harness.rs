@@ -433,6 +433,11 @@ impl LocalBridge {
     /// stored item, or a DLQ message (body or attributes): reqwest's error text carries the
     /// URL, so a token in a URL would surface in exactly these places after a network failure.
     pub async fn assert_no_secrets(&self) {
+        assert_eq!(
+            self.meta.secrets_in_url(),
+            0,
+            "the Meta token or proof went into a request URL"
+        );
         let secrets = self.secrets();
         for l in self.log_lines() {
             for s in &secrets {

@@ -118,6 +118,8 @@ async fn form_multipart_and_query_json_all_carry_the_parameters_and_the_proof_is
         fake.transports(),
         [Transport::QueryJson, Transport::Form, Transport::Multipart]
     );
+    // Only the first request put the token in its URL.
+    assert_eq!(fake.secrets_in_url(), 1);
     assert_eq!(fake.test_event_codes(), ["TEST1"]);
 
     let (s, b) = post_json(
