@@ -305,6 +305,31 @@ async fn signatures_wrong_stale_or_missing_are_refused_and_nothing_is_stored() {
         .body(Body::Empty)
         .unwrap();
     assert_eq!(call(&e.app, get).await.0, StatusCode::METHOD_NOT_ALLOWED);
+
+    // A source the mapping names but whose secret is not configured: the operator's mistake,
+    // so the sender should retry later (503), and the answer names neither the source nor
+    // the parameter an attacker could probe for.
+    let mut e = e;
+    e.app.secrets.remove("salesforce");
+    e.app.secrets.remove("hubspot-app-secret");
+    let (status, resp) = call(&e.app, signed("salesforce", &body, "sf-secret", now)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp["error"]["reason"], "unavailable; retry later");
+    let mut v3 = signed("hubspot", "[]", "hs-app-secret", now);
+    v3.headers_mut()
+        .insert("x-hubspot-signature-v3", "c2ln".parse().unwrap());
+    let (status, v3) = call(&e.app, v3).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    for answer in [resp.to_string(), v3.to_string()] {
+        for named in ["salesforce", "hubspot", "secret"] {
+            assert!(!answer.contains(named), "{named} in {answer}");
+        }
+    }
+    assert!(
+        drain(&e.sqs, &e.stack.var("META_QUEUE_URL"))
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test]

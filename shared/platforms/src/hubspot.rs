@@ -339,3 +339,40 @@ impl WonDeals for HubSpotClient {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_crm_that_never_answers_costs_one_request_timeout_not_the_webhook() {
+        // A server that accepts connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let http = crate::http::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .expect("client");
+        let client = HubSpotClient::new(http, base, "pat-secret");
+        let started = std::time::Instant::now();
+        let e = client.deal("9001").await.expect_err("no answer");
+        let took = started.elapsed();
+        assert!(
+            matches!(&e, CrmError::Unavailable(t) if t.contains("timed out")),
+            "{e:?}"
+        );
+        assert!(
+            took >= REQUEST_TIMEOUT && took < REQUEST_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(!e.to_string().contains("pat-secret") && !e.to_string().contains("9001"));
+    }
+}

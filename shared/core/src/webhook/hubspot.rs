@@ -664,4 +664,58 @@ mod tests {
             }
         ));
     }
+
+    /// Counts the reads in flight at once; each read takes a little while.
+    #[derive(Default)]
+    struct Gauge {
+        now: std::sync::atomic::AtomicUsize,
+        max: std::sync::atomic::AtomicUsize,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl HubSpotRecords for Gauge {
+        async fn contact(&self, _: &str) -> Result<Option<HubSpotRecord>, CrmError> {
+            Ok(None)
+        }
+        async fn deal(&self, _: &str) -> Result<Option<HubSpotRecord>, CrmError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.reads.fetch_add(1, SeqCst);
+            let n = self.now.fetch_add(1, SeqCst) + 1;
+            self.max.fetch_max(n, SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            self.now.fetch_sub(1, SeqCst);
+            Ok(None)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crm_reads_for_one_delivery_are_bounded() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // HubSpot sends up to 100 events in one delivery: they must not become 100
+        // simultaneous reads against the account's rate limit.
+        let events: Vec<HubSpotEvent> = (0..30)
+            .map(|i| event("deal.propertyChange", 7000 + i, "dealstage", "closedwon"))
+            .collect();
+        let g = Gauge::default();
+        let o = ResolveOptions {
+            max_concurrent: 4,
+            ..opts()
+        };
+        let out = resolve(
+            &events,
+            &g,
+            &Mapping::bundled().unwrap(),
+            &o,
+            &HashSet::new(),
+        )
+        .await;
+        assert_eq!(out.len(), 30);
+        assert_eq!(g.reads.load(SeqCst), 30);
+        assert_eq!(
+            g.max.load(SeqCst),
+            4,
+            "reads run side by side, four at most"
+        );
+    }
 }
