@@ -10,7 +10,7 @@
 - the event table is protected from deletion; the reports bucket refuses plain HTTP;
 - the public ingest function has reserved concurrency, each SQS mapping a maximum concurrency;
 - the alarms on reconcile errors, enqueue failures, ingest unavailability and refused
-  signatures exist.
+  signatures exist, the last two per source (a Metrics Insights query grouped by source).
 
 Usage: check_template.py [--self-test]   (exit 1 and one line per broken rule)
 """
@@ -122,7 +122,29 @@ def check(t):
     for alarm in ["ReconcileErrorAlarm", "EnqueueFailureAlarm", "IngestUnavailableAlarm", "IngestUnauthorizedAlarm"]:
         if res.get(alarm, {}).get("Type") != "AWS::CloudWatch::Alarm":
             problems.append(f"{alarm}: missing")
+    for alarm in ["IngestUnavailableAlarm", "IngestUnauthorizedAlarm"]:
+        queries = [m.get("Expression", "") for m in res.get(alarm, {}).get("Properties", {}).get("Metrics") or []]
+        if not any("GROUP BY source" in q for q in queries):
+            problems.append(f"{alarm}: not per source (no Metrics Insights query grouped by source)")
     return problems
+
+
+def statement(t, function, prefix):
+    for policy in props(t, function).get("Policies", []):
+        for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
+            actions = st.get("Action", [])
+            actions = actions if isinstance(actions, list) else [actions]
+            if any(a.startswith(prefix) for a in actions):
+                return st
+    raise KeyError(f"{function} has no {prefix} statement")
+
+
+def ssm_statement(t, function):
+    return statement(t, function, "ssm:")
+
+
+def dynamodb_statement(t, function):
+    return statement(t, function, "dynamodb:")
 
 
 def self_test(t):
@@ -138,6 +160,17 @@ def self_test(t):
         "reserved": lambda x: props(x, "IngestFunction").pop("ReservedConcurrentExecutions"),
         "alarm": lambda x: x["Resources"].pop("ReconcileErrorAlarm"),
         "two knobs": lambda x: x["Globals"]["Function"]["Environment"]["Variables"].update(RUST_LOG="debug"),
+        "enqueue alarm": lambda x: x["Resources"].pop("EnqueueFailureAlarm"),
+        "per-source alarm": lambda x: props(x, "IngestUnauthorizedAlarm").update(
+            Metrics=[], Namespace="ConversionBridge", MetricName="unauthorized", Statistic="Sum", Period=300
+        ),
+        "maximum concurrency": lambda x: props(x, "GoogleSenderFunction")["Events"]["Deliveries"]["Properties"].pop("ScalingConfig"),
+        "SSM scope": lambda x: ssm_statement(x, "IngestFunction").update(
+            Resource={"Fn::Sub": "arn:aws:ssm:${AWS::Region}:${AWS::AccountId}:parameter${WebhookSecretsParameterPath}*"}
+        ),
+        "index wildcard": lambda x: dynamodb_statement(x, "ReconcileFunction").update(
+            Resource=[{"Fn::Sub": "${EventsTable.Arn}/index/*"}]
+        ),
     }
     failed = []
     for name, breakage in cases.items():
