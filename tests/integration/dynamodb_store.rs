@@ -918,3 +918,88 @@ async fn an_item_over_dynamodbs_size_limit_is_too_large_not_unavailable() {
         other => panic!("too large: {other:?}"),
     }
 }
+
+/// `bridge-backfill erase --phone`, the operator's erasure by phone number, run as the binary
+/// against the emulator: a number written as a person gives it (no country code) finds the
+/// events hashed from its E.164 form, empties their identity, keeps the events themselves, and
+/// reports them; someone else's event is untouched; a second run finds nothing.
+#[tokio::test]
+async fn the_erase_command_finds_a_phone_number_however_it_is_written() {
+    let stack = Stack::create("erase-cli", &[]);
+    let store = DynamoStore::new(
+        bridge_aws::clients::dynamodb(&sdk_config().await),
+        stack.var("TABLE_NAME"),
+        400,
+    );
+    let lead = sample_event("ERASE-1", "lead", None, None, "2026-11-27T10:00:00Z");
+    let won = sample_event(
+        "ERASE-2",
+        "won",
+        Some("O-ERASE"),
+        Some(90.0),
+        "2026-11-28T10:00:00Z",
+    );
+    let mut other = sample_event("ERASE-3", "lead", None, None, "2026-11-27T11:00:00Z");
+    other.identity.meta.ph = None;
+    other.identity.google.phone = None;
+    for e in [&lead, &won, &other] {
+        store.put_new(e).await.unwrap();
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(
+            bridge_tests::local::harness::bin_dir().join("bridge-backfill"),
+        )
+        .arg("erase")
+        .args(args)
+        .envs(stack.env.iter())
+        .output()
+        .expect("run bridge-backfill erase (built by infra/local/build.sh)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, err) = run(&["--phone", "(650) 555-1234", "--region", "XX"]);
+    assert!(!ok && err.contains("--region XX"), "{err}");
+    let (ok, _, err) = run(&[]);
+    assert!(!ok && err.contains("usage"), "{err}");
+
+    let (ok, out, err) = run(&["--phone", "(650) 555-1234", "--region", "US"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        !out.contains("650") && !err.contains("650"),
+        "the number is never printed"
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["events_erased"], 2, "{report}");
+    let ids: Vec<&str> = report["erased"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["entity_id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"ERASE-1") && ids.contains(&"ERASE-2"),
+        "{ids:?}"
+    );
+    for e in [&lead, &won] {
+        let back = store
+            .get(&e.event_id)
+            .await
+            .unwrap()
+            .expect("the event stays");
+        assert!(back.identity.is_empty(), "{:?}", back.identity);
+        assert_eq!(back.value, e.value, "only the identity goes");
+    }
+    let kept = store.get(&other.event_id).await.unwrap().unwrap();
+    assert!(
+        kept.identity.meta.em.is_some(),
+        "someone else's event is untouched"
+    );
+
+    let (ok, out, _) = run(&["--phone", "+16505551234"]);
+    assert!(ok);
+    let again: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(again["events_erased"], 0, "{again}");
+}

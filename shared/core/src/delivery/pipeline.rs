@@ -1917,4 +1917,58 @@ mod tests {
             (None, None)
         );
     }
+
+    #[tokio::test]
+    async fn a_dead_lettered_pair_keeps_the_ip_address_and_user_agent_its_redrive_needs() {
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let ev = event(
+            json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:00:00Z",
+            "entity_type": "lead", "entity_id": "IP-2", "identity": {"email": "x@example.com",
+            "client_ip_address": "203.0.113.9", "client_user_agent": "Mozilla/5.0"}}),
+        );
+        store.put_new(&ev).await.unwrap();
+        let p = Scripted::new(vec![Outcome::Rejected {
+            error: e("meta_100"),
+            dead_letter: true,
+            alert: false,
+        }]);
+        process_batch(vec![record(0, &ev.key)], &p, &store, &queue, &cfg(), now()).await;
+        assert_eq!(state(&store, &ev.key).status, DeliveryStatus::DeadLetter);
+        let browser = |store: &MemoryStore| {
+            let c = store.get_sync(&ev.key).identity.click;
+            (c.client_ip_address, c.client_user_agent)
+        };
+        let kept = (
+            Some("203.0.113.9".to_string()),
+            Some("Mozilla/5.0".to_string()),
+        );
+        assert_eq!(browser(&store), kept, "a redrive must still send them");
+        // The daily retention run leaves them while the DLQ can still hold the message...
+        let in_dlq = now().plus_secs(crate::privacy::DLQ_RETENTION_SECS - 3600);
+        crate::privacy::apply_retention(&store, in_dlq)
+            .await
+            .unwrap();
+        assert_eq!(browser(&store), kept);
+        // ...and the operator's redrive delivers with them and removes them in the same write.
+        let dlq = queue.dlq(Destination::Meta);
+        let redriven = Record::new("m1", "r1", dlq[0].message.to_body());
+        let r = process_batch(vec![redriven], &p, &store, &queue, &cfg(), in_dlq).await;
+        assert_eq!(r.results["m1"], PairResult::Delivered);
+        assert_eq!(browser(&store), (None, None));
+
+        // A pair nobody redrives: once the DLQ has dropped the message, retention removes them.
+        let store = MemoryStore::new();
+        store.put_new(&ev).await.unwrap();
+        let p = Scripted::new(vec![Outcome::Rejected {
+            error: e("meta_100"),
+            dead_letter: true,
+            alert: false,
+        }]);
+        process_batch(vec![record(2, &ev.key)], &p, &store, &queue, &cfg(), now()).await;
+        let gone = now().plus_secs(crate::privacy::DLQ_RETENTION_SECS + 3600);
+        let report = crate::privacy::apply_retention(&store, gone).await.unwrap();
+        assert_eq!(report.browser_data_removed, 1);
+        assert_eq!(browser(&store), (None, None));
+    }
 }
