@@ -428,3 +428,125 @@ async fn a_configured_test_event_code_goes_on_every_request() {
         "both requests of the batch are dry runs"
     );
 }
+
+/// A `tracing` writer into a shared buffer, so a test reads every log line the sender wrote.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Meta's host refuses the connection until the pair is out of attempts: the token and the
+/// proof appear in no log line, no stored item (last error and delivery log), and no DLQ
+/// message body or attribute, while the error still says what happened.
+#[tokio::test]
+async fn a_refused_connection_leaves_no_secret_in_logs_store_or_dlq() {
+    let stack = Stack::create("meta_network", &[]);
+    let aws = sdk_config().await;
+    let store = DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        stack.var("TABLE_NAME"),
+        400,
+    );
+    let sqs = bridge_aws::clients::sqs(&aws);
+    let vars = stack.env.clone();
+    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+    let queue = SqsQueue::new(sqs.clone(), settings.queues.clone());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (token, app_secret) = ("EAAB-network-secret-token", "network-app-secret");
+    let proof = bridge_tests::fakes::meta::appsecret_proof(app_secret, token);
+    let p = MetaPlatform::new(
+        bridge_platforms::http::client().expect("HTTP client"),
+        MetaConfig {
+            base_url: base_url.clone(),
+            api_version: "v26.0".into(),
+            pixel_id: "1234567890".into(),
+            access_token: token.into(),
+            app_secret: Some(app_secret.into()),
+            test_event_code: None,
+            timeout: Duration::from_secs(5),
+        },
+        Mapping::bundled().unwrap(),
+    );
+    let cfg = PipelineConfig {
+        max_attempts: 2,
+        ..fast_retries()
+    };
+    let e = recent("NET-1");
+    store.put_new(&e).await.unwrap();
+    queue
+        .enqueue(&[DeliveryMessage::new(&e.event_id, Destination::Meta)])
+        .await;
+    let url = stack.var("META_QUEUE_URL");
+    let logs = Captured::default();
+    let writer = logs.clone();
+    // The functions' own filter at its most verbose setting (debug for the bridge's crates).
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(bridge_aws::telemetry::filter(Some("debug")))
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mut rounds = 0;
+    loop {
+        let batch = receive(&sqs, &url).await;
+        if !batch.is_empty() {
+            let r = process_batch(batch.clone(), &p, &store, &queue, &cfg, Timestamp::now()).await;
+            settle(&sqs, &url, &batch, &r.failures).await;
+        }
+        let s =
+            store.get(&e.event_id).await.unwrap().unwrap().destinations[&Destination::Meta].clone();
+        if s.status == DeliveryStatus::DeadLetter {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 20, "never dead-lettered: {s:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(_guard);
+    let stored = store.get(&e.event_id).await.unwrap().unwrap();
+    let last = stored.destinations[&Destination::Meta]
+        .last_error
+        .clone()
+        .unwrap();
+    assert_eq!(last.code, "network");
+    assert!(
+        last.message.contains("Connection refused"),
+        "the cause stays: {}",
+        last.message
+    );
+    let dlq = sqs
+        .receive_message()
+        .queue_url(stack.var("META_DLQ_URL"))
+        .max_number_of_messages(10)
+        .message_attribute_names("All")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dlq.messages().len(), 1);
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    assert!(logs.contains("network"), "the failures were logged: {logs}");
+    let places = [
+        ("a log line", logs),
+        ("the stored item", format!("{stored:?}")),
+        ("the DLQ message", format!("{:?}", dlq.messages())),
+    ];
+    for (place, text) in &places {
+        for secret in [token, app_secret, proof.as_str()] {
+            assert!(!text.contains(secret), "a secret in {place}");
+        }
+        assert!(!text.contains(&base_url), "the URL in {place}");
+    }
+}
