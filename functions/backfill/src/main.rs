@@ -111,14 +111,14 @@ async fn dry(source: &str, text: &str) -> Result<Value, String> {
     Ok(v)
 }
 
-/// `bridge-backfill erase --email E [--phone P] [--region US]`: erases every identifier of the
+/// `bridge-backfill erase [--email E] [--phone P] [--region US]`: erases every identifier of the
 /// stored events carrying that email or phone (both platforms' hashes), straight in the table
 /// (`TABLE_NAME`, AWS credentials from the environment), and prints what it removed.
 async fn erase(args: &[String]) -> Result<Value, String> {
     let email = arg(args, "--email");
     let phone = arg(args, "--phone");
     if email.is_none() && phone.is_none() {
-        return Err("usage: bridge-backfill erase --email E [--phone P] [--region US]".into());
+        return Err("usage: bridge-backfill erase [--email E] [--phone P] [--region US]".into());
     }
     let region = arg(args, "--region").unwrap_or_else(|| "US".into());
     let default_region = bridge_core::identity::parse_region(&region)
@@ -402,7 +402,7 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase --email E [--phone P] [--region US]\n       bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]\n       bridge-backfill crm-check [--from DATE] [--to DATE] [--csv FILE] [--repair]";
+    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase [--email E] [--phone P] [--region US]\n       bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]\n       bridge-backfill crm-check [--from DATE] [--to DATE] [--csv FILE] [--repair]";
     let run = async {
         match args.get(1).map(String::as_str) {
             Some("erase") => return erase(&args).await,
