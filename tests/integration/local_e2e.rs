@@ -298,31 +298,9 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
             .build(),
     );
     let bucket = b.stack.var("REPORTS_BUCKET");
-    let keys: Vec<String> = s3
-        .list_objects_v2()
-        .bucket(&bucket)
-        .prefix("reports/last_day/")
-        .send()
-        .await
-        .unwrap()
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_string))
-        .collect();
-    assert_eq!(keys.len(), 2, "JSON and CSV: {keys:?}");
-    let json_key = keys.iter().find(|k| k.ends_with(".json")).unwrap();
-    let body = s3
-        .get_object()
-        .bucket(&bucket)
-        .key(json_key)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let keys = report_keys(&s3, &bucket).await;
+    assert_eq!(keys.len(), 3, "JSON, CSV and HTML: {keys:?}");
+    let body = newest_report(&s3, &bucket, "json").await;
     let report: Value = serde_json::from_slice(&body).unwrap();
     for d in ["meta", "google"] {
         let gbp = &report["destinations"][d]["currencies"]["GBP"];
@@ -350,31 +328,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         .invoke(json!({"task": "crm"}))
         .await
         .expect("reconcile runs with the CRM check");
-    let mut keys: Vec<String> = s3
-        .list_objects_v2()
-        .bucket(&bucket)
-        .prefix("reports/last_day/")
-        .send()
-        .await
-        .unwrap()
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_string))
-        .filter(|k| k.ends_with(".json"))
-        .collect();
-    keys.sort();
-    let body = s3
-        .get_object()
-        .bucket(&bucket)
-        .key(keys.last().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let body = newest_report(&s3, &bucket, "json").await;
     let report: Value = serde_json::from_slice(&body).unwrap();
     let crm = &report["crm"];
     assert_eq!(crm["source"], "hubspot", "{report}");
@@ -390,6 +344,60 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         "{crm}"
     );
     assert!(crm["changed"].as_array().unwrap().is_empty(), "{crm}");
+    // The same report as a person reads it: the HTML page, opened in headless Chromium, shows
+    // the figures the JSON holds.
+    let page = newest_report(&s3, &bucket, "html").await;
+    let dir = std::env::temp_dir().join(format!("bridge-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let html = dir.join("report.html");
+    std::fs::write(&html, &page).unwrap();
+    let rendered = bridge_tests::browser::render(&html);
+    assert!(
+        rendered.screenshot_bytes > 10_000,
+        "the page paints: {} bytes",
+        rendered.screenshot_bytes
+    );
+    let shown = bridge_tests::browser::figures(&rendered.dom);
+    for d in ["meta", "google"] {
+        for (figure, field) in [
+            ("crm", "crm_revenue"),
+            ("delivered", "delivered_revenue"),
+            ("difference", "difference"),
+        ] {
+            assert_eq!(
+                shown
+                    .get(&format!("revenue.{d}.GBP.{figure}"))
+                    .map(String::as_str),
+                report["destinations"][d]["currencies"]["GBP"][field].as_str(),
+                "{d} {figure}"
+            );
+        }
+    }
+    for day in report["daily"].as_array().unwrap() {
+        let (date, cur) = (
+            day["day"].as_str().unwrap(),
+            day["currency"].as_str().unwrap(),
+        );
+        assert_eq!(
+            shown[&format!("daily.{date}.{cur}.crm")],
+            day["crm"].as_str().unwrap()
+        );
+        for d in ["meta", "google"] {
+            assert_eq!(
+                shown[&format!("daily.{date}.{cur}.{d}")],
+                day["delivered"][d].as_str().unwrap()
+            );
+        }
+    }
+    assert_eq!(shown["crm.GBP.missed"], "1");
+    assert_eq!(shown["crm.GBP.missed_revenue"], "300.00");
+    assert_eq!(shown["crm.missed.9002"], "9002");
+    assert_eq!(shown["crm.missed.9002.amount"], "300.00");
+    assert_eq!(
+        shown["state.meta.blocked_consent"],
+        report["destinations"]["meta"]["by_state"]["blocked_consent"].to_string()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     // The command runs while this test's runtime serves the fakes: off the runtime's thread.
     let crm_check = |repair: bool| {
         let mut cmd = std::process::Command::new(
@@ -720,4 +728,43 @@ async fn a_mapping_change_and_the_correction_command_move_each_order_once() {
     assert_eq!(sent(&b), after, "a second run sends nothing");
     b.assert_no_secrets().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every report key in the bucket.
+async fn report_keys(s3: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
+    let mut keys: Vec<String> = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix("reports/last_day/")
+        .send()
+        .await
+        .unwrap()
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The newest last-day report in the bucket, as `ext` (json, csv or html).
+async fn newest_report(s3: &aws_sdk_s3::Client, bucket: &str, ext: &str) -> Vec<u8> {
+    let keys = report_keys(s3, bucket).await;
+    let key = keys
+        .iter()
+        .rev()
+        .find(|k| k.ends_with(&format!(".{ext}")))
+        .unwrap_or_else(|| panic!("no .{ext} report in {keys:?}"));
+    s3.get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes()
+        .to_vec()
 }

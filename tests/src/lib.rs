@@ -6,7 +6,7 @@ use bridge_core::consent::ConsentStatus;
 use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState};
 use bridge_core::event::{CanonicalEvent, ValidationContext, parse_event, validate};
 use bridge_core::timestamp::Timestamp;
-pub use bridge_devstack::{Stack, endpoint, fakes, local, repo_root, sdk_config};
+pub use bridge_devstack::{Stack, browser, endpoint, fakes, local, repo_root, sdk_config};
 
 /// The business time `mins` minutes ago, as a webhook carries it.
 pub fn minutes_ago(mins: i64) -> String {

@@ -156,6 +156,7 @@ impl App {
             for (ext, body, ctype) in [
                 ("json", report.to_json(), "application/json"),
                 ("csv", report.to_csv(), "text/csv"),
+                ("html", report.to_html(), "text/html; charset=utf-8"),
             ] {
                 let key = format!("{stem}.{ext}");
                 self.s3

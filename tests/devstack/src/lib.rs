@@ -3,6 +3,7 @@
 //! SQS event source mappings, schedule, function URL and DLQ redrive (`local`), the strict fakes
 //! of Meta, Google and HubSpot (`fakes`), and the `bridge-local` CLI that runs it all.
 
+pub mod browser;
 pub mod fakes;
 pub mod local;
 

@@ -1,6 +1,9 @@
 //! Reconciliation: the stuck-pair sweep (outbox recovery) and the report of what the CRM said
-//! versus what each platform was told, per destination and currency, as JSON and CSV. Pure
-//! over its inputs: the same events and queue figures give byte-identical output.
+//! versus what each platform was told, per destination and currency, as JSON, CSV and a
+//! self-contained HTML page (`html`). Pure over its inputs: the same events and queue figures
+//! give byte-identical output.
+
+pub mod html;
 
 use crate::delivery::{DeliveryStatus, Destination, PairResult, SWEEP_GRACE_SECS};
 use crate::event::{CanonicalEvent, EventName};
@@ -168,6 +171,9 @@ pub struct Report {
     pub generated_at: String,
     pub events: u64,
     pub destinations: BTreeMap<String, DestinationFigures>,
+    /// Revenue per business day (UTC) and currency: the CRM's against what each platform was
+    /// told, for the charts a person reads.
+    pub daily: Vec<DayRevenue>,
     /// The CRM's own side, when the run could ask the CRM (HubSpot configured): its won deals
     /// against the stored events, what never arrived by webhook and what changed since.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,6 +188,72 @@ pub struct CrmSection {
     pub check: crate::crm_check::CrmCheck,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repaired: Option<BTreeMap<String, u64>>,
+}
+
+/// One day's revenue in one currency: won minus refunds as the CRM stated it (the system of
+/// record's events, each order once), and as each platform was told (delivered events only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DayRevenue {
+    pub day: String,
+    pub currency: String,
+    pub crm: String,
+    pub delivered: BTreeMap<String, String>,
+}
+
+/// The per-day revenue of `events` (already restricted to the period, corrections left out).
+fn daily_revenue(events: &[&CanonicalEvent]) -> Vec<DayRevenue> {
+    let zero = Money::from_micros(0);
+    let mut days: BTreeMap<(String, String), (Money, BTreeMap<Destination, Money>)> =
+        BTreeMap::new();
+    for e in events {
+        let (Some(v), Some(c)) = (e.value, e.currency.clone()) else {
+            continue;
+        };
+        if !e.event_name.is_revenue() || e.correction.is_some() || e.destinations.is_empty() {
+            continue;
+        }
+        // Not the truth (another source's revenue), or an order already counted by its holder.
+        if e.destinations.values().any(|s| {
+            matches!(
+                s.status,
+                DeliveryStatus::RejectedNotSystemOfRecord | DeliveryStatus::DuplicateOrder
+            )
+        }) {
+            continue;
+        }
+        let signed = if e.event_name == EventName::Refund {
+            zero.saturating_sub(v)
+        } else {
+            v
+        };
+        let day: String = e.occurred_at.canonical().chars().take(10).collect();
+        let entry = days
+            .entry((day, c))
+            .or_insert_with(|| (zero, BTreeMap::new()));
+        entry.0 = entry.0.saturating_add(signed);
+        for (d, s) in &e.destinations {
+            let told = entry.1.entry(*d).or_insert(zero);
+            if s.status.is_delivered() {
+                *told = told.saturating_add(signed);
+            }
+        }
+    }
+    days.into_iter()
+        .map(|((day, currency), (crm, told))| DayRevenue {
+            day,
+            currency,
+            crm: money(crm),
+            delivered: Destination::ALL
+                .iter()
+                .map(|d| {
+                    (
+                        d.as_str().to_string(),
+                        money(told.get(d).copied().unwrap_or(zero)),
+                    )
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn money(m: Money) -> String {
@@ -307,6 +379,7 @@ pub fn build_report(
         generated_at: generated_at.canonical(),
         events: sorted.iter().filter(|e| e.correction.is_none()).count() as u64,
         destinations,
+        daily: daily_revenue(&sorted),
         crm: None,
     }
 }
@@ -401,6 +474,12 @@ impl Report {
                 "",
                 &f.sweep.re_enqueued.to_string(),
             );
+        }
+        for day in &self.daily {
+            row("crm", "daily", &day.day, &day.currency, &day.crm);
+            for (d, v) in &day.delivered {
+                row(d, "daily", &day.day, &day.currency, v);
+            }
         }
         if let Some(crm) = &self.crm {
             let c = &crm.check;
@@ -679,6 +758,37 @@ mod tests {
             r.to_csv()
                 .contains("last_day,google,revenue,USD,difference,350.00\n")
         );
+        // Per day: the CRM's 1,650 against each platform's, as the charts draw them.
+        assert_eq!(
+            r.daily,
+            [DayRevenue {
+                day: "2026-11-28".into(),
+                currency: "USD".into(),
+                crm: "1650.00".into(),
+                delivered: BTreeMap::from([
+                    ("google".to_string(), "1300.00".to_string()),
+                    ("meta".to_string(), "1350.00".to_string())
+                ]),
+            }]
+        );
+        assert!(
+            r.to_csv()
+                .contains("last_day,crm,daily,2026-11-28,USD,1650.00\n")
+        );
+        let page = r.to_html();
+        assert_eq!(page, again.to_html());
+        for figure in [
+            "data-figure=\"daily.2026-11-28.USD.crm\">1650.00<",
+            "data-figure=\"daily.2026-11-28.USD.google\">1300.00<",
+            "data-figure=\"revenue.google.USD.difference\">350.00<",
+            "data-figure=\"stage.meta.won.blocked_consent\">1<",
+            "data-figure=\"dlq.google\">1<",
+        ] {
+            assert!(page.contains(figure), "{figure}");
+        }
+        for external in ["http:", "https:", "<script", "src=", "url("] {
+            assert!(!page.contains(external), "self-contained: {external}");
+        }
         for line in r.metrics_lines(1) {
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
             assert_eq!(
