@@ -399,14 +399,11 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     // The command runs while this test's runtime serves the fakes: off the runtime's thread.
-    let crm_check = |repair: bool| {
+    let cli = |args: Vec<String>| {
         let mut cmd = std::process::Command::new(
             bridge_tests::local::harness::bin_dir().join("bridge-backfill"),
         );
-        cmd.args(["crm-check", "--from", &minutes_ago(24 * 60)]);
-        if repair {
-            cmd.arg("--repair");
-        }
+        cmd.args(args);
         // What an operator gives it: the reconcile function's own configuration.
         cmd.envs(b.plan.functions["ReconcileFunction"].env.iter())
             .envs(b.function_env().iter());
@@ -414,7 +411,7 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
             let out = tokio::task::spawn_blocking(move || cmd.output())
                 .await
                 .unwrap()
-                .expect("run bridge-backfill crm-check");
+                .expect("run bridge-backfill");
             let stdout = String::from_utf8_lossy(&out.stdout).to_string();
             assert!(
                 out.status.success(),
@@ -423,6 +420,14 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
             );
             serde_json::from_str::<Value>(&stdout).expect("JSON")
         }
+    };
+    let since = minutes_ago(24 * 60);
+    let crm_check = |repair: bool| {
+        let mut args = vec!["crm-check".to_string(), "--from".into(), since.clone()];
+        if repair {
+            args.push("--repair".into());
+        }
+        cli(args)
     };
     let dry = crm_check(false).await;
     assert_eq!(dry["mode"], "crm_check");
@@ -475,6 +480,33 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         again.get("repaired").is_none() || again["repaired"] == json!({}),
         "{again}"
     );
+    // The operator's report for a period of their choosing, with the CRM side: every order
+    // counted once on both platforms, nothing missed, the page written beside the JSON.
+    let out = std::env::temp_dir().join(format!("bridge-cli-report-{}", std::process::id()));
+    let report = cli(vec![
+        "report".into(),
+        "--from".into(),
+        since.clone(),
+        "--out".into(),
+        out.display().to_string(),
+        "--crm".into(),
+    ])
+    .await;
+    for d in ["meta", "google"] {
+        let gbp = &report["destinations"][d]["currencies"]["GBP"];
+        assert_eq!(
+            (
+                gbp["crm_revenue"].as_str(),
+                gbp["delivered_revenue"].as_str()
+            ),
+            (Some("1300.50"), Some("1300.50")),
+            "{d}: {gbp}"
+        );
+    }
+    assert!(report["crm"]["missed"].as_array().unwrap().is_empty());
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(page.contains("data-figure=\"revenue.meta.GBP.delivered\">1300.50<"));
+    let _ = std::fs::remove_dir_all(&out);
     b.running.stop();
 }
 

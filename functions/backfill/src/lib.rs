@@ -4,6 +4,8 @@
 use bridge_core::timestamp::Timestamp;
 use serde_json::{Value, json};
 
+pub mod progress;
+
 /// A real run: posts the lines, signed with the source's `secret`, in batches of 100 to
 /// `{url}/webhooks/{source}`; returns the counts per item status and the invalid lines.
 pub async fn load(url: &str, source: &str, text: &str, secret: &str) -> Result<Value, String> {
@@ -11,6 +13,7 @@ pub async fn load(url: &str, source: &str, text: &str, secret: &str) -> Result<V
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
     let mut problems = Vec::new();
+    let mut bar = progress::Progress::new("posting", lines.len() as u64);
     for (b, chunk) in lines.chunks(100).enumerate() {
         let body = format!("[{}]", chunk.join(","));
         let t = Timestamp::now().unix_secs();
@@ -39,6 +42,12 @@ pub async fn load(url: &str, source: &str, text: &str, secret: &str) -> Result<V
             }
             *counts.entry(s).or_insert(0) += 1;
         }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    eprintln!("{:<12} {:>8}", "status", "lines");
+    for (status, n) in &counts {
+        eprintln!("{status:<12} {n:>8}");
     }
     Ok(json!({"mode": "load", "results": counts, "invalid": problems}))
 }

@@ -18,6 +18,10 @@
 //!       confirmation, validation, consent and event ids; occurredAt from the stage history).
 //!       Reads HUBSPOT_TOKEN or hubspot-token under WEBHOOK_SECRETS_PARAMETER_PATH,
 //!       HUBSPOT_PORTAL_ID and HUBSPOT_API_BASE_URL as the ingest function does.
+//!   bridge-backfill report [--from 2026-11-01] [--to 2026-12-01] [--out DIR] [--crm]
+//!       the reconciliation report for any period (default: the last 7 days), as the
+//!       reconcile function builds it, written as report.json, .csv and .html into DIR;
+//!       --crm adds the CRM check (read only).
 //!   bridge-backfill --file events.jsonl --source hubspot --dry-run
 //!       sends nothing for real: validates through the same ingest code into memory, builds
 //!       every platform row, and has Meta (test_event_code) and Google (validateOnly) check
@@ -254,11 +258,15 @@ fn instant(flag: &str, v: &str) -> Result<Timestamp, String> {
         .map_err(|_| format!("{flag} {v}: must be a date (2026-11-01) or an RFC 3339 instant"))
 }
 
-async fn crm_check(args: &[String]) -> Result<Value, String> {
-    let now = Timestamp::now();
+/// `--from`/`--to` (default: the last `default_days` days up to now), checked.
+fn period(
+    args: &[String],
+    now: Timestamp,
+    default_days: i64,
+) -> Result<(Timestamp, Timestamp), String> {
     let from = match arg(args, "--from") {
         Some(v) => instant("--from", &v)?,
-        None => now.minus_secs(7 * 86_400),
+        None => now.minus_secs(default_days * 86_400),
     };
     let to = match arg(args, "--to") {
         Some(v) => instant("--to", &v)?,
@@ -267,10 +275,14 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     if from.unix_ms() >= to.unix_ms() {
         return Err("--from must be before --to".into());
     }
-    let confirm = args.iter().any(|a| a == "--repair");
-    let settings = Settings::from_env().map_err(|e| e.to_string())?;
-    let aws = bridge_aws::clients::sdk_config().await;
-    // The same private-app token the ingest function reads HubSpot with.
+    Ok((from, to))
+}
+
+/// HubSpot as the ingest function reads it: the private-app token (HUBSPOT_TOKEN, or
+/// hubspot-token under WEBHOOK_SECRETS_PARAMETER_PATH), the account and the API base URL.
+async fn hubspot(
+    aws: &bridge_aws::clients::SdkConfig,
+) -> Result<(bridge_platforms::hubspot::HubSpotClient, Option<i64>), String> {
     let token = match env("HUBSPOT_TOKEN") {
         Some(t) => t,
         None => {
@@ -278,7 +290,7 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
                 "set WEBHOOK_SECRETS_PARAMETER_PATH (the SSM path holding hubspot-token) or HUBSPOT_TOKEN",
             )?;
             let secrets =
-                bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(&aws), &path)
+                bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(aws), &path)
                     .await
                     .map_err(|e| e.to_string())?;
             secrets
@@ -300,7 +312,19 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
         .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
         .build()
         .map_err(|e| e.to_string())?;
-    let client = bridge_platforms::hubspot::HubSpotClient::new(http, base, token);
+    Ok((
+        bridge_platforms::hubspot::HubSpotClient::new(http, base, token),
+        portal_id,
+    ))
+}
+
+async fn crm_check(args: &[String]) -> Result<Value, String> {
+    let now = Timestamp::now();
+    let (from, to) = period(args, now, 7)?;
+    let confirm = args.iter().any(|a| a == "--repair");
+    let settings = Settings::from_env().map_err(|e| e.to_string())?;
+    let aws = bridge_aws::clients::sdk_config().await;
+    let (client, portal_id) = hubspot(&aws).await?;
     let store = bridge_aws::dynamodb::DynamoStore::new(
         bridge_aws::clients::dynamodb(&aws),
         &settings.table_name,
@@ -399,15 +423,106 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// `bridge-backfill report [--from D] [--to D] [--out DIR] [--crm]`: the reconciliation
+/// report for any period (default: the last 7 days), built from the table as the reconcile
+/// function builds its own, with the DLQ figures; `--crm` adds the CRM check (HubSpot, read
+/// only). Writes `report.json`, `report.csv` and `report.html` into DIR (default `.`), prints
+/// a summary table on stderr and the JSON on stdout.
+async fn report(args: &[String]) -> Result<Value, String> {
+    let now = Timestamp::now();
+    let (from, to) = period(args, now, 7)?;
+    let out = std::path::PathBuf::from(arg(args, "--out").unwrap_or_else(|| ".".into()));
+    let settings = Settings::from_env().map_err(|e| e.to_string())?;
+    let aws = bridge_aws::clients::sdk_config().await;
+    let store = bridge_aws::dynamodb::DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        &settings.table_name,
+        settings.retention_days,
+    );
+    let queue =
+        bridge_aws::sqs::SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
+    let events = bridge_core::store::EventStore::events_between(&store, from, to)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen = bridge_core::reconcile::Observations::default();
+    for d in bridge_core::delivery::Destination::ALL {
+        if let Some(f) = queue.dead_letter_figures(d, now).await {
+            seen.queues.insert(d, f);
+        }
+    }
+    let mut report = bridge_core::reconcile::build_report("custom", from, to, now, &events, &seen);
+    if args.iter().any(|a| a == "--crm") {
+        let (client, portal_id) = hubspot(&aws).await?;
+        let check = bridge_core::crm_check::check_hubspot(
+            &client,
+            &client,
+            &store,
+            &settings.mapping,
+            bridge_core::crm_check::Period {
+                portal_id,
+                from,
+                to,
+            },
+            now,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        report.crm = Some(bridge_core::reconcile::CrmSection {
+            check,
+            repaired: None,
+        });
+    }
+    std::fs::create_dir_all(&out).map_err(|e| format!("--out {}: {e}", out.display()))?;
+    let mut written = Vec::new();
+    for (name, body) in [
+        ("report.json", report.to_json()),
+        ("report.csv", report.to_csv()),
+        ("report.html", report.to_html()),
+    ] {
+        let path = out.join(name);
+        std::fs::write(&path, body).map_err(|e| format!("{}: {e}", path.display()))?;
+        written.push(path.display().to_string());
+    }
+    eprintln!(
+        "{:<8} {:<6} {:>14} {:>14} {:>14} {:>9}",
+        "platform", "", "CRM revenue", "delivered", "difference", "explained"
+    );
+    for (d, f) in &report.destinations {
+        for (c, m) in &f.currencies {
+            eprintln!(
+                "{:<8} {:<6} {:>14} {:>14} {:>14} {:>9}",
+                d,
+                c,
+                m.crm_revenue,
+                m.delivered_revenue,
+                m.difference,
+                m.explained_by.len()
+            );
+        }
+    }
+    if let Some(crm) = &report.crm {
+        eprintln!(
+            "missed by webhook: {}, changed in the CRM: {}",
+            crm.check.missed.len(),
+            crm.check.changed.len()
+        );
+    }
+    eprintln!("{} events; written: {}", report.events, written.join(", "));
+    let mut v: Value = serde_json::from_str(&report.to_json()).map_err(|e| e.to_string())?;
+    v["written"] = json!(written);
+    Ok(v)
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase [--email E] [--phone P] [--region US]\n       bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]\n       bridge-backfill crm-check [--from DATE] [--to DATE] [--csv FILE] [--repair]";
+    let usage = "usage: bridge-backfill --file F.jsonl --source S (--url URL | --dry-run)\n       bridge-backfill erase [--email E] [--phone P] [--region US]\n       bridge-backfill correct --old-mapping OLD.toml --new-mapping NEW.toml [--days 90] [--confirm]\n       bridge-backfill crm-check [--from DATE] [--to DATE] [--csv FILE] [--repair]\n       bridge-backfill report [--from DATE] [--to DATE] [--out DIR] [--crm]";
     let run = async {
         match args.get(1).map(String::as_str) {
             Some("erase") => return erase(&args).await,
             Some("correct") => return correct(&args).await,
             Some("crm-check") => return crm_check(&args).await,
+            Some("report") => return report(&args).await,
             _ => {}
         }
         let file = arg(&args, "--file").ok_or(usage)?;

@@ -4,6 +4,8 @@
 //! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_SQS`), so the same binary talks to real AWS,
 //! LocalStack or moto without knowing which.
 
+pub use aws_config::SdkConfig;
+
 pub async fn sdk_config() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(http_client())
