@@ -2,24 +2,28 @@
 //! throttled) finds the won deals whose webhooks never arrived; the repair ingests them as their
 //! webhooks would have been, and the strict fake Meta and Google count every order once with
 //! the CRM's exact revenue; a second repair sends nothing; a reopened deal and a changed amount
-//! are reported.
+//! are reported. The same for Salesforce's SOQL query API (its strict fake, paged, its session
+//! expiring mid-run), where a missed opportunity is replayed as its Flow would have posted it.
 
-use bridge_core::crm_check::{Period, check_hubspot, repair};
+use bridge_core::crm_check::{Period, check_hubspot, check_salesforce, repair};
 use bridge_core::delivery::pipeline::{PipelineConfig, REFUND_WAIT, WAIT_DEADLINE};
 use bridge_core::delivery::{Backoff, Destination};
 use bridge_core::identity::parse_region;
 use bridge_core::ingest::{IngestConfig, ItemStatus, ingest};
 use bridge_core::mapping::Mapping;
 use bridge_core::queue::memory::MemoryQueue;
+use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::hubspot::{HubSpotEvent, ResolveOptions, resolve};
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_platforms::hubspot::HubSpotClient;
 use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_platforms::salesforce::{SalesforceClient, SalesforceCredentials};
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::hubspot::FakeHubSpot;
 use bridge_tests::fakes::meta::FakeMeta;
+use bridge_tests::fakes::salesforce::FakeSalesforce;
 use bridge_tests::{invoke_sender, receive_records};
 use serde_json::json;
 use std::collections::HashSet;
@@ -107,6 +111,41 @@ async fn drain(
     panic!("the queues did not drain");
 }
 
+/// The strict fakes of Meta and Google, and the senders' platforms pointed at them.
+async fn platforms(mapping: &Mapping) -> (FakeMeta, FakeGoogle, MetaPlatform, GooglePlatform) {
+    let http = bridge_platforms::http::client().unwrap();
+    let meta_fake = FakeMeta::start("meta-token").await;
+    let google_fake = FakeGoogle::start().await;
+    let meta = MetaPlatform::new(
+        http.clone(),
+        MetaConfig {
+            base_url: meta_fake.base_url.clone(),
+            api_version: "v26.0".into(),
+            pixel_id: "1234567890".into(),
+            access_token: "meta-token".into(),
+            app_secret: None,
+            test_event_code: None,
+            timeout: Duration::from_secs(10),
+        },
+        mapping.clone(),
+    );
+    let google = GooglePlatform::new(
+        http,
+        GoogleConfig {
+            ads_base_url: google_fake.base_url.clone(),
+            ads_api_version: "v26".into(),
+            datamanager_base_url: google_fake.base_url.clone(),
+            token_url: google_fake.token_url(),
+            credentials: GoogleCredentials::from_json(&google_fake.credentials_json()).unwrap(),
+            validate_only: false,
+            timeout: Duration::from_secs(10),
+            terms_ttl: Duration::from_secs(3600),
+        },
+        mapping.clone(),
+    );
+    (meta_fake, google_fake, meta, google)
+}
+
 #[tokio::test]
 async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once() {
     let mapping = Mapping::bundled().unwrap();
@@ -176,35 +215,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     );
     hubspot.change("deal", &deal_id(2), "amount", "150", now);
 
-    let meta_fake = FakeMeta::start("meta-token").await;
-    let google_fake = FakeGoogle::start().await;
-    let meta = MetaPlatform::new(
-        http.clone(),
-        MetaConfig {
-            base_url: meta_fake.base_url.clone(),
-            api_version: "v26.0".into(),
-            pixel_id: "1234567890".into(),
-            access_token: "meta-token".into(),
-            app_secret: None,
-            test_event_code: None,
-            timeout: Duration::from_secs(10),
-        },
-        mapping.clone(),
-    );
-    let google = GooglePlatform::new(
-        http.clone(),
-        GoogleConfig {
-            ads_base_url: google_fake.base_url.clone(),
-            ads_api_version: "v26".into(),
-            datamanager_base_url: google_fake.base_url.clone(),
-            token_url: google_fake.token_url(),
-            credentials: GoogleCredentials::from_json(&google_fake.credentials_json()).unwrap(),
-            validate_only: false,
-            timeout: Duration::from_secs(10),
-            terms_ttl: Duration::from_secs(3600),
-        },
-        mapping.clone(),
-    );
+    let (meta_fake, google_fake, meta, google) = platforms(&mapping).await;
     drain(&meta, &google, &store, &queue).await;
     assert_eq!(meta_fake.purchases_deduped().len(), DEALS - dropped.len());
 
@@ -264,9 +275,8 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
 
     let r = repair(
         &check,
-        &client,
+        Some((&client, &opts())),
         &mapping,
-        &opts(),
         &cfg(),
         Timestamp::now(),
         &store,
@@ -302,9 +312,8 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     assert!(again.missed.is_empty());
     let r = repair(
         &again,
-        &client,
+        Some((&client, &opts())),
         &mapping,
-        &opts(),
         &cfg(),
         Timestamp::now(),
         &store,
@@ -315,4 +324,222 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     drain(&meta, &google, &store, &queue).await;
     assert_eq!(meta_fake.purchases_deduped().len(), DEALS);
     assert_eq!(google_fake.count(), DEALS);
+}
+
+/// The Salesforce side: a Flow's callouts (Apex callouts are never retried) dropped for a tenth
+/// of the won opportunities. SOQL against the strict fake finds them (paged, with the session
+/// expiring mid-run), the repair ingests each as its Flow would have posted it, with the
+/// primary contact's identity, and Meta counts every order once with the CRM's revenue; a
+/// reopened and a deleted opportunity are reported; a second run sends nothing.
+#[tokio::test]
+async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_once() {
+    const OPPS: usize = 120;
+    let text = bridge_core::mapping::BUNDLED
+        .replace(
+            "system_of_record = \"hubspot\"",
+            "system_of_record = \"salesforce\"",
+        )
+        .replace(
+            "[sources.salesforce]\nconsent_default = \"unknown\"",
+            "[sources.salesforce]\nconsent_default = \"granted\"",
+        );
+    let mapping = Mapping::load(&text).unwrap();
+    let sf = FakeSalesforce::start().await;
+    sf.with(|d| d.page_size = 50);
+    let now = Timestamp::now().unix_ms();
+    let opp = |i: usize| format!("006FAKE{i:05}");
+    for i in 0..OPPS {
+        let at = won_at(now, i);
+        sf.stage_change(&opp(i), "Prospecting", 0.0, "USD", at - 86_400_000);
+        sf.stage_change(&opp(i), "Closed Won", (200 + i) as f64, "USD", at);
+        sf.primary_contact(&opp(i), &format!("buyer{i}@example.com"), "Ada");
+    }
+    let store = MemoryStore::new();
+    let queue = MemoryQueue::new(5, Duration::from_secs(30));
+    let dropped: HashSet<String> = (0..OPPS).step_by(10).map(opp).collect();
+    let items: Vec<_> = (0..OPPS)
+        .filter(|i| !dropped.contains(&opp(*i)))
+        .map(|i| {
+            let raw = json!({"object": "Opportunity", "id": opp(i), "stage": "Closed Won",
+                "changed_at": Timestamp::from_unix_ms(won_at(now, i)).canonical(),
+                "amount": 200 + i, "currency": "USD", "email": format!("buyer{i}@example.com")})
+            .to_string();
+            bridge_core::webhook::salesforce::parse_item(&raw, "salesforce", &mapping)
+        })
+        .collect();
+    let r = ingest(
+        items,
+        "salesforce",
+        &mapping,
+        &cfg(),
+        Timestamp::now(),
+        &store,
+        &queue,
+    )
+    .await;
+    assert!(r.results.iter().all(|x| x.status == ItemStatus::Accepted));
+    // After their callouts: one reopened, one deleted (in the recycle bin).
+    sf.stage_change(&opp(1), "Negotiation/Review", 201.0, "USD", now);
+    sf.delete(&opp(2));
+
+    let (meta_fake, _google_fake, meta, google) = platforms(&mapping).await;
+    drain(&meta, &google, &store, &queue).await;
+    assert_eq!(meta_fake.purchases_deduped().len(), OPPS - dropped.len());
+
+    let client = SalesforceClient::new(
+        bridge_platforms::http::client().unwrap(),
+        SalesforceCredentials::from_json(&sf.credentials_json()).unwrap(),
+        "v65.0",
+    );
+    let from = Timestamp::from_unix_ms(now - 30 * 24 * HOUR_MS);
+    let to = Timestamp::from_unix_ms(now + 1);
+    // A session that expires between runs is renewed once, transparently.
+    let first = check_salesforce(&client, &store, &mapping, from, to, Timestamp::now())
+        .await
+        .unwrap();
+    sf.expire_sessions();
+    let check = check_salesforce(&client, &store, &mapping, from, to, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(first, check);
+    let requests = sf.requests();
+    assert_eq!(
+        requests.iter().filter(|r| *r == "token").count(),
+        2,
+        "one token, renewed once after it expired"
+    );
+    assert!(
+        requests.iter().filter(|r| *r == "next").count() >= 4,
+        "118 won opportunities in pages of 50, twice: {requests:?}"
+    );
+    assert!(requests.iter().any(|r| r.starts_with("queryAll ")));
+    let missed: HashSet<String> = check.missed.iter().map(|m| m.deal_id.clone()).collect();
+    assert_eq!(missed, dropped, "every dropped callout found, nothing else");
+    assert!(
+        check.missed.iter().all(|m| m.notes.is_empty()),
+        "{:?}",
+        check.missed
+    );
+    let mut changed: Vec<(String, &str)> = check
+        .changed
+        .iter()
+        .map(|c| (c.deal_id.clone(), c.reason))
+        .collect();
+    changed.sort();
+    assert_eq!(
+        changed,
+        [(opp(1), "reopened_in_crm"), (opp(2), "deleted_in_crm")]
+    );
+    let usd = &check.per_currency["USD"];
+    assert_eq!(
+        (usd.crm_deals, usd.missed),
+        ((OPPS - 2) as u64, dropped.len() as u64)
+    );
+    println!(
+        "salesforce check: {} won opportunities, {} stored, {} missed by callout ({:.2} USD), {} changed, {} API requests",
+        usd.crm_deals,
+        usd.stored_wons,
+        usd.missed,
+        usd.missed_revenue,
+        check.changed.len(),
+        requests.len()
+    );
+
+    let r = repair(
+        &check,
+        None,
+        &mapping,
+        &cfg(),
+        Timestamp::now(),
+        &store,
+        &queue,
+    )
+    .await;
+    assert_eq!(r.results.len(), dropped.len());
+    assert!(
+        r.results.iter().all(|x| x.status == ItemStatus::Accepted),
+        "{r:?}"
+    );
+    for id in &dropped {
+        let i: usize = id[7..].parse().unwrap();
+        let e = &store.find_by_order(id).await.unwrap()[0];
+        assert_eq!(e.occurred_at, Timestamp::from_unix_ms(won_at(now, i)));
+        assert!(
+            e.identity.meta.em.is_some(),
+            "the primary contact's email, hashed"
+        );
+    }
+    drain(&meta, &google, &store, &queue).await;
+    let expected: f64 = (0..OPPS).map(|i| (200 + i) as f64).sum();
+    assert_eq!(meta_fake.purchases_deduped().len(), OPPS);
+    assert_eq!(meta_fake.revenue_deduped()["USD"], expected);
+
+    let again = check_salesforce(&client, &store, &mapping, from, to, Timestamp::now())
+        .await
+        .unwrap();
+    assert!(again.missed.is_empty());
+    let r = repair(
+        &again,
+        None,
+        &mapping,
+        &cfg(),
+        Timestamp::now(),
+        &store,
+        &queue,
+    )
+    .await;
+    assert!(r.results.is_empty());
+    assert_eq!(meta_fake.purchases_deduped().len(), OPPS);
+}
+
+/// A single-currency org refuses `CurrencyIsoCode` (the check asks again without it, and its
+/// amounts are in the org's one currency, "(none)"); an org past its daily API limit answers
+/// 403 `REQUEST_LIMIT_EXCEEDED`, which the check reports instead of guessing; wrong client
+/// credentials are named as the token endpoint's refusal, without the secret.
+#[tokio::test]
+async fn salesforce_single_currency_orgs_api_limits_and_bad_credentials() {
+    let mapping = Mapping::load(&bridge_core::mapping::BUNDLED.replace(
+        "system_of_record = \"hubspot\"",
+        "system_of_record = \"salesforce\"",
+    ))
+    .unwrap();
+    let sf = FakeSalesforce::start().await;
+    sf.with(|d| d.multi_currency = false);
+    let now = Timestamp::now().unix_ms();
+    sf.stage_change("006SINGLE", "Closed Won", 75.0, "EUR", now - HOUR_MS);
+    let client = |json: &str| {
+        SalesforceClient::new(
+            bridge_platforms::http::client().unwrap(),
+            SalesforceCredentials::from_json(json).unwrap(),
+            "v65.0",
+        )
+    };
+    let store = MemoryStore::new();
+    let (from, to) = (
+        Timestamp::from_unix_ms(now - 24 * HOUR_MS),
+        Timestamp::from_unix_ms(now + 1),
+    );
+    let c = client(&sf.credentials_json());
+    let check = check_salesforce(&c, &store, &mapping, from, to, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(check.per_currency["(none)"].crm_revenue, 75.0);
+    assert_eq!(check.missed[0].deal_id, "006SINGLE");
+
+    sf.with(|d| d.api_limit = d.api_used);
+    let e = check_salesforce(&c, &store, &mapping, from, to, Timestamp::now())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("REQUEST_LIMIT_EXCEEDED"), "{e}");
+
+    let wrong = client(
+        &json!({"token_url": sf.token_url(), "client_id": "sf-client", "client_secret": "not-it"})
+            .to_string(),
+    );
+    let e = check_salesforce(&wrong, &store, &mapping, from, to, Timestamp::now())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid_client") && !e.contains("not-it"), "{e}");
 }

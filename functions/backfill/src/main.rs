@@ -11,13 +11,14 @@
 //!       won that can still be moved; reports the others, and Meta events sent under an old
 //!       event name (Meta has no retraction), with the reason.
 //!   bridge-backfill crm-check [--from 2026-11-01] [--to 2026-12-01] [--csv F] [--repair]
-//!       reconciles against HubSpot itself (default: the last 7 days): lists the deals won in
-//!       the period (CRM search), reports each one the bridge never stored (its webhook never
-//!       arrived) and each stored won the CRM has since reopened, deleted or changed the amount
-//!       of; with --repair, ingests the missed deals as their webhooks would have been (same
-//!       confirmation, validation, consent and event ids; occurredAt from the stage history).
-//!       Reads HUBSPOT_TOKEN or hubspot-token under WEBHOOK_SECRETS_PARAMETER_PATH,
-//!       HUBSPOT_PORTAL_ID and HUBSPOT_API_BASE_URL as the ingest function does.
+//!       reconciles against the system of record itself, HubSpot or Salesforce (default: the
+//!       last 7 days): lists the deals won in the period (CRM search, or SOQL), reports each
+//!       one the bridge never stored (its webhook never arrived) and each stored won the CRM
+//!       has since reopened, deleted or changed the amount of; with --repair, ingests the
+//!       missed deals as their webhooks would have been (same validation, consent and event
+//!       ids; the time from the stage history). Reads HUBSPOT_TOKEN / SALESFORCE_OAUTH, or
+//!       hubspot-token / salesforce-oauth under WEBHOOK_SECRETS_PARAMETER_PATH, and
+//!       HUBSPOT_PORTAL_ID, HUBSPOT_API_BASE_URL, SALESFORCE_API_VERSION.
 //!   bridge-backfill report [--from 2026-11-01] [--to 2026-12-01] [--out DIR] [--crm]
 //!       the reconciliation report for any period (default: the last 7 days), as the
 //!       reconcile function builds it, written as report.json, .csv and .html into DIR;
@@ -278,44 +279,39 @@ fn period(
     Ok((from, to))
 }
 
-/// HubSpot as the ingest function reads it: the private-app token (HUBSPOT_TOKEN, or
-/// hubspot-token under WEBHOOK_SECRETS_PARAMETER_PATH), the account and the API base URL.
-async fn hubspot(
+/// The system of record's API as the reconcile function builds it: its secret from the
+/// environment (`HUBSPOT_TOKEN`, or `SALESFORCE_OAUTH` as the JSON) or else from SSM under
+/// `WEBHOOK_SECRETS_PARAMETER_PATH` (`hubspot-token`, `salesforce-oauth`).
+async fn crm(
     aws: &bridge_aws::clients::SdkConfig,
-) -> Result<(bridge_platforms::hubspot::HubSpotClient, Option<i64>), String> {
-    let token = match env("HUBSPOT_TOKEN") {
-        Some(t) => t,
-        None => {
-            let path = env("WEBHOOK_SECRETS_PARAMETER_PATH").ok_or(
-                "set WEBHOOK_SECRETS_PARAMETER_PATH (the SSM path holding hubspot-token) or HUBSPOT_TOKEN",
-            )?;
-            let secrets =
-                bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(aws), &path)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            secrets
-                .get("hubspot-token")
-                .cloned()
-                .ok_or(format!("no hubspot-token under {path}"))?
-        }
-    };
-    let portal_id = match env("HUBSPOT_PORTAL_ID") {
-        Some(p) => Some(
-            p.trim()
-                .parse::<i64>()
-                .map_err(|_| "HUBSPOT_PORTAL_ID must be a HubSpot account id (digits)")?,
-        ),
-        None => None,
-    };
-    let base = env("HUBSPOT_API_BASE_URL").unwrap_or_else(|| "https://api.hubapi.com".into());
+    settings: &Settings,
+) -> Result<bridge_platforms::crm::CrmClient, String> {
+    let mut secrets = std::collections::HashMap::new();
+    if let Some(t) = env("HUBSPOT_TOKEN") {
+        secrets.insert("hubspot-token".to_string(), t);
+    }
+    if let Some(j) = env("SALESFORCE_OAUTH") {
+        secrets.insert("salesforce-oauth".to_string(), j);
+    }
+    if secrets.is_empty() {
+        let path = env("WEBHOOK_SECRETS_PARAMETER_PATH").ok_or(
+            "set WEBHOOK_SECRETS_PARAMETER_PATH (the SSM path holding hubspot-token or salesforce-oauth), or HUBSPOT_TOKEN / SALESFORCE_OAUTH",
+        )?;
+        secrets = bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(aws), &path)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let http = bridge_platforms::http::builder()
         .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
         .build()
         .map_err(|e| e.to_string())?;
-    Ok((
-        bridge_platforms::hubspot::HubSpotClient::new(http, base, token),
-        portal_id,
-    ))
+    let sor = settings.mapping.system_of_record.clone();
+    bridge_platforms::crm::CrmClient::from_secrets(&settings.mapping, &secrets, env, http)?
+        .ok_or_else(|| {
+            format!(
+                "the system of record ({sor}) has no API credentials: hubspot-token or salesforce-oauth"
+            )
+        })
 }
 
 async fn crm_check(args: &[String]) -> Result<Value, String> {
@@ -324,26 +320,16 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     let confirm = args.iter().any(|a| a == "--repair");
     let settings = Settings::from_env().map_err(|e| e.to_string())?;
     let aws = bridge_aws::clients::sdk_config().await;
-    let (client, portal_id) = hubspot(&aws).await?;
+    let client = crm(&aws, &settings).await?;
     let store = bridge_aws::dynamodb::DynamoStore::new(
         bridge_aws::clients::dynamodb(&aws),
         &settings.table_name,
         settings.retention_days,
     );
-    let check = bridge_core::crm_check::check_hubspot(
-        &client,
-        &client,
-        &store,
-        &settings.mapping,
-        bridge_core::crm_check::Period {
-            portal_id,
-            from,
-            to,
-        },
-        now,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let check = client
+        .check(&store, &settings.mapping, from, to, now)
+        .await
+        .map_err(|e| e.to_string())?;
     eprintln!(
         "{:<6} {:>10} {:>14} {:>10} {:>14} {:>8} {:>14}",
         "", "CRM won", "CRM revenue", "stored", "stored rev.", "missed", "missed rev."
@@ -385,25 +371,13 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     if confirm {
         let queue =
             bridge_aws::sqs::SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
-        let opts = bridge_core::webhook::hubspot::ResolveOptions {
-            portal_id,
-            ..Default::default()
-        };
         let cfg = IngestConfig {
             default_region: settings.default_region,
             max_future_skew_secs: settings.max_future_skew_secs,
         };
-        let report = bridge_core::crm_check::repair(
-            &check,
-            &client,
-            &settings.mapping,
-            &opts,
-            &cfg,
-            now,
-            &store,
-            &queue,
-        )
-        .await;
+        let report = client
+            .repair(&check, &settings.mapping, &cfg, now, &store, &queue)
+            .await;
         let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
         for r in &report.results {
             let s = serde_json::to_value(r.status).map_err(|e| e.to_string())?;
@@ -452,21 +426,11 @@ async fn report(args: &[String]) -> Result<Value, String> {
     }
     let mut report = bridge_core::reconcile::build_report("custom", from, to, now, &events, &seen);
     if args.iter().any(|a| a == "--crm") {
-        let (client, portal_id) = hubspot(&aws).await?;
-        let check = bridge_core::crm_check::check_hubspot(
-            &client,
-            &client,
-            &store,
-            &settings.mapping,
-            bridge_core::crm_check::Period {
-                portal_id,
-                from,
-                to,
-            },
-            now,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let check = crm(&aws, &settings)
+            .await?
+            .check(&store, &settings.mapping, from, to, now)
+            .await
+            .map_err(|e| e.to_string())?;
         report.crm = Some(bridge_core::reconcile::CrmSection {
             check,
             repaired: None,

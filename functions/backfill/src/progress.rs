@@ -52,16 +52,12 @@ impl Progress {
 /// `label [#########...........]  450/1000  45%  3.2 s`
 pub fn line(label: &str, done: u64, total: u64, elapsed: Duration) -> String {
     const WIDTH: u64 = 30;
-    let filled = if total == 0 {
-        WIDTH
-    } else {
-        done.saturating_mul(WIDTH) / total
-    };
-    let pct = if total == 0 {
-        100
-    } else {
-        done.saturating_mul(100) / total
-    };
+    // Nothing to do is all done.
+    let filled = done
+        .saturating_mul(WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH);
+    let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
     let bar: String = (0..WIDTH)
         .map(|i| if i < filled { '#' } else { '.' })
         .collect();

@@ -1,14 +1,14 @@
 //! The reconcile Lambda (EventBridge schedule): sweeps stuck pairs back onto their queues,
 //! then writes the report (last day and rolling 7 days) as JSON and CSV to the reports
-//! bucket, logs a summary and emits EMF metrics. With a HubSpot token configured the report
-//! also compares HubSpot's own won deals with the stored events (and with `CRM_REPAIR=true`
-//! ingests the deals whose webhooks never arrived). Clients are built once here, at init.
+//! bucket, logs a summary and emits EMF metrics. With the system of record's API configured
+//! (HubSpot's token, or Salesforce's OAuth client) the report also compares the CRM's own won
+//! deals with the stored events (and with `CRM_REPAIR=true` ingests the deals whose webhooks
+//! never arrived). Clients are built once here, at init.
 
 use aws_sdk_s3::primitives::ByteStream;
 use bridge_aws::config::Settings;
 use bridge_aws::dynamodb::DynamoStore;
 use bridge_aws::sqs::SqsQueue;
-use bridge_core::crm_check::{Period, check_hubspot, repair};
 use bridge_core::delivery::Destination;
 use bridge_core::ingest::IngestConfig;
 use bridge_core::mapping::Mapping;
@@ -17,9 +17,8 @@ use bridge_core::reconcile::{
 };
 use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
-use bridge_core::webhook::hubspot::ResolveOptions;
+use bridge_platforms::crm::CrmClient;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use bridge_platforms::hubspot::HubSpotClient;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -34,14 +33,14 @@ struct App {
     bucket: String,
     /// Set when Google credentials are configured: Data Manager request statuses are checked.
     google: Option<GooglePlatform>,
-    /// Set when a HubSpot token is configured: the report gets the CRM's own side.
+    /// Set when the system of record's API is configured: the report gets the CRM's own side.
     crm: Option<Crm>,
 }
 
 /// What the CRM side of the report needs.
 struct Crm {
-    client: HubSpotClient,
-    portal_id: Option<i64>,
+    /// The system of record's API (HubSpot or Salesforce).
+    client: CrmClient,
     /// Ingest the deals whose webhooks never arrived (template parameter CrmRepair).
     repair: bool,
     mapping: Mapping,
@@ -58,44 +57,23 @@ impl Crm {
         from: Timestamp,
         now: Timestamp,
     ) -> Option<CrmSection> {
-        let period = Period {
-            portal_id: self.portal_id,
-            from,
-            to: now,
-        };
-        let check = match check_hubspot(
-            &self.client,
-            &self.client,
-            store,
-            &self.mapping,
-            period,
-            now,
-        )
-        .await
+        let check = match self
+            .client
+            .check(store, &self.mapping, from, now, now)
+            .await
         {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "the CRM could not be reconciled");
+                tracing::warn!(source = self.client.source(), error = %e, "the CRM could not be reconciled");
                 return None;
             }
         };
         let mut repaired = None;
         if self.repair && !check.missed.is_empty() {
-            let opts = ResolveOptions {
-                portal_id: self.portal_id,
-                ..Default::default()
-            };
-            let report = repair(
-                &check,
-                &self.client,
-                &self.mapping,
-                &opts,
-                &self.ingest,
-                now,
-                store,
-                queue,
-            )
-            .await;
+            let report = self
+                .client
+                .repair(&check, &self.mapping, &self.ingest, now, store, queue)
+                .await;
             let mut counts = BTreeMap::new();
             for r in &report.results {
                 let status = serde_json::to_value(r.status)
@@ -104,7 +82,7 @@ impl Crm {
                     .unwrap_or_default();
                 *counts.entry(status).or_insert(0u64) += 1;
             }
-            tracing::info!(repaired = ?counts, enqueue_failures = report.enqueue_failures, "missed webhooks repaired");
+            tracing::info!(source = self.client.source(), repaired = ?counts, enqueue_failures = report.enqueue_failures, "missed webhooks repaired");
             repaired = Some(counts);
         }
         Some(CrmSection { check, repaired })
@@ -254,39 +232,33 @@ async fn main() -> Result<(), Error> {
             let ssm = bridge_aws::clients::ssm(&aws);
             match bridge_aws::clients::parameters_by_path(&ssm, &path).await {
                 Ok(secrets) => {
-                    match secrets.get("hubspot-token") {
-                        Some(token) => {
-                            let portal_id = match std::env::var("HUBSPOT_PORTAL_ID") {
-                            Ok(p) if !p.trim().is_empty() => Some(p.trim().parse::<i64>().map_err(
-                                |_| "HUBSPOT_PORTAL_ID must be a HubSpot account id (digits)",
-                            )?),
-                            _ => None,
-                        };
-                            let base = std::env::var("HUBSPOT_API_BASE_URL")
-                                .unwrap_or_else(|_| "https://api.hubapi.com".into());
-                            let repair = match std::env::var("CRM_REPAIR").as_deref() {
-                                Ok("true") => true,
-                                Ok("false") | Err(_) => false,
-                                Ok(other) => {
-                                    return Err(format!(
-                                        "CRM_REPAIR must be true or false, not {other}"
-                                    )
-                                    .into());
-                                }
-                            };
-                            Some(Crm {
-                                client: HubSpotClient::new(http.clone(), base, token.clone()),
-                                portal_id,
-                                repair,
-                                mapping: settings.mapping.clone(),
-                                ingest: IngestConfig {
-                                    default_region: settings.default_region,
-                                    max_future_skew_secs: settings.max_future_skew_secs,
-                                },
-                            })
+                    let repair = match std::env::var("CRM_REPAIR").as_deref() {
+                        Ok("true") => true,
+                        Ok("false") | Err(_) => false,
+                        Ok(other) => {
+                            return Err(
+                                format!("CRM_REPAIR must be true or false, not {other}").into()
+                            );
                         }
-                        None => None,
-                    }
+                    };
+                    let crm_http = bridge_platforms::http::builder()
+                        .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
+                        .build()?;
+                    CrmClient::from_secrets(
+                        &settings.mapping,
+                        &secrets,
+                        |k| std::env::var(k).ok(),
+                        crm_http,
+                    )?
+                    .map(|client| Crm {
+                        client,
+                        repair,
+                        mapping: settings.mapping.clone(),
+                        ingest: IngestConfig {
+                            default_region: settings.default_region,
+                            max_future_skew_secs: settings.max_future_skew_secs,
+                        },
+                    })
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "webhook secrets unreadable: the report has no CRM side");

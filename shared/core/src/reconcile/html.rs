@@ -77,20 +77,20 @@ impl Report {
             "Reconciliation {} ({} to {})",
             self.period, self.from, self.to
         );
-        let _ = write!(
+        let _ = writeln!(
             h,
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
              <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\
              <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-             <title>{}</title><style>{STYLE}</style></head><body>\n<h1>{}</h1>\n",
+             <title>{}</title><style>{STYLE}</style></head><body>\n<h1>{}</h1>",
             esc(&title),
             esc(&title)
         );
-        let _ = write!(
+        let _ = writeln!(
             h,
             "<dl><dt>Period</dt><dd data-figure=\"period\">{}</dd><dt>From</dt><dd data-figure=\"from\">{}</dd>\
              <dt>To</dt><dd data-figure=\"to\">{}</dd><dt>Generated</dt><dd data-figure=\"generated_at\">{}</dd>\
-             <dt>Events</dt><dd data-figure=\"events\">{}</dd></dl>\n",
+             <dt>Events</dt><dd data-figure=\"events\">{}</dd></dl>",
             esc(&self.period),
             esc(&self.from),
             esc(&self.to),
@@ -119,9 +119,9 @@ impl Report {
                 } else {
                     "bad"
                 };
-                let _ = write!(
+                let _ = writeln!(
                     h,
-                    "<tr><td>{}</td><td>{}</td>{}{}<td class=\"n {class}\" data-figure=\"{}\">{}</td>{}</tr>\n",
+                    "<tr><td>{}</td><td>{}</td>{}{}<td class=\"n {class}\" data-figure=\"{}\">{}</td>{}</tr>",
                     esc(d),
                     esc(c),
                     fig(&format!("{base}.crm"), &m.crm_revenue),
@@ -151,9 +151,9 @@ impl Report {
         if !explained.is_empty() {
             h.push_str("<h3>Revenue events not (or not fully) delivered</h3>\n<table><tr><th>Platform</th><th>Currency</th><th>Event</th><th>Order</th><th>Stage</th><th>Amount</th><th>State</th><th>Error</th></tr>\n");
             for (d, c, x) in explained {
-                let _ = write!(
+                let _ = writeln!(
                     h,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td></tr>\n",
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td></tr>",
                     esc(d),
                     esc(c),
                     esc(&x.event_id),
@@ -215,7 +215,7 @@ impl Report {
     fn stage_section(&self, h: &mut String) {
         h.push_str("<h2>Events by stage and final state</h2>\n");
         for (d, f) in &self.destinations {
-            let _ = write!(h, "<h3>{}</h3>\n", esc(d));
+            let _ = writeln!(h, "<h3>{}</h3>", esc(d));
             let states: BTreeSet<&String> = f.by_stage.values().flat_map(|s| s.keys()).collect();
             if states.is_empty() {
                 h.push_str("<p>No events.</p>\n");
@@ -272,9 +272,9 @@ impl Report {
     fn delivery_section(&self, h: &mut String) {
         h.push_str("<h2>Delivery</h2>\n<table><tr><th>Platform</th><th>Retries</th><th>Duplicates prevented</th><th>Dead-letter queue</th><th>Oldest dead letter (s)</th><th>Re-enqueued by the sweep</th></tr>\n");
         for (d, f) in &self.destinations {
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<tr><td>{}</td>{}{}{}{}{}</tr>\n",
+                "<tr><td>{}</td>{}{}{}{}{}</tr>",
                 esc(d),
                 fig(&format!("retries.{d}"), &f.retries.to_string()),
                 fig(
@@ -303,9 +303,9 @@ impl Report {
             return;
         };
         let c = &crm.check;
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<h2>The CRM's own records ({}): won deals closed {} to {}</h2>\n",
+            "<h2>The CRM's own records ({}): won deals closed {} to {}</h2>",
             esc(c.source),
             esc(&c.from.canonical()),
             esc(&c.to.canonical())
@@ -313,9 +313,9 @@ impl Report {
         h.push_str("<table><tr><th>Currency</th><th>Won deals</th><th>Revenue</th><th>Stored</th><th>Stored revenue</th><th>Missed by webhook</th><th>Missed revenue</th></tr>\n");
         for (cur, f) in &c.per_currency {
             let b = format!("crm.{cur}");
-            let _ = write!(
+            let _ = writeln!(
                 h,
-                "<tr><td>{}</td>{}{}{}{}{}{}</tr>\n",
+                "<tr><td>{}</td>{}{}{}{}{}{}</tr>",
                 esc(cur),
                 fig(&format!("{b}.deals"), &f.crm_deals.to_string()),
                 fig(&format!("{b}.revenue"), &format!("{:.2}", f.crm_revenue)),
@@ -337,9 +337,9 @@ impl Report {
         } else {
             h.push_str("<table><tr><th>Deal</th><th>Stage</th><th>Won at</th><th>Amount</th><th>Currency</th><th>Notes</th></tr>\n");
             for m in &c.missed {
-                let _ = write!(
+                let _ = writeln!(
                     h,
-                    "<tr><td data-figure=\"crm.missed.{}\">{}</td><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td></tr>\n",
+                    "<tr><td data-figure=\"crm.missed.{}\">{}</td><td>{}</td><td>{}</td>{}<td>{}</td><td>{}</td></tr>",
                     esc(&m.deal_id),
                     esc(&m.deal_id),
                     esc(&m.stage),
@@ -361,9 +361,9 @@ impl Report {
                     Some(v) => format!("{v:.2} {}", cur.as_deref().unwrap_or("")),
                     None => String::new(),
                 };
-                let _ = write!(
+                let _ = writeln!(
                     h,
-                    "<tr><td>{}</td><td data-figure=\"crm.changed.{}\">{}</td><td>{}</td><td>{}</td></tr>\n",
+                    "<tr><td>{}</td><td data-figure=\"crm.changed.{}\">{}</td><td>{}</td><td>{}</td></tr>",
                     esc(&x.deal_id),
                     esc(&x.deal_id),
                     esc(x.reason),
@@ -378,9 +378,9 @@ impl Report {
                 "<h3>Repaired in this run</h3>\n<table><tr><th>Result</th><th>Events</th></tr>\n",
             );
             for (status, n) in repaired {
-                let _ = write!(
+                let _ = writeln!(
                     h,
-                    "<tr><td>{}</td>{}</tr>\n",
+                    "<tr><td>{}</td>{}</tr>",
                     esc(status),
                     fig(&format!("crm.repaired.{status}"), &n.to_string())
                 );

@@ -903,7 +903,7 @@ mod tests {
                     amount: Some(200.0),
                     currency: Some("EUR".into()),
                     notes: vec![],
-                    webhook: None,
+                    replay: None,
                 }],
                 changed: vec![Changed {
                     deal_id: "9001".into(),

@@ -22,6 +22,7 @@
 pub mod google;
 pub mod hubspot;
 pub mod meta;
+pub mod salesforce;
 
 use axum::Json;
 use axum::http::StatusCode;

@@ -1,14 +1,17 @@
-//! Reconciling against the CRM itself: the won deals HubSpot shows for a period, compared with
-//! the events the bridge stored, so a change whose webhook never arrived (HubSpot gave up after
-//! its retries, a paused subscription) is found, and on request ingested exactly as its webhook
-//! would have been.
+//! Reconciling against the CRM itself: the won deals the system of record shows for a period
+//! (HubSpot's deal search, or Salesforce's won opportunities), compared with the events the
+//! bridge stored, so a change whose webhook never arrived (HubSpot gave up after its retries, a
+//! Salesforce callout that is never retried, a paused subscription) is found, and on request
+//! ingested exactly as its webhook would have been.
 //!
-//! A missed deal becomes the webhook event HubSpot would have sent (`deal.propertyChange` of
-//! `dealstage`, `occurredAt` = the stage history's own time of the change, never the time of the
-//! repair) and goes through the webhook's own resolution and the ingest use case: the same
-//! confirmation against the record's history, validation, consent and event_id rules. A late
-//! webhook for the same change is then a duplicate, and the order guard keeps an order counted
-//! once either way.
+//! A missed deal becomes the webhook the CRM would have sent (`occurred_at` = the stage
+//! history's own time of the change, never the time of the repair) and goes through that
+//! webhook's own parsing and the ingest use case: the same validation, consent and event_id
+//! rules. A late webhook for the same change is then a duplicate, and the order guard keeps an
+//! order counted once either way. Each CRM is one [`CrmSide`]: `hubspot` and `salesforce`.
+
+pub mod hubspot;
+pub mod salesforce;
 
 use crate::event::{CanonicalEvent, EventName};
 use crate::ingest::{IngestConfig, IngestReport, ingest};
@@ -16,12 +19,14 @@ use crate::mapping::Mapping;
 use crate::queue::DeliveryQueue;
 use crate::store::{EventStore, StoreError};
 use crate::timestamp::Timestamp;
-use crate::webhook::hubspot::{
-    CrmError, HubSpotEvent, HubSpotRecords, ResolveOptions, event_key, resolve,
-};
+use crate::webhook::Incoming;
+use crate::webhook::hubspot::{CrmError, HubSpotEvent, HubSpotRecords, ResolveOptions, resolve};
 use async_trait::async_trait;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
+
+pub use hubspot::{WonDeals, check_hubspot};
+pub use salesforce::{SalesforceApi, SfContact, SfOpportunity, check_salesforce};
 
 /// Meta refuses an event older than 7 days (and the whole request that holds one): a repair
 /// later than that reaches Google only. source: M-EVENT
@@ -36,9 +41,12 @@ pub struct CrmDeal {
     pub currency: Option<String>,
 }
 
-/// The CRM's search for won deals. Implemented over HTTP in `bridge-platforms`.
+/// One CRM as the check needs it: its won deals of a period, what it knows about the ones the
+/// bridge never stored, and why a stored won is no longer listed.
 #[async_trait]
-pub trait WonDeals: Send + Sync {
+pub trait CrmSide: Send + Sync {
+    /// The source name the webhooks of this CRM are stored under.
+    fn source(&self) -> &'static str;
     /// Every deal in one of `stages` whose close date is in `[from, to)`, all pages read.
     async fn won_deals(
         &self,
@@ -46,16 +54,40 @@ pub trait WonDeals: Send + Sync {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<CrmDeal>, CrmError>;
+    /// What each of `deals` (none of them stored) would be as its webhook: when it entered its
+    /// stage, and the webhook to replay, or notes saying why there is none.
+    async fn explain_missed(
+        &self,
+        deals: &[CrmDeal],
+        mapping: &Mapping,
+        now: Timestamp,
+    ) -> Result<Vec<Missed>, CheckError>;
+    /// For each stored won whose deal (`orders`) the search did not list: `deleted_in_crm`,
+    /// `reopened_in_crm`, or `None` when it is still won (its close date is outside the period).
+    async fn why_not_listed(
+        &self,
+        orders: &[String],
+        stages: &[String],
+    ) -> Result<Vec<Option<&'static str>>, CheckError>;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("the mapping contract maps no HubSpot deal stage to won")]
-    NoWonStage,
+    #[error("the mapping contract maps no {0} deal stage to won")]
+    NoWonStage(&'static str),
     #[error(transparent)]
     Crm(#[from] CrmError),
     #[error("event store: {0}")]
     Store(#[from] StoreError),
+}
+
+/// The webhook a CRM would have sent for a missed deal.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Replay {
+    /// A `deal.propertyChange` of `dealstage`, resolved against the record as a live one is.
+    HubSpot(HubSpotEvent),
+    /// One change item as a Salesforce Flow posts it (`webhook::salesforce`), as JSON.
+    Salesforce(String),
 }
 
 /// A won deal the bridge never stored.
@@ -63,14 +95,37 @@ pub enum CheckError {
 pub struct Missed {
     pub deal_id: String,
     pub stage: String,
-    /// When the deal entered the stage, from its stage history (the webhook's `occurredAt`).
+    /// When the deal entered the stage, from its stage history (the webhook's time).
     pub won_at: Option<Timestamp>,
     pub amount: Option<f64>,
     pub currency: Option<String>,
     /// Why it cannot be repaired as it stands, or what a repair cannot reach.
     pub notes: Vec<String>,
     #[serde(skip)]
-    pub webhook: Option<HubSpotEvent>,
+    pub replay: Option<Replay>,
+}
+
+impl Missed {
+    fn new(deal: &CrmDeal) -> Missed {
+        Missed {
+            deal_id: deal.id.clone(),
+            stage: deal.stage.clone(),
+            won_at: None,
+            amount: deal.amount,
+            currency: deal.currency.clone(),
+            notes: Vec::new(),
+            replay: None,
+        }
+    }
+
+    /// Records when the deal was won, with the note a repair past Meta's window needs.
+    fn won_at(&mut self, at: Timestamp, now: Timestamp) {
+        self.won_at = Some(at);
+        if now.secs_since(&at) > META_WINDOW_SECS {
+            self.notes
+                .push("older than 7 days: Meta refuses it, so a repair reaches Google only".into());
+        }
+    }
 }
 
 /// A won the bridge stored whose CRM record says something else now.
@@ -109,10 +164,10 @@ pub struct CrmCheck {
 
 const UNKNOWN_CURRENCY: &str = "(none)";
 
-fn stored_won(events: &[CanonicalEvent]) -> Option<&CanonicalEvent> {
+fn stored_won<'a>(events: &'a [CanonicalEvent], source: &str) -> Option<&'a CanonicalEvent> {
     events
         .iter()
-        .filter(|e| e.source == "hubspot" && e.event_name == EventName::Won)
+        .filter(|e| e.source == source && e.event_name == EventName::Won)
         .min_by_key(|e| e.occurred_at)
 }
 
@@ -125,7 +180,7 @@ fn differs(a: Option<f64>, b: Option<f64>) -> bool {
 }
 
 /// What one check covers: the HubSpot account (`portalId`, put on the webhooks a repair
-/// replays) and the period of close dates, `[from, to)`.
+/// replays; unused for Salesforce) and the period of close dates, `[from, to)`.
 #[derive(Clone, Copy, Debug)]
 pub struct Period {
     pub portal_id: Option<i64>,
@@ -133,25 +188,10 @@ pub struct Period {
     pub to: Timestamp,
 }
 
-/// Compares the CRM's won deals of the period with the stored events. Reads the stage history
-/// of each missed deal (for its `occurredAt`); stores nothing.
-pub async fn check_hubspot(
-    search: &dyn WonDeals,
-    records: &dyn HubSpotRecords,
-    store: &dyn EventStore,
-    mapping: &Mapping,
-    period: Period,
-    now: Timestamp,
-) -> Result<CrmCheck, CheckError> {
-    let Period {
-        portal_id,
-        from,
-        to,
-    } = period;
-    // The mapping keeps stage values lower-cased; HubSpot's stage ids are lower-case
-    // (`closedwon`) or numeric, which its case-sensitive search on `dealstage` matches.
+/// The stages the mapping contract maps to won for `source`, as the contract spells them.
+fn won_stages(mapping: &Mapping, source: &'static str) -> Result<Vec<String>, CheckError> {
     let mut stages: Vec<String> = mapping
-        .source("hubspot")
+        .source(source)
         .map(|s| {
             s.stages
                 .iter()
@@ -162,11 +202,26 @@ pub async fn check_hubspot(
         .unwrap_or_default();
     stages.sort();
     if stages.is_empty() {
-        return Err(CheckError::NoWonStage);
+        return Err(CheckError::NoWonStage(source));
     }
-    let deals = search.won_deals(&stages, from, to).await?;
+    Ok(stages)
+}
+
+/// Compares the CRM's won deals of `[from, to)` with the stored events. Asks the CRM about
+/// the missed deals (for their replays) and the stored wons it no longer lists; stores nothing.
+pub async fn check(
+    side: &dyn CrmSide,
+    store: &dyn EventStore,
+    mapping: &Mapping,
+    from: Timestamp,
+    to: Timestamp,
+    now: Timestamp,
+) -> Result<CrmCheck, CheckError> {
+    let source = side.source();
+    let stages = won_stages(mapping, source)?;
+    let deals = side.won_deals(&stages, from, to).await?;
     let mut check = CrmCheck {
-        source: "hubspot",
+        source,
         from,
         to,
         per_currency: BTreeMap::new(),
@@ -174,6 +229,7 @@ pub async fn check_hubspot(
         changed: Vec::new(),
     };
     let mut seen = HashSet::new();
+    let mut missed = Vec::new();
     for deal in &deals {
         seen.insert(deal.id.clone());
         let cur = deal
@@ -187,7 +243,7 @@ pub async fn check_hubspot(
             f.crm_revenue += amount;
         }
         let events = store.find_by_order(&deal.id).await?;
-        if let Some(won) = stored_won(&events) {
+        if let Some(won) = stored_won(&events, source) {
             let value = won.value.map(|m| m.as_f64());
             let f = check.per_currency.entry(cur).or_default();
             f.stored_wons += 1;
@@ -209,37 +265,30 @@ pub async fn check_hubspot(
         let f = check.per_currency.entry(cur).or_default();
         f.missed += 1;
         f.missed_revenue += amount;
-        check
-            .missed
-            .push(missed(deal, records, mapping, portal_id, now).await?);
+        missed.push(deal.clone());
     }
-    // Stored wons of the period the search did not list: the record says whether the deal was
+    check.missed = side.explain_missed(&missed, mapping, now).await?;
+    // Stored wons of the period the search did not list: the CRM says whether the deal was
     // reopened or deleted, or only has a close date outside the period (then all is well).
+    let mut unlisted: Vec<CanonicalEvent> = Vec::new();
     for e in store.events_between(from, to).await? {
         let Some(order) = e.order_id.as_deref() else {
             continue;
         };
-        if e.source != "hubspot" || e.event_name != EventName::Won || seen.contains(order) {
+        if e.source != source || e.event_name != EventName::Won || seen.contains(order) {
             continue;
         }
         seen.insert(order.to_string());
-        let reason = match records.deal(order).await? {
-            None => "deleted_in_crm",
-            Some(r) => {
-                let stage = r
-                    .properties
-                    .get("dealstage")
-                    .cloned()
-                    .flatten()
-                    .unwrap_or_default();
-                if stages.contains(&stage.trim().to_lowercase()) {
-                    continue;
-                }
-                "reopened_in_crm"
-            }
+        unlisted.push(e);
+    }
+    let orders: Vec<String> = unlisted.iter().filter_map(|e| e.order_id.clone()).collect();
+    let reasons = side.why_not_listed(&orders, &stages).await?;
+    for (e, reason) in unlisted.iter().zip(reasons) {
+        let Some(reason) = reason else {
+            continue;
         };
         check.changed.push(Changed {
-            deal_id: order.to_string(),
+            deal_id: e.order_id.clone().unwrap_or_default(),
             stored_value: e.value.map(|m| m.as_f64()),
             stored_currency: e.currency.clone(),
             crm_amount: None,
@@ -250,90 +299,43 @@ pub async fn check_hubspot(
     Ok(check)
 }
 
-/// The webhook HubSpot would have sent for a missed deal, from the record's stage history.
-async fn missed(
-    deal: &CrmDeal,
-    records: &dyn HubSpotRecords,
-    mapping: &Mapping,
-    portal_id: Option<i64>,
-    now: Timestamp,
-) -> Result<Missed, CheckError> {
-    let mut m = Missed {
-        deal_id: deal.id.clone(),
-        stage: deal.stage.clone(),
-        won_at: None,
-        amount: deal.amount,
-        currency: deal.currency.clone(),
-        notes: Vec::new(),
-        webhook: None,
-    };
-    let Ok(object_id) = deal.id.parse::<i64>() else {
-        m.notes
-            .push("the deal id is not a HubSpot object id".into());
-        return Ok(m);
-    };
-    let Some(record) = records.deal(&deal.id).await? else {
-        m.notes
-            .push("the deal is gone from HubSpot since the search".into());
-        return Ok(m);
-    };
-    // The latest entry into the current stage: what the webhook for this won carried.
-    let won_at = record
-        .history
-        .get("dealstage")
-        .into_iter()
-        .flatten()
-        .filter(|h| h.value == deal.stage)
-        .map(|h| h.at)
-        .max();
-    let Some(won_at) = won_at else {
-        m.notes
-            .push("the deal's stage history does not show the stage".into());
-        return Ok(m);
-    };
-    m.won_at = Some(won_at);
-    if now.secs_since(&won_at) > META_WINDOW_SECS {
-        m.notes
-            .push("older than 7 days: Meta refuses it, so a repair reaches Google only".into());
-    }
-    let webhook = HubSpotEvent {
-        event_id: None,
-        portal_id,
-        subscription_type: "deal.propertyChange".into(),
-        object_id,
-        occurred_at: won_at.unix_ms(),
-        property_name: Some("dealstage".into()),
-        property_value: Some(deal.stage.clone()),
-    };
-    if event_key(&webhook, mapping).is_none() {
-        m.notes
-            .push("the mapping contract does not map the stage".into());
-        return Ok(m);
-    }
-    m.webhook = Some(webhook);
-    Ok(m)
-}
-
-/// Ingests the missed deals as their webhooks would have been: resolved against the CRM, then
-/// the ingest use case. Deals without a webhook (see their notes) are left out.
-#[allow(clippy::too_many_arguments)]
+/// Ingests the missed deals as their webhooks would have been: a HubSpot replay resolved
+/// against the CRM (`hubspot` gives the record reader and the resolution options), a
+/// Salesforce one parsed as its Flow's post; then the ingest use case. Deals without a replay
+/// (see their notes) are left out.
 pub async fn repair(
     check: &CrmCheck,
-    records: &dyn HubSpotRecords,
+    hubspot: Option<(&dyn HubSpotRecords, &ResolveOptions)>,
     mapping: &Mapping,
-    opts: &ResolveOptions,
     cfg: &IngestConfig,
     now: Timestamp,
     store: &dyn EventStore,
     queue: &dyn DeliveryQueue,
 ) -> IngestReport {
-    let webhooks: Vec<HubSpotEvent> = check
-        .missed
-        .iter()
-        .filter_map(|m| m.webhook.clone())
-        .collect();
-    let items = resolve(&webhooks, records, mapping, opts, &HashSet::new()).await;
-    ingest(items, "hubspot", mapping, cfg, now, store, queue).await
+    let mut hooks: Vec<HubSpotEvent> = Vec::new();
+    let mut items: Vec<Incoming> = Vec::new();
+    for m in &check.missed {
+        match &m.replay {
+            Some(Replay::HubSpot(e)) => hooks.push(e.clone()),
+            Some(Replay::Salesforce(raw)) => items.push(crate::webhook::salesforce::parse_item(
+                raw,
+                check.source,
+                mapping,
+            )),
+            None => {}
+        }
+    }
+    if !hooks.is_empty() {
+        match hubspot {
+            Some((records, opts)) => {
+                items.extend(resolve(&hooks, records, mapping, opts, &HashSet::new()).await)
+            }
+            None => items.extend(hooks.iter().map(|_| {
+                Incoming::Unavailable("no HubSpot API client to resolve the replay with".into())
+            })),
+        }
+    }
+    ingest(items, check.source, mapping, cfg, now, store, queue).await
 }
 
 impl CrmCheck {
@@ -590,10 +592,19 @@ mod tests {
         assert_eq!(csv.lines().count(), 5, "{csv}");
         assert!(csv.contains("missed_by_webhook,1002,closedwon,"), "{csv}");
 
-        let r = repair(&check, &crm, &m, &opts(), &cfg(), now(), &store, &queue).await;
+        let r = repair(
+            &check,
+            Some((&crm, &opts())),
+            &m,
+            &cfg(),
+            now(),
+            &store,
+            &queue,
+        )
+        .await;
         let statuses: Vec<ItemStatus> = r.results.iter().map(|x| x.status).collect();
         assert_eq!(statuses, [ItemStatus::Accepted, ItemStatus::Accepted]);
-        let won = stored_won(&store.find_by_order("1002").await.unwrap())
+        let won = stored_won(&store.find_by_order("1002").await.unwrap(), "hubspot")
             .cloned()
             .unwrap();
         assert_eq!(won.occurred_at, Timestamp::from_unix_ms(t - 3 * DAY_MS));
@@ -604,7 +615,16 @@ mod tests {
             .await
             .unwrap();
         assert!(again.missed.is_empty(), "{:?}", again.missed);
-        let r = repair(&again, &crm, &m, &opts(), &cfg(), now(), &store, &queue).await;
+        let r = repair(
+            &again,
+            Some((&crm, &opts())),
+            &m,
+            &cfg(),
+            now(),
+            &store,
+            &queue,
+        )
+        .await;
         assert!(r.results.is_empty());
         // The webhook that was late all along is a duplicate of the repair.
         let late = deliver(&crm, &["1002"], &store, &queue).await;
@@ -620,6 +640,6 @@ mod tests {
         let err = check_hubspot(&crm, &crm, &store, &m, period(now(), now()), now())
             .await
             .unwrap_err();
-        assert!(matches!(err, CheckError::NoWonStage), "{err}");
+        assert!(matches!(err, CheckError::NoWonStage("hubspot")), "{err}");
     }
 }

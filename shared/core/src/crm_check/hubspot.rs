@@ -1,0 +1,154 @@
+//! HubSpot as a [`CrmSide`]: the deal search for won deals, the deal record's `dealstage`
+//! history for when a missed deal was won, and the record read (archived deals answer "not
+//! found") for the stored wons the search no longer lists.
+
+use super::{CheckError, CrmDeal, CrmSide, Missed, Period, Replay};
+use crate::mapping::Mapping;
+use crate::store::EventStore;
+use crate::timestamp::Timestamp;
+use crate::webhook::hubspot::{CrmError, HubSpotEvent, HubSpotRecords, event_key};
+use async_trait::async_trait;
+
+/// HubSpot's CRM search for won deals. Implemented over HTTP in `bridge-platforms`.
+#[async_trait]
+pub trait WonDeals: Send + Sync {
+    /// Every deal in one of `stages` whose close date is in `[from, to)`, all pages read.
+    async fn won_deals(
+        &self,
+        stages: &[String],
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CrmDeal>, CrmError>;
+}
+
+/// HubSpot's search and record reads, for the account `portal_id`.
+pub struct HubSpotSide<'a> {
+    pub search: &'a dyn WonDeals,
+    pub records: &'a dyn HubSpotRecords,
+    pub portal_id: Option<i64>,
+}
+
+/// Compares HubSpot's won deals of the period with the stored events (see [`super::check`]).
+pub async fn check_hubspot(
+    search: &dyn WonDeals,
+    records: &dyn HubSpotRecords,
+    store: &dyn EventStore,
+    mapping: &Mapping,
+    period: Period,
+    now: Timestamp,
+) -> Result<super::CrmCheck, CheckError> {
+    let side = HubSpotSide {
+        search,
+        records,
+        portal_id: period.portal_id,
+    };
+    super::check(&side, store, mapping, period.from, period.to, now).await
+}
+
+#[async_trait]
+impl CrmSide for HubSpotSide<'_> {
+    fn source(&self) -> &'static str {
+        "hubspot"
+    }
+
+    async fn won_deals(
+        &self,
+        stages: &[String],
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CrmDeal>, CrmError> {
+        // The mapping keeps stage values lower-cased; HubSpot's stage ids are lower-case
+        // (`closedwon`) or numeric, which its case-sensitive search on `dealstage` matches.
+        self.search.won_deals(stages, from, to).await
+    }
+
+    async fn explain_missed(
+        &self,
+        deals: &[CrmDeal],
+        mapping: &Mapping,
+        now: Timestamp,
+    ) -> Result<Vec<Missed>, CheckError> {
+        let mut out = Vec::with_capacity(deals.len());
+        for deal in deals {
+            out.push(self.missed(deal, mapping, now).await?);
+        }
+        Ok(out)
+    }
+
+    async fn why_not_listed(
+        &self,
+        orders: &[String],
+        stages: &[String],
+    ) -> Result<Vec<Option<&'static str>>, CheckError> {
+        let mut out = Vec::with_capacity(orders.len());
+        for order in orders {
+            // The search never lists archived deals; the record read says "not found".
+            out.push(match self.records.deal(order).await? {
+                None => Some("deleted_in_crm"),
+                Some(r) => {
+                    let stage = r
+                        .properties
+                        .get("dealstage")
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_default();
+                    (!stages.contains(&stage.trim().to_lowercase())).then_some("reopened_in_crm")
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl HubSpotSide<'_> {
+    /// The webhook HubSpot would have sent for a missed deal, from the record's stage history.
+    async fn missed(
+        &self,
+        deal: &CrmDeal,
+        mapping: &Mapping,
+        now: Timestamp,
+    ) -> Result<Missed, CheckError> {
+        let mut m = Missed::new(deal);
+        let Ok(object_id) = deal.id.parse::<i64>() else {
+            m.notes
+                .push("the deal id is not a HubSpot object id".into());
+            return Ok(m);
+        };
+        let Some(record) = self.records.deal(&deal.id).await? else {
+            m.notes
+                .push("the deal is gone from HubSpot since the search".into());
+            return Ok(m);
+        };
+        // The latest entry into the current stage: what the webhook for this won carried.
+        let won_at = record
+            .history
+            .get("dealstage")
+            .into_iter()
+            .flatten()
+            .filter(|h| h.value == deal.stage)
+            .map(|h| h.at)
+            .max();
+        let Some(won_at) = won_at else {
+            m.notes
+                .push("the deal's stage history does not show the stage".into());
+            return Ok(m);
+        };
+        m.won_at(won_at, now);
+        let webhook = HubSpotEvent {
+            event_id: None,
+            portal_id: self.portal_id,
+            subscription_type: "deal.propertyChange".into(),
+            object_id,
+            occurred_at: won_at.unix_ms(),
+            property_name: Some("dealstage".into()),
+            property_value: Some(deal.stage.clone()),
+        };
+        if event_key(&webhook, mapping).is_none() {
+            m.notes
+                .push("the mapping contract does not map the stage".into());
+            return Ok(m);
+        }
+        m.replay = Some(Replay::HubSpot(webhook));
+        Ok(m)
+    }
+}

@@ -1,0 +1,143 @@
+//! The system of record's API, whichever CRM it is: built from the webhook secrets (HubSpot's
+//! `hubspot-token`, Salesforce's `salesforce-oauth`) and the environment, it runs the CRM side
+//! of reconciliation and its repair. The reconcile function and the operator command share it.
+
+use crate::hubspot::HubSpotClient;
+use crate::salesforce::{DEFAULT_API_VERSION, SalesforceClient, SalesforceCredentials};
+use bridge_core::crm_check::{CheckError, CrmCheck, Period, check_hubspot, check_salesforce};
+use bridge_core::ingest::{IngestConfig, IngestReport};
+use bridge_core::mapping::Mapping;
+use bridge_core::queue::DeliveryQueue;
+use bridge_core::store::EventStore;
+use bridge_core::timestamp::Timestamp;
+use bridge_core::webhook::hubspot::ResolveOptions;
+use std::collections::HashMap;
+
+/// The CRM whose won deals are the revenue truth (the mapping's `system_of_record`).
+pub enum CrmClient {
+    HubSpot {
+        client: HubSpotClient,
+        portal_id: Option<i64>,
+    },
+    Salesforce(SalesforceClient),
+}
+
+impl CrmClient {
+    /// The client for `mapping`'s system of record, from its secret in `secrets` and the
+    /// settings `env` names (`HUBSPOT_PORTAL_ID`, `HUBSPOT_API_BASE_URL`,
+    /// `SALESFORCE_API_VERSION`). `Ok(None)` when the secret is not configured (the check is
+    /// then skipped); an error names the variable or parameter that is wrong.
+    pub fn from_secrets(
+        mapping: &Mapping,
+        secrets: &HashMap<String, String>,
+        env: impl Fn(&str) -> Option<String>,
+        http: reqwest::Client,
+    ) -> Result<Option<CrmClient>, String> {
+        let env = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        match mapping.system_of_record.as_str() {
+            "hubspot" => {
+                let Some(token) = secrets.get("hubspot-token") else {
+                    return Ok(None);
+                };
+                let portal_id = match env("HUBSPOT_PORTAL_ID") {
+                    Some(p) => Some(p.parse::<i64>().map_err(|_| {
+                        "HUBSPOT_PORTAL_ID must be a HubSpot account id (digits)".to_string()
+                    })?),
+                    None => None,
+                };
+                let base =
+                    env("HUBSPOT_API_BASE_URL").unwrap_or_else(|| "https://api.hubapi.com".into());
+                Ok(Some(CrmClient::HubSpot {
+                    client: HubSpotClient::new(http, base, token.clone()),
+                    portal_id,
+                }))
+            }
+            "salesforce" => {
+                let Some(text) = secrets.get("salesforce-oauth") else {
+                    return Ok(None);
+                };
+                let credentials = SalesforceCredentials::from_json(text)?;
+                let version =
+                    env("SALESFORCE_API_VERSION").unwrap_or_else(|| DEFAULT_API_VERSION.into());
+                if !version.starts_with('v') || version[1..].parse::<f64>().is_err() {
+                    return Err(format!(
+                        "SALESFORCE_API_VERSION must look like v65.0, not {version}"
+                    ));
+                }
+                Ok(Some(CrmClient::Salesforce(SalesforceClient::new(
+                    http,
+                    credentials,
+                    version,
+                ))))
+            }
+            // The mapping names no CRM the bridge can query (a generic source).
+            _ => Ok(None),
+        }
+    }
+
+    pub fn source(&self) -> &'static str {
+        match self {
+            CrmClient::HubSpot { .. } => "hubspot",
+            CrmClient::Salesforce(_) => "salesforce",
+        }
+    }
+
+    /// The CRM's won deals of `[from, to)` against the stored events.
+    pub async fn check(
+        &self,
+        store: &dyn EventStore,
+        mapping: &Mapping,
+        from: Timestamp,
+        to: Timestamp,
+        now: Timestamp,
+    ) -> Result<CrmCheck, CheckError> {
+        match self {
+            CrmClient::HubSpot { client, portal_id } => {
+                let period = Period {
+                    portal_id: *portal_id,
+                    from,
+                    to,
+                };
+                check_hubspot(client, client, store, mapping, period, now).await
+            }
+            CrmClient::Salesforce(c) => check_salesforce(c, store, mapping, from, to, now).await,
+        }
+    }
+
+    /// Ingests what `check` found missed, as its webhooks would have been.
+    pub async fn repair(
+        &self,
+        check: &CrmCheck,
+        mapping: &Mapping,
+        cfg: &IngestConfig,
+        now: Timestamp,
+        store: &dyn EventStore,
+        queue: &dyn DeliveryQueue,
+    ) -> IngestReport {
+        match self {
+            CrmClient::HubSpot { client, portal_id } => {
+                let opts = ResolveOptions {
+                    portal_id: *portal_id,
+                    ..Default::default()
+                };
+                bridge_core::crm_check::repair(
+                    check,
+                    Some((client, &opts)),
+                    mapping,
+                    cfg,
+                    now,
+                    store,
+                    queue,
+                )
+                .await
+            }
+            CrmClient::Salesforce(_) => {
+                bridge_core::crm_check::repair(check, None, mapping, cfg, now, store, queue).await
+            }
+        }
+    }
+}
