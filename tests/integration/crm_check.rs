@@ -5,7 +5,7 @@
 //! are reported. The same for Salesforce's SOQL query API (its strict fake, paged, its session
 //! expiring mid-run), where a missed opportunity is replayed as its Flow would have posted it.
 
-use bridge_core::crm_check::{Period, check_hubspot, check_salesforce, repair};
+use bridge_core::crm_check::{Period, check_hubspot, check_salesforce, repair, restate};
 use bridge_core::delivery::pipeline::{PipelineConfig, REFUND_WAIT, WAIT_DEADLINE};
 use bridge_core::delivery::{Backoff, Destination};
 use bridge_core::identity::parse_region;
@@ -214,6 +214,8 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         now,
     );
     hubspot.change("deal", &deal_id(2), "amount", "150", now);
+    // Deal 3's amount lowered after it was counted (103 -> 60): restated by a refund of 43.
+    hubspot.change("deal", &deal_id(3), "amount", "60", now);
 
     let (meta_fake, google_fake, meta, google) = platforms(&mapping).await;
     drain(&meta, &google, &store, &queue).await;
@@ -256,7 +258,8 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         changed,
         [
             (deal_id(1), "reopened_in_crm"),
-            (deal_id(2), "amount_changed_after_won")
+            (deal_id(2), "amount_changed_after_won"),
+            (deal_id(3), "amount_changed_after_won")
         ]
     );
     let eur = &check.per_currency["EUR"];
@@ -285,14 +288,29 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     .await;
     assert_eq!(r.results.len(), dropped.len());
     assert!(r.results.iter().all(|x| x.status == ItemStatus::Accepted));
+    let restated = restate(&check, &store, &queue, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(restated.stored, 1);
+    assert_eq!(restated.not_restated.len(), 1, "deal 2's amount rose");
     drain(&meta, &google, &store, &queue).await;
 
-    // Every order counted once at each platform, with the CRM's won amounts.
+    // Every order counted once at each platform, with the CRM's won amounts; deal 3 restated
+    // to the CRM's 60 at Google (a RESTATEMENT adjustment) and refunded by 43 at Meta.
     let expected: f64 = (0..DEALS).map(|i| (100 + i) as f64).sum();
     assert_eq!(meta_fake.purchases_deduped().len(), DEALS);
     assert_eq!(meta_fake.revenue_deduped()["EUR"], expected);
+    let meta_refunds: Vec<f64> = meta_fake
+        .deduped()
+        .iter()
+        .filter(|(_, e)| {
+            e["event_name"] != "Purchase" && e["custom_data"]["order_id"] == deal_id(3)
+        })
+        .filter_map(|(_, e)| e["custom_data"]["value"].as_f64())
+        .collect();
+    assert_eq!(meta_refunds, [43.0]);
     assert_eq!(google_fake.count(), DEALS);
-    assert_eq!(google_fake.revenue()["EUR"], expected);
+    assert_eq!(google_fake.revenue()["EUR"], expected - 43.0);
 
     // A second run finds nothing missed and sends nothing.
     let again = check_hubspot(
@@ -310,6 +328,14 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     .await
     .unwrap();
     assert!(again.missed.is_empty());
+    assert!(
+        !again.changed.iter().any(|c| c.deal_id == deal_id(3)),
+        "restated: no longer a change"
+    );
+    let r = restate(&again, &store, &queue, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!((r.stored, r.existing), (0, 0));
     let r = repair(
         &again,
         Some((&client, &opts())),
@@ -478,6 +504,14 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         .await
         .unwrap();
     assert!(again.missed.is_empty());
+    assert!(
+        !again.changed.iter().any(|c| c.deal_id == deal_id(3)),
+        "restated: no longer a change"
+    );
+    let r = restate(&again, &store, &queue, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!((r.stored, r.existing), (0, 0));
     let r = repair(
         &again,
         None,

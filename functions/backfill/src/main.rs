@@ -386,6 +386,18 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
                 .or_insert(0) += 1;
         }
         eprintln!("repaired: {counts:?}");
+        // Lowered amounts become refunds of the difference, through the refund machinery.
+        let restated = bridge_core::crm_check::restate(&check, &store, &queue, now)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (deal, reason) in &restated.not_restated {
+            eprintln!("not restated: deal {deal}: {reason}");
+        }
+        eprintln!(
+            "restated: {} refund(s) stored, {} stored before",
+            restated.stored, restated.existing
+        );
+        v["restated"] = serde_json::to_value(&restated).map_err(|e| e.to_string())?;
         v["mode"] = json!("crm_repair");
         v["repaired"] = json!(counts);
         v["enqueue_failures"] = json!(report.enqueue_failures);

@@ -85,6 +85,26 @@ impl Crm {
             tracing::info!(source = self.client.source(), repaired = ?counts, enqueue_failures = report.enqueue_failures, "missed webhooks repaired");
             repaired = Some(counts);
         }
+        if self.repair
+            && check
+                .changed
+                .iter()
+                .any(|c| c.reason == "amount_changed_after_won")
+        {
+            // Lowered amounts become refunds of the difference, through the refund machinery.
+            match bridge_core::crm_check::restate(&check, store, queue, now).await {
+                Ok(r) => {
+                    for (deal, reason) in &r.not_restated {
+                        tracing::warn!(source = self.client.source(), order_id = %deal, reason = %reason, "amount change not restated");
+                    }
+                    let counts = repaired.get_or_insert_with(BTreeMap::new);
+                    counts.insert("restated".into(), r.stored as u64);
+                    counts.insert("restated_before".into(), r.existing as u64);
+                    counts.insert("not_restated".into(), r.not_restated.len() as u64);
+                }
+                Err(e) => tracing::warn!(error = %e, "changed amounts could not be restated"),
+            }
+        }
         Some(CrmSection { check, repaired })
     }
 }

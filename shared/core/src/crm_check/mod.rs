@@ -13,10 +13,14 @@
 pub mod hubspot;
 pub mod salesforce;
 
+use crate::delivery::{DeliveryStatus, DestinationState};
 use crate::event::{CanonicalEvent, EventName};
 use crate::ingest::{IngestConfig, IngestReport, ingest};
 use crate::mapping::Mapping;
+use crate::money::Money;
+use crate::queue::DeliveryMessage;
 use crate::queue::DeliveryQueue;
+use crate::store::PutOutcome;
 use crate::store::{EventStore, StoreError};
 use crate::timestamp::Timestamp;
 use crate::webhook::Incoming;
@@ -171,6 +175,20 @@ fn stored_won<'a>(events: &'a [CanonicalEvent], source: &str) -> Option<&'a Cano
         .min_by_key(|e| e.occurred_at)
 }
 
+/// The `crm_stage` of the refunds a repair stores to restate a won to the CRM's lower amount.
+pub const RESTATEMENT_STAGE: &str = "crm_amount_restated";
+
+/// What the bridge already restated of an order's won (its restatement refunds).
+fn restated(events: &[CanonicalEvent]) -> Money {
+    events
+        .iter()
+        .filter(|e| {
+            e.event_name == EventName::Refund && e.crm_stage.as_deref() == Some(RESTATEMENT_STAGE)
+        })
+        .filter_map(|e| e.value)
+        .fold(Money::ZERO, Money::saturating_add)
+}
+
 fn differs(a: Option<f64>, b: Option<f64>) -> bool {
     match (a, b) {
         (Some(x), Some(y)) => (x - y).abs() >= 0.005,
@@ -244,7 +262,10 @@ pub async fn check(
         }
         let events = store.find_by_order(&deal.id).await?;
         if let Some(won) = stored_won(&events, source) {
-            let value = won.value.map(|m| m.as_f64());
+            // The won as the platforms now hold it: less what a repair already restated.
+            let value = won
+                .value
+                .map(|m| m.saturating_sub(restated(&events)).as_f64());
             let f = check.per_currency.entry(cur).or_default();
             f.stored_wons += 1;
             f.stored_revenue += value.unwrap_or(0.0);
@@ -336,6 +357,135 @@ pub async fn repair(
         }
     }
     ingest(items, check.source, mapping, cfg, now, store, queue).await
+}
+
+/// What restating changed amounts did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Restated {
+    /// Restatement refunds stored now (and enqueued to every platform that counted the won).
+    pub stored: usize,
+    /// Already stored by an earlier run for the same CRM amount: nothing new.
+    pub existing: usize,
+    /// Amount changes a refund cannot express, by deal, with the reason.
+    pub not_restated: Vec<(String, String)>,
+    /// Messages that could not be enqueued: the sweep enqueues the pending pairs.
+    pub enqueue_failures: usize,
+}
+
+/// The refund that brings `won` (already restated by `so_far`) down to `crm_amount`: the won's
+/// identity hashes, consent and order, a pending pair at each platform that counted the won,
+/// and a key derived from the won and the CRM amount, so a second run for the same amount
+/// stores nothing.
+pub fn restatement(
+    won: &CanonicalEvent,
+    so_far: Money,
+    crm_amount: Money,
+    now: Timestamp,
+) -> Option<CanonicalEvent> {
+    let delta = won.value?.saturating_sub(so_far).saturating_sub(crm_amount);
+    if delta <= Money::ZERO {
+        return None;
+    }
+    let micros = crm_amount.micros().to_string();
+    let event_id =
+        crate::hashing::sha256_hex_joined(&[RESTATEMENT_STAGE, won.key.as_str(), micros.as_str()]);
+    let destinations = won
+        .destinations
+        .iter()
+        .filter(|(_, s)| s.status.is_delivered())
+        .map(|(d, s)| {
+            let mut state = DestinationState::new(DeliveryStatus::Pending, now);
+            state.consent_reason = s.consent_reason.clone();
+            (*d, state)
+        })
+        .collect();
+    Some(CanonicalEvent {
+        key: event_id.clone(),
+        event_id,
+        event_id_origin: crate::event::EventIdOrigin::Derived,
+        source: won.source.clone(),
+        event_name: EventName::Refund,
+        crm_stage: Some(RESTATEMENT_STAGE.into()),
+        occurred_at: now,
+        received_at: now,
+        entity_type: won.entity_type,
+        entity_id: won.entity_id.clone(),
+        order_id: won.order_id.clone(),
+        value: Some(delta),
+        currency: won.currency.clone(),
+        identity: won.identity.clone(),
+        warnings: Vec::new(),
+        consent: won.consent.clone(),
+        mapping_version: won.mapping_version.clone(),
+        correction: None,
+        destinations,
+    })
+}
+
+/// Restates, through the refund machinery, each stored won whose deal the CRM now shows at a
+/// lower amount in the same currency: a refund of the difference, stored before any delivery
+/// and enqueued to the platforms that counted the won (Google restates the conversion, Meta
+/// gets the refund event its `refund_policy` says). A higher amount or another currency cannot
+/// be restated by a refund and is reported. The won is read again, so an erasure since the
+/// check is not undone by a copy.
+pub async fn restate(
+    check: &CrmCheck,
+    store: &dyn EventStore,
+    queue: &dyn DeliveryQueue,
+    now: Timestamp,
+) -> Result<Restated, StoreError> {
+    let mut out = Restated::default();
+    let mut messages = Vec::new();
+    for c in check
+        .changed
+        .iter()
+        .filter(|c| c.reason == "amount_changed_after_won")
+    {
+        let (Some(crm), Some(stored)) = (c.crm_amount, c.stored_value) else {
+            continue;
+        };
+        if c.crm_currency.is_some() && c.crm_currency != c.stored_currency {
+            out.not_restated.push((
+                c.deal_id.clone(),
+                "the currency changed: a refund cannot restate it".into(),
+            ));
+            continue;
+        }
+        if crm > stored {
+            out.not_restated.push((
+                c.deal_id.clone(),
+                "the amount rose: a refund cannot add revenue, and Meta takes no negative value"
+                    .into(),
+            ));
+            continue;
+        }
+        let Some(crm) = Money::from_f64(crm) else {
+            continue;
+        };
+        let events = store.find_by_order(&c.deal_id).await?;
+        let Some(won) = stored_won(&events, check.source) else {
+            continue;
+        };
+        let Some(refund) = restatement(won, restated(&events), crm, now) else {
+            continue;
+        };
+        match store.put_new(&refund).await? {
+            PutOutcome::Duplicate => out.existing += 1,
+            _ => {
+                out.stored += 1;
+                messages.extend(
+                    refund
+                        .destinations
+                        .keys()
+                        .map(|d| DeliveryMessage::new(&refund.key, *d)),
+                );
+            }
+        }
+    }
+    for chunk in messages.chunks(10) {
+        out.enqueue_failures += queue.enqueue(chunk).await.len();
+    }
+    Ok(out)
 }
 
 impl CrmCheck {
@@ -610,6 +760,12 @@ mod tests {
         assert_eq!(won.occurred_at, Timestamp::from_unix_ms(t - 3 * DAY_MS));
         assert_eq!(won.value.map(|v| v.as_f64()), Some(200.0));
 
+        // 1004's amount rose (150 -> 175): a refund cannot restate that, so it is reported.
+        let r = restate(&check, &store, &queue, now()).await.unwrap();
+        assert_eq!((r.stored, r.existing), (0, 0));
+        assert_eq!(r.not_restated[0].0, "1004");
+        assert!(r.not_restated[0].1.contains("rose"));
+
         // Run again: nothing is missed, so a repair sends nothing.
         let again = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
             .await
@@ -641,5 +797,72 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, CheckError::NoWonStage("hubspot")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_lowered_amount_is_restated_by_a_refund_once_per_crm_amount() {
+        let m = Mapping::bundled().unwrap();
+        let crm = Crm::new();
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let t = now().unix_ms();
+        crm.set("2001", "closedwon", "400", t - 2 * DAY_MS);
+        deliver(&crm, &["2001"], &store, &queue).await;
+        // The pair was delivered to Meta (the platform that counted it).
+        let key = store.find_by_order("2001").await.unwrap()[0].key.clone();
+        store.update_sync(&key, |e| {
+            for (d, s) in e.destinations.iter_mut() {
+                s.status = if *d == crate::delivery::Destination::Meta {
+                    DeliveryStatus::Delivered
+                } else {
+                    DeliveryStatus::BlockedConsent
+                };
+            }
+        });
+        let (from, to) = (now().minus_secs(30 * 86_400), now());
+        let run = || async {
+            let c = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
+                .await
+                .unwrap();
+            let r = restate(&c, &store, &queue, now()).await.unwrap();
+            (c, r)
+        };
+        crm.set("2001", "closedwon", "300", t - 2 * DAY_MS);
+        let (c, r) = run().await;
+        assert_eq!(c.changed[0].reason, "amount_changed_after_won");
+        assert_eq!((r.stored, r.existing), (1, 0));
+        let refunds: Vec<CanonicalEvent> = store
+            .find_by_order("2001")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_name == EventName::Refund)
+            .collect();
+        assert_eq!(refunds.len(), 1);
+        assert_eq!(refunds[0].value.map(|v| v.as_f64()), Some(100.0));
+        assert_eq!(refunds[0].crm_stage.as_deref(), Some(RESTATEMENT_STAGE));
+        assert_eq!(
+            refunds[0].destinations.keys().collect::<Vec<_>>(),
+            [&crate::delivery::Destination::Meta],
+            "only where the won was counted"
+        );
+        assert_eq!(queue.messages(crate::delivery::Destination::Meta).len(), 2);
+        // Restated: the next check sees the won at 300 and reports nothing.
+        let (c, r) = run().await;
+        assert!(c.changed.is_empty(), "{:?}", c.changed);
+        assert_eq!((r.stored, r.existing), (0, 0));
+        // Lowered again: only the further 50.
+        crm.set("2001", "closedwon", "250", t - 2 * DAY_MS);
+        let (_, r) = run().await;
+        assert_eq!(r.stored, 1);
+        let total: f64 = store
+            .find_by_order("2001")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_name == EventName::Refund)
+            .filter_map(|e| e.value.map(|v| v.as_f64()))
+            .sum();
+        assert_eq!(total, 150.0);
     }
 }

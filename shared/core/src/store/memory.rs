@@ -70,6 +70,13 @@ impl MemoryStore {
             .unwrap_or_else(|| panic!("event {key} is not stored"))
     }
 
+    /// Changes a stored event in place, as the delivery path would have (tests only).
+    pub fn update_sync(&self, key: &str, f: impl FnOnce(&mut CanonicalEvent)) {
+        if let Some(e) = self.lock().events.get_mut(key) {
+            f(e);
+        }
+    }
+
     pub fn all(&self) -> Vec<CanonicalEvent> {
         let mut v: Vec<_> = self.lock().events.values().cloned().collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));
