@@ -69,48 +69,60 @@ impl HubSpotClient {
         }
     }
 
+    /// Sends one request with the token and the request timeout; a transport error is the
+    /// CRM being unavailable (its text without the URL).
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, CrmError> {
+        req.bearer_auth(&self.token)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))
+    }
+
     async fn get(
         &self,
         path: &str,
         query: &[(&str, String)],
     ) -> Result<Option<HubSpotRecord>, CrmError> {
         let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .query(query)
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))?;
-        let status = resp.status().as_u16();
-        match status {
+            .send(self.http.get(format!("{}{path}", self.base)).query(query))
+            .await?;
+        match resp.status().as_u16() {
             200 => resp
                 .json::<RecordBody>()
                 .await
                 .map(|b| Some(record(b)))
                 .map_err(|e| CrmError::Unavailable(crate::http::error_text(e))),
             404 => Ok(None),
-            // HubSpot's own 429s may carry no Retry-After (HS-REC); the SDK waits 1-10 s.
-            429 => Err(CrmError::Throttled {
-                retry_after_secs: resp
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse().ok()),
-            }),
-            500..=599 => Err(CrmError::Unavailable(format!("HTTP {status}"))),
-            _ => Err(CrmError::Refused {
-                status,
-                message: resp
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .chars()
-                    .take(300)
-                    .collect(),
-            }),
+            _ => Err(failure(resp).await),
         }
+    }
+}
+
+/// What an answer other than success means: a 429 with its Retry-After when given (HubSpot's
+/// own 429s may carry none, HS-REC; the SDK waits 1-10 s), a 5xx, or a refusal with the start
+/// of its body.
+async fn failure(resp: reqwest::Response) -> CrmError {
+    let status = resp.status().as_u16();
+    match status {
+        429 => CrmError::Throttled {
+            retry_after_secs: resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+        },
+        500..=599 => CrmError::Unavailable(format!("HTTP {status}")),
+        _ => CrmError::Refused {
+            status,
+            message: resp
+                .text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect(),
+        },
     }
 }
 
@@ -210,44 +222,19 @@ impl HubSpotClient {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let resp = self
-                .http
-                .post(format!("{}/crm/v3/objects/deals/search", self.base))
-                .bearer_auth(&self.token)
-                .json(body)
-                .timeout(REQUEST_TIMEOUT)
-                .send()
-                .await
-                .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))?;
-            let status = resp.status().as_u16();
-            let retry_after: Option<u64> = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok());
-            let err = match status {
-                200 => {
-                    return resp
-                        .json::<SearchPage>()
-                        .await
-                        .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)));
-                }
-                429 => CrmError::Throttled {
-                    retry_after_secs: retry_after,
-                },
-                500..=599 => CrmError::Unavailable(format!("HTTP {status}")),
-                _ => {
-                    return Err(CrmError::Refused {
-                        status,
-                        message: resp
-                            .text()
-                            .await
-                            .unwrap_or_default()
-                            .chars()
-                            .take(300)
-                            .collect(),
-                    });
-                }
+            let url = format!("{}/crm/v3/objects/deals/search", self.base);
+            let resp = self.send(self.http.post(url).json(body)).await?;
+            if resp.status().as_u16() == 200 {
+                return resp
+                    .json::<SearchPage>()
+                    .await
+                    .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)));
+            }
+            let err = failure(resp).await;
+            let retry_after = match &err {
+                CrmError::Throttled { retry_after_secs } => *retry_after_secs,
+                CrmError::Unavailable(_) => None,
+                _ => return Err(err),
             };
             if attempt >= SEARCH_ATTEMPTS {
                 return Err(err);

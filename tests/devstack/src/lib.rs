@@ -1,7 +1,7 @@
 //! The local development stack around the bridge's binaries: stacks created from
 //! `infra/template.yaml` in the local AWS emulator, the Lambda Runtime API emulator with the
 //! SQS event source mappings, schedule, function URL and DLQ redrive (`local`), the strict fakes
-//! of Meta, Google and HubSpot (`fakes`), and the `bridge-local` CLI that runs it all.
+//! of Meta, Google, HubSpot and Salesforce (`fakes`), and the `bridge-local` CLI that runs it all.
 
 pub mod browser;
 pub mod fakes;
