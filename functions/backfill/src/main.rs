@@ -130,11 +130,7 @@ async fn erase(args: &[String]) -> Result<Value, String> {
         .ok_or_else(|| format!("--region {region}: not an ISO 3166-1 alpha-2 region"))?;
     let settings = Settings::from_env().map_err(|e| e.to_string())?;
     let aws = bridge_aws::clients::sdk_config().await;
-    let store = bridge_aws::dynamodb::DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        &settings.table_name,
-        settings.retention_days,
-    );
+    let store = event_store(&aws, &settings);
     let req = bridge_core::privacy::ErasureRequest {
         entity: None,
         email,
@@ -187,11 +183,7 @@ async fn correct(args: &[String]) -> Result<Value, String> {
         ));
     }
     let aws = bridge_aws::clients::sdk_config().await;
-    let store = bridge_aws::dynamodb::DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        &settings.table_name,
-        settings.retention_days,
-    );
+    let store = event_store(&aws, &settings);
     let now = Timestamp::now();
     let plan = bridge_core::correction::plan_from_store(
         &store,
@@ -259,6 +251,18 @@ fn instant(flag: &str, v: &str) -> Result<Timestamp, String> {
         .map_err(|_| format!("{flag} {v}: must be a date (2026-11-01) or an RFC 3339 instant"))
 }
 
+/// The event table the functions write, with their retention.
+fn event_store(
+    aws: &bridge_aws::clients::SdkConfig,
+    settings: &Settings,
+) -> bridge_aws::dynamodb::DynamoStore {
+    bridge_aws::dynamodb::DynamoStore::new(
+        bridge_aws::clients::dynamodb(aws),
+        &settings.table_name,
+        settings.retention_days,
+    )
+}
+
 /// `--from`/`--to` (default: the last `default_days` days up to now), checked.
 fn period(
     args: &[String],
@@ -321,11 +325,7 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     let settings = Settings::from_env().map_err(|e| e.to_string())?;
     let aws = bridge_aws::clients::sdk_config().await;
     let client = crm(&aws, &settings).await?;
-    let store = bridge_aws::dynamodb::DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        &settings.table_name,
-        settings.retention_days,
-    );
+    let store = event_store(&aws, &settings);
     let check = client
         .check(&store, &settings.mapping, from, to, now)
         .await
@@ -420,11 +420,7 @@ async fn report(args: &[String]) -> Result<Value, String> {
     let out = std::path::PathBuf::from(arg(args, "--out").unwrap_or_else(|| ".".into()));
     let settings = Settings::from_env().map_err(|e| e.to_string())?;
     let aws = bridge_aws::clients::sdk_config().await;
-    let store = bridge_aws::dynamodb::DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        &settings.table_name,
-        settings.retention_days,
-    );
+    let store = event_store(&aws, &settings);
     let queue =
         bridge_aws::sqs::SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
     let events = bridge_core::store::EventStore::events_between(&store, from, to)

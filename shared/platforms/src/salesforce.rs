@@ -280,6 +280,33 @@ impl SalesforceClient {
     }
 }
 
+impl SalesforceClient {
+    /// The records of `select` (a SOQL statement without its id filter) whose `field` is one
+    /// of `ids`; none without a query when `ids` is empty.
+    async fn for_ids(
+        &self,
+        select: &str,
+        field: &str,
+        ids: &[String],
+        all: bool,
+    ) -> Result<Vec<Value>, CrmError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let joiner = if select.contains(" WHERE ") {
+            "AND"
+        } else {
+            "WHERE"
+        };
+        let (head, order) = match select.split_once(" ORDER BY ") {
+            Some((h, o)) => (h, format!(" ORDER BY {o}")),
+            None => (select, String::new()),
+        };
+        let soql = format!("{head} {joiner} {field} IN {}{order}", soql_list(ids));
+        self.query(&soql, all).await
+    }
+}
+
 #[async_trait]
 impl SalesforceApi for SalesforceClient {
     async fn won_opportunities(
@@ -332,15 +359,13 @@ impl SalesforceApi for SalesforceClient {
     }
 
     async fn stage_history(&self, ids: &[String]) -> Result<Vec<(String, HistoryEntry)>, CrmError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let soql = format!(
-            "SELECT OpportunityId, StageName, CreatedDate FROM OpportunityHistory WHERE OpportunityId IN {} ORDER BY CreatedDate",
-            soql_list(ids)
-        );
         Ok(self
-            .query(&soql, false)
+            .for_ids(
+                "SELECT OpportunityId, StageName, CreatedDate FROM OpportunityHistory ORDER BY CreatedDate",
+                "OpportunityId",
+                ids,
+                false,
+            )
             .await?
             .iter()
             .filter_map(|r| {
@@ -356,15 +381,13 @@ impl SalesforceApi for SalesforceClient {
     }
 
     async fn primary_contacts(&self, ids: &[String]) -> Result<Vec<(String, SfContact)>, CrmError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let soql = format!(
-            "SELECT OpportunityId, Contact.Email, Contact.Phone, Contact.FirstName, Contact.LastName FROM OpportunityContactRole WHERE IsPrimary = true AND OpportunityId IN {}",
-            soql_list(ids)
-        );
         Ok(self
-            .query(&soql, false)
+            .for_ids(
+                "SELECT OpportunityId, Contact.Email, Contact.Phone, Contact.FirstName, Contact.LastName FROM OpportunityContactRole WHERE IsPrimary = true",
+                "OpportunityId",
+                ids,
+                false,
+            )
             .await?
             .iter()
             .filter_map(|r| {
@@ -383,15 +406,13 @@ impl SalesforceApi for SalesforceClient {
     }
 
     async fn opportunities_all(&self, ids: &[String]) -> Result<Vec<SfOpportunity>, CrmError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let soql = format!(
-            "SELECT Id, StageName, IsDeleted FROM Opportunity WHERE Id IN {}",
-            soql_list(ids)
-        );
         Ok(self
-            .query(&soql, true)
+            .for_ids(
+                "SELECT Id, StageName, IsDeleted FROM Opportunity",
+                "Id",
+                ids,
+                true,
+            )
             .await?
             .iter()
             .filter_map(|r| {

@@ -157,8 +157,10 @@ fn gate(d: &mut Data, h: &HeaderMap) -> Result<(), Box<Response>> {
     Ok(())
 }
 
-/// A page of records, with the usage header every REST response carries. source: SF-LIMIT
-fn page(d: &mut Data, version: &str, mut records: Vec<Value>, total: usize) -> Response {
+/// The next page of a query's records (`served` of them were on earlier pages), with the
+/// usage header every REST response carries. source: SF-LIMIT
+fn page(d: &mut Data, version: &str, mut records: Vec<Value>, served: usize) -> Response {
+    let total = served + records.len();
     let size = d.page_size.clamp(1, 2000);
     let rest = if records.len() > size {
         records.split_off(size)
@@ -169,8 +171,7 @@ fn page(d: &mut Data, version: &str, mut records: Vec<Value>, total: usize) -> R
     if !rest.is_empty() {
         // source: SF-QUERY (`/services/data/v65.0/query/01gD0000002HU6KIAW-2000`; queryAll's
         // next page is under `query` too, SF-QALL)
-        let served = total - rest.len();
-        let locator = format!("01gFAKE{:08}-{served}", d.cursors.len() + 1);
+        let locator = format!("01gFAKE{:08}-{}", d.cursors.len() + 1, total - rest.len());
         body["nextRecordsUrl"] = json!(format!("{API_VERSION_PREFIX}{version}/query/{locator}"));
         d.cursors.insert(locator, rest);
     }
@@ -208,8 +209,7 @@ async fn query(
         Err((code, message)) => return rest_error(StatusCode::BAD_REQUEST, code, &message),
     };
     let records = run(&d, &parsed, all, &version);
-    let total = records.len();
-    page(&mut d, &version, records, total)
+    page(&mut d, &version, records, 0)
 }
 
 async fn next_page(
@@ -235,23 +235,7 @@ async fn next_page(
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    let total = served + records.len();
-    // The page after this one continues from here.
-    let size = d.page_size.clamp(1, 2000);
-    let mut body_records = records;
-    let rest = if body_records.len() > size {
-        body_records.split_off(size)
-    } else {
-        Vec::new()
-    };
-    let mut body = json!({"totalSize": total, "done": rest.is_empty(), "records": body_records});
-    if !rest.is_empty() {
-        let next = format!("01gFAKE{:08}-{}", d.cursors.len() + 1, total - rest.len());
-        body["nextRecordsUrl"] = json!(format!("{API_VERSION_PREFIX}{version}/query/{next}"));
-        d.cursors.insert(next, rest);
-    }
-    let usage = format!("api-usage={}/{}", d.api_used, d.api_limit);
-    ([("sforce-limit-info", usage)], Json(body)).into_response()
+    page(&mut d, &version, records, served)
 }
 
 // ---- the SOQL subset ----
