@@ -1,8 +1,8 @@
 //! Reconciliation against the CRM: HubSpot's deal search (the strict fake, over HTTP, paged and
 //! throttled) finds the won deals whose webhooks never arrived; the repair ingests them as their
 //! webhooks would have been, and the strict fake Meta and Google count every order once with
-//! the CRM's exact revenue; a second repair sends nothing; a reopened deal and a changed amount
-//! are reported. The same for Salesforce's SOQL query API (its strict fake, paged, its session
+//! the CRM's exact revenue; a second repair sends nothing; a reopened and a deleted (archived)
+//! deal are reported, a lowered amount restated and a raised one reported. The same for Salesforce's SOQL query API (its strict fake, paged, its session
 //! expiring mid-run), where a missed opportunity is replayed as its Flow would have posted it.
 
 use bridge_core::crm_check::{Period, check_hubspot, check_salesforce, repair, restate};
@@ -216,6 +216,8 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     hubspot.change("deal", &deal_id(2), "amount", "150", now);
     // Deal 3's amount lowered after it was counted (103 -> 60): restated by a refund of 43.
     hubspot.change("deal", &deal_id(3), "amount", "60", now);
+    // Deal 4 deleted (archived): the search no longer lists it, the archived batch read does.
+    hubspot.data.lock().unwrap().archived.insert(deal_id(4));
 
     let (meta_fake, google_fake, meta, google) = platforms(&mapping).await;
     drain(&meta, &google, &store, &queue).await;
@@ -262,13 +264,20 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         [
             (deal_id(1), "reopened_in_crm"),
             (deal_id(2), "amount_changed_after_won"),
-            (deal_id(3), "amount_changed_after_won")
+            (deal_id(3), "amount_changed_after_won"),
+            (deal_id(4), "deleted_in_crm")
         ]
+    );
+    assert!(
+        hubspot
+            .requests()
+            .iter()
+            .any(|r| r == "batch read deals archived=true")
     );
     let eur = &check.per_currency["EUR"];
     assert_eq!(
         (eur.crm_deals, eur.missed),
-        ((DEALS - 1) as u64, dropped.len() as u64)
+        ((DEALS - 2) as u64, dropped.len() as u64)
     );
     println!(
         "crm check: {} deals won in HubSpot, {} stored, {} missed by webhook ({:.2} EUR), {} changed",

@@ -12,7 +12,7 @@ use bridge_core::webhook::hubspot::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// HubSpot gives a webhook receiver 5 seconds (HS-WH): the reads must fit well inside.
@@ -323,6 +323,44 @@ impl WonDeals for HubSpotClient {
         }
         out.sort_by(|x, y| x.id.cmp(&y.id));
         out.dedup_by(|x, y| x.id == y.id);
+        Ok(out)
+    }
+
+    /// The batch read with `archived=true`, 100 ids a request: the search never lists a
+    /// deleted deal, this read lists only those. A 207 (some ids not archived) is an answer.
+    /// source: crm-apis.md "Batch reads and associations"
+    async fn archived(&self, ids: &[String]) -> Result<HashSet<String>, CrmError> {
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(100) {
+            let body = json!({
+                "properties": ["hs_object_id"],
+                "inputs": chunk.iter().map(|id| json!({"id": id})).collect::<Vec<_>>(),
+            });
+            let url = format!("{}/crm/v3/objects/deals/batch/read", self.base);
+            let resp = self
+                .send(
+                    self.http
+                        .post(url)
+                        .query(&[("archived", "true")])
+                        .json(&body),
+                )
+                .await?;
+            if !matches!(resp.status().as_u16(), 200 | 207) {
+                return Err(failure(resp).await);
+            }
+            let v: Value = resp
+                .json()
+                .await
+                .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))?;
+            out.extend(
+                v["results"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["archived"].as_bool() == Some(true))
+                    .filter_map(|r| r["id"].as_str().map(String::from)),
+            );
+        }
         Ok(out)
     }
 }

@@ -8,6 +8,7 @@ use crate::store::EventStore;
 use crate::timestamp::Timestamp;
 use crate::webhook::hubspot::{CrmError, HubSpotEvent, HubSpotRecords, event_key};
 use async_trait::async_trait;
+use std::collections::HashSet;
 
 /// HubSpot's CRM search for won deals. Implemented over HTTP in `bridge-platforms`.
 #[async_trait]
@@ -19,6 +20,8 @@ pub trait WonDeals: Send + Sync {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<CrmDeal>, CrmError>;
+    /// Which of `ids` are deleted (archived): the search never lists them.
+    async fn archived(&self, ids: &[String]) -> Result<HashSet<String>, CrmError>;
 }
 
 /// HubSpot's search and record reads, for the account `portal_id`.
@@ -80,10 +83,21 @@ impl CrmSide for HubSpotSide<'_> {
         orders: &[String],
         stages: &[String],
     ) -> Result<Vec<Option<&'static str>>, CheckError> {
+        // The search never lists archived deals: the batch read with `archived=true` names
+        // them, and the others are read one by one for their stage.
+        let archived = if orders.is_empty() {
+            HashSet::new()
+        } else {
+            self.search.archived(orders).await?
+        };
         let mut out = Vec::with_capacity(orders.len());
         for order in orders {
-            // The search never lists archived deals; the record read says "not found".
+            if archived.contains(order) {
+                out.push(Some("deleted_in_crm"));
+                continue;
+            }
             out.push(match self.records.deal(order).await? {
+                // Not archived and not there: purged from the recycling bin.
                 None => Some("deleted_in_crm"),
                 Some(r) => {
                     let stage = r

@@ -559,6 +559,8 @@ mod tests {
     struct Crm {
         deals: Mutex<HashMap<String, (HubSpotRecord, i64)>>,
         contact: HubSpotRecord,
+        /// Archived deals: the search and the record read no longer see them.
+        deleted: Mutex<HashSet<String>>,
     }
 
     impl Crm {
@@ -621,6 +623,9 @@ mod tests {
             Ok(Some(self.contact.clone()))
         }
         async fn deal(&self, id: &str) -> Result<Option<HubSpotRecord>, CrmError> {
+            if self.deleted.lock().unwrap().contains(id) {
+                return Ok(None);
+            }
             Ok(self.deals.lock().unwrap().get(id).map(|(r, _)| r.clone()))
         }
     }
@@ -637,6 +642,7 @@ mod tests {
             let prop = |r: &HubSpotRecord, k: &str| r.properties.get(k).cloned().flatten();
             let mut out: Vec<CrmDeal> = deals
                 .iter()
+                .filter(|(id, _)| !self.deleted.lock().unwrap().contains(*id))
                 .filter(|(_, (r, close))| {
                     prop(r, "dealstage").is_some_and(|s| stages.contains(&s))
                         && (from.unix_ms()..to.unix_ms()).contains(close)
@@ -650,6 +656,14 @@ mod tests {
                 .collect();
             out.sort_by(|a, b| a.id.cmp(&b.id));
             Ok(out)
+        }
+        async fn archived(&self, ids: &[String]) -> Result<HashSet<String>, CrmError> {
+            let deleted = self.deleted.lock().unwrap();
+            Ok(ids
+                .iter()
+                .filter(|id| deleted.contains(*id))
+                .cloned()
+                .collect())
         }
     }
 
@@ -785,6 +799,18 @@ mod tests {
         // The webhook that was late all along is a duplicate of the repair.
         let late = deliver(&crm, &["1002"], &store, &queue).await;
         assert_eq!(late.results[0].status, ItemStatus::Duplicate);
+        // 1001 deleted in HubSpot: gone from the search, named by the archived batch read.
+        crm.deleted.lock().unwrap().insert("1001".into());
+        let gone = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
+            .await
+            .unwrap();
+        assert!(
+            gone.changed
+                .iter()
+                .any(|c| c.deal_id == "1001" && c.reason == "deleted_in_crm"),
+            "{:?}",
+            gone.changed
+        );
     }
 
     #[tokio::test]

@@ -324,6 +324,60 @@ async fn search(State(s): State<AppState>, h: HeaderMap, Json(body): Json<Value>
     (StatusCode::OK, Json(reply)).into_response()
 }
 
+/// `POST /crm/v3/objects/deals/batch/read[?archived=true]`. source: crm-apis.md "Batch reads
+/// and associations" (at most 100 inputs; `?archived=true` is accepted; 200, or 207 with
+/// `errors` for partial failure), HS-SEARCH / HS-BASIC (with `archived=true` only archived
+/// records come back, with `archived` and `archivedAt`).
+async fn batch_read(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    h: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = gate(&mut d, &h, &s.token) {
+        return r;
+    }
+    let archived = q.get("archived").map(String::as_str) == Some("true");
+    d.requests
+        .push(format!("batch read deals archived={archived}"));
+    let inputs: Vec<String> = body["inputs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["id"].as_str().map(String::from))
+        .collect();
+    if inputs.len() > 100 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "VALIDATION_ERROR",
+            "at most 100 inputs per batch",
+        );
+    }
+    let mut results = Vec::new();
+    let mut missing = Vec::new();
+    for id in &inputs {
+        let found = d.deals.contains_key(id) && d.archived.contains(id) == archived;
+        if !found {
+            missing.push(id.clone());
+            continue;
+        }
+        let mut r = json!({"id": id, "properties": {"hs_object_id": id}, "archived": archived});
+        if archived {
+            r["archivedAt"] = json!(Timestamp::now().canonical());
+        }
+        results.push(r);
+    }
+    let mut reply = json!({"status": "COMPLETE", "results": results});
+    if missing.is_empty() {
+        return (StatusCode::OK, Json(reply)).into_response();
+    }
+    reply["errors"] = json!([{"status": "error", "category": "OBJECT_NOT_FOUND",
+        "message": "Could not get some DEAL objects, they may be deleted or not exist.",
+        "context": {"ids": missing}}]);
+    (StatusCode::MULTI_STATUS, Json(reply)).into_response()
+}
+
 /// Test control (not HubSpot's API): record property changes, as a person editing the CRM
 /// would, so the stack's own tools (`bridge-local post-samples`) can seed the fake.
 async fn changes(State(s): State<AppState>, Json(body): Json<Vec<Value>>) -> StatusCode {
@@ -371,6 +425,7 @@ impl FakeHubSpot {
         let app = Router::new()
             .route("/crm/v3/objects/contacts/{id}", get(contact))
             .route("/crm/v3/objects/deals/search", post(search))
+            .route("/crm/v3/objects/deals/batch/read", post(batch_read))
             .route("/crm/v3/objects/deals/{id}", get(deal))
             .route("/_fake/changes", post(changes))
             .with_state(state);
