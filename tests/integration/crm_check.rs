@@ -379,7 +379,7 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
     let sf = FakeSalesforce::start().await;
     sf.with(|d| d.page_size = 50);
     let now = Timestamp::now().unix_ms();
-    let opp = |i: usize| format!("006FAKE{i:05}");
+    let opp = |i: usize| format!("006FAKE{i:011}");
     for i in 0..OPPS {
         let at = won_at(now, i);
         sf.stage_change(&opp(i), "Prospecting", 0.0, "USD", at - 86_400_000);

@@ -107,10 +107,11 @@ fn parse_datetime(s: &str) -> Option<Timestamp> {
         return Some(t);
     }
     // `+hhmm` without the colon RFC 3339 wants.
-    let (head, tail) = s.split_at(s.len().checked_sub(5)?);
-    let (sign, digits) = tail.split_at(1);
+    let cut = s.len().checked_sub(5)?;
+    let (head, tail) = (s.get(..cut)?, s.get(cut..)?);
+    let (sign, digits) = (tail.get(..1)?, tail.get(1..)?);
     if (sign == "+" || sign == "-") && digits.chars().all(|c| c.is_ascii_digit()) {
-        let fixed = format!("{head}{sign}{}:{}", &digits[..2], &digits[2..]);
+        let fixed = format!("{head}{sign}{}:{}", digits.get(..2)?, digits.get(2..)?);
         return Timestamp::parse_rfc3339(&fixed).ok();
     }
     None
@@ -446,6 +447,7 @@ mod tests {
             Timestamp::parse_rfc3339("2026-11-27T15:00:00Z").ok()
         );
         assert_eq!(parse_datetime("yesterday"), None);
+        assert_eq!(parse_datetime("2026-11-27T15:00:00.000+00€"), None);
     }
 
     #[test]

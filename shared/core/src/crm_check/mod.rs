@@ -27,7 +27,7 @@ use crate::webhook::Incoming;
 use crate::webhook::hubspot::{CrmError, HubSpotEvent, HubSpotRecords, ResolveOptions, resolve};
 use async_trait::async_trait;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub use hubspot::{WonDeals, check_hubspot};
 pub use salesforce::{SalesforceApi, SfContact, SfOpportunity, check_salesforce};
@@ -246,6 +246,14 @@ pub async fn check(
         missed: Vec::new(),
         changed: Vec::new(),
     };
+    // The period's stored events: a won whose order id is not the CRM's record id (a Flow may
+    // send its own `order_id`) is still found by its record (`entity_id`).
+    let period_events = store.events_between(from, to).await?;
+    let order_of_record: HashMap<&str, &str> = period_events
+        .iter()
+        .filter(|e| e.source == source && e.event_name == EventName::Won)
+        .filter_map(|e| Some((e.entity_id.as_str(), e.order_id.as_deref()?)))
+        .collect();
     let mut seen = HashSet::new();
     let mut missed = Vec::new();
     for deal in &deals {
@@ -260,13 +268,23 @@ pub async fn check(
             f.crm_deals += 1;
             f.crm_revenue += amount;
         }
-        let events = store.find_by_order(&deal.id).await?;
+        let mut events = store.find_by_order(&deal.id).await?;
+        if stored_won(&events, source).is_none()
+            && let Some(order) = order_of_record.get(deal.id.as_str())
+        {
+            events = store.find_by_order(order).await?;
+        }
         if let Some(won) = stored_won(&events, source) {
+            if let Some(order) = &won.order_id {
+                seen.insert(order.clone());
+            }
             // The won as the platforms now hold it: less what a repair already restated.
             let value = won
                 .value
                 .map(|m| m.saturating_sub(restated(&events)).as_f64());
-            let f = check.per_currency.entry(cur).or_default();
+            // Stored revenue counts in the won's own currency.
+            let stored_cur = won.currency.clone().unwrap_or(cur);
+            let f = check.per_currency.entry(stored_cur).or_default();
             f.stored_wons += 1;
             f.stored_revenue += value.unwrap_or(0.0);
             // A deal without a currency is in the account's own; only a named one can differ.
@@ -291,25 +309,31 @@ pub async fn check(
     check.missed = side.explain_missed(&missed, mapping, now).await?;
     // Stored wons of the period the search did not list: the CRM says whether the deal was
     // reopened or deleted, or only has a close date outside the period (then all is well).
-    let mut unlisted: Vec<CanonicalEvent> = Vec::new();
-    for e in store.events_between(from, to).await? {
+    // The CRM is asked by record id (`entity_id`: the deal or opportunity).
+    let mut unlisted: Vec<&CanonicalEvent> = Vec::new();
+    for e in &period_events {
         let Some(order) = e.order_id.as_deref() else {
             continue;
         };
-        if e.source != source || e.event_name != EventName::Won || seen.contains(order) {
+        if e.source != source
+            || e.event_name != EventName::Won
+            || seen.contains(order)
+            || seen.contains(&e.entity_id)
+        {
             continue;
         }
         seen.insert(order.to_string());
+        seen.insert(e.entity_id.clone());
         unlisted.push(e);
     }
-    let orders: Vec<String> = unlisted.iter().filter_map(|e| e.order_id.clone()).collect();
-    let reasons = side.why_not_listed(&orders, &stages).await?;
+    let records: Vec<String> = unlisted.iter().map(|e| e.entity_id.clone()).collect();
+    let reasons = side.why_not_listed(&records, &stages).await?;
     for (e, reason) in unlisted.iter().zip(reasons) {
         let Some(reason) = reason else {
             continue;
         };
         check.changed.push(Changed {
-            deal_id: e.order_id.clone().unwrap_or_default(),
+            deal_id: e.entity_id.clone(),
             stored_value: e.value.map(|m| m.as_f64()),
             stored_currency: e.currency.clone(),
             crm_amount: None,
@@ -373,8 +397,8 @@ pub struct Restated {
 }
 
 /// The refund that brings `won` (already restated by `so_far`) down to `crm_amount`: the won's
-/// identity hashes, consent and order, a pending pair at each platform that counted the won,
-/// and a key derived from the won and the CRM amount, so a second run for the same amount
+/// identity hashes, consent and order, a pending pair at each platform that counted the won or
+/// still may, and a key derived from the won and what was restated before, so a second run
 /// stores nothing.
 pub fn restatement(
     won: &CanonicalEvent,
@@ -386,13 +410,21 @@ pub fn restatement(
     if delta <= Money::ZERO {
         return None;
     }
-    let micros = crm_amount.micros().to_string();
-    let event_id =
-        crate::hashing::sha256_hex_joined(&[RESTATEMENT_STAGE, won.key.as_str(), micros.as_str()]);
+    // Keyed by what was restated before: two runs that start from the same state (the
+    // schedule and an operator's command at once) store one refund between them.
+    let so_far_micros = so_far.micros().to_string();
+    let event_id = crate::hashing::sha256_hex_joined(&[
+        RESTATEMENT_STAGE,
+        won.key.as_str(),
+        so_far_micros.as_str(),
+    ]);
+    // Wherever the won counts or may still count: the refund waits for its won there.
     let destinations = won
         .destinations
         .iter()
-        .filter(|(_, s)| s.status.is_delivered())
+        .filter(|(_, s)| {
+            s.status.is_delivered() || s.status.is_open() || s.status == DeliveryStatus::DeadLetter
+        })
         .map(|(d, s)| {
             let mut state = DestinationState::new(DeliveryStatus::Pending, now);
             state.consent_reason = s.consent_reason.clone();
@@ -459,7 +491,11 @@ pub async fn restate(
             ));
             continue;
         }
-        let Some(crm) = Money::from_f64(crm) else {
+        let Some(crm) = Money::from_f64(crm).filter(|m| !m.is_negative()) else {
+            out.not_restated.push((
+                c.deal_id.clone(),
+                "the CRM amount is negative: a refund cannot take more than the won".into(),
+            ));
             continue;
         };
         let events = store.find_by_order(&c.deal_id).await?;
@@ -890,5 +926,10 @@ mod tests {
             .filter_map(|e| e.value.map(|v| v.as_f64()))
             .sum();
         assert_eq!(total, 150.0);
+        // A negative CRM amount is reported, never a refund larger than the won.
+        crm.set("2001", "closedwon", "-5", t - 2 * DAY_MS);
+        let (_, r) = run().await;
+        assert_eq!(r.stored, 0);
+        assert!(r.not_restated[0].1.contains("negative"), "{r:?}");
     }
 }

@@ -193,8 +193,14 @@ impl CrmSide for SalesforceSide<'_> {
         orders: &[String],
         stages: &[String],
     ) -> Result<Vec<Option<&'static str>>, CheckError> {
+        // Salesforce refuses an `Id IN (...)` holding anything but a record id (15 or 18
+        // letters and digits), which would fail the whole query: such a record is not asked.
+        let is_id = |id: &str| {
+            (id.len() == 15 || id.len() == 18) && id.chars().all(|c| c.is_ascii_alphanumeric())
+        };
+        let valid: Vec<String> = orders.iter().filter(|o| is_id(o)).cloned().collect();
         let mut found: HashMap<String, SfOpportunity> = HashMap::new();
-        for chunk in orders.chunks(IDS_PER_QUERY) {
+        for chunk in valid.chunks(IDS_PER_QUERY) {
             for o in self.api.opportunities_all(chunk).await? {
                 found.insert(o.id.clone(), o);
             }
@@ -202,6 +208,7 @@ impl CrmSide for SalesforceSide<'_> {
         Ok(orders
             .iter()
             .map(|id| match found.get(id) {
+                _ if !is_id(id) => None,
                 // Purged from the recycle bin (15 days), or never there.
                 None => Some("deleted_in_crm"),
                 Some(o) if o.is_deleted => Some("deleted_in_crm"),
@@ -346,29 +353,36 @@ mod tests {
         let t = now().unix_ms();
         let mut org = Org::default();
         org.contacts.insert(
-            "006A".into(),
+            "006A00000000001AAA".into(),
             SfContact {
                 email: Some("ada@example.com".into()),
                 ..Default::default()
             },
         );
-        org.set("006A", "Closed Won", 900.0, t - 2 * DAY_MS);
-        org.set("006B", "Closed Won", 400.0, t - 3 * DAY_MS);
-        org.set("006C", "Closed Won", 250.0, t - DAY_MS);
+        org.set("006A00000000001AAA", "Closed Won", 900.0, t - 2 * DAY_MS);
+        org.set("006B00000000001AAA", "Closed Won", 400.0, t - 3 * DAY_MS);
+        org.set("006C00000000001AAA", "Closed Won", 250.0, t - DAY_MS);
         let store = MemoryStore::new();
         let queue = MemoryQueue::new(5, std::time::Duration::from_secs(30));
         // The Flow's callouts for B and C arrived; A's never did (Apex callouts are not retried).
-        for (id, amount, at) in [("006B", 400, t - 3 * DAY_MS), ("006C", 250, t - DAY_MS)] {
-            let raw = json!({"object": "Opportunity", "id": id, "stage": "Closed Won",
+        // C's Flow sends an order id of its own: the check still finds C by its record.
+        for (id, amount, at) in [
+            ("006B00000000001AAA", 400, t - 3 * DAY_MS),
+            ("006C00000000001AAA", 250, t - DAY_MS),
+        ] {
+            let mut raw = json!({"object": "Opportunity", "id": id, "stage": "Closed Won",
                 "changed_at": Timestamp::from_unix_ms(at).canonical(), "amount": amount,
-                "currency": "USD", "email": "bob@example.com"})
-            .to_string();
+                "currency": "USD", "email": "bob@example.com"});
+            if id == "006C00000000001AAA" {
+                raw["order_id"] = json!("SO-1001");
+            }
+            let raw = raw.to_string();
             let items = vec![parse_item(&raw, "salesforce", &m)];
             let r = ingest(items, "salesforce", &m, &cfg(), now(), &store, &queue).await;
             assert_eq!(r.results[0].status, ItemStatus::Accepted, "{r:?}");
         }
         // Then C was reopened.
-        org.set("006C", "Negotiation", 250.0, t);
+        org.set("006C00000000001AAA", "Negotiation", 250.0, t);
 
         let (from, to) = (now().minus_secs(30 * 86_400), now());
         let check = check_salesforce(&org, &store, &m, from, to, now())
@@ -376,7 +390,7 @@ mod tests {
             .unwrap();
         assert_eq!(check.source, "salesforce");
         let missed: Vec<&str> = check.missed.iter().map(|x| x.deal_id.as_str()).collect();
-        assert_eq!(missed, ["006A"]);
+        assert_eq!(missed, ["006A00000000001AAA"]);
         assert_eq!(
             check.missed[0].won_at,
             Some(Timestamp::from_unix_ms(t - 2 * DAY_MS))
@@ -391,7 +405,7 @@ mod tests {
             .iter()
             .map(|c| (c.deal_id.as_str(), c.reason))
             .collect();
-        assert_eq!(changed, [("006C", "reopened_in_crm")]);
+        assert_eq!(changed, [("006C00000000001AAA", "reopened_in_crm")]);
         let usd = &check.per_currency["USD"];
         assert_eq!((usd.crm_deals, usd.stored_wons, usd.missed), (2, 1, 1));
         assert_eq!(usd.missed_revenue, 900.0);
@@ -399,7 +413,7 @@ mod tests {
         let r = super::super::repair(&check, None, &m, &cfg(), now(), &store, &queue).await;
         assert_eq!(r.results.len(), 1);
         assert_eq!(r.results[0].status, ItemStatus::Accepted, "{r:?}");
-        let won = store.find_by_order("006A").await.unwrap();
+        let won = store.find_by_order("006A00000000001AAA").await.unwrap();
         assert_eq!(won.len(), 1);
         assert_eq!(won[0].occurred_at, Timestamp::from_unix_ms(t - 2 * DAY_MS));
         assert_eq!(won[0].value.map(|v| v.as_f64()), Some(900.0));
@@ -418,7 +432,7 @@ mod tests {
             .unwrap()
             .iter_mut()
             .for_each(|(d, _, deleted)| {
-                if d.id == "006B" {
+                if d.id == "006B00000000001AAA" {
                     *deleted = true;
                 }
             });
@@ -428,7 +442,7 @@ mod tests {
         assert!(
             gone.changed
                 .iter()
-                .any(|c| c.deal_id == "006B" && c.reason == "deleted_in_crm"),
+                .any(|c| c.deal_id == "006B00000000001AAA" && c.reason == "deleted_in_crm"),
             "{:?}",
             gone.changed
         );
@@ -438,7 +452,12 @@ mod tests {
     async fn without_consent_or_contact_the_notes_say_what_a_repair_will_not_reach() {
         let m = Mapping::bundled().unwrap();
         let org = Org::default();
-        org.set("006Z", "Closed Won", 10.0, now().unix_ms() - DAY_MS);
+        org.set(
+            "006Z00000000001AAA",
+            "Closed Won",
+            10.0,
+            now().unix_ms() - DAY_MS,
+        );
         let store = MemoryStore::new();
         let check = check_salesforce(&org, &store, &m, now().minus_secs(86_400 * 2), now(), now())
             .await
