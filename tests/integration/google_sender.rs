@@ -114,6 +114,25 @@ async fn memory(events: &[CanonicalEvent]) -> (MemoryStore, MemoryQueue) {
     (store, MemoryQueue::new(5, Duration::from_secs(30)))
 }
 
+/// The events stored in memory, queued for Google, and handed to the sender in one batch
+/// at once: the store, the queue and the batch's report.
+async fn deliver(
+    events: &[CanonicalEvent],
+    p: &GooglePlatform,
+) -> (MemoryStore, MemoryQueue, BatchReport) {
+    let (store, queue) = memory(events).await;
+    let r = process_batch(
+        records(events, "m"),
+        p,
+        &store,
+        &queue,
+        &cfg(),
+        Timestamp::now(),
+    )
+    .await;
+    (store, queue, r)
+}
+
 fn status(store: &MemoryStore, e: &CanonicalEvent) -> (DeliveryStatus, String) {
     let s = store.get_sync(&e.event_id).destinations[&Destination::Google].clone();
     (s.status, s.last_error.map(|e| e.code).unwrap_or_default())
@@ -130,17 +149,8 @@ async fn two_thousand_rows_with_three_bad_ones_deliver_1997_in_one_request() {
         d.poison.insert("O-B500".into());
         d.too_recent.insert("O-B1999".into());
     });
-    let (store, queue) = memory(&events).await;
     let p = platform(&fake, GoogleBackend::AdsApi);
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let (store, queue, r) = deliver(&events, &p).await;
     assert_eq!(
         fake.with(|d| d.batch_sizes.clone()),
         [2000],
@@ -201,18 +211,9 @@ async fn two_thousand_rows_with_three_bad_ones_deliver_1997_in_one_request() {
 async fn replay_after_accept_then_timeout_is_not_double_counted() {
     let fake = FakeGoogle::start().await;
     let events: Vec<_> = (0..4).map(|i| won(&format!("T{i}"), 25.0)).collect();
-    let (store, queue) = memory(&events).await;
     let p = platform_with(&fake, mapping(GoogleBackend::AdsApi), 400, false);
     fake.inject(Fault::AcceptThenTimeout(Duration::from_millis(1500)));
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let (store, queue, r) = deliver(&events, &p).await;
     assert_eq!(r.failures.len(), 4, "a timeout is retried");
     let r = process_batch(
         records(&events, "m"),
@@ -1065,17 +1066,8 @@ async fn account_action_and_click_configuration_codes_alert_on_their_own_rows() 
     foreign.identity.click.gclid = Some("G-FOREIGN".into());
     let fine = won("CFG-4", 10.0);
     let events = [braid.clone(), other.clone(), foreign.clone(), fine.clone()];
-    let (store, queue) = memory(&events).await;
     let p = platform(&fake, GoogleBackend::AdsApi);
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let (store, _, r) = deliver(&events, &p).await;
     for (e, code) in [
         (
             &braid,
@@ -1099,16 +1091,7 @@ async fn account_action_and_click_configuration_codes_alert_on_their_own_rows() 
     fake.with(|d| d.ec_prohibited.insert("1234567890".into()));
     let prohibited = won("CFG-5", 10.0);
     let events = [prohibited.clone()];
-    let (store, queue) = memory(&events).await;
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let (store, _, r) = deliver(&events, &p).await;
     assert_eq!(
         status(&store, &prohibited),
         (
@@ -1127,17 +1110,8 @@ async fn leads_without_enhanced_conversions_for_leads_turned_on_alert() {
     lead.identity.click.gclid = None;
     let w = won("EC-2", 10.0);
     let events = [lead.clone(), w.clone()];
-    let (store, queue) = memory(&events).await;
     let p = platform(&fake, GoogleBackend::AdsApi);
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let (store, _, r) = deliver(&events, &p).await;
     assert_eq!(
         status(&store, &lead),
         (
