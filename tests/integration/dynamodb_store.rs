@@ -67,6 +67,38 @@ fn transition(status: DeliveryStatus, now: Timestamp, attempt: u32) -> Transitio
     transition_after(&[], status, now, attempt)
 }
 
+/// The retention path on a stored event with browser data and a click id: it is a retention
+/// candidate, the browser data then the click ids are scrubbed (the hashes stay), and the
+/// erasure scan still finds it by the person's email hash, which it returns.
+async fn browser_then_click_ids_scrubbed(
+    store: &dyn EventStore,
+    key: &str,
+    person: &str,
+    now: Timestamp,
+) -> Vec<bridge_core::event::CanonicalEvent> {
+    let retention = store.retention_candidates(now, 10_000).await.unwrap();
+    assert!(retention.iter().any(|x| x.key == key));
+    for what in [
+        bridge_core::store::Scrub::Browser,
+        bridge_core::store::Scrub::ClickIds,
+    ] {
+        assert!(store.scrub(key, what, now).await.unwrap());
+    }
+    let back = store.get(key).await.unwrap().unwrap().identity;
+    assert_eq!(
+        (
+            back.click.client_ip_address,
+            back.click.gclid,
+            back.meta.em.is_some()
+        ),
+        (None, None, true)
+    );
+    store
+        .find_for_erasure(None, &[bridge_core::hashing::sha256_hex(person)])
+        .await
+        .unwrap()
+}
+
 /// The delivery life cycle every store must implement identically.
 async fn lifecycle_scenario(store: &dyn EventStore) {
     let now = Timestamp::now();
@@ -590,33 +622,7 @@ async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased()
         panic!()
     };
     assert_eq!(claimed.identity, ident, "the sender gets the identity");
-    let retention = store.retention_candidates(now, 10_000).await.unwrap();
-    assert!(retention.iter().any(|x| x.key == e.key));
-    assert!(
-        store
-            .scrub(&e.key, bridge_core::store::Scrub::Browser, now)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .scrub(&e.key, bridge_core::store::Scrub::ClickIds, now)
-            .await
-            .unwrap()
-    );
-    let back = store.get(&e.key).await.unwrap().unwrap().identity;
-    assert_eq!(
-        (
-            back.click.client_ip_address,
-            back.click.gclid,
-            back.meta.em.is_some()
-        ),
-        (None, None, true)
-    );
-    let found = store
-        .find_for_erasure(None, &[bridge_core::hashing::sha256_hex(&person)])
-        .await
-        .unwrap();
+    let found = browser_then_click_ids_scrubbed(&store, &e.key, &person, now).await;
     assert_eq!(found.len(), 1);
     assert!(
         store
@@ -796,33 +802,7 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
     );
     p.identity = ident;
     store.put_new(&p).await.unwrap();
-    let candidates = store.retention_candidates(now, 10_000).await.unwrap();
-    assert!(candidates.iter().any(|e| e.key == p.key));
-    assert!(
-        store
-            .scrub(&p.key, bridge_core::store::Scrub::Browser, now)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .scrub(&p.key, bridge_core::store::Scrub::ClickIds, now)
-            .await
-            .unwrap()
-    );
-    let back = store.get(&p.key).await.unwrap().unwrap().identity;
-    assert_eq!(
-        (
-            back.click.client_ip_address,
-            back.click.gclid,
-            back.meta.em.is_some()
-        ),
-        (None, None, true)
-    );
-    let found = store
-        .find_for_erasure(None, &[bridge_core::hashing::sha256_hex(&person)])
-        .await
-        .unwrap();
+    let found = browser_then_click_ids_scrubbed(store, &p.key, &person, now).await;
     assert_eq!(
         found.iter().map(|e| e.key.clone()).collect::<Vec<_>>(),
         [p.key.clone()]
