@@ -251,20 +251,34 @@ async fn in_memory(events: &[CanonicalEvent]) -> (MemoryStore, MemoryQueue, Vec<
     (store, MemoryQueue::new(5, Duration::from_secs(30)), records)
 }
 
-#[tokio::test]
-async fn two_thousand_five_hundred_events_make_three_requests() {
-    let fake = FakeMeta::start("meta-token").await;
-    let events: Vec<_> = (0..2500).map(|i| recent(&format!("B-{i}"))).collect();
-    let (store, queue, records) = in_memory(&events).await;
+/// The events stored in memory and handed to the Meta sender in one batch at once: the
+/// store, the queue and the batch's report.
+async fn deliver(
+    events: &[CanonicalEvent],
+    p: &MetaPlatform,
+) -> (
+    MemoryStore,
+    MemoryQueue,
+    bridge_core::delivery::pipeline::BatchReport,
+) {
+    let (store, queue, records) = in_memory(events).await;
     let r = process_batch(
         records,
-        &platform(&fake, 10_000),
+        p,
         &store,
         &queue,
         &fast_retries(),
         Timestamp::now(),
     )
     .await;
+    (store, queue, r)
+}
+
+#[tokio::test]
+async fn two_thousand_five_hundred_events_make_three_requests() {
+    let fake = FakeMeta::start("meta-token").await;
+    let events: Vec<_> = (0..2500).map(|i| recent(&format!("B-{i}"))).collect();
+    let (_, _, r) = deliver(&events, &platform(&fake, 10_000)).await;
     assert!(r.failures.is_empty());
     assert_eq!(fake.batch_sizes(), [1000, 1000, 500]);
     assert_eq!(fake.distinct().len(), 2500);
@@ -277,16 +291,7 @@ async fn two_thousand_five_hundred_events_make_three_requests() {
 async fn a_wrong_pixel_id_costs_one_request_and_one_alert() {
     let fake = FakeMeta::start("meta-token").await;
     let events: Vec<_> = (0..1000).map(|i| recent(&format!("W-{i}"))).collect();
-    let (store, queue, records) = in_memory(&events).await;
-    let r = process_batch(
-        records,
-        &platform_for(&fake, 10_000, "999999999"),
-        &store,
-        &queue,
-        &fast_retries(),
-        Timestamp::now(),
-    )
-    .await;
+    let (store, queue, r) = deliver(&events, &platform_for(&fake, 10_000, "999999999")).await;
     assert_eq!(fake.requests(), 1);
     assert_eq!(r.alerts, 1, "{r:?}");
     for e in [&events[0], &events[999]] {
@@ -302,16 +307,7 @@ async fn one_invalid_event_is_isolated_and_the_rest_are_delivered() {
     let fake = FakeMeta::start("meta-token").await;
     let events: Vec<_> = (0..10).map(|i| recent(&format!("P-{i}"))).collect();
     fake.poison(&events[6].event_id);
-    let (store, queue, records) = in_memory(&events).await;
-    let r = process_batch(
-        records,
-        &platform(&fake, 10_000),
-        &store,
-        &queue,
-        &fast_retries(),
-        Timestamp::now(),
-    )
-    .await;
+    let (store, queue, r) = deliver(&events, &platform(&fake, 10_000)).await;
     assert!(r.failures.is_empty());
     assert_eq!(fake.distinct().len(), 9);
     assert_eq!(
@@ -411,16 +407,7 @@ async fn a_configured_test_event_code_goes_on_every_request() {
         Mapping::bundled().unwrap(),
     );
     let events: Vec<_> = (0..1500).map(|i| recent(&format!("X-{i}"))).collect();
-    let (store, queue, records) = in_memory(&events).await;
-    let r = process_batch(
-        records,
-        &p,
-        &store,
-        &queue,
-        &fast_retries(),
-        Timestamp::now(),
-    )
-    .await;
+    let (_, _, r) = deliver(&events, &p).await;
     assert!(r.failures.is_empty());
     assert_eq!(
         fake.test_event_codes(),
