@@ -99,10 +99,10 @@ async fn settle(sqs: &Sqs, url: &str, records: &[Record], failures: &[String]) {
     }
 }
 
-#[tokio::test]
-async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
-    let fake = FakeMeta::start("meta-token").await;
-    let stack = Stack::create("meta_sqs", &[("MaxReceiveCount", "5")]);
+/// A stack of the template in the emulator, with the event store and the delivery queues as
+/// the sender has them.
+async fn emulated(name: &str, params: &[(&str, &str)]) -> (Stack, DynamoStore, Sqs, SqsQueue) {
+    let stack = Stack::create(name, params);
     let aws = sdk_config().await;
     let store = DynamoStore::new(
         bridge_aws::clients::dynamodb(&aws),
@@ -113,6 +113,13 @@ async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
     let vars = stack.env.clone();
     let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let queue = SqsQueue::new(sqs.clone(), settings.queues.clone());
+    (stack, store, sqs, queue)
+}
+
+#[tokio::test]
+async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
+    let fake = FakeMeta::start("meta-token").await;
+    let (stack, store, sqs, queue) = emulated("meta_sqs", &[("MaxReceiveCount", "5")]).await;
     let url = stack.var("META_QUEUE_URL");
     let p = platform(&fake, 5000);
     let cfg = fast_retries();
@@ -438,17 +445,7 @@ impl std::io::Write for Captured {
 /// message body or attribute, while the error still says what happened.
 #[tokio::test]
 async fn a_refused_connection_leaves_no_secret_in_logs_store_or_dlq() {
-    let stack = Stack::create("meta_network", &[]);
-    let aws = sdk_config().await;
-    let store = DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        stack.var("TABLE_NAME"),
-        400,
-    );
-    let sqs = bridge_aws::clients::sqs(&aws);
-    let vars = stack.env.clone();
-    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    let queue = SqsQueue::new(sqs.clone(), settings.queues.clone());
+    let (stack, store, sqs, queue) = emulated("meta_network", &[]).await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base_url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);

@@ -14,7 +14,7 @@
 //! Meta has no retraction: a second event under a new name would count the sale twice, so the
 //! plan reports wons sent under an old Meta event name and corrects nothing there.
 
-use crate::delivery::{DeliveryStatus, Destination, DestinationState, ErrorInfo, Outcome};
+use crate::delivery::{DeliveryStatus, Destination, ErrorInfo, Outcome};
 use crate::event::{CanonicalEvent, EventName};
 use crate::hashing::sha256_hex_joined;
 use crate::mapping::{FullRefundPolicy, GoogleBackend, GoogleConversion, Mapping};
@@ -597,28 +597,7 @@ pub fn correction_events(
                 p.to.as_str(),
                 step.as_str(),
             ]);
-            let mut state = DestinationState::new(DeliveryStatus::Pending, now);
-            state.consent_reason = won
-                .destinations
-                .get(&p.destination)
-                .and_then(|s| s.consent_reason.clone());
             CanonicalEvent {
-                key: event_id.clone(),
-                event_id,
-                event_id_origin: crate::event::EventIdOrigin::Derived,
-                source: won.source.clone(),
-                event_name: EventName::Correction,
-                crm_stage: None,
-                occurred_at: won.occurred_at,
-                received_at: won.received_at,
-                entity_type: won.entity_type,
-                entity_id: won.entity_id.clone(),
-                order_id: won.order_id.clone(),
-                value: won.value,
-                currency: won.currency.clone(),
-                identity: won.identity.clone(),
-                warnings: Vec::new(),
-                consent: won.consent.clone(),
                 mapping_version: to_mapping_version.to_string(),
                 correction: Some(Correction {
                     of: won.key.clone(),
@@ -629,7 +608,13 @@ pub fn correction_events(
                     to_mapping_version: to_mapping_version.to_string(),
                     made_at: now,
                 }),
-                destinations: BTreeMap::from([(p.destination, state)]),
+                ..CanonicalEvent::derived_from_won(
+                    won,
+                    event_id,
+                    EventName::Correction,
+                    [p.destination],
+                    now,
+                )
             }
         })
         .collect()
@@ -782,6 +767,7 @@ pub fn escalate(event: &CanonicalEvent, outcome: Outcome) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::DestinationState;
     use crate::delivery::{DeliveryLogEntry, PairResult};
     use crate::event::{ValidationContext, parse_event_json, validate};
     use crate::queue::memory::MemoryQueue;

@@ -13,7 +13,7 @@
 pub mod hubspot;
 pub mod salesforce;
 
-use crate::delivery::{DeliveryStatus, DestinationState};
+use crate::delivery::DeliveryStatus;
 use crate::event::{CanonicalEvent, EventName};
 use crate::ingest::{IngestConfig, IngestReport, ingest};
 use crate::mapping::Mapping;
@@ -425,32 +425,13 @@ pub fn restatement(
         .filter(|(_, s)| {
             s.status.is_delivered() || s.status.is_open() || s.status == DeliveryStatus::DeadLetter
         })
-        .map(|(d, s)| {
-            let mut state = DestinationState::new(DeliveryStatus::Pending, now);
-            state.consent_reason = s.consent_reason.clone();
-            (*d, state)
-        })
-        .collect();
+        .map(|(d, _)| *d);
     Some(CanonicalEvent {
-        key: event_id.clone(),
-        event_id,
-        event_id_origin: crate::event::EventIdOrigin::Derived,
-        source: won.source.clone(),
-        event_name: EventName::Refund,
         crm_stage: Some(RESTATEMENT_STAGE.into()),
         occurred_at: now,
         received_at: now,
-        entity_type: won.entity_type,
-        entity_id: won.entity_id.clone(),
-        order_id: won.order_id.clone(),
         value: Some(delta),
-        currency: won.currency.clone(),
-        identity: won.identity.clone(),
-        warnings: Vec::new(),
-        consent: won.consent.clone(),
-        mapping_version: won.mapping_version.clone(),
-        correction: None,
-        destinations,
+        ..CanonicalEvent::derived_from_won(won, event_id, EventName::Refund, destinations, now)
     })
 }
 
@@ -917,15 +898,8 @@ mod tests {
         crm.set("2001", "closedwon", "250", t - 2 * DAY_MS);
         let (_, r) = run().await;
         assert_eq!(r.stored, 1);
-        let total: f64 = store
-            .find_by_order("2001")
-            .await
-            .unwrap()
-            .iter()
-            .filter(|e| e.event_name == EventName::Refund)
-            .filter_map(|e| e.value.map(|v| v.as_f64()))
-            .sum();
-        assert_eq!(total, 150.0);
+        let total = restated(&store.find_by_order("2001").await.unwrap());
+        assert_eq!(total.as_f64(), 150.0);
         // A negative CRM amount is reported, never a refund larger than the won.
         crm.set("2001", "closedwon", "-5", t - 2 * DAY_MS);
         let (_, r) = run().await;

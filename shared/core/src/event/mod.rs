@@ -152,6 +152,52 @@ impl CanonicalEvent {
     pub fn correction_step(&self) -> Option<crate::correction::CorrectionStep> {
         self.correction.as_ref().map(|c| c.step)
     }
+
+    /// An event the bridge makes for `won`'s order (a correction step, a restatement): the
+    /// won's source, record, order, times, value, identity hashes, consent and mapping version,
+    /// under `event_id` (also its key), with a pending pair at each of `destinations` that
+    /// keeps the won's consent decision there. Callers change what differs.
+    pub fn derived_from_won(
+        won: &CanonicalEvent,
+        event_id: String,
+        event_name: EventName,
+        destinations: impl IntoIterator<Item = Destination>,
+        now: Timestamp,
+    ) -> CanonicalEvent {
+        let destinations = destinations
+            .into_iter()
+            .map(|d| {
+                let mut state =
+                    DestinationState::new(crate::delivery::DeliveryStatus::Pending, now);
+                state.consent_reason = won
+                    .destinations
+                    .get(&d)
+                    .and_then(|s| s.consent_reason.clone());
+                (d, state)
+            })
+            .collect();
+        CanonicalEvent {
+            key: event_id.clone(),
+            event_id,
+            event_id_origin: EventIdOrigin::Derived,
+            source: won.source.clone(),
+            event_name,
+            crm_stage: None,
+            occurred_at: won.occurred_at,
+            received_at: won.received_at,
+            entity_type: won.entity_type,
+            entity_id: won.entity_id.clone(),
+            order_id: won.order_id.clone(),
+            value: won.value,
+            currency: won.currency.clone(),
+            identity: won.identity.clone(),
+            warnings: Vec::new(),
+            consent: won.consent.clone(),
+            mapping_version: won.mapping_version.clone(),
+            correction: None,
+            destinations,
+        }
+    }
 }
 
 /// One problem with an input: the field's path and the reason.
