@@ -1,10 +1,11 @@
 //! The HubSpot CRM API client: the records a HubSpot webhook names (a contact, a deal and its
-//! contact) with the property histories that confirm a change, and the search for the won deals
-//! of a period (reconciliation against the CRM), over HTTPS with a private-app token. The base
+//! contact) with the property histories that confirm a change, and for reconciliation against
+//! the CRM the search for the won deals of a period, the contacts modified since it began with
+//! their lifecycle stage histories, and the archived deals, over HTTPS with a private-app token. The base
 //! URL is configurable so tests and the local stack use a fake.
 
 use async_trait::async_trait;
-use bridge_core::crm_check::{CrmDeal, WonDeals};
+use bridge_core::crm_check::{CrmDeal, HubSpotSearch};
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::hubspot::{
     CONTACT_HISTORY, CONTACT_PROPERTIES, CrmError, DEAL_HISTORY, DEAL_PROPERTIES, HistoryEntry,
@@ -211,18 +212,26 @@ struct NextPage {
 }
 
 enum Window {
-    Deals(Vec<CrmDeal>),
+    Found(Vec<SearchResult>),
     /// More than one query can page through: split the window.
     TooMany,
 }
 
+/// One object type's search, as the check uses it: the filters of a window `[from, to)` of a
+/// date property, and the properties each result carries.
+struct Query<'a> {
+    object: &'static str,
+    filters: &'a (dyn Fn(i64, i64) -> Value + Sync),
+    properties: &'a [&'a str],
+}
+
 impl HubSpotClient {
     /// One search request, retried on 429 and 5xx.
-    async fn search_page(&self, body: &Value) -> Result<SearchPage, CrmError> {
+    async fn search_page(&self, object: &str, body: &Value) -> Result<SearchPage, CrmError> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let url = format!("{}/crm/v3/objects/deals/search", self.base);
+            let url = format!("{}/crm/v3/objects/{object}/search", self.base);
             let resp = self.send(self.http.post(url).json(body)).await?;
             if resp.status().as_u16() == 200 {
                 return resp
@@ -244,70 +253,53 @@ impl HubSpotClient {
         }
     }
 
-    /// Every won deal of one window, or `TooMany` when the query would pass 10,000 results.
+    /// Every result of one window, or `TooMany` when the query would pass 10,000 results.
     async fn search_window(
         &self,
-        stages: &[String],
+        q: &Query<'_>,
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Window, CrmError> {
-        let mut deals = Vec::new();
+        let mut found = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            // Enumeration properties (dealstage) match case-sensitively; BETWEEN includes both
-            // ends, so the window's end is its last millisecond. Date filters take epoch-ms
-            // strings. source: HS-SEARCH
             let mut body = json!({
-                "filterGroups": [{"filters": [
-                    {"propertyName": "dealstage", "operator": "IN", "values": stages},
-                    {"propertyName": "closedate", "operator": "BETWEEN",
-                     "value": from_ms.to_string(), "highValue": (to_ms - 1).to_string()},
-                ]}],
-                "properties": ["dealstage", "amount", "deal_currency_code", "closedate"],
+                "filterGroups": [{"filters": (q.filters)(from_ms, to_ms)}],
+                "properties": q.properties,
                 "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],
                 "limit": SEARCH_PAGE,
             });
             if let Some(a) = &after {
                 body["after"] = json!(a);
             }
-            let page = self.search_page(&body).await?;
+            let page = self.search_page(q.object, &body).await?;
             if page.total > SEARCH_MAX {
                 return Ok(Window::TooMany);
             }
-            for r in page.results {
-                let prop = |k: &str| r.properties.get(k).cloned().flatten();
-                deals.push(CrmDeal {
-                    stage: prop("dealstage").unwrap_or_default(),
-                    amount: prop("amount").and_then(|a| a.trim().parse().ok()),
-                    currency: prop("deal_currency_code").filter(|c| !c.is_empty()),
-                    id: r.id,
-                });
-            }
+            found.extend(page.results);
             match page.paging.and_then(|p| p.next) {
                 Some(n) => after = Some(n.after),
-                None => return Ok(Window::Deals(deals)),
+                None => return Ok(Window::Found(found)),
             }
         }
     }
-}
 
-#[async_trait]
-impl WonDeals for HubSpotClient {
-    /// Windows holding more than one query's 10,000 results are halved until each fits.
-    async fn won_deals(
+    /// Every result of `[from, to)`: windows holding more than one query's 10,000 results are
+    /// halved until each fits. Sorted by id, each once.
+    async fn search_all(
         &self,
-        stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<CrmDeal>, CrmError> {
+        q: &Query<'_>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<SearchResult>, CrmError> {
         let mut out = Vec::new();
-        let mut windows = vec![(from.unix_ms(), to.unix_ms())];
+        let mut windows = vec![(from_ms, to_ms)];
         while let Some((a, b)) = windows.pop() {
             if a >= b {
                 continue;
             }
-            match self.search_window(stages, a, b).await? {
-                Window::Deals(d) => out.extend(d),
+            match self.search_window(q, a, b).await? {
+                Window::Found(d) => out.extend(d),
                 Window::TooMany if b - a > 1 => {
                     let mid = a + (b - a) / 2;
                     windows.push((mid, b));
@@ -316,7 +308,7 @@ impl WonDeals for HubSpotClient {
                 Window::TooMany => {
                     return Err(CrmError::Refused {
                         status: 400,
-                        message: "more than 10,000 deals closed in one millisecond".into(),
+                        message: format!("more than 10,000 {} in one millisecond", q.object),
                     });
                 }
             }
@@ -324,6 +316,70 @@ impl WonDeals for HubSpotClient {
         out.sort_by(|x, y| x.id.cmp(&y.id));
         out.dedup_by(|x, y| x.id == y.id);
         Ok(out)
+    }
+
+    /// One batch read of `object` (`POST .../batch/read`), 200 or 207 (some ids not found).
+    async fn batch_read(
+        &self,
+        object: &str,
+        archived: bool,
+        body: &Value,
+    ) -> Result<Value, CrmError> {
+        let url = format!("{}/crm/v3/objects/{object}/batch/read", self.base);
+        let mut req = self.http.post(url).json(body);
+        if archived {
+            req = req.query(&[("archived", "true")]);
+        }
+        let resp = self.send(req).await?;
+        if !matches!(resp.status().as_u16(), 200 | 207) {
+            return Err(failure(resp).await);
+        }
+        resp.json()
+            .await
+            .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))
+    }
+}
+
+/// Inputs per history batch read: `propertiesWithHistory` lowers a read's per-request maximum
+/// (HS-DEALS; 50 for the list read), so the batch stays at 50 of its 100.
+const HISTORY_BATCH: usize = 50;
+
+#[async_trait]
+impl HubSpotSearch for HubSpotClient {
+    async fn won_deals(
+        &self,
+        stages: &[String],
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<CrmDeal>, CrmError> {
+        // Enumeration properties (dealstage) match case-sensitively; BETWEEN includes both
+        // ends, so the window's end is its last millisecond. Date filters take epoch-ms
+        // strings. source: HS-SEARCH
+        let filters = |a: i64, b: i64| {
+            json!([
+                {"propertyName": "dealstage", "operator": "IN", "values": stages},
+                {"propertyName": "closedate", "operator": "BETWEEN",
+                 "value": a.to_string(), "highValue": (b - 1).to_string()},
+            ])
+        };
+        let q = Query {
+            object: "deals",
+            filters: &filters,
+            properties: &["dealstage", "amount", "deal_currency_code", "closedate"],
+        };
+        let found = self.search_all(&q, from.unix_ms(), to.unix_ms()).await?;
+        Ok(found
+            .into_iter()
+            .map(|r| {
+                let prop = |k: &str| r.properties.get(k).cloned().flatten();
+                CrmDeal {
+                    stage: prop("dealstage").unwrap_or_default(),
+                    amount: prop("amount").and_then(|a| a.trim().parse().ok()),
+                    currency: prop("deal_currency_code").filter(|c| !c.is_empty()),
+                    id: r.id,
+                }
+            })
+            .collect())
     }
 
     /// The batch read with `archived=true`, 100 ids a request: the search never lists a
@@ -336,22 +392,7 @@ impl WonDeals for HubSpotClient {
                 "properties": ["hs_object_id"],
                 "inputs": chunk.iter().map(|id| json!({"id": id})).collect::<Vec<_>>(),
             });
-            let url = format!("{}/crm/v3/objects/deals/batch/read", self.base);
-            let resp = self
-                .send(
-                    self.http
-                        .post(url)
-                        .query(&[("archived", "true")])
-                        .json(&body),
-                )
-                .await?;
-            if !matches!(resp.status().as_u16(), 200 | 207) {
-                return Err(failure(resp).await);
-            }
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| CrmError::Unavailable(crate::http::error_text(e)))?;
+            let v = self.batch_read("deals", true, &body).await?;
             out.extend(
                 v["results"]
                     .as_array()
@@ -360,6 +401,57 @@ impl WonDeals for HubSpotClient {
                     .filter(|r| r["archived"].as_bool() == Some(true))
                     .filter_map(|r| r["id"].as_str().map(String::from)),
             );
+        }
+        Ok(out)
+    }
+
+    /// Contacts by `lastmodifieddate` (the contacts' name for it; other objects say
+    /// `hs_lastmodifieddate`. source: HS-SEARCH), from `since` to a day past now, split like
+    /// the deal search past 10,000.
+    async fn contacts_modified(&self, since: Timestamp) -> Result<Vec<String>, CrmError> {
+        let filters = |a: i64, b: i64| {
+            json!([{"propertyName": "lastmodifieddate", "operator": "BETWEEN",
+                    "value": a.to_string(), "highValue": (b - 1).to_string()}])
+        };
+        let q = Query {
+            object: "contacts",
+            filters: &filters,
+            properties: &["lastmodifieddate"],
+        };
+        let until = Timestamp::now().plus_secs(86_400);
+        let found = self
+            .search_all(&q, since.unix_ms(), until.unix_ms())
+            .await?;
+        Ok(found.into_iter().map(|r| r.id).collect())
+    }
+
+    /// The contacts batch read with `propertiesWithHistory=lifecyclestage`, 50 ids a request.
+    /// source: crm-apis.md "Batch reads and associations"
+    async fn lifecycle_histories(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<HistoryEntry>>, CrmError> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(HISTORY_BATCH) {
+            let body = json!({
+                "properties": ["lifecyclestage"],
+                "propertiesWithHistory": ["lifecyclestage"],
+                "inputs": chunk.iter().map(|id| json!({"id": id})).collect::<Vec<_>>(),
+            });
+            let v = self.batch_read("contacts", false, &body).await?;
+            for r in v["results"].as_array().into_iter().flatten() {
+                let Ok(body) = serde_json::from_value::<RecordBody>(r.clone()) else {
+                    continue;
+                };
+                let Some(id) = r["id"].as_str() else {
+                    continue;
+                };
+                let mut rec = record(body);
+                out.insert(
+                    id.to_string(),
+                    rec.history.remove("lifecyclestage").unwrap_or_default(),
+                );
+            }
         }
         Ok(out)
     }

@@ -1,18 +1,20 @@
 //! HubSpot as a [`CrmSide`]: the deal search for won deals, the deal record's `dealstage`
 //! history for when a missed deal was won, and the record read (archived deals answer "not
-//! found") for the stored wons the search no longer lists.
+//! found") for the stored wons the search no longer lists; for the lead funnel, the contacts
+//! modified since the period began and their `lifecyclestage` histories.
 
-use super::{CheckError, CrmDeal, CrmSide, Missed, Period, Replay};
+use super::{CheckError, CrmDeal, CrmSide, Missed, Period, Replay, StageEntry};
 use crate::mapping::Mapping;
 use crate::store::EventStore;
 use crate::timestamp::Timestamp;
-use crate::webhook::hubspot::{CrmError, HubSpotEvent, HubSpotRecords, event_key};
+use crate::webhook::hubspot::{CrmError, HistoryEntry, HubSpotEvent, HubSpotRecords, event_key};
 use async_trait::async_trait;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-/// HubSpot's CRM search for won deals. Implemented over HTTP in `bridge-platforms`.
+/// HubSpot's CRM search and batch reads, as the check uses them. Implemented over HTTP in
+/// `bridge-platforms`.
 #[async_trait]
-pub trait WonDeals: Send + Sync {
+pub trait HubSpotSearch: Send + Sync {
     /// Every deal in one of `stages` whose close date is in `[from, to)`, all pages read.
     async fn won_deals(
         &self,
@@ -22,18 +24,26 @@ pub trait WonDeals: Send + Sync {
     ) -> Result<Vec<CrmDeal>, CrmError>;
     /// Which of `ids` are deleted (archived): the search never lists them.
     async fn archived(&self, ids: &[String]) -> Result<HashSet<String>, CrmError>;
+    /// Every contact modified at or after `since`, all pages read: a contact whose lifecycle
+    /// stage changed in a period was modified then or later.
+    async fn contacts_modified(&self, since: Timestamp) -> Result<Vec<String>, CrmError>;
+    /// The `lifecyclestage` history of each of `ids` (contacts deleted since are left out).
+    async fn lifecycle_histories(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<HistoryEntry>>, CrmError>;
 }
 
 /// HubSpot's search and record reads, for the account `portal_id`.
 pub struct HubSpotSide<'a> {
-    pub search: &'a dyn WonDeals,
+    pub search: &'a dyn HubSpotSearch,
     pub records: &'a dyn HubSpotRecords,
     pub portal_id: Option<i64>,
 }
 
 /// Compares HubSpot's won deals of the period with the stored events (see [`super::check`]).
 pub async fn check_hubspot(
-    search: &dyn WonDeals,
+    search: &dyn HubSpotSearch,
     records: &dyn HubSpotRecords,
     store: &dyn EventStore,
     mapping: &Mapping,
@@ -111,6 +121,52 @@ impl CrmSide for HubSpotSide<'_> {
             });
         }
         Ok(out)
+    }
+
+    async fn stage_entries(
+        &self,
+        stages: &[String],
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Option<Vec<StageEntry>>, CheckError> {
+        let ids = self.search.contacts_modified(from).await?;
+        if ids.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let histories = self.search.lifecycle_histories(&ids).await?;
+        let mut out = Vec::new();
+        for (id, history) in histories {
+            // The mapping keeps stage values lower-cased; HubSpot's lifecycle stage ids are
+            // lower-case (`marketingqualifiedlead`) or numeric for custom stages.
+            out.extend(
+                history
+                    .into_iter()
+                    .filter(|h| h.at >= from && h.at < to)
+                    .filter(|h| stages.contains(&h.value.trim().to_lowercase()))
+                    .map(|h| StageEntry {
+                        record_id: id.clone(),
+                        stage: h.value,
+                        at: h.at,
+                    }),
+            );
+        }
+        out.sort_by(|a, b| (a.at, &a.record_id).cmp(&(b.at, &b.record_id)));
+        Ok(Some(out))
+    }
+
+    /// The `contact.propertyChange` of `lifecyclestage` HubSpot sends for the change, at the
+    /// history's time: replayed, it gets the event id the lost webhook would have had.
+    fn stage_replay(&self, entry: &StageEntry) -> Option<Replay> {
+        let object_id = entry.record_id.parse::<i64>().ok()?;
+        Some(Replay::HubSpot(HubSpotEvent {
+            event_id: None,
+            portal_id: self.portal_id,
+            subscription_type: "contact.propertyChange".into(),
+            object_id,
+            occurred_at: entry.at.unix_ms(),
+            property_name: Some("lifecyclestage".into()),
+            property_value: Some(entry.stage.clone()),
+        }))
     }
 }
 

@@ -29,7 +29,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-pub use hubspot::{WonDeals, check_hubspot};
+pub use hubspot::{HubSpotSearch, check_hubspot};
 pub use salesforce::{SalesforceApi, SfContact, SfOpportunity, check_salesforce};
 
 /// Meta refuses an event older than 7 days (and the whole request that holds one): a repair
@@ -73,7 +73,64 @@ pub trait CrmSide: Send + Sync {
         orders: &[String],
         stages: &[String],
     ) -> Result<Vec<Option<&'static str>>, CheckError>;
+    /// The lead funnel: every entry of a record into one of `stages` (lifecycle stages the
+    /// mapping maps to lead, MQL or SQL) at a time in `[from, to)`, from the CRM's own stage
+    /// history. `None` where this side does not read them (the report says so).
+    async fn stage_entries(
+        &self,
+        _stages: &[String],
+        _from: Timestamp,
+        _to: Timestamp,
+    ) -> Result<Option<Vec<StageEntry>>, CheckError> {
+        Ok(None)
+    }
+    /// The webhook the CRM would have sent for one stage entry.
+    fn stage_replay(&self, _entry: &StageEntry) -> Option<Replay> {
+        None
+    }
 }
+
+/// A record's entry into a lifecycle stage, as the CRM's property history shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageEntry {
+    pub record_id: String,
+    pub stage: String,
+    pub at: Timestamp,
+}
+
+/// A lead-funnel change (lead, MQL, SQL) the CRM shows and the bridge never stored.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MissedStage {
+    pub record_id: String,
+    pub stage: String,
+    pub event_name: &'static str,
+    /// The history's time of the change: the `occurredAt` its webhook carried.
+    pub entered_at: Timestamp,
+    pub notes: Vec<String>,
+    #[serde(skip)]
+    pub replay: Option<Replay>,
+}
+
+/// Per funnel event: the stage entries the CRM shows against the events the bridge stored.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct StageFigures {
+    pub crm_changes: u64,
+    pub stored: u64,
+    pub missed: u64,
+}
+
+/// The lead funnel's side of the check.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Funnel {
+    /// By event name (`lead`, `mql`, `sql`).
+    pub per_stage: BTreeMap<&'static str, StageFigures>,
+    pub missed: Vec<MissedStage>,
+}
+
+/// How far a stored change's `occurred_at` may be from the history's time of the same change
+/// and still be that change: the window the webhook path confirms a change within
+/// (`ResolveOptions::confirm_window_ms`), so the two never disagree on what arrived.
+const STAGE_MATCH_MS: i64 = 300_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -164,6 +221,16 @@ pub struct CrmCheck {
     pub per_currency: BTreeMap<String, CrmFigures>,
     pub missed: Vec<Missed>,
     pub changed: Vec<Changed>,
+    /// The lead funnel (contacts' lifecycle stages), where the CRM side reads it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub funnel: Option<Funnel>,
+}
+
+impl CrmCheck {
+    /// Every missed change, deals and funnel stages: the figure the alarm watches.
+    pub fn missed_count(&self) -> usize {
+        self.missed.len() + self.funnel.as_ref().map_or(0, |f| f.missed.len())
+    }
 }
 
 const UNKNOWN_CURRENCY: &str = "(none)";
@@ -225,6 +292,22 @@ fn won_stages(mapping: &Mapping, source: &'static str) -> Result<Vec<String>, Ch
     Ok(stages)
 }
 
+/// The stages the mapping contract maps to a funnel event (lead, MQL, SQL) for `source`.
+fn funnel_stages(mapping: &Mapping, source: &'static str) -> Vec<String> {
+    let mut stages: Vec<String> = mapping
+        .source(source)
+        .map(|s| {
+            s.stages
+                .iter()
+                .filter(|(_, e)| !e.is_revenue())
+                .map(|(stage, _)| stage.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    stages.sort();
+    stages
+}
+
 /// Compares the CRM's won deals of `[from, to)` with the stored events. Asks the CRM about
 /// the missed deals (for their replays) and the stored wons it no longer lists; stores nothing.
 pub async fn check(
@@ -245,10 +328,21 @@ pub async fn check(
         per_currency: BTreeMap::new(),
         missed: Vec::new(),
         changed: Vec::new(),
+        funnel: None,
     };
-    // The period's stored events: a won whose order id is not the CRM's record id (a Flow may
-    // send its own `order_id`) is still found by its record (`entity_id`).
-    let period_events = store.events_between(from, to).await?;
+    // The period's stored events, and a match window either side for the funnel's changes: a
+    // won whose order id is not the CRM's record id (a Flow may send its own `order_id`) is
+    // still found by its record (`entity_id`).
+    let around = store
+        .events_between(
+            Timestamp::from_unix_ms(from.unix_ms().saturating_sub(STAGE_MATCH_MS)),
+            Timestamp::from_unix_ms(to.unix_ms().saturating_add(STAGE_MATCH_MS)),
+        )
+        .await?;
+    let period_events: Vec<&CanonicalEvent> = around
+        .iter()
+        .filter(|e| e.occurred_at >= from && e.occurred_at < to)
+        .collect();
     let order_of_record: HashMap<&str, &str> = period_events
         .iter()
         .filter(|e| e.source == source && e.event_name == EventName::Won)
@@ -311,7 +405,7 @@ pub async fn check(
     // reopened or deleted, or only has a close date outside the period (then all is well).
     // The CRM is asked by record id (`entity_id`: the deal or opportunity).
     let mut unlisted: Vec<&CanonicalEvent> = Vec::new();
-    for e in &period_events {
+    for e in period_events.iter().copied() {
         let Some(order) = e.order_id.as_deref() else {
             continue;
         };
@@ -341,7 +435,78 @@ pub async fn check(
             reason,
         });
     }
+    check.funnel = funnel(side, mapping, &around, from, to, now).await?;
     Ok(check)
+}
+
+/// The lead funnel: each stage entry the CRM's history shows in `[from, to)` against the
+/// stored events of the same record and funnel event within [`STAGE_MATCH_MS`] of it.
+async fn funnel(
+    side: &dyn CrmSide,
+    mapping: &Mapping,
+    stored: &[CanonicalEvent],
+    from: Timestamp,
+    to: Timestamp,
+    now: Timestamp,
+) -> Result<Option<Funnel>, CheckError> {
+    let source = side.source();
+    let stages = funnel_stages(mapping, source);
+    if stages.is_empty() {
+        return Ok(None);
+    }
+    let Some(entries) = side.stage_entries(&stages, from, to).await? else {
+        return Ok(None);
+    };
+    let mut times: HashMap<(&str, EventName), Vec<i64>> = HashMap::new();
+    for e in stored.iter().filter(|e| e.source == source) {
+        times
+            .entry((e.entity_id.as_str(), e.event_name))
+            .or_default()
+            .push(e.occurred_at.unix_ms());
+    }
+    let mut out = Funnel::default();
+    for entry in entries {
+        let Some(event) = mapping
+            .lifecycle_for(source, &entry.stage)
+            .filter(|e| !e.is_revenue())
+        else {
+            continue;
+        };
+        let figures = out.per_stage.entry(event.as_str()).or_default();
+        figures.crm_changes += 1;
+        let at = entry.at.unix_ms();
+        let arrived = times
+            .get(&(entry.record_id.as_str(), event))
+            .is_some_and(|t| {
+                t.iter()
+                    .any(|s| s.abs_diff(at) <= STAGE_MATCH_MS.unsigned_abs())
+            });
+        if arrived {
+            figures.stored += 1;
+            continue;
+        }
+        figures.missed += 1;
+        let mut notes = Vec::new();
+        if now.secs_since(&entry.at) > META_WINDOW_SECS {
+            notes
+                .push("older than 7 days: Meta refuses it, so a repair reaches Google only".into());
+        }
+        let replay = side.stage_replay(&entry);
+        if replay.is_none() {
+            notes.push("no webhook of this CRM replays the change".into());
+        }
+        out.missed.push(MissedStage {
+            record_id: entry.record_id,
+            stage: entry.stage,
+            event_name: event.as_str(),
+            entered_at: entry.at,
+            notes,
+            replay,
+        });
+    }
+    out.missed
+        .sort_by(|a, b| (a.entered_at, &a.record_id).cmp(&(b.entered_at, &b.record_id)));
+    Ok(Some(out))
 }
 
 /// Ingests the missed deals as their webhooks would have been: a HubSpot replay resolved
@@ -359,8 +524,14 @@ pub async fn repair(
 ) -> IngestReport {
     let mut hooks: Vec<HubSpotEvent> = Vec::new();
     let mut items: Vec<Incoming> = Vec::new();
-    for m in &check.missed {
-        match &m.replay {
+    let funnel = check.funnel.iter().flat_map(|f| &f.missed);
+    for replay in check
+        .missed
+        .iter()
+        .map(|m| &m.replay)
+        .chain(funnel.map(|m| &m.replay))
+    {
+        match replay {
             Some(Replay::HubSpot(e)) => hooks.push(e.clone()),
             Some(Replay::Salesforce(raw)) => items.push(crate::webhook::salesforce::parse_item(
                 raw,
@@ -538,6 +709,15 @@ impl CrmCheck {
                 c.reason,
             ));
         }
+        for m in self.funnel.iter().flat_map(|f| &f.missed) {
+            out.push_str(&format!(
+                "missed_by_webhook,{},{},{},,,,,{}\n",
+                csv(&m.record_id),
+                csv(&m.stage),
+                m.entered_at.canonical(),
+                csv(&m.notes.join("; ")),
+            ));
+        }
         out
     }
 }
@@ -578,6 +758,9 @@ mod tests {
         contact: HubSpotRecord,
         /// Archived deals: the search and the record read no longer see them.
         deleted: Mutex<HashSet<String>>,
+        /// Contacts of the lead funnel with their own `lifecyclestage` history (any other id
+        /// reads as `contact`).
+        contacts: Mutex<HashMap<String, HubSpotRecord>>,
     }
 
     impl Crm {
@@ -618,6 +801,36 @@ mod tests {
             }
         }
 
+        /// The contact enters lifecycle stage `stage` at `at_ms`.
+        fn enter(&self, id: &str, stage: &str, at_ms: i64) {
+            let mut contacts = self.contacts.lock().unwrap();
+            let r = contacts
+                .entry(id.to_string())
+                .or_insert_with(|| self.contact.clone());
+            r.properties
+                .insert("lifecyclestage".into(), Some(stage.into()));
+            r.history
+                .entry("lifecyclestage".into())
+                .or_default()
+                .push(HistoryEntry {
+                    value: stage.into(),
+                    at: Timestamp::from_unix_ms(at_ms),
+                });
+        }
+
+        /// The `contact.propertyChange` HubSpot sends for that, `late_ms` off the history.
+        fn contact_webhook(&self, id: &str, stage: &str, at_ms: i64) -> HubSpotEvent {
+            HubSpotEvent {
+                event_id: Some(2),
+                portal_id: Some(PORTAL),
+                subscription_type: "contact.propertyChange".into(),
+                object_id: id.parse().unwrap(),
+                occurred_at: at_ms,
+                property_name: Some("lifecyclestage".into()),
+                property_value: Some(stage.into()),
+            }
+        }
+
         fn webhook(&self, id: &str) -> HubSpotEvent {
             let deals = self.deals.lock().unwrap();
             let (r, _) = &deals[id];
@@ -636,8 +849,9 @@ mod tests {
 
     #[async_trait]
     impl HubSpotRecords for Crm {
-        async fn contact(&self, _id: &str) -> Result<Option<HubSpotRecord>, CrmError> {
-            Ok(Some(self.contact.clone()))
+        async fn contact(&self, id: &str) -> Result<Option<HubSpotRecord>, CrmError> {
+            let contacts = self.contacts.lock().unwrap();
+            Ok(Some(contacts.get(id).unwrap_or(&self.contact).clone()))
         }
         async fn deal(&self, id: &str) -> Result<Option<HubSpotRecord>, CrmError> {
             if self.deleted.lock().unwrap().contains(id) {
@@ -648,7 +862,7 @@ mod tests {
     }
 
     #[async_trait]
-    impl WonDeals for Crm {
+    impl HubSpotSearch for Crm {
         async fn won_deals(
             &self,
             stages: &[String],
@@ -680,6 +894,27 @@ mod tests {
                 .iter()
                 .filter(|id| deleted.contains(*id))
                 .cloned()
+                .collect())
+        }
+        async fn contacts_modified(&self, since: Timestamp) -> Result<Vec<String>, CrmError> {
+            let contacts = self.contacts.lock().unwrap();
+            Ok(contacts
+                .iter()
+                .filter(|(_, r)| r.history.values().flatten().any(|h| h.at >= since))
+                .map(|(id, _)| id.clone())
+                .collect())
+        }
+        async fn lifecycle_histories(
+            &self,
+            ids: &[String],
+        ) -> Result<HashMap<String, Vec<HistoryEntry>>, CrmError> {
+            let contacts = self.contacts.lock().unwrap();
+            Ok(ids
+                .iter()
+                .filter_map(|id| {
+                    let h = contacts.get(id)?.history.get("lifecyclestage")?;
+                    Some((id.clone(), h.clone()))
+                })
                 .collect())
         }
     }
@@ -828,6 +1063,109 @@ mod tests {
             "{:?}",
             gone.changed
         );
+    }
+
+    #[tokio::test]
+    async fn the_lead_funnel_is_checked_from_each_contacts_stage_history() {
+        let m = Mapping::bundled().unwrap();
+        let crm = Crm::new();
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let t = now().unix_ms();
+        let (from, to) = (now().minus_secs(7 * 86_400), now());
+        // 201 became a lead and an MQL, both webhooks arrived; 202's lead arrived, its MQL
+        // never did; 203's SQL never arrived; 204's lead webhook carried a time a minute off
+        // the history's (still that change); 205 became a lead before the period and then a
+        // customer, a stage the mapping does not map.
+        let changes = [
+            ("201", "lead", t - 3 * DAY_MS, Some(0)),
+            ("201", "marketingqualifiedlead", t - 2 * DAY_MS, Some(0)),
+            ("202", "lead", t - 2 * DAY_MS, Some(0)),
+            ("202", "marketingqualifiedlead", t - DAY_MS, None),
+            ("203", "salesqualifiedlead", t - DAY_MS, None),
+            ("204", "lead", t - DAY_MS, Some(60_000)),
+            ("205", "lead", t - 9 * DAY_MS, Some(0)),
+            ("205", "customer", t - DAY_MS, None),
+        ];
+        let mut hooks = Vec::new();
+        for (id, stage, at, arrived) in changes {
+            crm.enter(id, stage, at);
+            if let Some(late) = arrived {
+                hooks.push(crm.contact_webhook(id, stage, at + late));
+            }
+        }
+        let items = resolve(&hooks, &crm, &m, &opts(), &HashSet::new()).await;
+        let r = ingest(items, "hubspot", &m, &cfg(), now(), &store, &queue).await;
+        assert!(
+            r.results.iter().all(|x| x.status == ItemStatus::Accepted),
+            "{r:?}"
+        );
+
+        let check = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
+            .await
+            .unwrap();
+        let funnel = check.funnel.clone().expect("HubSpot reads the funnel");
+        let figures = |e: &str| {
+            let f = &funnel.per_stage[e];
+            (f.crm_changes, f.stored, f.missed)
+        };
+        assert_eq!(figures("lead"), (3, 3, 0));
+        assert_eq!(figures("mql"), (2, 1, 1));
+        assert_eq!(figures("sql"), (1, 0, 1));
+        let missed: Vec<(&str, &str, i64)> = funnel
+            .missed
+            .iter()
+            .map(|x| (x.record_id.as_str(), x.event_name, x.entered_at.unix_ms()))
+            .collect();
+        assert_eq!(
+            missed,
+            [("202", "mql", t - DAY_MS), ("203", "sql", t - DAY_MS)]
+        );
+        assert_eq!(check.missed_count(), 2);
+        let csv = check.to_csv();
+        assert!(
+            csv.contains("missed_by_webhook,202,marketingqualifiedlead,"),
+            "{csv}"
+        );
+
+        // The repair replays each as HubSpot's webhook at the history's time, once.
+        let r = repair(
+            &check,
+            Some((&crm, &opts())),
+            &m,
+            &cfg(),
+            now(),
+            &store,
+            &queue,
+        )
+        .await;
+        let statuses: Vec<ItemStatus> = r.results.iter().map(|x| x.status).collect();
+        assert_eq!(statuses, [ItemStatus::Accepted, ItemStatus::Accepted]);
+        let stored = store.events_between(from, to).await.unwrap();
+        let mql = stored
+            .iter()
+            .find(|e| e.entity_id == "202" && e.event_name == EventName::Mql)
+            .expect("202's MQL stored");
+        assert_eq!(mql.occurred_at, Timestamp::from_unix_ms(t - DAY_MS));
+        assert_eq!(mql.crm_stage.as_deref(), Some("marketingqualifiedlead"));
+        let again = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
+            .await
+            .unwrap();
+        let funnel = again.funnel.unwrap();
+        assert!(funnel.missed.is_empty(), "{:?}", funnel.missed);
+        assert_eq!(
+            funnel.per_stage["mql"],
+            StageFigures {
+                crm_changes: 2,
+                stored: 2,
+                missed: 0
+            }
+        );
+        // The webhook that was only late is a duplicate of the repair.
+        let late = crm.contact_webhook("202", "marketingqualifiedlead", t - DAY_MS);
+        let items = resolve(&[late], &crm, &m, &opts(), &HashSet::new()).await;
+        let r = ingest(items, "hubspot", &m, &cfg(), now(), &store, &queue).await;
+        assert_eq!(r.results[0].status, ItemStatus::Duplicate);
     }
 
     #[tokio::test]

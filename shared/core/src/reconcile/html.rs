@@ -373,6 +373,38 @@ impl Report {
             }
             h.push_str("</table>\n");
         }
+        if let Some(funnel) = &c.funnel {
+            h.push_str("<h3>Lead funnel: stage changes in the CRM's history</h3>\n<table><tr><th>Event</th><th>CRM changes</th><th>Stored</th><th>Missed by webhook</th></tr>\n");
+            for (event, f) in &funnel.per_stage {
+                let b = format!("crm.funnel.{event}");
+                let _ = writeln!(
+                    h,
+                    "<tr><td>{}</td>{}{}{}</tr>",
+                    esc(event),
+                    fig(&format!("{b}.changes"), &f.crm_changes.to_string()),
+                    fig(&format!("{b}.stored"), &f.stored.to_string()),
+                    fig(&format!("{b}.missed"), &f.missed.to_string()),
+                );
+            }
+            h.push_str("</table>\n");
+            if !funnel.missed.is_empty() {
+                h.push_str("<table><tr><th>Record</th><th>Stage</th><th>Event</th><th>Entered at</th><th>Notes</th></tr>\n");
+                for m in &funnel.missed {
+                    let _ = writeln!(
+                        h,
+                        "<tr><td data-figure=\"crm.funnel.missed.{}.{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        esc(&m.record_id),
+                        esc(m.event_name),
+                        esc(&m.record_id),
+                        esc(&m.stage),
+                        esc(m.event_name),
+                        esc(&m.entered_at.canonical()),
+                        esc(&m.notes.join("; ")),
+                    );
+                }
+                h.push_str("</table>\n");
+            }
+        }
         if let Some(repaired) = &crm.repaired {
             h.push_str(
                 "<h3>Repaired in this run</h3>\n<table><tr><th>Result</th><th>Events</th></tr>\n",

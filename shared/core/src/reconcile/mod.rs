@@ -528,6 +528,26 @@ impl Report {
             for x in &c.changed {
                 row(&d, "changed_in_crm", &x.deal_id, x.reason, "");
             }
+            for (event, f) in c.funnel.iter().flat_map(|f| &f.per_stage) {
+                row(
+                    &d,
+                    "crm_funnel",
+                    event,
+                    "changes",
+                    &f.crm_changes.to_string(),
+                );
+                row(&d, "crm_funnel", event, "stored", &f.stored.to_string());
+                row(&d, "crm_funnel", event, "missed", &f.missed.to_string());
+            }
+            for m in c.funnel.iter().flat_map(|f| &f.missed) {
+                row(
+                    &d,
+                    "missed_by_webhook",
+                    &m.record_id,
+                    &m.entered_at.canonical(),
+                    format!("{} {}", m.event_name, m.notes.join("; ")).trim(),
+                );
+            }
             for (status, n) in crm.repaired.iter().flatten() {
                 row(&d, "repaired", status, "", &n.to_string());
             }
@@ -577,7 +597,7 @@ impl Report {
                         ("period", self.period.as_str()),
                     ],
                     &[
-                        ("missed_by_webhook", crm.check.missed.len() as f64),
+                        ("missed_by_webhook", crm.check.missed_count() as f64),
                         ("missed_by_webhook_revenue", missed_revenue),
                         ("changed_in_crm", crm.check.changed.len() as f64),
                     ],
@@ -913,6 +933,24 @@ mod tests {
                     crm_currency: None,
                     reason: "reopened_in_crm",
                 }],
+                funnel: Some(crate::crm_check::Funnel {
+                    per_stage: BTreeMap::from([(
+                        "mql",
+                        crate::crm_check::StageFigures {
+                            crm_changes: 4,
+                            stored: 3,
+                            missed: 1,
+                        },
+                    )]),
+                    missed: vec![crate::crm_check::MissedStage {
+                        record_id: "101".into(),
+                        stage: "marketingqualifiedlead".into(),
+                        event_name: "mql",
+                        entered_at: now().minus_secs(7200),
+                        notes: vec![],
+                        replay: None,
+                    }],
+                }),
             },
             repaired: Some(BTreeMap::from([("accepted".to_string(), 1)])),
         });
@@ -929,16 +967,22 @@ mod tests {
                 "last_day,crm:hubspot,crm_won,EUR,missed_revenue,200.00",
                 "last_day,crm:hubspot,missed_by_webhook,9002,2026-11-28T11:00:00.000Z,200.00 EUR",
                 "last_day,crm:hubspot,changed_in_crm,9001,reopened_in_crm,",
+                "last_day,crm:hubspot,crm_funnel,mql,changes,4",
+                "last_day,crm:hubspot,crm_funnel,mql,stored,3",
+                "last_day,crm:hubspot,crm_funnel,mql,missed,1",
+                "last_day,crm:hubspot,missed_by_webhook,101,2026-11-28T10:00:00.000Z,mql",
                 "last_day,crm:hubspot,repaired,accepted,,1",
             ]
         );
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["crm"]["missed"][0]["deal_id"], "9002");
         assert_eq!(json["crm"]["repaired"]["accepted"], 1);
+        assert_eq!(json["crm"]["funnel"]["per_stage"]["mql"]["missed"], 1);
+        assert_eq!(json["crm"]["funnel"]["missed"][0]["record_id"], "101");
         let metrics = r.metrics_lines(0);
         let last: serde_json::Value = serde_json::from_str(metrics.last().unwrap()).unwrap();
         assert_eq!(last["source"], "hubspot");
-        assert_eq!(last["missed_by_webhook"], 1.0);
+        assert_eq!(last["missed_by_webhook"], 2.0, "the deal and the MQL");
         assert_eq!(last["missed_by_webhook_revenue"], 200.0);
         assert_eq!(last["changed_in_crm"], 1.0);
     }

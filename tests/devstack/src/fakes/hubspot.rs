@@ -1,7 +1,7 @@
 //! A fake of the HubSpot CRM objects API: contacts and deals by id (deals with their
-//! associated contact), each property's history (`propertiesWithHistory`), the deal search
-//! (filters, paging, its limits), a required private-app bearer token, injected 429s, and a log
-//! of requests. Rules and shapes from crm-apis.md: HS-DEALS / HS-BASIC (GET by id, history
+//! associated contact), each property's history (`propertiesWithHistory`), the deal and contact
+//! searches (filters, paging, their limits), batch reads (archived deals; contacts with their
+//! histories), a required private-app bearer token, injected 429s, and a log of requests. Rules and shapes from crm-apis.md: HS-DEALS / HS-BASIC (GET by id, history
 //! entries `{value, timestamp (ISO), sourceType}`), HS-SEARCH (search), HS-ERR (error body),
 //! HS-USAGE / HS-REC (429 `RATE_LIMIT` body).
 
@@ -228,16 +228,30 @@ fn matches(props: &Value, f: &Value) -> Result<bool, String> {
     })
 }
 
-/// `POST /crm/v3/objects/deals/search`. source: HS-SEARCH (at most 5 filter groups of 6 filters
-/// and 18 in all, one sort, `limit` at most 200, `after` an offset string, at most 10,000
-/// results per query and 400 past them, archived deals never listed).
-async fn search(State(s): State<AppState>, h: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn search_deals(s: State<AppState>, h: HeaderMap, body: Json<Value>) -> Response {
+    search(s, h, body, "deals")
+}
+
+async fn search_contacts(s: State<AppState>, h: HeaderMap, body: Json<Value>) -> Response {
+    search(s, h, body, "contacts")
+}
+
+/// `POST /crm/v3/objects/{deals|contacts}/search`. source: HS-SEARCH (at most 5 filter groups
+/// of 6 filters and 18 in all, one sort, `limit` at most 200, `after` an offset string, at most
+/// 10,000 results per query and 400 past them, archived records never listed; contacts carry
+/// `lastmodifieddate`, deals `hs_lastmodifieddate`).
+fn search(
+    State(s): State<AppState>,
+    h: HeaderMap,
+    Json(body): Json<Value>,
+    object: &str,
+) -> Response {
     let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = gate(&mut d, &h, &s.token) {
         return r;
     }
     d.requests.push(format!(
-        "search deals after={}",
+        "search {object} after={}",
         body["after"].as_str().unwrap_or("")
     ));
     let invalid = |m: &str| error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR", m);
@@ -266,15 +280,25 @@ async fn search(State(s): State<AppState>, h: HeaderMap, Json(body): Json<Value>
         Some(Ok(a)) => a,
         Some(Err(_)) => return invalid("after must be an integer offset"),
     };
+    let props_of = |id: &String| -> &Value {
+        if object == "deals" {
+            &d.deals[id].0
+        } else {
+            &d.contacts[id]
+        }
+    };
     let mut hits = Vec::new();
-    let mut ids: Vec<&String> = d
-        .deals
-        .keys()
-        .filter(|id| !d.archived.contains(*id))
-        .collect();
+    let mut ids: Vec<&String> = if object == "deals" {
+        d.deals
+            .keys()
+            .filter(|id| !d.archived.contains(*id))
+            .collect()
+    } else {
+        d.contacts.keys().collect()
+    };
     ids.sort_by_key(|id| (id.len(), id.to_string()));
     for id in ids {
-        let props = &d.deals[id].0;
+        let props = props_of(id);
         let mut any = groups.is_empty();
         for g in &groups {
             let mut all = true;
@@ -307,7 +331,7 @@ async fn search(State(s): State<AppState>, h: HeaderMap, Json(body): Json<Value>
         .skip(after as usize)
         .take(limit as usize)
         .map(|id| {
-            let props = &d.deals[id].0;
+            let props = props_of(id);
             let mut out = Map::new();
             out.insert("hs_object_id".into(), json!(id));
             for p in &wanted {
@@ -324,15 +348,35 @@ async fn search(State(s): State<AppState>, h: HeaderMap, Json(body): Json<Value>
     (StatusCode::OK, Json(reply)).into_response()
 }
 
-/// `POST /crm/v3/objects/deals/batch/read[?archived=true]`. source: crm-apis.md "Batch reads
-/// and associations" (at most 100 inputs; `?archived=true` is accepted; 200, or 207 with
-/// `errors` for partial failure), HS-SEARCH / HS-BASIC (with `archived=true` only archived
-/// records come back, with `archived` and `archivedAt`).
-async fn batch_read(
+async fn batch_read_deals(
+    s: State<AppState>,
+    q: Query<HashMap<String, String>>,
+    h: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    batch_read(s, q, h, body, "deals")
+}
+
+async fn batch_read_contacts(
+    s: State<AppState>,
+    q: Query<HashMap<String, String>>,
+    h: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    batch_read(s, q, h, body, "contacts")
+}
+
+/// `POST /crm/v3/objects/{deals|contacts}/batch/read[?archived=true]`. source: crm-apis.md
+/// "Batch reads and associations" (body `properties`, `propertiesWithHistory`, at most 100
+/// `inputs`; `?archived=true` is accepted; 200, or 207 with `errors` for partial failure),
+/// HS-SEARCH / HS-BASIC (with `archived=true` only archived records come back, with `archived`
+/// and `archivedAt`). The fake keeps no archived contacts.
+fn batch_read(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
     Json(body): Json<Value>,
+    object: &str,
 ) -> Response {
     let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = gate(&mut d, &h, &s.token) {
@@ -340,7 +384,16 @@ async fn batch_read(
     }
     let archived = q.get("archived").map(String::as_str) == Some("true");
     d.requests
-        .push(format!("batch read deals archived={archived}"));
+        .push(format!("batch read {object} archived={archived}"));
+    let list = |k: &str| -> Vec<String> {
+        body[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(String::from))
+            .collect()
+    };
+    let (wanted, with_history) = (list("properties"), list("propertiesWithHistory").join(","));
     let inputs: Vec<String> = body["inputs"]
         .as_array()
         .into_iter()
@@ -357,14 +410,32 @@ async fn batch_read(
     let mut results = Vec::new();
     let mut missing = Vec::new();
     for id in &inputs {
-        let found = d.deals.contains_key(id) && d.archived.contains(id) == archived;
-        if !found {
+        let props = if object == "deals" {
+            d.deals
+                .get(id)
+                .filter(|_| d.archived.contains(id) == archived)
+                .map(|x| &x.0)
+        } else {
+            d.contacts.get(id).filter(|_| !archived)
+        };
+        let Some(props) = props else {
             missing.push(id.clone());
             continue;
+        };
+        let mut out = Map::new();
+        out.insert("hs_object_id".into(), json!(id));
+        for p in &wanted {
+            if let Some(v) = props.get(p) {
+                out.insert(p.clone(), v.clone());
+            }
         }
-        let mut r = json!({"id": id, "properties": {"hs_object_id": id}, "archived": archived});
+        let mut r = json!({"id": id, "properties": out, "archived": archived});
         if archived {
             r["archivedAt"] = json!(Timestamp::now().canonical());
+        }
+        if !with_history.is_empty() {
+            let kind = object.trim_end_matches('s');
+            r["propertiesWithHistory"] = histories(&d, kind, id, Some(&with_history));
         }
         results.push(r);
     }
@@ -373,7 +444,8 @@ async fn batch_read(
         return (StatusCode::OK, Json(reply)).into_response();
     }
     reply["errors"] = json!([{"status": "error", "category": "OBJECT_NOT_FOUND",
-        "message": "Could not get some DEAL objects, they may be deleted or not exist.",
+        "message": format!("Could not get some {} objects, they may be deleted or not exist.",
+            object.trim_end_matches('s').to_uppercase()),
         "context": {"ids": missing}}]);
     (StatusCode::MULTI_STATUS, Json(reply)).into_response()
 }
@@ -398,11 +470,25 @@ async fn changes(State(s): State<AppState>, Json(body): Json<Vec<Value>>) -> Sta
 }
 
 fn record_change(d: &mut Data, kind: &str, id: &str, prop: &str, value: &str, at_ms: i64) {
-    let props = match kind {
-        "deal" => &mut d.deals.entry(id.to_string()).or_insert((json!({}), None)).0,
-        _ => d.contacts.entry(id.to_string()).or_insert(json!({})),
+    let (props, modified) = match kind {
+        "deal" => (
+            &mut d.deals.entry(id.to_string()).or_insert((json!({}), None)).0,
+            "hs_lastmodifieddate",
+        ),
+        _ => (
+            d.contacts.entry(id.to_string()).or_insert(json!({})),
+            "lastmodifieddate",
+        ),
     };
     props[prop] = json!(value);
+    // Every change moves the record's last-modified date. source: HS-SEARCH
+    let newer = props[modified]
+        .as_str()
+        .and_then(|t| Timestamp::parse_rfc3339(t).ok())
+        .is_none_or(|t| t.unix_ms() < at_ms);
+    if newer {
+        props[modified] = json!(Timestamp::from_unix_ms(at_ms).canonical());
+    }
     d.history
         .entry((kind.to_string(), id.to_string(), prop.to_string()))
         .or_default()
@@ -424,8 +510,13 @@ impl FakeHubSpot {
         };
         let app = Router::new()
             .route("/crm/v3/objects/contacts/{id}", get(contact))
-            .route("/crm/v3/objects/deals/search", post(search))
-            .route("/crm/v3/objects/deals/batch/read", post(batch_read))
+            .route("/crm/v3/objects/contacts/search", post(search_contacts))
+            .route(
+                "/crm/v3/objects/contacts/batch/read",
+                post(batch_read_contacts),
+            )
+            .route("/crm/v3/objects/deals/search", post(search_deals))
+            .route("/crm/v3/objects/deals/batch/read", post(batch_read_deals))
             .route("/crm/v3/objects/deals/{id}", get(deal))
             .route("/_fake/changes", post(changes))
             .with_state(state);
@@ -580,5 +671,65 @@ mod tests {
         one["after"] = json!("10000");
         let (s, b) = search_deals(&fake, one).await;
         assert_eq!((s, b["category"].as_str()), (400, Some("VALIDATION_ERROR")));
+    }
+
+    /// The HubSpot client's funnel reads against this fake: the contacts search by
+    /// `lastmodifieddate` over more than one page, and the batch read with the
+    /// `lifecyclestage` history, 50 ids a request.
+    #[tokio::test]
+    async fn contacts_modified_since_and_their_lifecycle_histories() {
+        use bridge_core::crm_check::HubSpotSearch;
+        let fake = FakeHubSpot::start("t").await;
+        let t = 1_764_000_000_000i64;
+        for i in 0..260 {
+            let id = (1000 + i).to_string();
+            fake.change("contact", &id, "lifecyclestage", "lead", t - 86_400_000);
+            if i % 2 == 0 {
+                fake.change(
+                    "contact",
+                    &id,
+                    "lifecyclestage",
+                    "marketingqualifiedlead",
+                    t + i,
+                );
+            }
+        }
+        let client = bridge_platforms::hubspot::HubSpotClient::new(
+            bridge_platforms::http::client().unwrap(),
+            &fake.base_url,
+            "t",
+        );
+        let ids = client
+            .contacts_modified(Timestamp::from_unix_ms(t))
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 130, "only the contacts changed since t");
+        let searches = fake
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("search contacts"))
+            .count();
+        assert_eq!(searches, 1, "130 results fit one page of 200");
+        let histories = client.lifecycle_histories(&ids).await.unwrap();
+        assert_eq!(histories.len(), 130);
+        let h = &histories["1002"];
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(
+            h.iter()
+                .any(|e| e.value == "marketingqualifiedlead"
+                    && e.at == Timestamp::from_unix_ms(t + 2))
+        );
+        let reads = fake
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("batch read contacts"))
+            .count();
+        assert_eq!(reads, 3, "50 ids a read");
+        // Over one page: every contact, each once.
+        let all = client
+            .contacts_modified(Timestamp::from_unix_ms(t - 86_400_000))
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 260);
     }
 }
