@@ -2,8 +2,10 @@
 //! throttled) finds the won deals whose webhooks never arrived; the repair ingests them as their
 //! webhooks would have been, and the strict fake Meta and Google count every order once with
 //! the CRM's exact revenue; a second repair sends nothing; a reopened and a deleted (archived)
-//! deal are reported, a lowered amount restated and a raised one reported. The same for Salesforce's SOQL query API (its strict fake, paged, its session
-//! expiring mid-run), where a missed opportunity is replayed as its Flow would have posted it.
+//! deal are reported, a lowered amount restated and a raised one reported; the lead funnel's
+//! missed lifecycle stage changes (contacts' histories) are found and repaired the same way.
+//! The same for Salesforce's SOQL query API (its strict fake, paged, its session expiring
+//! mid-run), where a missed opportunity is replayed as its Flow would have posted it.
 
 use bridge_core::crm_check::{Period, check_hubspot, check_salesforce, repair, restate};
 use bridge_core::delivery::pipeline::{PipelineConfig, REFUND_WAIT, WAIT_DEADLINE};
@@ -31,6 +33,8 @@ use std::time::Duration;
 
 const PORTAL: i64 = 62515;
 const DEALS: usize = 250;
+/// Contacts of the lead funnel: each a lead, every second an MQL, every fifth an SQL.
+const CONTACTS: usize = 80;
 const HOUR_MS: i64 = 3_600_000;
 
 fn cfg() -> IngestConfig {
@@ -80,6 +84,23 @@ fn webhook(id: &str, at_ms: i64, stage: &str) -> HubSpotEvent {
         property_name: Some("dealstage".into()),
         property_value: Some(stage.into()),
     }
+}
+
+/// The lifecycle stage changes of the funnel's contacts: (contact id, stage, when).
+fn funnel_changes(now: i64) -> Vec<(String, &'static str, i64)> {
+    let mut out = Vec::new();
+    for j in 0..CONTACTS {
+        let id = (50_000 + j).to_string();
+        let at = now - (j as i64 + 5) * HOUR_MS;
+        out.push((id.clone(), "lead", at));
+        if j % 2 == 0 {
+            out.push((id.clone(), "marketingqualifiedlead", at + HOUR_MS));
+        }
+        if j % 5 == 0 {
+            out.push((id, "salesqualifiedlead", at + 2 * HOUR_MS));
+        }
+    }
+    out
 }
 
 async fn drain(
@@ -174,14 +195,24 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         hubspot.change("deal", &id, "dealstage", "closedwon", at);
         hubspot.data.lock().unwrap().deals.get_mut(&id).unwrap().1 = Some("101".into());
     }
+    let stage_changes = funnel_changes(now);
+    for (id, stage, at) in &stage_changes {
+        for (k, v) in [
+            ("email", format!("lead{id}@example.com")),
+            ("ads_consent_status", "granted".to_string()),
+        ] {
+            hubspot.change("contact", id, k, &v, at - HOUR_MS);
+        }
+        hubspot.change("contact", id, "lifecyclestage", stage, *at);
+    }
     let http = bridge_platforms::http::client().unwrap();
     let client = HubSpotClient::new(http.clone(), hubspot.base_url.clone(), "hs-token");
     let store = MemoryStore::new();
     let queue = MemoryQueue::new(5, Duration::from_secs(30));
 
-    // Every tenth deal's webhook never arrives.
+    // Every tenth deal's webhook never arrives, nor every seventh lifecycle stage change's.
     let dropped: HashSet<String> = (0..DEALS).step_by(10).map(deal_id).collect();
-    let delivered: Vec<HubSpotEvent> = (0..DEALS)
+    let mut delivered: Vec<HubSpotEvent> = (0..DEALS)
         .map(deal_id)
         .filter(|id| !dropped.contains(id))
         .map(|id| {
@@ -189,6 +220,17 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
             webhook(&id, won_at(now, i), "closedwon")
         })
         .collect();
+    let mut dropped_stages: HashSet<(String, String)> = HashSet::new();
+    for (n, (id, stage, at)) in stage_changes.iter().enumerate() {
+        if n % 7 == 3 {
+            dropped_stages.insert((id.clone(), stage.to_string()));
+            continue;
+        }
+        let mut hook = webhook(id, *at, stage);
+        hook.subscription_type = "contact.propertyChange".into();
+        hook.property_name = Some("lifecyclestage".into());
+        delivered.push(hook);
+    }
     let items = resolve(&delivered, &client, &mapping, &opts(), &HashSet::new()).await;
     let r = ingest(
         items,
@@ -247,7 +289,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     let searches = hubspot
         .requests()
         .iter()
-        .filter(|r| r.starts_with("search"))
+        .filter(|r| r.starts_with("search deals"))
         .count();
     assert_eq!(searches, 2, "two pages of 200 for 249 deals");
     let missed: HashSet<String> = check.missed.iter().map(|m| m.deal_id.clone()).collect();
@@ -288,6 +330,24 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         check.changed.len()
     );
 
+    // The funnel: every dropped stage change found in the contacts' histories, nothing else.
+    let funnel = check.funnel.as_ref().expect("HubSpot's funnel is read");
+    let found: HashSet<(String, String)> = funnel
+        .missed
+        .iter()
+        .map(|m| (m.record_id.clone(), m.stage.clone()))
+        .collect();
+    assert_eq!(found, dropped_stages);
+    let changes: u64 = funnel.per_stage.values().map(|f| f.crm_changes).sum();
+    let stored: u64 = funnel.per_stage.values().map(|f| f.stored).sum();
+    assert_eq!(changes as usize, stage_changes.len());
+    assert_eq!((changes - stored) as usize, dropped_stages.len());
+    println!(
+        "crm check, lead funnel: {changes} lifecycle stage changes in HubSpot's histories, {stored} stored, {} missed by webhook ({:?})",
+        funnel.missed.len(),
+        funnel.per_stage
+    );
+
     let r = repair(
         &check,
         Some((&client, &opts())),
@@ -298,7 +358,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         &queue,
     )
     .await;
-    assert_eq!(r.results.len(), dropped.len());
+    assert_eq!(r.results.len(), dropped.len() + dropped_stages.len());
     assert!(r.results.iter().all(|x| x.status == ItemStatus::Accepted));
     let restated = restate(&check, &store, &queue, Timestamp::now())
         .await
@@ -321,12 +381,28 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         .filter_map(|(_, e)| e["custom_data"]["value"].as_f64())
         .collect();
     assert_eq!(meta_refunds, [43.0]);
-    assert_eq!(google_fake.count(), DEALS);
+    // Each stage change counted once at Meta, under the event id its webhook would have had;
+    // Google counts each SQL once (enhanced conversions for leads).
+    let meta_keys = meta_fake.distinct();
+    let funnel_events = |name: &str| meta_keys.keys().filter(|(n, _)| n == name).count();
+    let of_stage = |stage: &str| stage_changes.iter().filter(|c| c.1 == stage).count();
+    assert_eq!(funnel_events("Lead"), of_stage("lead"));
+    assert_eq!(
+        funnel_events("MarketingQualifiedLead"),
+        of_stage("marketingqualifiedlead")
+    );
+    assert_eq!(
+        funnel_events("SalesQualifiedLead"),
+        of_stage("salesqualifiedlead")
+    );
+    let sqls = of_stage("salesqualifiedlead");
+    assert_eq!(google_fake.count(), DEALS + sqls);
     assert_eq!(google_fake.revenue()["EUR"], expected - 43.0);
 
     // A second run finds nothing missed and sends nothing.
     let again = check_now().await;
     assert!(again.missed.is_empty());
+    assert!(again.funnel.as_ref().unwrap().missed.is_empty());
     assert!(
         !again.changed.iter().any(|c| c.deal_id == deal_id(3)),
         "restated: no longer a change"
@@ -348,7 +424,8 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     assert!(r.results.is_empty());
     drain(&meta, &google, &store, &queue).await;
     assert_eq!(meta_fake.purchases_deduped().len(), DEALS);
-    assert_eq!(google_fake.count(), DEALS);
+    assert_eq!(google_fake.count(), DEALS + sqls);
+    assert_eq!(meta_fake.distinct().len(), meta_keys.len());
 }
 
 /// The bundled contract with Salesforce as the system of record (and its consent granted
