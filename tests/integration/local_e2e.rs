@@ -319,11 +319,19 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         1
     );
 
-    // The CRM's own side: HubSpot shows a second won deal whose webhook never came. The
-    // reconcile run's CRM check names it; `bridge-backfill crm-check --repair` ingests it as its
-    // webhook would have been, and both platforms count it once, for the CRM's amount.
+    // The CRM's own side: HubSpot shows a second won deal whose webhook never came, and a
+    // contact that became an SQL without one. The reconcile run's CRM check names both;
+    // `bridge-backfill crm-check --repair` ingests them as their webhooks would have been, and
+    // both platforms count each once (the deal for the CRM's amount).
     let missed_at = Timestamp::now().minus_secs(2 * 3600).unix_ms();
     b.hubspot.won_deal("9002", "300", "GBP", missed_at);
+    for (k, v) in [
+        ("email", "grace@example.com"),
+        ("ads_consent_status", "granted"),
+        ("lifecyclestage", "salesqualifiedlead"),
+    ] {
+        b.hubspot.change("contact", "102", k, v, missed_at);
+    }
     reconcile
         .invoke(json!({"task": "crm"}))
         .await
@@ -344,6 +352,19 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         "{crm}"
     );
     assert!(crm["changed"].as_array().unwrap().is_empty(), "{crm}");
+    // The funnel: the sample MQL arrived by webhook, the SQL did not.
+    let funnel = &crm["funnel"];
+    assert_eq!(
+        funnel["per_stage"]["mql"],
+        json!({"crm_changes": 1, "stored": 1, "missed": 0}),
+        "{funnel}"
+    );
+    assert_eq!(funnel["missed"][0]["record_id"], "102", "{funnel}");
+    assert_eq!(funnel["missed"][0]["event_name"], "sql");
+    assert_eq!(
+        funnel["missed"][0]["entered_at"],
+        json!(Timestamp::from_unix_ms(missed_at).canonical())
+    );
     // The same report as a person reads it: the HTML page, opened in headless Chromium, shows
     // the figures the JSON holds.
     let page = newest_report(&s3, &bucket, "html").await;
@@ -393,6 +414,9 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     assert_eq!(shown["crm.GBP.missed_revenue"], "300.00");
     assert_eq!(shown["crm.missed.9002"], "9002");
     assert_eq!(shown["crm.missed.9002.amount"], "300.00");
+    assert_eq!(shown["crm.funnel.sql.missed"], "1");
+    assert_eq!(shown["crm.funnel.mql.stored"], "1");
+    assert_eq!(shown["crm.funnel.missed.102.sql"], "102");
     assert_eq!(
         shown["state.meta.blocked_consent"],
         report["destinations"]["meta"]["by_state"]["blocked_consent"].to_string()
@@ -436,8 +460,16 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         b.store.find_by_order("9002").await.unwrap().is_empty(),
         "a dry run stores nothing"
     );
+    let sqls = |b: &LocalBridge| {
+        b.meta
+            .distinct()
+            .keys()
+            .filter(|(name, _)| name == "SalesQualifiedLead")
+            .count()
+    };
+    let sqls_before = sqls(&b);
     let fixed = crm_check(true).await;
-    assert_eq!(fixed["repaired"], json!({"accepted": 1}), "{fixed}");
+    assert_eq!(fixed["repaired"], json!({"accepted": 2}), "{fixed}");
     let repaired: Vec<String> = b
         .store
         .find_by_order("9002")
@@ -474,8 +506,18 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         .map(|c| c.value)
         .collect();
     assert_eq!(google_9002, [300.0]);
+    // The contact's SQL reaches Meta once, under the id its webhook would have had.
+    let waited = std::time::Instant::now();
+    while sqls(&b) == sqls_before && waited.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(sqls(&b), sqls_before + 1);
     let again = crm_check(true).await;
     assert!(again["missed"].as_array().unwrap().is_empty(), "{again}");
+    assert!(
+        again["funnel"]["missed"].as_array().unwrap().is_empty(),
+        "{again}"
+    );
     assert!(
         again.get("repaired").is_none() || again["repaired"] == json!({}),
         "{again}"

@@ -364,6 +364,32 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     for c in &check.changed {
         eprintln!("changed in the CRM: deal {}: {}", c.deal_id, c.reason);
     }
+    if let Some(funnel) = &check.funnel {
+        eprintln!(
+            "{:<6} {:>12} {:>10} {:>8}",
+            "funnel", "CRM changes", "stored", "missed"
+        );
+        for (event, f) in &funnel.per_stage {
+            eprintln!(
+                "{:<6} {:>12} {:>10} {:>8}",
+                event, f.crm_changes, f.stored, f.missed
+            );
+        }
+        for m in &funnel.missed {
+            eprintln!(
+                "missed by webhook: contact {} entered {} ({}) at {}{}",
+                m.record_id,
+                m.stage,
+                m.event_name,
+                m.entered_at.canonical(),
+                if m.notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", m.notes.join("; "))
+                }
+            );
+        }
+    }
     if let Some(path) = arg(args, "--csv") {
         std::fs::write(&path, check.to_csv()).map_err(|e| format!("--csv {path}: {e}"))?;
     }
@@ -475,7 +501,7 @@ async fn report(args: &[String]) -> Result<Value, String> {
     if let Some(crm) = &report.crm {
         eprintln!(
             "missed by webhook: {}, changed in the CRM: {}",
-            crm.check.missed.len(),
+            crm.check.missed_count(),
             crm.check.changed.len()
         );
     }

@@ -69,7 +69,7 @@ impl Crm {
             }
         };
         let mut repaired = None;
-        if self.repair && !check.missed.is_empty() {
+        if self.repair && check.missed_count() > 0 {
             let report = self
                 .client
                 .repair(&check, &self.mapping, &self.ingest, now, store, queue)
