@@ -3,9 +3,11 @@
 //! the won's click as too recent; re-won deals; the same order from a second source; duplicate
 //! webhooks; oversized fields; a consent mix) against fakes that throttle, fail, stall, time out after accepting, and
 //! crash the sender between its send and its status write, with permanent errors on a known
-//! subset. Invariants: delivered exactly once per platform dedupe key, nothing lost, revenue
-//! equals won minus refunds, the DLQ holds exactly the permanent failures, and after the fault
-//! is cleared and the DLQs redriven everything lands with no duplicates.
+//! subset; and HubSpot giving up on the webhooks of about a tenth of the won deals, found by the
+//! CRM check against the fake HubSpot and repaired while the chaos goes on. Invariants:
+//! delivered exactly once per platform dedupe key, nothing lost, revenue equals won minus
+//! refunds (the repaired deals included), the DLQ holds exactly the permanent failures, and
+//! after the fault is cleared and the DLQs redriven everything lands with no duplicates.
 //!
 //! Scale with `CHAOS_ENTITIES` (default 150, about 420 events; 500 gives about 1,400). The
 //! default is bounded by moto, not by the bridge: the emulator serializes every DynamoDB call
@@ -14,6 +16,7 @@
 //!   CHAOS_ENTITIES=500 bash infra/local/test.sh -p bridge-tests --test local_chaos -- --nocapture
 
 use bridge_core::delivery::{DeliveryStatus, Destination};
+use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_tests::fakes::Chaos;
 use bridge_tests::local::harness::{LocalBridge, aws_request_counts};
@@ -71,6 +74,22 @@ struct Traffic {
     oversized: Vec<Planned>,
     /// Leads carrying a user agent over 1,024 bytes: accepted without it, with a warning.
     long_agents: BTreeSet<String>,
+    /// Every won deal as HubSpot (the system of record) holds it, by deal id (= order id).
+    deals: Vec<Deal>,
+    /// Deals whose won webhook never arrives (HubSpot gave up on it): never posted; the CRM
+    /// check finds them and its repair ingests them while the chaos goes on.
+    /// (Their won time, and whether Meta may count them: consent granted.)
+    dropped: BTreeMap<String, (Timestamp, bool)>,
+}
+
+/// A won deal in the fake HubSpot, with its contact's properties (identity, click id, consent).
+struct Deal {
+    id: String,
+    amount: String,
+    currency: &'static str,
+    won_at: Timestamp,
+    contact_id: String,
+    contact: Value,
 }
 
 fn meta_name(stage: &str) -> &'static str {
@@ -109,7 +128,12 @@ fn generate(entities: usize, seed: u64) -> Traffic {
         held_refunds: BTreeSet::new(),
         oversized: Vec::new(),
         long_agents: BTreeSet::new(),
+        deals: Vec::new(),
+        dropped: BTreeMap::new(),
     };
+    // Which webhooks are dropped comes from a generator of its own, so the rest of the traffic
+    // is the same with or without the drops.
+    let mut drops = fastrand::Rng::with_seed(seed ^ 0x0D20_9BED);
     for i in 0..entities {
         let r = rng.f64();
         let consent = if r < 0.8 {
@@ -167,13 +191,34 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                 if rng.f64() < 0.7 {
                     let currency = if rng.f64() < 0.8 { "USD" } else { "EUR" };
                     let value = cents(10.0 + rng.f64() * 4990.0);
-                    let order = format!("O-{seed}-{i}");
-                    stages.push(event(
+                    // The HubSpot deal id, which HubSpot's webhooks give as the order id.
+                    let order = (700_000 + i).to_string();
+                    let won = event(
                         "won",
                         3,
                         json!({"order_id": order, "value": value, "currency": currency}),
                         3.0 + rng.f64(),
-                    ));
+                    );
+                    let mut contact = json!({"email": identity["email"], "phone": identity["phone"],
+                        "firstname": identity["first_name"]});
+                    if gclid {
+                        contact["hs_google_click_id"] = identity["gclid"].clone();
+                    }
+                    if let Some(c) = consent {
+                        contact["ads_consent_status"] = json!(c);
+                        contact["hs_legal_basis"] = json!("Freely given consent");
+                    }
+                    t.deals.push(Deal {
+                        id: order.clone(),
+                        amount: format!("{value:.2}"),
+                        currency,
+                        won_at: start.plus_secs(3 * 60),
+                        contact_id: (800_000 + i).to_string(),
+                        contact,
+                    });
+                    let won_index = stages.len();
+                    stages.push(won);
+                    let mut simple = true;
                     let r = rng.f64();
                     let refunds: Vec<f64> = if r < 0.25 {
                         vec![cents(value * 0.3)]
@@ -184,6 +229,7 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                         vec![]
                     };
                     let poison_order = granted && gclid && refunds.is_empty() && rng.f64() < 0.03;
+                    simple &= refunds.is_empty() && !poison_order;
                     let refunded: f64 = refunds.iter().sum();
                     // Google holds this order's click as too recent for a while: the won is
                     // retried after the hold and its refunds wait for it, outside their
@@ -191,6 +237,7 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                     let held =
                         granted && gclid && !poison_order && !refunds.is_empty() && rng.f64() < 0.4;
                     if held {
+                        simple = false;
                         t.held.insert(order.clone());
                         t.held_wons.insert(format!("chaos-{seed}-{i}-won"));
                         for k in 0..refunds.len() {
@@ -231,6 +278,7 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                         t.rewon
                             .push((format!("chaos-{seed}-{i}-won"), p.event_id.clone()));
                         stages.push(p);
+                        simple = false;
                     }
                     // The billing system posts the same order: not the system of record.
                     if rng.f64() < 0.05 {
@@ -246,6 +294,15 @@ fn generate(entities: usize, seed: u64) -> Traffic {
                         p.counted = false;
                         t.foreign.insert(format!("generic:{}", p.event_id));
                         stages.push(p);
+                        simple = false;
+                    }
+                    // HubSpot gives up on a sixth of the plain wons' webhooks (about a tenth
+                    // of all wons): the deal is in the CRM, its won never posted.
+                    if simple && drops.f64() < 1.0 / 6.0 {
+                        let dropped = stages.remove(won_index);
+                        t.dropped
+                            .insert(order.clone(), (start.plus_secs(3 * 60), granted));
+                        debug_assert_eq!(dropped.stage, "won");
                     }
                     let early = rng.f64() < 0.3;
                     for (k, amount) in refunds.into_iter().enumerate() {
@@ -390,6 +447,20 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         })
     });
 
+    // HubSpot, the system of record, holds every won deal with its contact.
+    for d in &traffic.deals {
+        b.hubspot
+            .won_deal(&d.id, &d.amount, d.currency, d.won_at.unix_ms());
+        for (k, v) in d.contact.as_object().into_iter().flatten() {
+            if let Some(v) = v.as_str() {
+                b.hubspot
+                    .change("contact", &d.contact_id, k, v, d.won_at.unix_ms());
+            }
+        }
+        let mut data = b.hubspot.data.lock().unwrap();
+        data.deals.get_mut(&d.id).unwrap().1 = Some(d.contact_id.clone());
+    }
+
     let requests_before = aws_request_counts().await;
     let started = Instant::now();
     // Post in webhook batches of 25, two at a time (the ingest function runs two instances;
@@ -451,12 +522,51 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
             }
         }
     }
-    let ids: Vec<String> = accepted.into_iter().collect();
+    let mut ids: Vec<String> = accepted.into_iter().collect();
     assert_eq!(
         ids.len(),
         traffic.posts.len(),
         "every distinct event stored once"
     );
+    // The CRM's own side, while the senders are still at it: the check finds exactly the wons
+    // whose webhooks were dropped, and its repair ingests each as HubSpot's webhook would have
+    // been (the stage history's time, the contact's identity and consent).
+    assert!(!traffic.dropped.is_empty());
+    let since = Timestamp::now().minus_secs(86_400).canonical();
+    let repair_started = Instant::now();
+    let fixed = b
+        .backfill(&["crm-check", "--from", &since, "--repair"])
+        .await;
+    let found: BTreeSet<String> = fixed["missed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["deal_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        found,
+        traffic.dropped.keys().cloned().collect::<BTreeSet<_>>(),
+        "every dropped won found, nothing else: {fixed}"
+    );
+    assert_eq!(
+        fixed["repaired"],
+        json!({"accepted": traffic.dropped.len()}),
+        "{fixed}"
+    );
+    assert_eq!(fixed["changed"], json!([]), "{fixed}");
+    let repair_took = repair_started.elapsed();
+    // Meta counts a repaired won under the event id its webhook would have had.
+    let mut want_meta_keys = traffic.meta_keys.clone();
+    for (order, (won_at, granted)) in &traffic.dropped {
+        let stored = b.store.find_by_order(order).await.unwrap();
+        assert_eq!(stored.len(), 1, "{order}: {stored:?}");
+        let won = &stored[0];
+        assert_eq!(won.occurred_at, *won_at, "the stage history's time");
+        ids.push(won.key.clone());
+        if *granted {
+            want_meta_keys.insert(("Purchase".to_string(), won.event_id.clone()));
+        }
+    }
     assert_eq!(
         refused,
         traffic.oversized.len(),
@@ -629,7 +739,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     // what was refunded, Google's revenue is won minus refunds.
     let meta_keys = fold_rewon(b.meta.distinct().into_keys().collect(), &traffic.rewon);
     assert_eq!(
-        meta_keys, traffic.meta_keys,
+        meta_keys, want_meta_keys,
         "Meta (event_name, event_id) keys"
     );
     let google_orders: BTreeSet<String> = b.google.conversions().into_keys().collect();
@@ -673,7 +783,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
             );
         }
     }
-    let mut want_meta = traffic.meta_keys.clone();
+    let mut want_meta = want_meta_keys.clone();
     want_meta.extend(
         traffic
             .meta_poison
@@ -731,6 +841,12 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         .map(|f| f.cold_starts())
         .sum::<u64>()
         - 8;
+    println!(
+        "chaos, CRM side: {} of {} won deals' webhooks dropped; the CRM check found and repaired them in {:.1} s during the chaos, each order counted once",
+        traffic.dropped.len(),
+        traffic.deals.len(),
+        repair_took.as_secs_f64()
+    );
     println!(
         "chaos: {} events ({} webhooks incl. {} duplicates and {refused} oversized, refused), {} orders held as too recent for {:.0} s after the last post ({too_recent} wons answered TOO_RECENT_EVENT; {} refunds, {waited} of them waited), {delivered_pairs} delivered pairs in {:.1} s = {:.0} events/s end to end; \
          {calls} AWS requests = {:.2} per delivered conversion (bridge {:.0} req/s; emulator raw {:.0} req/s); \

@@ -422,36 +422,17 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
         report["destinations"]["meta"]["by_state"]["blocked_consent"].to_string()
     );
     let _ = std::fs::remove_dir_all(&dir);
-    // The command runs while this test's runtime serves the fakes: off the runtime's thread.
-    let cli = |args: Vec<String>| {
-        let mut cmd = std::process::Command::new(
-            bridge_tests::local::harness::bin_dir().join("bridge-backfill"),
-        );
-        cmd.args(args);
-        // What an operator gives it: the reconcile function's own configuration.
-        cmd.envs(b.plan.functions["ReconcileFunction"].env.iter())
-            .envs(b.function_env().iter());
-        async move {
-            let out = tokio::task::spawn_blocking(move || cmd.output())
-                .await
-                .unwrap()
-                .expect("run bridge-backfill");
-            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-            assert!(
-                out.status.success(),
-                "{stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_str::<Value>(&stdout).expect("JSON")
-        }
-    };
     let since = minutes_ago(24 * 60);
+    let bridge = &b;
     let crm_check = |repair: bool| {
-        let mut args = vec!["crm-check".to_string(), "--from".into(), since.clone()];
-        if repair {
-            args.push("--repair".into());
+        let since = since.clone();
+        async move {
+            let mut args = vec!["crm-check", "--from", since.as_str()];
+            if repair {
+                args.push("--repair");
+            }
+            bridge.backfill(&args).await
         }
-        cli(args)
     };
     let dry = crm_check(false).await;
     assert_eq!(dry["mode"], "crm_check");
@@ -525,15 +506,10 @@ async fn webhooks_from_every_source_reach_the_fakes_exactly_as_mapped() {
     // The operator's report for a period of their choosing, with the CRM side: every order
     // counted once on both platforms, nothing missed, the page written beside the JSON.
     let out = std::env::temp_dir().join(format!("bridge-cli-report-{}", std::process::id()));
-    let report = cli(vec![
-        "report".into(),
-        "--from".into(),
-        since.clone(),
-        "--out".into(),
-        out.display().to_string(),
-        "--crm".into(),
-    ])
-    .await;
+    let out_dir = out.display().to_string();
+    let report = b
+        .backfill(&["report", "--from", &since, "--out", &out_dir, "--crm"])
+        .await;
     for d in ["meta", "google"] {
         let gbp = &report["destinations"][d]["currencies"]["GBP"];
         assert_eq!(

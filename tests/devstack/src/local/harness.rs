@@ -228,6 +228,27 @@ impl LocalBridge {
         &self.env
     }
 
+    /// Runs the operator's `bridge-backfill` with `args` as an operator would (the reconcile
+    /// function's own configuration), off the runtime's thread so this test's fakes keep
+    /// serving; panics unless it succeeds, and returns the JSON it prints.
+    pub async fn backfill(&self, args: &[&str]) -> Value {
+        let mut cmd = std::process::Command::new(bin_dir().join("bridge-backfill"));
+        cmd.args(args);
+        cmd.envs(self.plan.functions["ReconcileFunction"].env.iter())
+            .envs(self.function_env().iter());
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .expect("the command's thread")
+            .expect("run bridge-backfill");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&stdout).expect("bridge-backfill prints JSON")
+    }
+
     /// POSTs `body` to `/webhooks/{source}` with a valid `X-Bridge-Signature`.
     pub async fn post(&self, source: &str, body: &Value) -> (u16, Value) {
         let text = body.to_string();
