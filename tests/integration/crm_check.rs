@@ -5,7 +5,8 @@
 //! deal are reported, a lowered amount restated and a raised one reported; the lead funnel's
 //! missed lifecycle stage changes (contacts' histories) are found and repaired the same way.
 //! The same for Salesforce's SOQL query API (its strict fake, paged, its session expiring
-//! mid-run), where a missed opportunity is replayed as its Flow would have posted it.
+//! mid-run), where a missed opportunity or lead status change is replayed as its Flow would
+//! have posted it.
 
 use bridge_core::crm_check::{Period, check_hubspot, check_salesforce, repair, restate};
 use bridge_core::delivery::pipeline::{PipelineConfig, REFUND_WAIT, WAIT_DEADLINE};
@@ -463,10 +464,32 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         sf.stage_change(&opp(i), "Closed Won", (200 + i) as f64, "USD", at);
         sf.primary_contact(&opp(i), &format!("buyer{i}@example.com"), "Ada");
     }
+    // The lead funnel: 40 leads created in the period, every second one worked (MQL), every
+    // fourth qualified (SQL); the callouts of every sixth status change never arrive.
+    let lead_id = |j: usize| format!("00QFAKE{j:011}");
+    let mut lead_changes: Vec<(String, &str, i64)> = Vec::new();
+    for j in 0..40 {
+        let at = now - (j as i64 + 5) * HOUR_MS;
+        sf.lead(
+            &lead_id(j),
+            "Open - Not Contacted",
+            &format!("lead{j}@example.com"),
+            at,
+        );
+        lead_changes.push((lead_id(j), "Open - Not Contacted", at));
+        if j % 2 == 0 {
+            sf.lead_status(&lead_id(j), "Working - Contacted", at + HOUR_MS);
+            lead_changes.push((lead_id(j), "Working - Contacted", at + HOUR_MS));
+        }
+        if j % 4 == 0 {
+            sf.lead_status(&lead_id(j), "Qualified", at + 2 * HOUR_MS);
+            lead_changes.push((lead_id(j), "Qualified", at + 2 * HOUR_MS));
+        }
+    }
     let store = MemoryStore::new();
     let queue = MemoryQueue::new(5, Duration::from_secs(30));
     let dropped: HashSet<String> = (0..OPPS).step_by(10).map(opp).collect();
-    let items: Vec<_> = (0..OPPS)
+    let mut items: Vec<_> = (0..OPPS)
         .filter(|i| !dropped.contains(&opp(*i)))
         .map(|i| {
             let raw = json!({"object": "Opportunity", "id": opp(i), "stage": "Closed Won",
@@ -476,6 +499,22 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
             bridge_core::webhook::salesforce::parse_item(&raw, "salesforce", &mapping)
         })
         .collect();
+    let mut dropped_leads: HashSet<(String, String)> = HashSet::new();
+    for (n, (id, status, at)) in lead_changes.iter().enumerate() {
+        if n % 6 == 5 {
+            dropped_leads.insert((id.clone(), status.to_string()));
+            continue;
+        }
+        let raw = json!({"object": "Lead", "id": id, "stage": status,
+            "changed_at": Timestamp::from_unix_ms(*at).canonical(),
+            "email": format!("lead{}@example.com", id[7..].parse::<usize>().unwrap())})
+        .to_string();
+        items.push(bridge_core::webhook::salesforce::parse_item(
+            &raw,
+            "salesforce",
+            &mapping,
+        ));
+    }
     let r = ingest(
         items,
         "salesforce",
@@ -554,6 +593,22 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         requests.len()
     );
 
+    // The funnel: the leads created in the period and LeadHistory's Status rows show every
+    // dropped callout, nothing else.
+    let funnel = check.funnel.as_ref().expect("Salesforce's funnel is read");
+    let found: HashSet<(String, String)> = funnel
+        .missed
+        .iter()
+        .map(|m| (m.record_id.clone(), m.stage.clone()))
+        .collect();
+    assert_eq!(found, dropped_leads);
+    let changes: u64 = funnel.per_stage.values().map(|f| f.crm_changes).sum();
+    assert_eq!(changes as usize, lead_changes.len());
+    println!(
+        "salesforce check, lead funnel: {changes} status changes (leads created and LeadHistory), {} missed by callout",
+        funnel.missed.len()
+    );
+
     let r = repair(
         &check,
         None,
@@ -564,7 +619,7 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         &queue,
     )
     .await;
-    assert_eq!(r.results.len(), dropped.len());
+    assert_eq!(r.results.len(), dropped.len() + dropped_leads.len());
     assert!(
         r.results.iter().all(|x| x.status == ItemStatus::Accepted),
         "{r:?}"
@@ -582,11 +637,25 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
     let expected: f64 = (0..OPPS).map(|i| (200 + i) as f64).sum();
     assert_eq!(meta_fake.purchases_deduped().len(), OPPS);
     assert_eq!(meta_fake.revenue_deduped()["USD"], expected);
+    // Each lead status change counted once at Meta.
+    let keys = meta_fake.distinct();
+    for (name, status) in [
+        ("Lead", "Open - Not Contacted"),
+        ("MarketingQualifiedLead", "Working - Contacted"),
+        ("SalesQualifiedLead", "Qualified"),
+    ] {
+        assert_eq!(
+            keys.keys().filter(|(n, _)| n == name).count(),
+            lead_changes.iter().filter(|c| c.1 == status).count(),
+            "{name}"
+        );
+    }
 
     let again = check_salesforce(&client, &store, &mapping, from, to, Timestamp::now())
         .await
         .unwrap();
     assert!(again.missed.is_empty());
+    assert!(again.funnel.as_ref().unwrap().missed.is_empty());
     let r = repair(
         &again,
         None,

@@ -7,6 +7,7 @@
 //! source: crm-apis.md SF-CC, SF-QUERY, SF-QALL, SF-LIMIT, SF-ERR
 
 use async_trait::async_trait;
+use bridge_core::crm_check::salesforce::{SfLead, SfStatusChange};
 use bridge_core::crm_check::{CrmDeal, SalesforceApi, SfContact, SfOpportunity};
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::hubspot::{CrmError, HistoryEntry};
@@ -99,6 +100,46 @@ pub fn soql_string(s: &str) -> String {
 fn soql_list(values: &[String]) -> String {
     let quoted: Vec<String> = values.iter().map(|v| soql_string(v)).collect();
     format!("({})", quoted.join(", "))
+}
+
+/// A SOQL dateTime literal, `2026-11-27T15:00:00Z`: unquoted, and with no fraction of a
+/// second, which SOQL's formats do not have (so `at` to its whole second, earlier; `up`
+/// rounds up instead). source: SF-DATE
+fn soql_datetime(at: Timestamp, up: bool) -> String {
+    let secs = at.unix_ms().div_euclid(1000) + i64::from(up && at.unix_ms().rem_euclid(1000) > 0);
+    let t = Timestamp::from_unix_secs(secs).canonical();
+    format!("{}Z", t.get(..19).unwrap_or(&t))
+}
+
+/// The columns the funnel reads of a lead.
+const LEAD_FIELDS: &str =
+    "SELECT Id, Status, CreatedDate, Email, Phone, FirstName, LastName FROM Lead";
+/// The columns of a `LeadHistory` row of the `Status` field (`NewValue` and `OldValue` are
+/// `anyType`, which SOQL cannot filter on: the field is). source: Object Reference, LeadHistory
+const LEAD_STATUS_ROWS: &str =
+    "SELECT LeadId, OldValue, NewValue, CreatedDate FROM LeadHistory WHERE Field = 'Status'";
+
+fn lead(r: &Value) -> Option<SfLead> {
+    Some(SfLead {
+        id: text(r, "Id")?,
+        status: text(r, "Status").unwrap_or_default(),
+        created: r["CreatedDate"].as_str().and_then(parse_datetime),
+        contact: SfContact {
+            email: text(r, "Email"),
+            phone: text(r, "Phone"),
+            first_name: text(r, "FirstName"),
+            last_name: text(r, "LastName"),
+        },
+    })
+}
+
+fn status_change(r: &Value) -> Option<SfStatusChange> {
+    Some(SfStatusChange {
+        lead_id: text(r, "LeadId")?,
+        old: text(r, "OldValue"),
+        new: text(r, "NewValue"),
+        at: parse_datetime(r["CreatedDate"].as_str()?)?,
+    })
 }
 
 /// Salesforce's dateTime (`2026-11-27T15:00:00.000+0000`) or an RFC 3339 one.
@@ -406,6 +447,61 @@ impl SalesforceApi for SalesforceClient {
             .collect())
     }
 
+    async fn lead_status_changes(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<SfStatusChange>, CrmError> {
+        let soql = format!(
+            "{LEAD_STATUS_ROWS} AND CreatedDate >= {} AND CreatedDate < {} ORDER BY CreatedDate",
+            soql_datetime(from, false),
+            soql_datetime(to, true)
+        );
+        Ok(self
+            .query(&soql, false)
+            .await?
+            .iter()
+            .filter_map(status_change)
+            .collect())
+    }
+
+    async fn lead_status_history(&self, ids: &[String]) -> Result<Vec<SfStatusChange>, CrmError> {
+        Ok(self
+            .for_ids(
+                &format!("{LEAD_STATUS_ROWS} ORDER BY CreatedDate"),
+                "LeadId",
+                ids,
+                false,
+            )
+            .await?
+            .iter()
+            .filter_map(status_change)
+            .collect())
+    }
+
+    async fn leads_created(&self, from: Timestamp, to: Timestamp) -> Result<Vec<SfLead>, CrmError> {
+        let soql = format!(
+            "{LEAD_FIELDS} WHERE CreatedDate >= {} AND CreatedDate < {} ORDER BY CreatedDate, Id",
+            soql_datetime(from, false),
+            soql_datetime(to, true)
+        );
+        Ok(self
+            .query(&soql, false)
+            .await?
+            .iter()
+            .filter_map(lead)
+            .collect())
+    }
+
+    async fn leads(&self, ids: &[String]) -> Result<Vec<SfLead>, CrmError> {
+        Ok(self
+            .for_ids(LEAD_FIELDS, "Id", ids, false)
+            .await?
+            .iter()
+            .filter_map(lead)
+            .collect())
+    }
+
     async fn opportunities_all(&self, ids: &[String]) -> Result<Vec<SfOpportunity>, CrmError> {
         Ok(self
             .for_ids(
@@ -448,6 +544,11 @@ mod tests {
         );
         assert_eq!(parse_datetime("yesterday"), None);
         assert_eq!(parse_datetime("2026-11-27T15:00:00.000+00€"), None);
+        let at = Timestamp::parse_rfc3339("2026-11-27T15:00:00.250Z").unwrap();
+        assert_eq!(soql_datetime(at, false), "2026-11-27T15:00:00Z");
+        assert_eq!(soql_datetime(at, true), "2026-11-27T15:00:01Z");
+        let whole = Timestamp::parse_rfc3339("2026-11-27T15:00:00Z").unwrap();
+        assert_eq!(soql_datetime(whole, true), "2026-11-27T15:00:00Z");
     }
 
     #[test]

@@ -154,19 +154,35 @@ impl CrmSide for HubSpotSide<'_> {
         Ok(Some(out))
     }
 
-    /// The `contact.propertyChange` of `lifecyclestage` HubSpot sends for the change, at the
-    /// history's time: replayed, it gets the event id the lost webhook would have had.
-    fn stage_replay(&self, entry: &StageEntry) -> Option<Replay> {
-        let object_id = entry.record_id.parse::<i64>().ok()?;
-        Some(Replay::HubSpot(HubSpotEvent {
-            event_id: None,
-            portal_id: self.portal_id,
-            subscription_type: "contact.propertyChange".into(),
-            object_id,
-            occurred_at: entry.at.unix_ms(),
-            property_name: Some("lifecyclestage".into()),
-            property_value: Some(entry.stage.clone()),
-        }))
+    /// The `contact.propertyChange` of `lifecyclestage` HubSpot sends for each change, at the
+    /// history's time: replayed, it gets the event id the lost webhook would have had (and is
+    /// completed from the contact as a live one is).
+    async fn replay_stages(
+        &self,
+        entries: &[StageEntry],
+        _mapping: &Mapping,
+    ) -> Result<Vec<(Option<Replay>, Vec<String>)>, CheckError> {
+        Ok(entries
+            .iter()
+            .map(|entry| match entry.record_id.parse::<i64>() {
+                Ok(object_id) => (
+                    Some(Replay::HubSpot(HubSpotEvent {
+                        event_id: None,
+                        portal_id: self.portal_id,
+                        subscription_type: "contact.propertyChange".into(),
+                        object_id,
+                        occurred_at: entry.at.unix_ms(),
+                        property_name: Some("lifecyclestage".into()),
+                        property_value: Some(entry.stage.clone()),
+                    })),
+                    Vec::new(),
+                ),
+                Err(_) => (
+                    None,
+                    vec!["the contact id is not a HubSpot object id".into()],
+                ),
+            })
+            .collect())
     }
 }
 

@@ -84,9 +84,14 @@ pub trait CrmSide: Send + Sync {
     ) -> Result<Option<Vec<StageEntry>>, CheckError> {
         Ok(None)
     }
-    /// The webhook the CRM would have sent for one stage entry.
-    fn stage_replay(&self, _entry: &StageEntry) -> Option<Replay> {
-        None
+    /// For each of `entries` (none of them stored): the webhook the CRM would have sent for it,
+    /// and notes on what a repair of it will not reach.
+    async fn replay_stages(
+        &self,
+        entries: &[StageEntry],
+        _mapping: &Mapping,
+    ) -> Result<Vec<(Option<Replay>, Vec<String>)>, CheckError> {
+        Ok(entries.iter().map(|_| (None, Vec::new())).collect())
     }
 }
 
@@ -465,6 +470,7 @@ async fn funnel(
             .push(e.occurred_at.unix_ms());
     }
     let mut out = Funnel::default();
+    let mut missed = Vec::new();
     for entry in entries {
         let Some(event) = mapping
             .lifecycle_for(source, &entry.stage)
@@ -486,13 +492,16 @@ async fn funnel(
             continue;
         }
         figures.missed += 1;
-        let mut notes = Vec::new();
+        missed.push((entry, event));
+    }
+    let entries: Vec<StageEntry> = missed.iter().map(|(e, _)| e.clone()).collect();
+    let replays = side.replay_stages(&entries, mapping).await?;
+    for ((entry, event), (replay, mut notes)) in missed.into_iter().zip(replays) {
         if now.secs_since(&entry.at) > META_WINDOW_SECS {
             notes
                 .push("older than 7 days: Meta refuses it, so a repair reaches Google only".into());
         }
-        let replay = side.stage_replay(&entry);
-        if replay.is_none() {
+        if replay.is_none() && notes.is_empty() {
             notes.push("no webhook of this CRM replays the change".into());
         }
         out.missed.push(MissedStage {

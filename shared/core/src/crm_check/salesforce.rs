@@ -3,9 +3,12 @@
 //! one entered its stage, its primary contact (`OpportunityContactRole`) for the identity its
 //! Flow would have posted, and `queryAll` for the stored wons the query no longer lists
 //! (a deleted opportunity stays visible there, `IsDeleted`, while it is in the recycle bin).
-//! source: crm-apis.md SF-QUERY, SF-QALL, SF-OPP, SF-HIST
+//! The lead funnel: leads created in the period (in the status they were created with) and the
+//! `LeadHistory` rows of their `Status` field, which Salesforce writes only where field
+//! history tracking is switched on for it.
+//! source: crm-apis.md SF-QUERY, SF-QALL, SF-OPP, SF-HIST; Object Reference: LeadHistory
 
-use super::{CheckError, CrmDeal, CrmSide, Missed, Replay};
+use super::{CheckError, CrmDeal, CrmSide, Missed, Replay, StageEntry};
 use crate::consent::ConsentStatus;
 use crate::mapping::Mapping;
 use crate::store::EventStore;
@@ -35,6 +38,24 @@ pub struct SfContact {
     pub last_name: Option<String>,
 }
 
+/// A lead as the funnel needs it: its status now, when it was created, and its identity.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SfLead {
+    pub id: String,
+    pub status: String,
+    pub created: Option<Timestamp>,
+    pub contact: SfContact,
+}
+
+/// One `LeadHistory` row of the `Status` field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SfStatusChange {
+    pub lead_id: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+    pub at: Timestamp,
+}
+
 /// Salesforce's REST query API as the check needs it. Implemented over HTTP (OAuth client
 /// credentials) in `bridge-platforms`.
 #[async_trait]
@@ -53,6 +74,18 @@ pub trait SalesforceApi: Send + Sync {
     async fn primary_contacts(&self, ids: &[String]) -> Result<Vec<(String, SfContact)>, CrmError>;
     /// `ids` through `queryAll`: deleted ones included; ones purged from the recycle bin absent.
     async fn opportunities_all(&self, ids: &[String]) -> Result<Vec<SfOpportunity>, CrmError>;
+    /// The `LeadHistory` rows of `Field = 'Status'` made in `[from, to)`.
+    async fn lead_status_changes(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<SfStatusChange>, CrmError>;
+    /// Every `Status` row of the leads `ids`, whenever made (for the status each was created in).
+    async fn lead_status_history(&self, ids: &[String]) -> Result<Vec<SfStatusChange>, CrmError>;
+    /// The leads created in `[from, to)`.
+    async fn leads_created(&self, from: Timestamp, to: Timestamp) -> Result<Vec<SfLead>, CrmError>;
+    /// The leads `ids` (deleted ones absent).
+    async fn leads(&self, ids: &[String]) -> Result<Vec<SfLead>, CrmError>;
 }
 
 /// Salesforce's query API.
@@ -71,6 +104,35 @@ pub async fn check_salesforce(
     now: Timestamp,
 ) -> Result<super::CrmCheck, CheckError> {
     super::check(&SalesforceSide { api }, store, mapping, from, to, now).await
+}
+
+/// The note a repair needs when Salesforce's events get a consent other than granted.
+fn consent_note(mapping: &Mapping) -> Option<String> {
+    let consent_default = mapping
+        .source("salesforce")
+        .map(|s| s.consent_default)
+        .unwrap_or(ConsentStatus::Unknown);
+    (consent_default != ConsentStatus::Granted).then(|| {
+        format!(
+            "Salesforce holds no ad consent: a repair stores it under the source's consent_default ({}), and only granted events are sent",
+            serde_json::to_value(consent_default)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// The change as the Flow posts it (`webhook::salesforce`): what it does not know left out.
+fn flow_item(item: serde_json::Value) -> Replay {
+    let item: serde_json::Map<String, serde_json::Value> = item
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Replay::Salesforce(serde_json::Value::Object(item).to_string())
 }
 
 /// The UTC date of an instant.
@@ -114,10 +176,7 @@ impl CrmSide for SalesforceSide<'_> {
             }
             contacts.extend(self.api.primary_contacts(chunk).await?);
         }
-        let consent_default = mapping
-            .source("salesforce")
-            .map(|s| s.consent_default)
-            .unwrap_or(ConsentStatus::Unknown);
+        let consent_note = consent_note(mapping);
         let mut out = Vec::with_capacity(deals.len());
         for deal in deals {
             let mut m = Missed::new(deal);
@@ -151,15 +210,7 @@ impl CrmSide for SalesforceSide<'_> {
                         .into(),
                 );
             }
-            if consent_default != ConsentStatus::Granted {
-                m.notes.push(format!(
-                    "Salesforce holds no ad consent: a repair stores it under the source's consent_default ({}), and only granted events are sent",
-                    serde_json::to_value(consent_default)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                ));
-            }
+            m.notes.extend(consent_note.clone());
             let item = json!({
                 "object": "Opportunity",
                 "id": deal.id,
@@ -172,17 +223,7 @@ impl CrmSide for SalesforceSide<'_> {
                 "first_name": contact.first_name,
                 "last_name": contact.last_name,
             });
-            // The Flow's payload leaves out what it does not know: no nulls.
-            let item: serde_json::Map<String, serde_json::Value> = item
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            m.replay = Some(Replay::Salesforce(
-                serde_json::Value::Object(item).to_string(),
-            ));
+            m.replay = Some(flow_item(item));
             out.push(m);
         }
         Ok(out)
@@ -219,6 +260,108 @@ impl CrmSide for SalesforceSide<'_> {
             })
             .collect())
     }
+
+    /// The leads created in the period, in the status they were created with (the oldest
+    /// `Status` row's old value, else the status they still have), and every `Status` row of
+    /// the period. SOQL compares picklists case-insensitively, and so does this.
+    async fn stage_entries(
+        &self,
+        stages: &[String],
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Option<Vec<StageEntry>>, CheckError> {
+        let wanted = |s: &str| stages.iter().any(|x| x.eq_ignore_ascii_case(s.trim()));
+        let mut out = Vec::new();
+        let created = self.api.leads_created(from, to).await?;
+        let ids: Vec<String> = created.iter().map(|l| l.id.clone()).collect();
+        let mut first: HashMap<String, SfStatusChange> = HashMap::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            for c in self.api.lead_status_history(chunk).await? {
+                match first.get(&c.lead_id) {
+                    Some(f) if f.at <= c.at => {}
+                    _ => {
+                        first.insert(c.lead_id.clone(), c);
+                    }
+                }
+            }
+        }
+        for lead in created {
+            let Some(at) = lead.created else {
+                continue;
+            };
+            let stage = match first.get(&lead.id) {
+                Some(f) => f.old.clone().unwrap_or_default(),
+                None => lead.status.clone(),
+            };
+            if wanted(&stage) {
+                out.push(StageEntry {
+                    record_id: lead.id,
+                    stage,
+                    at,
+                });
+            }
+        }
+        for c in self.api.lead_status_changes(from, to).await? {
+            // The query's bounds are whole seconds: the period is exact here.
+            if c.at < from || c.at >= to {
+                continue;
+            }
+            if let Some(new) = c.new.filter(|n| wanted(n)) {
+                out.push(StageEntry {
+                    record_id: c.lead_id,
+                    stage: new,
+                    at: c.at,
+                });
+            }
+        }
+        out.sort_by(|a, b| (a.at, &a.record_id).cmp(&(b.at, &b.record_id)));
+        Ok(Some(out))
+    }
+
+    /// Each change as the lead's Flow would have posted it, with the lead's identity.
+    async fn replay_stages(
+        &self,
+        entries: &[StageEntry],
+        mapping: &Mapping,
+    ) -> Result<Vec<(Option<Replay>, Vec<String>)>, CheckError> {
+        let mut ids: Vec<String> = entries.iter().map(|e| e.record_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let mut leads: HashMap<String, SfLead> = HashMap::new();
+        for chunk in ids.chunks(IDS_PER_QUERY) {
+            leads.extend(
+                self.api
+                    .leads(chunk)
+                    .await?
+                    .into_iter()
+                    .map(|l| (l.id.clone(), l)),
+            );
+        }
+        let consent_note = consent_note(mapping);
+        Ok(entries
+            .iter()
+            .map(|e| {
+                let Some(lead) = leads.get(&e.record_id) else {
+                    return (None, vec!["the lead is gone from Salesforce".into()]);
+                };
+                let c = &lead.contact;
+                let item = json!({
+                    "object": "Lead",
+                    "id": e.record_id,
+                    "stage": e.stage,
+                    "changed_at": e.at.canonical(),
+                    "email": c.email,
+                    "phone": c.phone,
+                    "first_name": c.first_name,
+                    "last_name": c.last_name,
+                });
+                (
+                    Some(flow_item(item)),
+                    consent_note.iter().cloned().collect(),
+                )
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -244,6 +387,8 @@ mod tests {
         opps: Mutex<Vec<(CrmDeal, String, bool)>>,
         history: Mutex<Vec<(String, HistoryEntry)>>,
         contacts: HashMap<String, SfContact>,
+        leads: Mutex<Vec<SfLead>>,
+        lead_history: Mutex<Vec<SfStatusChange>>,
     }
 
     impl Org {
@@ -270,8 +415,77 @@ mod tests {
         }
     }
 
+    impl Org {
+        /// A lead created at `at_ms` in `status`, with an email.
+        fn lead(&self, id: &str, status: &str, at_ms: i64) {
+            self.leads.lock().unwrap().push(SfLead {
+                id: id.into(),
+                status: status.into(),
+                created: Some(Timestamp::from_unix_ms(at_ms)),
+                contact: SfContact {
+                    email: Some(format!("{id}@example.com")),
+                    ..Default::default()
+                },
+            });
+        }
+
+        /// The lead's status changes at `at_ms` (a `LeadHistory` row, tracking on).
+        fn status(&self, id: &str, status: &str, at_ms: i64) {
+            let mut leads = self.leads.lock().unwrap();
+            let lead = leads.iter_mut().find(|l| l.id == id).unwrap();
+            self.lead_history.lock().unwrap().push(SfStatusChange {
+                lead_id: id.into(),
+                old: Some(lead.status.clone()),
+                new: Some(status.into()),
+                at: Timestamp::from_unix_ms(at_ms),
+            });
+            lead.status = status.into();
+        }
+    }
+
     #[async_trait]
     impl SalesforceApi for Org {
+        async fn lead_status_changes(
+            &self,
+            from: Timestamp,
+            to: Timestamp,
+        ) -> Result<Vec<SfStatusChange>, CrmError> {
+            let h = self.lead_history.lock().unwrap();
+            Ok(h.iter()
+                .filter(|c| c.at >= from && c.at < to)
+                .cloned()
+                .collect())
+        }
+        async fn lead_status_history(
+            &self,
+            ids: &[String],
+        ) -> Result<Vec<SfStatusChange>, CrmError> {
+            let h = self.lead_history.lock().unwrap();
+            Ok(h.iter()
+                .filter(|c| ids.contains(&c.lead_id))
+                .cloned()
+                .collect())
+        }
+        async fn leads_created(
+            &self,
+            from: Timestamp,
+            to: Timestamp,
+        ) -> Result<Vec<SfLead>, CrmError> {
+            let leads = self.leads.lock().unwrap();
+            Ok(leads
+                .iter()
+                .filter(|l| l.created.is_some_and(|c| c >= from && c < to))
+                .cloned()
+                .collect())
+        }
+        async fn leads(&self, ids: &[String]) -> Result<Vec<SfLead>, CrmError> {
+            let leads = self.leads.lock().unwrap();
+            Ok(leads
+                .iter()
+                .filter(|l| ids.contains(&l.id))
+                .cloned()
+                .collect())
+        }
         async fn won_opportunities(
             &self,
             stages: &[String],
@@ -469,5 +683,91 @@ mod tests {
             check.missed[0].replay.is_some(),
             "still replayable: stored for the audit"
         );
+    }
+
+    #[tokio::test]
+    async fn lead_status_changes_whose_callouts_never_arrived_are_found_and_replayed() {
+        let m = mapping();
+        let t = now().unix_ms();
+        let org = Org::default();
+        let (lead, mql, sql) = ("Open - Not Contacted", "Working - Contacted", "Qualified");
+        // L1: created a lead, then MQL, then SQL (that callout lost). L2: created straight
+        // into MQL, no history row (its callout lost). L3: created before the period, SQL in
+        // it (arrived), then converted (a status the contract does not map).
+        org.lead("00QA00000000001AAA", lead, t - 3 * DAY_MS);
+        org.status("00QA00000000001AAA", mql, t - 2 * DAY_MS);
+        org.status("00QA00000000001AAA", sql, t - DAY_MS);
+        org.lead("00QB00000000001AAA", mql, t - 2 * DAY_MS);
+        org.lead("00QC00000000001AAA", lead, t - 40 * DAY_MS);
+        org.status("00QC00000000001AAA", sql, t - DAY_MS);
+        org.status("00QC00000000001AAA", "Closed - Converted", t - DAY_MS / 2);
+        let store = MemoryStore::new();
+        let queue = MemoryQueue::new(5, std::time::Duration::from_secs(30));
+        let post = |id: &str, stage: &str, at: i64| {
+            json!({"object": "Lead", "id": id, "stage": stage,
+                   "changed_at": Timestamp::from_unix_ms(at).canonical(),
+                   "email": format!("{id}@example.com")})
+            .to_string()
+        };
+        let arrived = [
+            post("00QA00000000001AAA", lead, t - 3 * DAY_MS),
+            post("00QA00000000001AAA", mql, t - 2 * DAY_MS),
+            post("00QC00000000001AAA", sql, t - DAY_MS),
+        ];
+        let items = arrived
+            .iter()
+            .map(|raw| parse_item(raw, "salesforce", &m))
+            .collect();
+        let r = ingest(items, "salesforce", &m, &cfg(), now(), &store, &queue).await;
+        assert!(
+            r.results.iter().all(|x| x.status == ItemStatus::Accepted),
+            "{r:?}"
+        );
+
+        let (from, to) = (now().minus_secs(7 * 86_400), now());
+        let check = check_salesforce(&org, &store, &m, from, to, now())
+            .await
+            .unwrap();
+        let funnel = check.funnel.clone().expect("Salesforce reads the funnel");
+        let figures = |e: &str| {
+            let f = &funnel.per_stage[e];
+            (f.crm_changes, f.stored, f.missed)
+        };
+        assert_eq!(figures("lead"), (1, 1, 0));
+        assert_eq!(figures("mql"), (2, 1, 1));
+        assert_eq!(figures("sql"), (2, 1, 1));
+        let missed: Vec<(&str, &str)> = funnel
+            .missed
+            .iter()
+            .map(|x| (x.record_id.as_str(), x.stage.as_str()))
+            .collect();
+        assert_eq!(
+            missed,
+            [("00QB00000000001AAA", mql), ("00QA00000000001AAA", sql)]
+        );
+        assert!(funnel.missed.iter().all(|x| x.notes.is_empty()));
+
+        let r = super::super::repair(&check, None, &m, &cfg(), now(), &store, &queue).await;
+        let statuses: Vec<ItemStatus> = r.results.iter().map(|x| x.status).collect();
+        assert_eq!(statuses, [ItemStatus::Accepted, ItemStatus::Accepted]);
+        let stored = store.events_between(from, to).await.unwrap();
+        let b = stored
+            .iter()
+            .find(|e| e.entity_id == "00QB00000000001AAA")
+            .expect("L2's MQL stored");
+        assert_eq!(b.occurred_at, Timestamp::from_unix_ms(t - 2 * DAY_MS));
+        assert!(b.identity.meta.em.is_some(), "the lead's own email");
+        let again = check_salesforce(&org, &store, &m, from, to, now())
+            .await
+            .unwrap();
+        assert!(again.funnel.unwrap().missed.is_empty());
+        // The late callout is a duplicate of the repair.
+        let late = parse_item(
+            &post("00QA00000000001AAA", sql, t - DAY_MS),
+            "salesforce",
+            &m,
+        );
+        let r = ingest(vec![late], "salesforce", &m, &cfg(), now(), &store, &queue).await;
+        assert_eq!(r.results[0].status, ItemStatus::Duplicate);
     }
 }

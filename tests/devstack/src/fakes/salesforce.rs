@@ -1,6 +1,7 @@
 //! A fake of the Salesforce REST API as reconciliation uses it: the OAuth 2.0 client
 //! credentials token endpoint, and SOQL `query` / `queryAll` over opportunities, their stage
-//! history and their contact roles, with paging by `nextRecordsUrl`, the org's API usage in
+//! history and their contact roles, and leads with their field history (`LeadHistory`, written
+//! for `Status` only while field history tracking is on for it), with paging by `nextRecordsUrl`, the org's API usage in
 //! `Sforce-Limit-Info`, and the error shapes and codes Salesforce documents. The SOQL it reads
 //! is the subset the bridge writes (SELECT fields FROM object WHERE conditions joined by AND,
 //! ORDER BY), held to Salesforce's rules: field names unquoted, string values in single quotes
@@ -8,6 +9,8 @@
 //! type, string comparisons case-insensitive. Rules and shapes from crm-apis.md: SF-CC (token),
 //! SF-QUERY / SF-QOPT / SF-CURSOR (paging), SF-QALL (queryAll), SF-LIMIT (usage header), SF-ERR
 //! (error body and codes), SF-DATE / SF-OPP / SF-CUR (fields), SF-HIST (OpportunityHistory);
+//! the Object Reference's LeadHistory (`Field` a filterable picklist, `OldValue` / `NewValue`
+//! anyType and not filterable) and Lead field reference;
 //! the SOQL comparison operators page (case-insensitive strings) and fieldExpression syntax
 //! (quotes).
 
@@ -34,7 +37,21 @@ pub struct Opportunity {
     pub contact: Option<[Option<String>; 4]>,
 }
 
+/// A lead: what the fake's queries read.
+#[derive(Clone, Debug, Default)]
+pub struct Lead {
+    pub status: String,
+    pub created_ms: i64,
+    pub email: Option<String>,
+    pub is_deleted: bool,
+}
+
 pub struct Data {
+    pub leads: HashMap<String, Lead>,
+    /// LeadHistory rows: (lead id, field, old value, new value, created at in Unix ms).
+    pub lead_history: Vec<(String, String, Option<String>, Option<String>, i64)>,
+    /// Field history tracking on `Lead.Status`: off, a status change writes no row.
+    pub lead_status_tracked: bool,
     pub client_id: String,
     pub client_secret: String,
     pub opportunities: HashMap<String, Opportunity>,
@@ -60,6 +77,9 @@ pub struct Data {
 impl Default for Data {
     fn default() -> Self {
         Data {
+            leads: HashMap::new(),
+            lead_history: Vec::new(),
+            lead_status_tracked: true,
             client_id: "sf-client".into(),
             client_secret: "sf-client-secret".into(),
             opportunities: HashMap::new(),
@@ -488,6 +508,8 @@ enum Kind {
     Bool,
     Date,
     DateTime,
+    /// `anyType` (history values): selectable and sortable, never filterable.
+    Any,
 }
 
 /// The fields of each object the fake knows, with their types. source: SF-OPP, SF-HIST, SF-CUR
@@ -502,6 +524,14 @@ fn schema(object: &str, field: &str, multi_currency: bool) -> Option<Kind> {
         ("OpportunityHistory", "OpportunityId") => Kind::Id,
         ("OpportunityHistory", "StageName") => Kind::Text,
         ("OpportunityHistory", "CreatedDate") => Kind::DateTime,
+        ("Lead", "Id") => Kind::Id,
+        ("Lead", "Status" | "Email" | "Phone" | "FirstName" | "LastName") => Kind::Text,
+        ("Lead", "CreatedDate") => Kind::DateTime,
+        ("Lead", "IsDeleted") => Kind::Bool,
+        ("LeadHistory", "LeadId") => Kind::Id,
+        ("LeadHistory", "Field") => Kind::Text,
+        ("LeadHistory", "OldValue" | "NewValue") => Kind::Any,
+        ("LeadHistory", "CreatedDate") => Kind::DateTime,
         ("OpportunityContactRole", "OpportunityId") => Kind::Id,
         ("OpportunityContactRole", "IsPrimary") => Kind::Bool,
         (
@@ -517,6 +547,8 @@ fn check(q: &Soql, multi_currency: bool) -> Result<(), SoqlError> {
         "Opportunity",
         "OpportunityHistory",
         "OpportunityContactRole",
+        "Lead",
+        "LeadHistory",
     ]
     .contains(&q.object.as_str())
     {
@@ -537,6 +569,12 @@ fn check(q: &Soql, multi_currency: bool) -> Result<(), SoqlError> {
     for c in &q.conds {
         let kind =
             schema(&q.object, &c.field, multi_currency).ok_or_else(|| no_column(&c.field))?;
+        if kind == Kind::Any {
+            return Err((
+                "INVALID_FIELD",
+                format!("field '{}' can not be filtered in a query call", c.field),
+            ));
+        }
         for v in &c.values {
             let fits = matches!(
                 (kind, v),
@@ -552,6 +590,7 @@ fn check(q: &Soql, multi_currency: bool) -> Result<(), SoqlError> {
                 // unquoted); Salesforce's own wording for the quoted-date mistake.
                 let want = match kind {
                     Kind::Date => "date",
+                    Kind::Any => "anyType",
                     Kind::DateTime => "dateTime",
                     Kind::Bool => "boolean",
                     Kind::Number => "double",
@@ -568,6 +607,12 @@ fn check(q: &Soql, multi_currency: bool) -> Result<(), SoqlError> {
         }
     }
     Ok(())
+}
+
+/// Salesforce writes dateTimes as 2026-11-27T15:00:00.000+0000. source: SF-DATE
+fn sf_datetime(at_ms: i64) -> String {
+    let t = Timestamp::from_unix_ms(at_ms).canonical();
+    format!("{}.{:03}+0000", &t[..19], at_ms.rem_euclid(1000))
 }
 
 /// A row's fields, as the query's columns name them.
@@ -587,12 +632,30 @@ fn row(d: &Data, object: &str, key: &str, index: usize) -> HashMap<&'static str,
         }
         "OpportunityHistory" => {
             if let Some((id, stage, at)) = d.history.get(index) {
-                let t = Timestamp::from_unix_ms(*at).canonical();
-                // Salesforce writes dateTimes as 2026-11-27T15:00:00.000+0000. source: SF-DATE
-                let sf = format!("{}.{:03}+0000", &t[..19], at.rem_euclid(1000));
                 r.insert("OpportunityId", Lit::Str(id.clone()));
                 r.insert("StageName", Lit::Str(stage.clone()));
-                r.insert("CreatedDate", Lit::DateTime(sf));
+                r.insert("CreatedDate", Lit::DateTime(sf_datetime(*at)));
+            }
+        }
+        "Lead" => {
+            if let Some(l) = d.leads.get(key) {
+                r.insert("Id", Lit::Str(key.to_string()));
+                r.insert("Status", Lit::Str(l.status.clone()));
+                r.insert("CreatedDate", Lit::DateTime(sf_datetime(l.created_ms)));
+                r.insert("Email", text(&l.email));
+                for f in ["Phone", "FirstName", "LastName"] {
+                    r.insert(f, Lit::Null);
+                }
+                r.insert("IsDeleted", Lit::Bool(l.is_deleted));
+            }
+        }
+        "LeadHistory" => {
+            if let Some((id, field, old, new, at)) = d.lead_history.get(index) {
+                r.insert("LeadId", Lit::Str(id.clone()));
+                r.insert("Field", Lit::Str(field.clone()));
+                r.insert("OldValue", text(old));
+                r.insert("NewValue", text(new));
+                r.insert("CreatedDate", Lit::DateTime(sf_datetime(*at)));
             }
         }
         _ => {
@@ -669,13 +732,21 @@ fn run(d: &Data, q: &Soql, all: bool, version: &str) -> Vec<Value> {
             .enumerate()
             .map(|(i, (id, _, _))| (id.clone(), i))
             .collect(),
+        "LeadHistory" => d
+            .lead_history
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.0.clone(), i))
+            .collect(),
+        "Lead" => d.leads.keys().map(|k| (k.clone(), 0)).collect(),
         _ => d.opportunities.keys().map(|k| (k.clone(), 0)).collect(),
     };
     let mut rows: Vec<(String, HashMap<&'static str, Lit>)> = keys
         .into_iter()
         .filter(|(key, _)| {
             // `query` leaves deleted records out; `queryAll` includes them. source: SF-QALL
-            all || d.opportunities.get(key).is_none_or(|o| !o.is_deleted)
+            all || (d.opportunities.get(key).is_none_or(|o| !o.is_deleted)
+                && d.leads.get(key).is_none_or(|l| !l.is_deleted))
         })
         .map(|(key, i)| (key.clone(), row(d, &q.object, &key, i)))
         .filter(|(_, r)| !r.is_empty() && q.conds.iter().all(|c| holds(r, c)))
@@ -786,6 +857,42 @@ impl FakeSalesforce {
         }
     }
 
+    /// A lead created at `at_ms` in `status`, with an email (Lead's `created` history row is
+    /// not a `Status` row: the status a lead starts in has none).
+    pub fn lead(&self, id: &str, status: &str, email: &str, at_ms: i64) {
+        let mut d = lock(&self.data);
+        d.leads.insert(
+            id.to_string(),
+            Lead {
+                status: status.into(),
+                created_ms: at_ms,
+                email: Some(email.into()),
+                is_deleted: false,
+            },
+        );
+        d.lead_history
+            .push((id.to_string(), "created".into(), None, None, at_ms));
+    }
+
+    /// Lead `id`'s status changes at `at_ms`: a `Status` history row while tracking is on.
+    pub fn lead_status(&self, id: &str, status: &str, at_ms: i64) {
+        let mut d = lock(&self.data);
+        let tracked = d.lead_status_tracked;
+        let Some(lead) = d.leads.get_mut(id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut lead.status, status.to_string());
+        if tracked {
+            d.lead_history.push((
+                id.to_string(),
+                "Status".into(),
+                Some(old),
+                Some(status.into()),
+                at_ms,
+            ));
+        }
+    }
+
     /// Revokes every issued token, as an expired session is.
     pub fn expire_sessions(&self) {
         lock(&self.data).tokens.clear();
@@ -836,5 +943,13 @@ mod tests {
                 .0,
             "INVALID_TYPE"
         );
+        // History values are anyType: selectable, never filterable; the field name is.
+        let by_value =
+            parse("SELECT LeadId FROM LeadHistory WHERE NewValue = 'Qualified'").unwrap();
+        let e = check(&by_value, true).unwrap_err();
+        assert_eq!(e.0, "INVALID_FIELD");
+        assert!(e.1.contains("can not be filtered"), "{}", e.1);
+        let by_field = parse("SELECT LeadId, NewValue FROM LeadHistory WHERE Field = 'Status' AND CreatedDate >= 2026-11-01T00:00:00Z").unwrap();
+        assert!(check(&by_field, true).is_ok());
     }
 }
