@@ -14,14 +14,47 @@ pub async fn sdk_config() -> aws_config::SdkConfig {
 }
 
 /// The SDK's HTTP client on rustls with ring (the SDK's default is aws-lc): the same crypto as
-/// the platform clients (bridge_platforms::http), so one TLS stack ships.
+/// the platform clients (bridge_platforms::http), so one TLS stack ships. It trusts the same
+/// roots too, Mozilla's as `webpki-root-certs` compiles them in (Amazon Trust Services' roots
+/// among them), instead of reading and parsing the system's certificate files at every cold
+/// start.
 pub fn http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
     use aws_smithy_http_client::tls;
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https()
+    let builder = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(
+        tls::rustls_provider::CryptoMode::Ring,
+    ));
+    match tls::TlsContext::builder()
+        .with_trust_store(tls::TrustStore::empty().with_pem_certificate(root_pem()))
+        .build()
+    {
+        Ok(ctx) => builder.tls_context(ctx).build_https(),
+        Err(e) => {
+            tracing::warn!(error = %e, "compiled-in roots refused: the system's are used");
+            builder.build_https()
+        }
+    }
+}
+
+/// The compiled-in root certificates as one PEM bundle, the form the SDK's trust store takes.
+/// Only those rustls accepts: the SDK adds each with an `expect`, so one it refused would
+/// panic in the first request, not here.
+fn root_pem() -> Vec<u8> {
+    use base64::Engine;
+    let mut pem = String::new();
+    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        if rustls::RootCertStore::empty().add(cert.clone()).is_err() {
+            continue;
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        pem.push_str("-----BEGIN CERTIFICATE-----\n");
+        // PEM lines are 64 characters. base64 is ASCII, so every cut is at a char boundary.
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+    }
+    pem.into_bytes()
 }
 
 pub fn dynamodb(cfg: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
@@ -115,4 +148,25 @@ pub async fn parameters(
         .iter()
         .filter_map(|p| Some((p.name()?.to_string(), p.value()?.to_string())))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    #[test]
+    fn the_sdk_trusts_every_compiled_in_root_and_reads_its_pem() {
+        let pem = super::root_pem();
+        let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(certs.len(), webpki_root_certs::TLS_SERVER_ROOT_CERTS.len());
+        assert!(certs.len() > 100);
+        let mut store = rustls::RootCertStore::empty();
+        for c in certs {
+            store.add(c).unwrap();
+        }
+        let _client = super::http_client();
+    }
 }

@@ -9,10 +9,25 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A client builder with the crypto provider in place.
+/// Mozilla's root certificates as `webpki-root-certs` compiles them in, parsed once per
+/// process. reqwest's default (rustls-platform-verifier) reads and parses the system's
+/// certificate files for every client it builds: 4-5 ms of each cold start on a Debian host,
+/// against 0.2 ms for these. The AWS SDK clients trust the same roots
+/// (`bridge_aws::clients::http_client`).
+fn roots() -> Vec<reqwest::Certificate> {
+    static ROOTS: std::sync::LazyLock<Vec<reqwest::Certificate>> = std::sync::LazyLock::new(|| {
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .filter_map(|c| reqwest::Certificate::from_der(c.as_ref()).ok())
+            .collect()
+    });
+    ROOTS.clone()
+}
+
+/// A client builder with the crypto provider and the root certificates in place.
 pub fn builder() -> reqwest::ClientBuilder {
     install_crypto();
-    reqwest::Client::builder()
+    reqwest::Client::builder().tls_certs_only(roots())
 }
 
 /// A client with reqwest's defaults.
@@ -40,6 +55,7 @@ pub fn error_text(e: reqwest::Error) -> String {
 mod tests {
     #[test]
     fn clients_build_and_the_provider_is_ring() {
+        assert!(super::roots().len() > 100, "Mozilla's roots");
         assert!(super::client().is_ok());
         assert!(super::client().is_ok(), "a second call is harmless");
         let provider = rustls::crypto::CryptoProvider::get_default().expect("installed");
