@@ -1,8 +1,8 @@
 //! The HubSpot CRM API client: the records a HubSpot webhook names (a contact, a deal and its
 //! contact) with the property histories that confirm a change, and for reconciliation against
 //! the CRM the search for the won deals of a period, the contacts modified since it began with
-//! their lifecycle stage histories, and the archived deals, over HTTPS with a private-app token. The base
-//! URL is configurable so tests and the local stack use a fake.
+//! their lifecycle stage histories, and the archived deals; over HTTPS with a private-app
+//! token. The base URL is configurable so tests and the local stack use a fake.
 
 use async_trait::async_trait;
 use bridge_core::crm_check::{CrmDeal, HubSpotSearch};

@@ -1,8 +1,9 @@
 //! Reconciling against the CRM itself: the won deals the system of record shows for a period
-//! (HubSpot's deal search, or Salesforce's won opportunities), compared with the events the
-//! bridge stored, so a change whose webhook never arrived (HubSpot gave up after its retries, a
-//! Salesforce callout that is never retried, a paused subscription) is found, and on request
-//! ingested exactly as its webhook would have been.
+//! (HubSpot's deal search, or Salesforce's won opportunities) and its lead funnel's stage
+//! changes (contacts' lifecycle stage history, or leads' status history), compared with the
+//! events the bridge stored, so a change whose webhook never arrived (HubSpot gave up after its
+//! retries, a Salesforce callout that is never retried, a paused subscription) is found, and on
+//! request ingested exactly as its webhook would have been.
 //!
 //! A missed deal becomes the webhook the CRM would have sent (`occurred_at` = the stage
 //! history's own time of the change, never the time of the repair) and goes through that
@@ -518,10 +519,10 @@ async fn funnel(
     Ok(Some(out))
 }
 
-/// Ingests the missed deals as their webhooks would have been: a HubSpot replay resolved
-/// against the CRM (`hubspot` gives the record reader and the resolution options), a
-/// Salesforce one parsed as its Flow's post; then the ingest use case. Deals without a replay
-/// (see their notes) are left out.
+/// Ingests the missed deals and funnel changes as their webhooks would have been: a HubSpot
+/// replay resolved against the CRM (`hubspot` gives the record reader and the resolution
+/// options), a Salesforce one parsed as its Flow's post; then the ingest use case. Those
+/// without a replay (see their notes) are left out.
 pub async fn repair(
     check: &CrmCheck,
     hubspot: Option<(&dyn HubSpotRecords, &ResolveOptions)>,
@@ -827,7 +828,7 @@ mod tests {
                 });
         }
 
-        /// The `contact.propertyChange` HubSpot sends for that, `late_ms` off the history.
+        /// The `contact.propertyChange` HubSpot sends for a change, carrying `at_ms`.
         fn contact_webhook(&self, id: &str, stage: &str, at_ms: i64) -> HubSpotEvent {
             HubSpotEvent {
                 event_id: Some(2),
