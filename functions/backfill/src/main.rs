@@ -38,10 +38,9 @@ use bridge_aws::lambda::env;
 use bridge_core::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
 use bridge_core::ingest::IngestConfig;
 use bridge_core::timestamp::Timestamp;
-use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
+use bridge_platforms::meta::MetaPlatform;
 use serde_json::{Value, json};
-use std::time::Duration;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -55,23 +54,18 @@ async fn dry(source: &str, text: &str) -> Result<Value, String> {
         _ => env(k),
     })
     .map_err(|e| e.to_string())?;
-    let e = &settings.endpoints;
     let http = bridge_platforms::http::client().map_err(|e| e.to_string())?;
     let mut platforms: Vec<Box<dyn DryRunPlatform>> = Vec::new();
+    // A dry run: Meta's events go to the Test Events tool, every Google request validates only.
+    let mut tuning = settings.platforms.clone();
+    tuning
+        .meta_test_event_code
+        .get_or_insert_with(|| "BACKFILL_DRY_RUN".into());
+    tuning.google_validate_only = true;
     if let (Some(token), Some(pixel)) = (env("META_ACCESS_TOKEN"), env("META_PIXEL_ID")) {
         platforms.push(Box::new(Checked(MetaPlatform::new(
             http.clone(),
-            MetaConfig {
-                base_url: e.meta_graph_base_url.clone(),
-                api_version: e.meta_api_version.clone(),
-                pixel_id: pixel,
-                access_token: token,
-                app_secret: env("META_APP_SECRET"),
-                test_event_code: Some(
-                    env("META_TEST_EVENT_CODE").unwrap_or_else(|| "BACKFILL_DRY_RUN".into()),
-                ),
-                timeout: Duration::from_secs(30),
-            },
+            tuning.meta_config(pixel, token, env("META_APP_SECRET")),
             settings.mapping.clone(),
         ))));
     }
@@ -79,16 +73,7 @@ async fn dry(source: &str, text: &str) -> Result<Value, String> {
         let credentials = GoogleCredentials::from_json(&creds).map_err(|e| e.to_string())?;
         platforms.push(Box::new(Checked(GooglePlatform::new(
             http.clone(),
-            GoogleConfig {
-                ads_base_url: e.google_ads_base_url.clone(),
-                ads_api_version: e.google_ads_api_version.clone(),
-                datamanager_base_url: e.google_datamanager_base_url.clone(),
-                token_url: e.google_oauth_token_url.clone(),
-                credentials,
-                validate_only: true,
-                timeout: Duration::from_secs(30),
-                terms_ttl: Duration::from_secs(3600),
-            },
+            tuning.google_config(credentials),
             settings.mapping.clone(),
         ))));
     }

@@ -5,6 +5,7 @@ use bridge_aws::config::Settings;
 use bridge_aws::dynamodb::DynamoStore;
 use bridge_aws::sqs::SqsQueue;
 use bridge_core::webhook::hubspot::HubSpotRecords;
+use bridge_platforms::config::{parse_num, parse_url};
 use bridge_platforms::hubspot::HubSpotClient;
 use ingest::App;
 use lambda_http::{Error, service_fn};
@@ -27,10 +28,14 @@ async fn main() -> Result<(), Error> {
     let http = bridge_platforms::http::builder()
         .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
         .build()?;
+    let lookup = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let hubspot_base = parse_url(&lookup, "HUBSPOT_API_BASE_URL", "https://api.hubapi.com")?;
     let hubspot: Option<Arc<dyn HubSpotRecords>> = secrets.get("hubspot-token").map(|token| {
-        let base = std::env::var("HUBSPOT_API_BASE_URL")
-            .unwrap_or_else(|_| "https://api.hubapi.com".into());
-        Arc::new(HubSpotClient::new(http.clone(), base, token.clone())) as Arc<dyn HubSpotRecords>
+        Arc::new(HubSpotClient::new(
+            http.clone(),
+            hubspot_base,
+            token.clone(),
+        )) as Arc<dyn HubSpotRecords>
     });
     let portal_id = match std::env::var("HUBSPOT_PORTAL_ID") {
         Ok(v) if !v.trim().is_empty() => Some(
@@ -56,10 +61,8 @@ async fn main() -> Result<(), Error> {
         )),
         secrets,
         hubspot,
-        max_body_bytes: std::env::var("MAX_BODY_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1 << 20),
+        // A function URL takes at most 6 MB per request.
+        max_body_bytes: parse_num(&lookup, "MAX_BODY_BYTES", 1 << 20, 1024, 6 << 20)?,
         public_base_url: std::env::var("PUBLIC_BASE_URL").ok(),
         hubspot_options: bridge_core::webhook::hubspot::ResolveOptions {
             portal_id,

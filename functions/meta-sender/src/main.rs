@@ -2,8 +2,8 @@
 //! Clients, the access token and the mapping are loaded once here, at init.
 
 use bridge_aws::config::Settings;
-use bridge_aws::lambda::{env, env_secs};
-use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_aws::lambda::env;
+use bridge_platforms::meta::MetaPlatform;
 use lambda_runtime::Error;
 
 #[tokio::main]
@@ -24,15 +24,11 @@ async fn main() -> Result<(), Error> {
         .remove(&token_param)
         .ok_or("META_ACCESS_TOKEN_PARAMETER has no value")?;
     let app_secret = secret_param.and_then(|p| values.remove(&p));
-    let cfg = MetaConfig {
-        base_url: settings.endpoints.meta_graph_base_url.clone(),
-        api_version: settings.endpoints.meta_api_version.clone(),
-        pixel_id: env("META_PIXEL_ID").ok_or("META_PIXEL_ID is required")?,
+    let cfg = settings.platforms.meta_config(
+        env("META_PIXEL_ID").ok_or("META_PIXEL_ID is required")?,
         access_token,
         app_secret,
-        test_event_code: env("META_TEST_EVENT_CODE"),
-        timeout: env_secs("META_TIMEOUT_SECS", 20),
-    };
+    );
     let platform = MetaPlatform::new(
         bridge_platforms::http::client()?,
         cfg,

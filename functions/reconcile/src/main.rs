@@ -18,7 +18,7 @@ use bridge_core::reconcile::{
 use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::crm::CrmClient;
-use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
+use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -224,20 +224,10 @@ async fn main() -> Result<(), Error> {
                     None
                 }
             };
-            let e = &settings.endpoints;
             credentials.map(|credentials| {
                 GooglePlatform::new(
                     http.clone(),
-                    GoogleConfig {
-                        ads_base_url: e.google_ads_base_url.clone(),
-                        ads_api_version: e.google_ads_api_version.clone(),
-                        datamanager_base_url: e.google_datamanager_base_url.clone(),
-                        token_url: e.google_oauth_token_url.clone(),
-                        credentials,
-                        validate_only: false,
-                        timeout: std::time::Duration::from_secs(30),
-                        terms_ttl: std::time::Duration::from_secs(3600),
-                    },
+                    settings.platforms.google_config(credentials),
                     settings.mapping.clone(),
                 )
             })

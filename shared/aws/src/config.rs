@@ -1,14 +1,17 @@
-//! Environment to typed settings: table, queues, platform base URLs and tuning knobs.
+//! Environment to typed settings: table, queues, tuning knobs, and the platforms' own settings
+//! (base URLs, versions, timeouts: `bridge_platforms::config`). Every bad value is an error
+//! naming its variable, at init.
 
 use crate::sqs::QueueUrls;
 use bridge_core::delivery::Destination;
 use bridge_core::mapping::{Mapping, MappingErrors};
+use bridge_platforms::config::{InvalidVar, PlatformSettings, parse_num};
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("environment variable {var}: {reason}")]
-    Invalid { var: &'static str, reason: String },
+    #[error(transparent)]
+    Invalid(#[from] InvalidVar),
     #[error("mapping file {path}: {source}")]
     MappingFile {
         path: String,
@@ -16,18 +19,6 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Mapping(#[from] MappingErrors),
-}
-
-/// Platform endpoints: every base URL is configurable so tests and the local stack can point
-/// the same binaries at fakes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoints {
-    pub meta_graph_base_url: String,
-    pub meta_api_version: String,
-    pub google_ads_base_url: String,
-    pub google_ads_api_version: String,
-    pub google_datamanager_base_url: String,
-    pub google_oauth_token_url: String,
 }
 
 #[derive(Clone, Debug)]
@@ -49,47 +40,9 @@ pub struct Settings {
     /// The sender function's own timeout, when the template states it: sends are checked to
     /// fit in it at init.
     pub sender_timeout_secs: Option<u64>,
-    pub endpoints: Endpoints,
+    /// Base URLs, API versions, timeouts and dry-run switches of Meta and Google.
+    pub platforms: PlatformSettings,
     pub mapping: Mapping,
-}
-
-fn parse_num<T>(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    default: T,
-    min: T,
-    max: T,
-) -> Result<T, ConfigError>
-where
-    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
-{
-    match get(var) {
-        None => Ok(default),
-        Some(v) => match v.trim().parse::<T>() {
-            Ok(n) if n >= min && n <= max => Ok(n),
-            _ => Err(ConfigError::Invalid {
-                var,
-                reason: format!("must be a number from {min} to {max}"),
-            }),
-        },
-    }
-}
-
-fn url(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    default: &str,
-) -> Result<String, ConfigError> {
-    let v = get(var).unwrap_or_else(|| default.to_string());
-    let v = v.trim().trim_end_matches('/').to_string();
-    if v.starts_with("http://") || v.starts_with("https://") {
-        Ok(v)
-    } else {
-        Err(ConfigError::Invalid {
-            var,
-            reason: "must be an http:// or https:// URL".into(),
-        })
-    }
 }
 
 impl Settings {
@@ -99,7 +52,7 @@ impl Settings {
 
     /// Reads settings through `get`, so tests need not touch the process environment.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
-        let table_name = get("TABLE_NAME").ok_or(ConfigError::Invalid {
+        let table_name = get("TABLE_NAME").ok_or(InvalidVar {
             var: "TABLE_NAME",
             reason: "is required".into(),
         })?;
@@ -120,7 +73,7 @@ impl Settings {
         }
         let region_code = get("DEFAULT_PHONE_REGION").unwrap_or_else(|| "US".into());
         let default_region =
-            bridge_core::identity::parse_region(&region_code).ok_or(ConfigError::Invalid {
+            bridge_core::identity::parse_region(&region_code).ok_or(InvalidVar {
                 var: "DEFAULT_PHONE_REGION",
                 reason: "must be an ISO 3166-1 alpha-2 region such as US or GB".into(),
             })?;
@@ -149,31 +102,7 @@ impl Settings {
                 Some(_) => Some(parse_num(&get, "SENDER_TIMEOUT_SECS", 60, 1, 900)?),
                 None => None,
             },
-            endpoints: Endpoints {
-                meta_graph_base_url: url(
-                    &get,
-                    "META_GRAPH_BASE_URL",
-                    "https://graph.facebook.com",
-                )?,
-                meta_api_version: get("META_API_VERSION").unwrap_or_else(|| "v26.0".into()),
-                google_ads_base_url: url(
-                    &get,
-                    "GOOGLE_ADS_BASE_URL",
-                    "https://googleads.googleapis.com",
-                )?,
-                google_ads_api_version: get("GOOGLE_ADS_API_VERSION")
-                    .unwrap_or_else(|| "v26".into()),
-                google_datamanager_base_url: url(
-                    &get,
-                    "GOOGLE_DATAMANAGER_BASE_URL",
-                    "https://datamanager.googleapis.com",
-                )?,
-                google_oauth_token_url: url(
-                    &get,
-                    "GOOGLE_OAUTH_TOKEN_URL",
-                    "https://oauth2.googleapis.com/token",
-                )?,
-            },
+            platforms: PlatformSettings::from_lookup(&get)?,
             mapping,
         })
     }
@@ -200,13 +129,13 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(
-            s.endpoints.meta_graph_base_url,
+            s.platforms.endpoints.meta_graph_base_url,
             "https://graph.facebook.com"
         );
-        assert_eq!(s.endpoints.meta_api_version, "v26.0");
-        assert_eq!(s.endpoints.google_ads_api_version, "v26");
+        assert_eq!(s.platforms.endpoints.meta_api_version, "v26.0");
+        assert_eq!(s.platforms.endpoints.google_ads_api_version, "v26");
         assert_eq!(
-            s.endpoints.google_oauth_token_url,
+            s.platforms.endpoints.google_oauth_token_url,
             "https://oauth2.googleapis.com/token"
         );
         assert_eq!(s.queues[&Destination::Meta].queue, "http://q/meta");
@@ -245,6 +174,9 @@ mod tests {
             ("META_GRAPH_BASE_URL", "http://127.0.0.1:9100/"),
         ]))
         .unwrap();
-        assert_eq!(s.endpoints.meta_graph_base_url, "http://127.0.0.1:9100");
+        assert_eq!(
+            s.platforms.endpoints.meta_graph_base_url,
+            "http://127.0.0.1:9100"
+        );
     }
 }

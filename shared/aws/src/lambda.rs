@@ -109,8 +109,3 @@ fn deadline(
 pub fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
-
-/// A duration in seconds from the environment, or `default`.
-pub fn env_secs(k: &str, default: u64) -> std::time::Duration {
-    std::time::Duration::from_secs(env(k).and_then(|v| v.parse().ok()).unwrap_or(default))
-}

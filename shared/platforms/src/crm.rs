@@ -49,8 +49,12 @@ impl CrmClient {
                     })?),
                     None => None,
                 };
-                let base =
-                    env("HUBSPOT_API_BASE_URL").unwrap_or_else(|| "https://api.hubapi.com".into());
+                let base = crate::config::parse_url(
+                    &env,
+                    "HUBSPOT_API_BASE_URL",
+                    "https://api.hubapi.com",
+                )
+                .map_err(|e| e.to_string())?;
                 Ok(Some(CrmClient::HubSpot {
                     client: HubSpotClient::new(http, base, token.clone()),
                     portal_id,
