@@ -3,7 +3,7 @@
 
 The SAM transform is expanded offline with aws-sam-translator (moto ignores it), then the
 resources an emulator can host (tables, queues, buckets) are created as a CloudFormation stack.
-The functions are not created there: locally they run natively (see infra/local/README.md).
+The functions are not created there: locally they run natively (see tests/devstack/README.md).
 Prints the stack outputs as environment variables (TABLE_NAME=..., META_QUEUE_URL=...).
 
 With --plan PATH it also writes what the local runtime needs to stand in for Lambda, from the

@@ -1,6 +1,6 @@
 //! DynamoDB event store: one item per event, conditional writes for idempotency and claims.
 //!
-//! Item layout (single table, see the README's table design):
+//! Item layout (single table, see shared/aws/README.md):
 //! - `pk = EV#<key>`, `sk = EVENT`: one event under its store key (the event_id when derived,
 //!   `<source>:<event_id>` when the caller provided it; `event_id` is an attribute only when it
 //!   differs from the key). The event's fields as attributes, identity hashes as 32-byte

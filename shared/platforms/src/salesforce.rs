@@ -111,6 +111,16 @@ fn soql_datetime(at: Timestamp, up: bool) -> String {
     format!("{}Z", t.get(..19).unwrap_or(&t))
 }
 
+/// `CreatedDate` in `[from, to)` as SOQL dateTime bounds (whole seconds, widened to hold the
+/// period; the caller keeps the exact one).
+fn created_in(from: Timestamp, to: Timestamp) -> String {
+    format!(
+        "CreatedDate >= {} AND CreatedDate < {}",
+        soql_datetime(from, false),
+        soql_datetime(to, true)
+    )
+}
+
 /// The columns the funnel reads of a lead.
 const LEAD_FIELDS: &str =
     "SELECT Id, Status, CreatedDate, Email, Phone, FirstName, LastName FROM Lead";
@@ -453,9 +463,8 @@ impl SalesforceApi for SalesforceClient {
         to: Timestamp,
     ) -> Result<Vec<SfStatusChange>, CrmError> {
         let soql = format!(
-            "{LEAD_STATUS_ROWS} AND CreatedDate >= {} AND CreatedDate < {} ORDER BY CreatedDate",
-            soql_datetime(from, false),
-            soql_datetime(to, true)
+            "{LEAD_STATUS_ROWS} AND {} ORDER BY CreatedDate",
+            created_in(from, to)
         );
         Ok(self
             .query(&soql, false)
@@ -481,9 +490,8 @@ impl SalesforceApi for SalesforceClient {
 
     async fn leads_created(&self, from: Timestamp, to: Timestamp) -> Result<Vec<SfLead>, CrmError> {
         let soql = format!(
-            "{LEAD_FIELDS} WHERE CreatedDate >= {} AND CreatedDate < {} ORDER BY CreatedDate, Id",
-            soql_datetime(from, false),
-            soql_datetime(to, true)
+            "{LEAD_FIELDS} WHERE {} ORDER BY CreatedDate, Id",
+            created_in(from, to)
         );
         Ok(self
             .query(&soql, false)

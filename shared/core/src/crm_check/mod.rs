@@ -951,6 +951,17 @@ mod tests {
         }
     }
 
+    /// What a repair with this CRM's records stores.
+    async fn repaired(
+        check: &CrmCheck,
+        crm: &Crm,
+        store: &MemoryStore,
+        queue: &MemoryQueue,
+    ) -> IngestReport {
+        let m = Mapping::bundled().unwrap();
+        repair(check, Some((crm, &opts())), &m, &cfg(), now(), store, queue).await
+    }
+
     /// What the webhook path stores for these deliveries.
     async fn deliver(
         crm: &Crm,
@@ -1018,16 +1029,7 @@ mod tests {
         assert_eq!(csv.lines().count(), 5, "{csv}");
         assert!(csv.contains("missed_by_webhook,1002,closedwon,"), "{csv}");
 
-        let r = repair(
-            &check,
-            Some((&crm, &opts())),
-            &m,
-            &cfg(),
-            now(),
-            &store,
-            &queue,
-        )
-        .await;
+        let r = repaired(&check, &crm, &store, &queue).await;
         let statuses: Vec<ItemStatus> = r.results.iter().map(|x| x.status).collect();
         assert_eq!(statuses, [ItemStatus::Accepted, ItemStatus::Accepted]);
         let won = stored_won(&store.find_by_order("1002").await.unwrap(), "hubspot")
@@ -1047,16 +1049,7 @@ mod tests {
             .await
             .unwrap();
         assert!(again.missed.is_empty(), "{:?}", again.missed);
-        let r = repair(
-            &again,
-            Some((&crm, &opts())),
-            &m,
-            &cfg(),
-            now(),
-            &store,
-            &queue,
-        )
-        .await;
+        let r = repaired(&again, &crm, &store, &queue).await;
         assert!(r.results.is_empty());
         // The webhook that was late all along is a duplicate of the repair.
         let late = deliver(&crm, &["1002"], &store, &queue).await;
@@ -1139,16 +1132,7 @@ mod tests {
         );
 
         // The repair replays each as HubSpot's webhook at the history's time, once.
-        let r = repair(
-            &check,
-            Some((&crm, &opts())),
-            &m,
-            &cfg(),
-            now(),
-            &store,
-            &queue,
-        )
-        .await;
+        let r = repaired(&check, &crm, &store, &queue).await;
         let statuses: Vec<ItemStatus> = r.results.iter().map(|x| x.status).collect();
         assert_eq!(statuses, [ItemStatus::Accepted, ItemStatus::Accepted]);
         let stored = store.events_between(from, to).await.unwrap();
