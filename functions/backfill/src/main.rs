@@ -37,6 +37,7 @@ use bridge_aws::config::Settings;
 use bridge_aws::lambda::env;
 use bridge_core::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
 use bridge_core::ingest::IngestConfig;
+use bridge_core::reconcile::run::CrmApi;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
 use bridge_platforms::meta::MetaPlatform;

@@ -6,5 +6,6 @@ pub mod clients;
 pub mod config;
 pub mod dynamodb;
 pub mod lambda;
+pub mod s3;
 pub mod sqs;
 pub mod telemetry;

@@ -268,3 +268,14 @@ impl DeliveryQueue for SqsQueue {
         failed
     }
 }
+/// The reconcile run's port for the dead-letter queues' figures.
+#[async_trait]
+impl bridge_core::reconcile::run::DeadLetterQueues for SqsQueue {
+    async fn figures(
+        &self,
+        d: Destination,
+        now: bridge_core::timestamp::Timestamp,
+    ) -> Option<bridge_core::reconcile::QueueFigures> {
+        self.dead_letter_figures(d, now).await
+    }
+}

@@ -4,10 +4,12 @@
 
 use crate::hubspot::HubSpotClient;
 use crate::salesforce::{DEFAULT_API_VERSION, SalesforceClient, SalesforceCredentials};
+use async_trait::async_trait;
 use bridge_core::crm_check::{CheckError, CrmCheck, Period, check_hubspot, check_salesforce};
 use bridge_core::ingest::{IngestConfig, IngestReport};
 use bridge_core::mapping::Mapping;
 use bridge_core::queue::DeliveryQueue;
+use bridge_core::reconcile::run::CrmApi;
 use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::hubspot::ResolveOptions;
@@ -82,16 +84,18 @@ impl CrmClient {
             _ => Ok(None),
         }
     }
+}
 
-    pub fn source(&self) -> &'static str {
+#[async_trait]
+impl CrmApi for CrmClient {
+    fn source(&self) -> &'static str {
         match self {
             CrmClient::HubSpot { .. } => "hubspot",
             CrmClient::Salesforce(_) => "salesforce",
         }
     }
 
-    /// The CRM's won deals of `[from, to)` against the stored events.
-    pub async fn check(
+    async fn check(
         &self,
         store: &dyn EventStore,
         mapping: &Mapping,
@@ -112,8 +116,7 @@ impl CrmClient {
         }
     }
 
-    /// Ingests what `check` found missed, as its webhooks would have been.
-    pub async fn repair(
+    async fn repair(
         &self,
         check: &CrmCheck,
         mapping: &Mapping,

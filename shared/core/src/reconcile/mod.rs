@@ -4,6 +4,7 @@
 //! give byte-identical output.
 
 pub mod html;
+pub mod run;
 
 use crate::delivery::{DeliveryStatus, Destination, PairResult, SWEEP_GRACE_SECS};
 use crate::event::{CanonicalEvent, EventName};

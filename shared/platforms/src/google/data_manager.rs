@@ -375,6 +375,17 @@ fn status_request(
         .query(&[("requestId", request_id)])
 }
 
+/// The reconcile run's port for Data Manager's request statuses.
+#[async_trait]
+impl bridge_core::reconcile::run::RequestStatus for GooglePlatform {
+    async fn retrieve(&self, request_id: &str) -> Result<Value, String> {
+        self.request_status(request_id).await.map_err(|o| {
+            let code = o.error().map(|e| e.code.clone()).unwrap_or_default();
+            format!("{} {code}", o.result().as_str()).trim().to_string()
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
