@@ -115,7 +115,7 @@ async fn erase(args: &[String]) -> Result<Value, String> {
     let default_region = bridge_core::identity::parse_region(&region)
         .ok_or_else(|| format!("--region {region}: not an ISO 3166-1 alpha-2 region"))?;
     let settings = Settings::from_env().map_err(|e| e.to_string())?;
-    let aws = bridge_aws::clients::sdk_config().await;
+    let aws = bridge_aws::clients::operator_sdk_config().await;
     let store = event_store(&aws, &settings);
     let req = bridge_core::privacy::ErasureRequest {
         entity: None,
@@ -168,7 +168,7 @@ async fn correct(args: &[String]) -> Result<Value, String> {
             settings.mapping.version, new.version
         ));
     }
-    let aws = bridge_aws::clients::sdk_config().await;
+    let aws = bridge_aws::clients::operator_sdk_config().await;
     let store = event_store(&aws, &settings);
     let now = Timestamp::now();
     let plan = bridge_core::correction::plan_from_store(
@@ -309,7 +309,7 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     let (from, to) = period(args, now, 7)?;
     let confirm = args.iter().any(|a| a == "--repair");
     let settings = Settings::from_env().map_err(|e| e.to_string())?;
-    let aws = bridge_aws::clients::sdk_config().await;
+    let aws = bridge_aws::clients::operator_sdk_config().await;
     let client = crm(&aws, &settings).await?;
     let store = event_store(&aws, &settings);
     let check = client
@@ -431,7 +431,7 @@ async fn report(args: &[String]) -> Result<Value, String> {
     let (from, to) = period(args, now, 7)?;
     let out = std::path::PathBuf::from(arg(args, "--out").unwrap_or_else(|| ".".into()));
     let settings = Settings::from_env().map_err(|e| e.to_string())?;
-    let aws = bridge_aws::clients::sdk_config().await;
+    let aws = bridge_aws::clients::operator_sdk_config().await;
     let store = event_store(&aws, &settings);
     let queue =
         bridge_aws::sqs::SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());

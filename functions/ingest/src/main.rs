@@ -18,7 +18,7 @@ async fn main() -> Result<(), Error> {
     // and on its own thread so it overlaps the network-bound SDK and SSM setup below.
     let warm = tokio::task::spawn_blocking(bridge_core::identity::warm_up);
     let settings = Settings::from_env()?;
-    let aws = bridge_aws::clients::sdk_config().await;
+    let aws = bridge_aws::clients::sdk_config().await?;
     let secrets = match std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH") {
         Ok(path) => {
             bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(&aws), &path).await?

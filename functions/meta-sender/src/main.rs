@@ -10,7 +10,7 @@ use lambda_runtime::Error;
 async fn main() -> Result<(), Error> {
     bridge_aws::telemetry::init();
     let settings = Settings::from_env()?;
-    let aws = bridge_aws::clients::sdk_config().await;
+    let aws = bridge_aws::clients::sdk_config().await?;
     let ssm = bridge_aws::clients::ssm(&aws);
     let token_param =
         env("META_ACCESS_TOKEN_PARAMETER").ok_or("META_ACCESS_TOKEN_PARAMETER is required")?;

@@ -88,7 +88,7 @@ async fn main() -> Result<(), Error> {
     let lookup = |k: &str| env(k);
     let repair = parse_flag(&lookup, "CRM_REPAIR", false)?;
     let bucket = env("REPORTS_BUCKET").ok_or("REPORTS_BUCKET is required")?;
-    let aws = bridge_aws::clients::sdk_config().await;
+    let aws = bridge_aws::clients::sdk_config().await?;
     // Emulators serve buckets by path, not by virtual host.
     let path_style = env("AWS_ENDPOINT_URL").is_some() || env("AWS_ENDPOINT_URL_S3").is_some();
     let sink = S3Sink::new(&aws, bucket, path_style);

@@ -1,12 +1,48 @@
 //! AWS SDK clients, built once per process from the standard environment.
 //!
-//! Endpoints come only from the standard settings (`AWS_ENDPOINT_URL`,
-//! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_SQS`), so the same binary talks to real AWS,
-//! LocalStack or moto without knowing which.
+//! Endpoints come only from the standard settings (`AWS_ENDPOINT_URL`, and per service
+//! `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_SQS`, `AWS_ENDPOINT_URL_SSM`,
+//! `AWS_ENDPOINT_URL_S3`), so the same binary talks to real AWS, LocalStack or moto without
+//! knowing which.
 
 pub use aws_config::SdkConfig;
+use bridge_platforms::config::InvalidVar;
 
-pub async fn sdk_config() -> aws_config::SdkConfig {
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The SDK configuration a function runs with: its region, credentials and endpoint from the
+/// environment Lambda sets (`AWS_REGION`; `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`; `AWS_ENDPOINT_URL` for an emulator), and nothing else. aws-config's
+/// default chain also reads profile files and knows SSO, STS web identity, IMDS and ECS
+/// credentials, none of which a Lambda function uses: without it that code stays out of each
+/// artifact and the profile reads out of each cold start. Retries, timeouts, sleep and clock
+/// are the SDK's defaults for this behavior version. Operators' commands use
+/// [`operator_sdk_config`].
+pub async fn sdk_config() -> Result<SdkConfig, InvalidVar> {
+    let region = env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .ok_or(InvalidVar {
+            var: "AWS_REGION",
+            reason: "is required (Lambda sets it)".into(),
+        })?;
+    let mut b = SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region))
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_config::environment::credentials::EnvironmentVariableCredentialsProvider::new(),
+        ))
+        .http_client(http_client());
+    if let Some(url) = env("AWS_ENDPOINT_URL") {
+        b = b.endpoint_url(url);
+    }
+    Ok(b.build())
+}
+
+/// The SDK configuration with aws-config's whole default chain (profiles, SSO, assumed roles,
+/// instance metadata): what a person running `bridge-backfill` on their own machine has.
+pub async fn operator_sdk_config() -> SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(http_client())
         .load()
@@ -57,16 +93,30 @@ fn root_pem() -> Vec<u8> {
     pem.into_bytes()
 }
 
+// Each client honours its service's own endpoint variable over the global one, as the SDK's
+// environment loader would.
 pub fn dynamodb(cfg: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
-    aws_sdk_dynamodb::Client::new(cfg)
+    let mut b = aws_sdk_dynamodb::config::Builder::from(cfg);
+    if let Some(url) = env("AWS_ENDPOINT_URL_DYNAMODB") {
+        b = b.endpoint_url(url);
+    }
+    aws_sdk_dynamodb::Client::from_conf(b.build())
 }
 
 pub fn sqs(cfg: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
-    aws_sdk_sqs::Client::new(cfg)
+    let mut b = aws_sdk_sqs::config::Builder::from(cfg);
+    if let Some(url) = env("AWS_ENDPOINT_URL_SQS") {
+        b = b.endpoint_url(url);
+    }
+    aws_sdk_sqs::Client::from_conf(b.build())
 }
 
 pub fn ssm(cfg: &aws_config::SdkConfig) -> aws_sdk_ssm::Client {
-    aws_sdk_ssm::Client::new(cfg)
+    let mut b = aws_sdk_ssm::config::Builder::from(cfg);
+    if let Some(url) = env("AWS_ENDPOINT_URL_SSM") {
+        b = b.endpoint_url(url);
+    }
+    aws_sdk_ssm::Client::from_conf(b.build())
 }
 
 /// Every parameter under `path` (decrypted), keyed by its last path segment. Read once at

@@ -13,11 +13,14 @@ impl S3Sink {
     /// A sink writing into `bucket`. Emulators serve buckets by path, not by virtual host:
     /// `path_style` for them.
     pub fn new(aws: &aws_config::SdkConfig, bucket: String, path_style: bool) -> S3Sink {
-        let client = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(aws)
-                .force_path_style(path_style)
-                .build(),
-        );
+        let mut b = aws_sdk_s3::config::Builder::from(aws).force_path_style(path_style);
+        if let Some(url) = std::env::var("AWS_ENDPOINT_URL_S3")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            b = b.endpoint_url(url);
+        }
+        let client = aws_sdk_s3::Client::from_conf(b.build());
         S3Sink { client, bucket }
     }
 }
