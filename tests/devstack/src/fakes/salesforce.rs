@@ -46,10 +46,12 @@ pub struct Lead {
     pub is_deleted: bool,
 }
 
+/// A LeadHistory row: lead id, field, old value, new value, created at in Unix ms.
+pub type LeadHistoryRow = (String, String, Option<String>, Option<String>, i64);
+
 pub struct Data {
     pub leads: HashMap<String, Lead>,
-    /// LeadHistory rows: (lead id, field, old value, new value, created at in Unix ms).
-    pub lead_history: Vec<(String, String, Option<String>, Option<String>, i64)>,
+    pub lead_history: Vec<LeadHistoryRow>,
     /// Field history tracking on `Lead.Status`: off, a status change writes no row.
     pub lead_status_tracked: bool,
     pub client_id: String,
