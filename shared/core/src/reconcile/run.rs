@@ -391,10 +391,30 @@ mod tests {
         store.insert_legacy(&e);
     }
 
-    fn ingest_cfg() -> IngestConfig {
-        IngestConfig {
-            default_region: crate::identity::Region::US,
-            max_future_skew_secs: 300,
+    /// The ports over these twins, the CRM side repairing.
+    fn ports<'a>(
+        store: &'a MemoryStore,
+        queue: &'a MemoryQueue,
+        sink: &'a Sink,
+        google: Option<&'a dyn RequestStatus>,
+        crm: &'a Crm,
+        mapping: &'a Mapping,
+    ) -> Ports<'a> {
+        Ports {
+            store,
+            queue,
+            dead_letters: &Dlqs,
+            sink,
+            google,
+            crm: Some(CrmSide {
+                api: crm,
+                repair: true,
+                mapping,
+                ingest: IngestConfig {
+                    default_region: crate::identity::Region::US,
+                    max_future_skew_secs: 300,
+                },
+            }),
         }
     }
 
@@ -411,19 +431,7 @@ mod tests {
             repairs: Mutex::new(0),
         };
         let mapping = Mapping::bundled().unwrap();
-        let ports = Ports {
-            store: &store,
-            queue: &queue,
-            dead_letters: &Dlqs,
-            sink: &sink,
-            google: Some(&statuses),
-            crm: Some(CrmSide {
-                api: &crm,
-                repair: true,
-                mapping: &mapping,
-                ingest: ingest_cfg(),
-            }),
-        };
+        let ports = ports(&store, &queue, &sink, Some(&statuses), &crm, &mapping);
         let summary = run(&ports, now(), false).await.unwrap();
         let stem = "2026-11-28T12:00:00.000Z";
         assert_eq!(
@@ -474,19 +482,7 @@ mod tests {
             repairs: Mutex::new(0),
         };
         let mapping = Mapping::bundled().unwrap();
-        let ports = Ports {
-            store: &store,
-            queue: &queue,
-            dead_letters: &Dlqs,
-            sink: &sink,
-            google: None,
-            crm: Some(CrmSide {
-                api: &crm,
-                repair: true,
-                mapping: &mapping,
-                ingest: ingest_cfg(),
-            }),
-        };
+        let ports = ports(&store, &queue, &sink, None, &crm, &mapping);
         let summary = run(&ports, now(), true).await.unwrap();
         assert_eq!(summary.reports.len(), 6);
         let day = sink.json("reports/last_day/2026-11-28T12:00:00.000Z.json");
