@@ -16,7 +16,7 @@ use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_tests::fakes::google::{DmKey, FakeGoogle, Fault, dm_aborted};
-use bridge_tests::{Stack, sample_event, sdk_config};
+use bridge_tests::sample_event;
 use serde_json::json;
 use std::time::Duration;
 
@@ -417,16 +417,7 @@ async fn terms_not_accepted_strips_user_data_from_click_rows_and_holds_the_rest(
 #[tokio::test]
 async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emulator() {
     let fake = FakeGoogle::start().await;
-    let stack = Stack::create("google_refunds", &[]);
-    let aws = sdk_config().await;
-    let store = DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        stack.var("TABLE_NAME"),
-        400,
-    );
-    let vars = stack.env.clone();
-    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    let queue = SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
+    let (_stack, store, _sqs, queue) = bridge_tests::emulated("google_refunds", &[]).await;
     let p = platform(&fake, GoogleBackend::AdsApi);
     let run = |evs: Vec<CanonicalEvent>, now: Timestamp| {
         let (p, store, queue) = (&p, &store, &queue);
@@ -737,16 +728,7 @@ fn won_action(id: &str, version: &str) -> Mapping {
 async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_changes_nothing() {
     use bridge_core::correction::{CorrectionStep, apply, plan_from_store};
     let fake = FakeGoogle::start().await;
-    let stack = Stack::create("google_correction", &[]);
-    let aws = sdk_config().await;
-    let store = DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        stack.var("TABLE_NAME"),
-        400,
-    );
-    let vars = stack.env.clone();
-    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    let queue = SqsQueue::new(bridge_aws::clients::sqs(&aws), settings.queues.clone());
+    let (_stack, store, _sqs, queue) = bridge_tests::emulated("google_correction", &[]).await;
     // The won stage moves from action 987654321 to action 555 in a new mapping version.
     let (old, new) = (won_action("987654321", ""), won_action("555", "moved-"));
     let before = platform_with(&fake, old.clone(), 10_000, false);

@@ -2,8 +2,6 @@
 //! and the DynamoDB store in the emulator (and in memory where only batching is measured).
 
 use aws_sdk_sqs::Client as Sqs;
-use bridge_aws::dynamodb::DynamoStore;
-use bridge_aws::sqs::SqsQueue;
 use bridge_core::delivery::Backoff;
 use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
 use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState};
@@ -16,7 +14,7 @@ use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::meta::{MetaConfig, MetaPlatform};
 use bridge_tests::fakes::meta::{FakeMeta, Fault};
-use bridge_tests::{Stack, sample_event, sdk_config};
+use bridge_tests::sample_event;
 use serde_json::json;
 use std::time::Duration;
 
@@ -99,27 +97,11 @@ async fn settle(sqs: &Sqs, url: &str, records: &[Record], failures: &[String]) {
     }
 }
 
-/// A stack of the template in the emulator, with the event store and the delivery queues as
-/// the sender has them.
-async fn emulated(name: &str, params: &[(&str, &str)]) -> (Stack, DynamoStore, Sqs, SqsQueue) {
-    let stack = Stack::create(name, params);
-    let aws = sdk_config().await;
-    let store = DynamoStore::new(
-        bridge_aws::clients::dynamodb(&aws),
-        stack.var("TABLE_NAME"),
-        400,
-    );
-    let sqs = bridge_aws::clients::sqs(&aws);
-    let vars = stack.env.clone();
-    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    let queue = SqsQueue::new(sqs.clone(), settings.queues.clone());
-    (stack, store, sqs, queue)
-}
-
 #[tokio::test]
 async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
     let fake = FakeMeta::start("meta-token").await;
-    let (stack, store, sqs, queue) = emulated("meta_sqs", &[("MaxReceiveCount", "5")]).await;
+    let (stack, store, sqs, queue) =
+        bridge_tests::emulated("meta_sqs", &[("MaxReceiveCount", "5")]).await;
     let url = stack.var("META_QUEUE_URL");
     let p = platform(&fake, 5000);
     let cfg = fast_retries();
@@ -445,7 +427,7 @@ impl std::io::Write for Captured {
 /// message body or attribute, while the error still says what happened.
 #[tokio::test]
 async fn a_refused_connection_leaves_no_secret_in_logs_store_or_dlq() {
-    let (stack, store, sqs, queue) = emulated("meta_network", &[]).await;
+    let (stack, store, sqs, queue) = bridge_tests::emulated("meta_network", &[]).await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base_url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);

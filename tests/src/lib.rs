@@ -117,3 +117,29 @@ pub async fn invoke_sender<P: bridge_core::delivery::pipeline::Platform>(
         }
     }
 }
+
+/// A stack of its own from the template in the emulator (with template `params`), and the
+/// event store, SQS client and delivery queues over it, as the senders build them.
+pub async fn emulated(
+    name: &str,
+    params: &[(&str, &str)],
+) -> (
+    Stack,
+    bridge_aws::dynamodb::DynamoStore,
+    aws_sdk_sqs::Client,
+    bridge_aws::sqs::SqsQueue,
+) {
+    let stack = Stack::create(name, params);
+    let aws = sdk_config().await;
+    let store = bridge_aws::dynamodb::DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        stack.var("TABLE_NAME"),
+        400,
+    );
+    let sqs = bridge_aws::clients::sqs(&aws);
+    let vars = stack.env.clone();
+    let settings = bridge_aws::config::Settings::from_lookup(|k| vars.get(k).cloned())
+        .unwrap_or_else(|e| panic!("the stack's settings: {e}"));
+    let queue = bridge_aws::sqs::SqsQueue::new(sqs.clone(), settings.queues.clone());
+    (stack, store, sqs, queue)
+}
