@@ -28,7 +28,7 @@ async fn main() -> Result<(), Error> {
     let http = bridge_platforms::http::builder()
         .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
         .build()?;
-    let lookup = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let lookup = bridge_aws::lambda::env;
     let hubspot_base = parse_url(&lookup, "HUBSPOT_API_BASE_URL", "https://api.hubapi.com")?;
     let hubspot: Option<Arc<dyn HubSpotRecords>> = secrets.get("hubspot-token").map(|token| {
         Arc::new(HubSpotClient::new(

@@ -6,6 +6,7 @@
 
 use bridge_aws::config::Settings;
 use bridge_aws::dynamodb::DynamoStore;
+use bridge_aws::lambda::env;
 use bridge_aws::s3::S3Sink;
 use bridge_aws::sqs::SqsQueue;
 use bridge_core::ingest::IngestConfig;
@@ -24,10 +25,6 @@ fn event_time(v: &Value) -> Timestamp {
         .as_str()
         .and_then(|t| Timestamp::parse_rfc3339(t).ok())
         .unwrap_or_else(Timestamp::now)
-}
-
-fn env(k: &str) -> Option<String> {
-    std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
 /// Google's client when its credentials are configured and readable: without them the report
@@ -85,8 +82,7 @@ async fn crm(settings: &Settings, ssm: &aws_sdk_ssm::Client) -> Result<Option<Cr
 async fn main() -> Result<(), Error> {
     bridge_aws::telemetry::init();
     let settings = Settings::from_env()?;
-    let lookup = |k: &str| env(k);
-    let repair = parse_flag(&lookup, "CRM_REPAIR", false)?;
+    let repair = parse_flag(&env, "CRM_REPAIR", false)?;
     let bucket = env("REPORTS_BUCKET").ok_or("REPORTS_BUCKET is required")?;
     let aws = bridge_aws::clients::sdk_config().await?;
     // Emulators serve buckets by path, not by virtual host.

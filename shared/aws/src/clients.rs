@@ -5,12 +5,9 @@
 //! `AWS_ENDPOINT_URL_S3`), so the same binary talks to real AWS, LocalStack or moto without
 //! knowing which.
 
+use crate::lambda::env;
 pub use aws_config::SdkConfig;
 use bridge_platforms::config::InvalidVar;
-
-fn env(k: &str) -> Option<String> {
-    std::env::var(k).ok().filter(|v| !v.trim().is_empty())
-}
 
 /// The SDK configuration a function runs with: its region, credentials and endpoint from the
 /// environment Lambda sets (`AWS_REGION`; `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
