@@ -3,7 +3,7 @@
 
 use bridge_aws::dynamodb::DynamoStore;
 use bridge_core::delivery::{
-    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorInfo, PairResult,
+    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorCode, ErrorInfo, PairResult,
 };
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::store::{ClaimOutcome, EventStore, OrderHold, PutOutcome, StoreError, Transition};
@@ -176,7 +176,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         status: DeliveryStatus::Retry,
         now: later,
         next_attempt_at: Some(retry_at),
-        error: Some(ErrorInfo::new("http_503", "unavailable")),
+        error: Some(ErrorInfo::new(ErrorCode::http(503), "unavailable")),
         log: vec![log(2, PairResult::Retry, later)],
         release_attempt: false,
         waiting_since: None,
@@ -713,7 +713,7 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
         status: DeliveryStatus::Retry,
         now,
         next_attempt_at: Some(now.plus_secs(900)),
-        error: Some(ErrorInfo::new("original_not_delivered", "waits")),
+        error: Some(ErrorInfo::new(ErrorCode::OriginalNotDelivered, "waits")),
         log: vec![log(1, PairResult::Waiting, now)],
         release_attempt: true,
         waiting_since: Some(now),

@@ -135,7 +135,10 @@ async fn deliver(
 
 fn status(store: &MemoryStore, e: &CanonicalEvent) -> (DeliveryStatus, String) {
     let s = store.get_sync(&e.event_id).destinations[&Destination::Google].clone();
-    (s.status, s.last_error.map(|e| e.code).unwrap_or_default())
+    (
+        s.status,
+        s.last_error.map(|e| e.code.to_string()).unwrap_or_default(),
+    )
 }
 
 #[tokio::test]
@@ -431,7 +434,10 @@ async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emula
         async move {
             let s =
                 store.get(&id).await.unwrap().unwrap().destinations[&Destination::Google].clone();
-            (s.status, s.last_error.map(|e| e.code).unwrap_or_default())
+            (
+                s.status,
+                s.last_error.map(|e| e.code.to_string()).unwrap_or_default(),
+            )
         }
     };
 

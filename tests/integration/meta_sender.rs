@@ -4,7 +4,7 @@
 use aws_sdk_sqs::Client as Sqs;
 use bridge_core::delivery::Backoff;
 use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
-use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState};
+use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState, ErrorCode};
 use bridge_core::event::CanonicalEvent;
 use bridge_core::mapping::Mapping;
 use bridge_core::queue::memory::MemoryQueue;
@@ -135,7 +135,7 @@ async fn sqs_batches_retry_deliver_skip_and_dead_letter_against_the_emulator() {
         .clone();
     assert_eq!(
         (s.status, s.last_error.unwrap().code),
-        (DeliveryStatus::Retry, "meta_2".to_string())
+        (DeliveryStatus::Retry, ErrorCode::meta(2, None))
     );
     assert!(
         receive(&sqs, &url).await.is_empty(),

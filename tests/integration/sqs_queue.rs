@@ -3,7 +3,7 @@
 
 use aws_sdk_sqs::Client;
 use bridge_aws::sqs::{QueueUrls, SqsQueue};
-use bridge_core::delivery::{Destination, ErrorInfo};
+use bridge_core::delivery::{Destination, ErrorCode, ErrorInfo};
 use bridge_core::queue::{DeadLetter, DeliveryMessage, DeliveryQueue};
 use bridge_tests::{Stack, sdk_config};
 use std::collections::BTreeMap;
@@ -179,10 +179,7 @@ async fn dead_letters_carry_the_reason_as_attributes() {
     let (stack, client, queue) = setup("dead_letter", &[]).await;
     let dl = DeadLetter {
         message: DeliveryMessage::new("bad", Destination::Meta),
-        reason: ErrorInfo {
-            code: "meta_190".into(),
-            message: "Invalid OAuth access token".into(),
-        },
+        reason: ErrorInfo::new(ErrorCode::meta(190, None), "Invalid OAuth access token"),
         attempts: 3,
     };
     assert!(queue.dead_letter(&[dl]).await.is_empty());

@@ -249,7 +249,7 @@ impl DeliveryQueue for SqsQueue {
                         .message_body(dl.dlq_message().to_body())
                         .set_message_attributes(Some(
                             [
-                                ("error_code", attr(cut(&dl.reason.code, 256))),
+                                ("error_code", attr(cut(dl.reason.code.as_str(), 256))),
                                 ("error_message", attr(cut(&dl.reason.message, 1024))),
                                 ("attempts", attr(dl.attempts.to_string())),
                                 ("destination", attr(d.as_str())),

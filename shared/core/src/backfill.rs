@@ -270,10 +270,10 @@ impl<P: Platform> DryRunPlatform for Checked<P> {
         out.into_iter()
             .map(|o| {
                 o.unwrap_or(Outcome::Rejected {
-                    error: crate::delivery::ErrorInfo {
-                        code: "not_validated".into(),
-                        message: "could not be prepared".into(),
-                    },
+                    error: crate::delivery::ErrorInfo::new(
+                        crate::delivery::ErrorCode::NotValidated,
+                        "could not be prepared",
+                    ),
                     dead_letter: false,
                     alert: false,
                 })

@@ -14,7 +14,7 @@
 //! Meta has no retraction: a second event under a new name would count the sale twice, so the
 //! plan reports wons sent under an old Meta event name and corrects nothing there.
 
-use crate::delivery::{DeliveryStatus, Destination, ErrorInfo, Outcome};
+use crate::delivery::{DeliveryStatus, Destination, ErrorCode, ErrorInfo, Outcome};
 use crate::event::{CanonicalEvent, EventName};
 use crate::hashing::sha256_hex_joined;
 use crate::mapping::{FullRefundPolicy, GoogleBackend, GoogleConversion, Mapping};
@@ -706,7 +706,7 @@ pub fn gate(
         Some(s) if s.is_delivered() => Ok(()),
         Some(s) if !s.is_open() && s != DeliveryStatus::DeadLetter => Err(Outcome::Rejected {
             error: ErrorInfo::new(
-                "correction_step_failed",
+                ErrorCode::CorrectionStepFailed,
                 format!(
                     "the {} step of this correction ended {}; the {} step is not sent",
                     before.as_str(),
@@ -720,7 +720,7 @@ pub fn gate(
         // Not stored yet, on its way, or in the dead-letter queue waiting for a redrive.
         _ => Err(Outcome::Wait {
             error: ErrorInfo::new(
-                "correction_step_pending",
+                ErrorCode::CorrectionStepPending,
                 format!(
                     "waiting for the {} step of this correction",
                     before.as_str()
@@ -1184,7 +1184,7 @@ mod tests {
         }
         // A refusal of any step goes to the dead-letter queue with an alert.
         let refused = Outcome::Rejected {
-            error: ErrorInfo::new("EVENT_NOT_FOUND", "no click"),
+            error: ErrorInfo::new(ErrorCode::platform("EVENT_NOT_FOUND"), "no click"),
             dead_letter: false,
             alert: false,
         };

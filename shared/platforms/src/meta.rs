@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use bridge_core::delivery::pipeline::Platform;
 use bridge_core::delivery::{Answer, Attempt, Limits, Outcome, deliver_isolating};
-use bridge_core::delivery::{Destination, ErrorInfo};
+use bridge_core::delivery::{Destination, ErrorCode, ErrorInfo};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::mapping::{Mapping, MetaRefundPolicy};
 use bridge_core::timestamp::Timestamp;
@@ -32,11 +32,8 @@ pub struct MetaConfig {
     pub timeout: Duration,
 }
 
-fn err(code: &str, message: impl Into<String>) -> ErrorInfo {
-    ErrorInfo {
-        code: code.into(),
-        message: message.into(),
-    }
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo::new(code, message)
 }
 
 /// The CAPI event for one stored event, or why it can never be valid.
@@ -46,7 +43,10 @@ pub fn build_event(
     now: Timestamp,
 ) -> Result<Value, ErrorInfo> {
     let Some(meta) = &mapping.meta else {
-        return Err(err("not_mapped", "Meta is not enabled in the mapping"));
+        return Err(err(
+            ErrorCode::NotMapped,
+            "Meta is not enabled in the mapping",
+        ));
     };
     let mapped = match (e.event_name, meta.refund_policy) {
         (EventName::Refund, MetaRefundPolicy::Skip) => None,
@@ -55,7 +55,7 @@ pub fn build_event(
     let value = e.value.map(|v| v.as_f64());
     let Some(mapped) = mapped else {
         return Err(err(
-            "not_mapped",
+            ErrorCode::NotMapped,
             format!("{} is not mapped to a Meta event", e.event_name),
         ));
     };
@@ -67,7 +67,7 @@ pub fn build_event(
     };
     if age > window {
         return Err(err(
-            "event_too_old",
+            ErrorCode::EventTooOld,
             format!(
                 "event_time is {} days old; Meta accepts {} days for {}",
                 age / DAY,
@@ -77,11 +77,11 @@ pub fn build_event(
         ));
     }
     if age < -60 {
-        return Err(err("event_in_future", "event_time is in the future"));
+        return Err(err(ErrorCode::EventInFuture, "event_time is in the future"));
     }
     if mapped.action_source == "website" {
         return Err(err(
-            "website_fields_missing",
+            ErrorCode::WebsiteFieldsMissing,
             "website events need client_user_agent and event_source_url, which CRM events lack",
         ));
     }
@@ -128,7 +128,7 @@ pub fn build_event(
     let browser = ud.contains_key("client_ip_address") && ud.contains_key("client_user_agent");
     if !strong && !browser {
         return Err(err(
-            "no_customer_information",
+            ErrorCode::NoCustomerInformation,
             "Meta needs an email, phone, external id, fbc, fbp or lead id, or both the client IP address and user agent",
         ));
     }
@@ -144,7 +144,7 @@ pub fn build_event(
         && (cd.get("value").is_none() || cd.get("currency").is_none())
     {
         return Err(err(
-            "purchase_without_value",
+            ErrorCode::PurchaseWithoutValue,
             "Purchase needs value and currency",
         ));
     }
@@ -196,7 +196,7 @@ pub fn classify(status: u16, body: &str, sent: usize) -> Outcome {
         }
         return Outcome::Retryable {
             error: err(
-                "events_received_mismatch",
+                ErrorCode::EventsReceivedMismatch,
                 format!("sent {sent}, Meta received {received}"),
             ),
             after: None,
@@ -209,12 +209,11 @@ pub fn classify(status: u16, body: &str, sent: usize) -> Outcome {
         .or(e["message"].as_str())
         .unwrap_or("no error message")
         .to_string();
-    let label = match (code, e["error_subcode"].as_i64()) {
-        (Some(c), Some(s)) => format!("meta_{c}_{s}"),
-        (Some(c), None) => format!("meta_{c}"),
-        _ => format!("http_{status}"),
+    let label = match code {
+        Some(c) => ErrorCode::meta(c, e["error_subcode"].as_i64()),
+        None => ErrorCode::http(status),
     };
-    let info = err(&label, message);
+    let info = err(label, message);
     let transient = e["is_transient"].as_bool() == Some(true)
         || code.is_some_and(|c| TRANSIENT_CODES.contains(&c))
         || status == 429
@@ -301,7 +300,7 @@ impl MetaPlatform {
                 match r.text().await {
                     Ok(text) => classify(status, &text, events.len()),
                     Err(e) => Outcome::Retryable {
-                        error: err("response_read", crate::http::error_text(e)),
+                        error: err(ErrorCode::ResponseRead, crate::http::error_text(e)),
                         after: None,
                     },
                 }
@@ -309,11 +308,11 @@ impl MetaPlatform {
             // A timeout may come after Meta accepted the batch: the retry sends the same
             // event ids (the bridge never relies on Meta deduplicating them for counting).
             Err(e) if e.is_timeout() => Outcome::Retryable {
-                error: err("timeout", "no answer in time"),
+                error: err(ErrorCode::Timeout, "no answer in time"),
                 after: None,
             },
             Err(e) => Outcome::Retryable {
-                error: err("network", crate::http::error_text(e)),
+                error: err(ErrorCode::Network, crate::http::error_text(e)),
                 after: None,
             },
         }

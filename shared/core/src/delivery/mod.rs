@@ -2,8 +2,11 @@
 //! platform's answer is read into, retry timing with full jitter, the isolation of bad items,
 //! and the pipeline every sender runs (`pipeline`).
 
+pub mod code;
 pub mod pipeline;
 pub mod state;
+
+pub use code::ErrorCode;
 
 pub use state::{
     Claimability, DeliveryLogEntry, DeliveryStatus, Destination, DestinationState, ErrorInfo,
@@ -101,7 +104,7 @@ impl Outcome {
     }
 
     /// Put off without spending an attempt or starting the wait clock.
-    pub fn put_off(code: &str, message: impl Into<String>, after: Duration) -> Outcome {
+    pub fn put_off(code: ErrorCode, message: impl Into<String>, after: Duration) -> Outcome {
         Outcome::Wait {
             error: ErrorInfo::new(code, message),
             after,
@@ -280,7 +283,7 @@ where
     for i in leftover {
         if out[i].is_none() {
             out[i] = Some(Outcome::put_off(
-                "isolation_limit",
+                ErrorCode::IsolationLimit,
                 "not sent: the invocation's request or time limit was reached",
                 Duration::from_secs(1),
             ));
@@ -323,7 +326,7 @@ where
                 if named.is_empty() {
                     // Nothing we can pin down: an unexplained whole-request refusal.
                     let e = ErrorInfo::new(
-                        "request_rejected",
+                        ErrorCode::RequestRejected,
                         "the platform refused the request without naming an item",
                     );
                     if idx.len() > 1 {
@@ -360,7 +363,10 @@ where
 
 fn no_outcome() -> Outcome {
     Outcome::Retryable {
-        error: ErrorInfo::new("no_outcome", "the platform answered fewer rows than sent"),
+        error: ErrorInfo::new(
+            ErrorCode::NoOutcome,
+            "the platform answered fewer rows than sent",
+        ),
         after: None,
     }
 }
@@ -451,11 +457,11 @@ mod tests {
         async fn attempt(&self, items: &[&'static str]) -> Answer {
             self.calls.lock().unwrap().push(items.len());
             let bad: Vec<usize> = (0..items.len()).filter(|&i| items[i] == "bad").collect();
-            let e = ErrorInfo::new("invalid", "bad row");
+            let e = ErrorInfo::new(ErrorCode::Invalid, "bad row");
             if self.style == "request" {
                 // Refuses every request, whatever it holds (a wrong pixel id, say).
                 return Answer::Whole(Outcome::Rejected {
-                    error: ErrorInfo::new("meta_100_2804050", "whole request"),
+                    error: ErrorInfo::new(ErrorCode::meta(100, Some(2804050)), "whole request"),
                     dead_letter: true,
                     alert: false,
                 });
@@ -571,7 +577,7 @@ mod tests {
 
     #[test]
     fn results() {
-        let e = ErrorInfo::new("x", "y");
+        let e = ErrorInfo::new(ErrorCode::platform("x"), "y");
         assert_eq!(
             Outcome::Delivered {
                 platform_ref: None,

@@ -5,8 +5,8 @@
 
 use super::{Backoff, Limits, MAX_VISIBILITY, Outcome};
 use crate::delivery::{
-    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, DestinationState, ErrorInfo,
-    PairResult,
+    Claimability, DeliveryLogEntry, DeliveryStatus, Destination, DestinationState, ErrorCode,
+    ErrorInfo, PairResult,
 };
 use crate::event::{CanonicalEvent, EventName};
 use crate::queue::{DeadLetter, DeliveryMessage, DeliveryQueue};
@@ -345,7 +345,7 @@ pub async fn process_batch<P: Platform>(
                 i,
                 Outcome::Rejected {
                     error: ErrorInfo::new(
-                        "attempts_exhausted",
+                        ErrorCode::AttemptsExhausted,
                         format!(
                             "claimed {} times without a recorded result (the sender crashed or timed out); not sent again",
                             c.budget_used
@@ -411,7 +411,7 @@ pub async fn process_batch<P: Platform>(
                 Err(o) => Err(o),
             },
             Some(Err(e)) => Err(Outcome::Retryable {
-                error: ErrorInfo::new("store_unavailable", e.clone()),
+                error: ErrorInfo::new(ErrorCode::StoreUnavailable, e.clone()),
                 after: None,
             }),
             None => Ok(Vec::new()),
@@ -477,7 +477,7 @@ pub async fn process_batch<P: Platform>(
                 (
                     i,
                     Outcome::put_off(
-                        "order_in_request",
+                        ErrorCode::OrderInRequest,
                         "another row of this order is in this request; sent in the next one",
                         Duration::from_secs(1),
                     ),
@@ -498,7 +498,7 @@ pub async fn process_batch<P: Platform>(
                         (
                             i,
                             Outcome::put_off(
-                                "out_of_time",
+                                ErrorCode::OutOfTime,
                                 "not sent: the invocation's time was up",
                                 Duration::from_secs(1),
                             ),
@@ -527,7 +527,7 @@ pub async fn process_batch<P: Platform>(
                     .cloned()
                     .unwrap_or_else(|| Outcome::Retryable {
                         error: ErrorInfo::new(
-                            "no_outcome",
+                            ErrorCode::NoOutcome,
                             "the platform answered fewer rows than sent",
                         ),
                         after: None,
@@ -637,7 +637,7 @@ async fn record<I>(
             if alert
                 && routing
                     .alert_codes
-                    .insert(err.map_or_else(String::new, |e| e.code.clone()))
+                    .insert(err.map_or_else(String::new, |e| e.code.to_string()))
             {
                 routing.report.alerts += 1;
             }
@@ -776,13 +776,13 @@ async fn guard_order(
         return Ok(());
     };
     let unavailable = |e: StoreError| Outcome::Retryable {
-        error: ErrorInfo::new("store_unavailable", e.to_string()),
+        error: ErrorInfo::new(ErrorCode::StoreUnavailable, e.to_string()),
         after: None,
     };
     let duplicate = |holder: &CanonicalEvent, status: DeliveryStatus| Outcome::Closed {
         status: DeliveryStatus::DuplicateOrder,
         error: ErrorInfo::new(
-            "duplicate_order",
+            ErrorCode::DuplicateOrder,
             format!(
                 "order {order} is already counted at {dest} by event {} ({status}); this won is not sent",
                 holder.event_id
@@ -834,7 +834,7 @@ async fn guard_order(
             } else {
                 Err(Outcome::Retryable {
                     error: ErrorInfo::new(
-                        "order_hold_moved",
+                        ErrorCode::OrderHoldMoved,
                         "another won of this order took the hold at the same moment",
                     ),
                     after: None,
@@ -870,7 +870,7 @@ fn refund_gate(
     if crate::correction::in_progress(order, dest) {
         return Err(Outcome::Wait {
             error: ErrorInfo::new(
-                "correction_in_progress",
+                ErrorCode::CorrectionInProgress,
                 format!("order {order_id} is being moved to another action at {dest}"),
             ),
             after: wait,
@@ -895,7 +895,7 @@ fn refund_gate(
             .collect();
         return Err(Outcome::Rejected {
             error: ErrorInfo::new(
-                "original_not_sent",
+                ErrorCode::OriginalNotSent,
                 format!(
                     "the won event for order {order_id} was not sent to {dest} ({})",
                     states.join(", ")
@@ -912,7 +912,7 @@ fn refund_gate(
     };
     Err(Outcome::Wait {
         error: ErrorInfo::new(
-            "original_not_delivered",
+            ErrorCode::OriginalNotDelivered,
             format!("the won event for order {order_id} {why} to {dest}"),
         ),
         after: wait,
@@ -1164,7 +1164,7 @@ mod tests {
             _: Timestamp,
         ) -> Result<(String, String), ErrorInfo> {
             if e.entity_id.starts_with("BAD") {
-                return Err(ErrorInfo::new("invalid", "cannot be valid"));
+                return Err(ErrorInfo::new(ErrorCode::Invalid, "cannot be valid"));
             }
             Ok(("pixel".into(), e.entity_id.clone()))
         }
@@ -1233,7 +1233,7 @@ mod tests {
     }
 
     fn e(code: &str) -> ErrorInfo {
-        ErrorInfo::new(code, code)
+        ErrorInfo::new(ErrorCode::parse(code), code)
     }
 
     fn state(store: &MemoryStore, key: &str) -> DestinationState {

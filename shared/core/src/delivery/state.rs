@@ -1,6 +1,7 @@
 //! Destinations and the per-(event, destination) delivery state machine every sender shares,
 //! with the claim rule in one place, and the one vocabulary for what happened to a pair.
 
+use super::code::ErrorCode;
 use crate::timestamp::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -199,15 +200,16 @@ impl fmt::Display for PairResult {
     }
 }
 
+/// Why an attempt did not deliver: a code to act on and the words to read.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ErrorInfo {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ErrorInfo {
     /// An error with its message bounded to [`MAX_ERROR_MESSAGE`] characters.
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let message: String = message.into();
         let message = if message.chars().count() > MAX_ERROR_MESSAGE {
             let mut m: String = message.chars().take(MAX_ERROR_MESSAGE).collect();
@@ -216,11 +218,7 @@ impl ErrorInfo {
         } else {
             message
         };
-        let code: String = code.into();
-        ErrorInfo {
-            code: code.chars().take(128).collect(),
-            message,
-        }
+        ErrorInfo { code, message }
     }
 }
 
@@ -486,7 +484,7 @@ mod tests {
 
     #[test]
     fn error_messages_are_bounded() {
-        let e = ErrorInfo::new("X", "y".repeat(10_000));
+        let e = ErrorInfo::new(ErrorCode::platform("X"), "y".repeat(10_000));
         assert_eq!(e.message.chars().count(), MAX_ERROR_MESSAGE + 1);
     }
 }

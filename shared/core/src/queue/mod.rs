@@ -103,7 +103,7 @@ mod tests {
         assert_eq!(m, DeliveryMessage::new("abc", Destination::Meta));
         let dl = DeadLetter {
             message: m.clone(),
-            reason: ErrorInfo::new("x", "y"),
+            reason: ErrorInfo::new(crate::delivery::ErrorCode::platform("x"), "y"),
             attempts: 8,
         };
         let body = dl.dlq_message().to_body();

@@ -359,7 +359,7 @@ pub fn build_report(
                         error_code: s
                             .last_error
                             .as_ref()
-                            .map(|x| x.code.clone())
+                            .map(|x| x.code.to_string())
                             .unwrap_or_default(),
                     });
             }
@@ -611,7 +611,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::{DeliveryLogEntry, DestinationState, ErrorInfo};
+    use crate::delivery::{DeliveryLogEntry, DestinationState, ErrorCode, ErrorInfo};
     use crate::event::{ValidationContext, parse_event_json, validate};
     use crate::queue::memory::MemoryQueue;
     use crate::store::memory::MemoryStore;
@@ -641,10 +641,7 @@ mod tests {
                 });
             }
             if *st == DeliveryStatus::DeadLetter {
-                s.last_error = Some(ErrorInfo {
-                    code: "CLICK_NOT_FOUND".into(),
-                    message: "x".into(),
-                });
+                s.last_error = Some(ErrorInfo::new(ErrorCode::platform("CLICK_NOT_FOUND"), "x"));
             }
             e.destinations.insert(*d, s);
         }

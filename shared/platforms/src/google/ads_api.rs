@@ -1,11 +1,11 @@
 //! The Google Ads API uploads: `uploadClickConversions` and `uploadConversionAdjustments` with
 //! partial failure, after the customer-data-terms pre-flight for rows with user data.
 
-use super::codes::{classify_ads_error, classify_partial};
+use super::codes::{TERMS_NOT_ACCEPTED, classify_ads_error, classify_partial};
 use super::rows::{GoogleItem, Kind};
 use super::{Api, GooglePlatform, err, retry};
 use async_trait::async_trait;
-use bridge_core::delivery::{Answer, Attempt, Limits, Outcome, deliver_isolating};
+use bridge_core::delivery::{Answer, Attempt, ErrorCode, Limits, Outcome, deliver_isolating};
 use serde_json::{Value, json};
 
 impl GooglePlatform {
@@ -30,7 +30,7 @@ impl GooglePlatform {
                 Ok(false) => {
                     let held = Outcome::Rejected {
                         error: err(
-                            "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS",
+                            ErrorCode::platform(TERMS_NOT_ACCEPTED),
                             format!(
                                 "customer {} has not accepted the customer data terms; events with user data and no click id are held",
                                 first.customer_id
@@ -61,13 +61,11 @@ impl GooglePlatform {
             let i = pending[k];
             // Terms withdrawn since the pre-flight looked: forget its answer, and try again
             // soon; the next pre-flight strips or holds the row.
-            let terms_refused = o
-                .error()
-                .is_some_and(|e| e.code == "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS");
+            let terms_refused = o.error().is_some_and(|e| e.code == TERMS_NOT_ACCEPTED);
             out[i] = Some(if terms_refused && rows[i].has_user_data {
                 self.forget_terms(&first.customer_id);
                 retry(
-                    "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS",
+                    ErrorCode::platform(TERMS_NOT_ACCEPTED),
                     "the customer data terms are no longer accepted; resent without user data if it has a click id",
                     Some(std::time::Duration::from_secs(60)),
                 )
@@ -76,7 +74,7 @@ impl GooglePlatform {
             });
         }
         out.into_iter()
-            .map(|o| o.unwrap_or_else(|| retry("no_outcome", "not sent", None)))
+            .map(|o| o.unwrap_or_else(|| retry(ErrorCode::NoOutcome, "not sent", None)))
             .collect()
     }
 }

@@ -3,7 +3,7 @@
 //! whole-request errors.
 
 use super::{CONVERSION_NOT_FOUND_ATTEMPTS, Waits, err, rejected, retry};
-use bridge_core::delivery::Outcome;
+use bridge_core::delivery::{ErrorCode, Outcome};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -38,11 +38,15 @@ pub(super) const TRANSIENT: &[&str] = &[
     "ABORTED",
     "UNKNOWN",
 ];
+/// Google's code for a customer that has not accepted the customer data terms (the Ads API's
+/// `ConversionUploadError`); the terms pre-flight answers it too, in Google's words.
+pub(super) const TERMS_NOT_ACCEPTED: &str = "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS";
+
 /// Configuration of the account, the action or the credentials: parked for a person, with an
 /// alert. The DUPLICATE_* codes are here too: they mean the bridge's own batching broke its
 /// one-row-per-order rule, which a person must look at.
 pub(super) const CONFIGURATION: &[&str] = &[
-    "CUSTOMER_NOT_ACCEPTED_CUSTOMER_DATA_TERMS",
+    TERMS_NOT_ACCEPTED,
     "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCED_CONVERSIONS",
     "CUSTOMER_DATA_POLICY_PROHIBITS_ENHANCEMENT",
     "CUSTOMER_NOT_ENABLED_ENHANCED_CONVERSIONS_FOR_LEADS",
@@ -78,7 +82,7 @@ pub fn classify_code(
     retry_after: Option<Duration>,
     waits: &Waits,
 ) -> Outcome {
-    let info = err(code, message);
+    let info = err(ErrorCode::platform(code), message);
     match code {
         c if REPLAY.contains(&c) => Outcome::Delivered {
             platform_ref: None,
@@ -220,7 +224,11 @@ pub fn classify_partial(
             if empty && !validate_only {
                 // A failed row with no error we could place: never count it as delivered.
                 return unplaced.clone().unwrap_or_else(|| {
-                    retry("no_result", "Google returned no result for this row", None)
+                    retry(
+                        ErrorCode::NoResult,
+                        "Google returned no result for this row",
+                        None,
+                    )
                 });
             }
             Outcome::Delivered {
@@ -245,9 +253,9 @@ pub fn classify_ads_error(status: u16, body: &str, waits: &Waits) -> Outcome {
         .next();
     let (code, msg) = first.unwrap_or((if rpc.is_empty() { "HTTP_ERROR" } else { rpc }, message));
     let label = if code == "HTTP_ERROR" {
-        format!("http_{status}")
+        ErrorCode::http(status)
     } else {
-        code.to_string()
+        ErrorCode::platform(code)
     };
     if errors
         .iter()
@@ -256,18 +264,18 @@ pub fn classify_ads_error(status: u16, body: &str, waits: &Waits) -> Outcome {
         || status == 403
     {
         return Outcome::Rejected {
-            error: err(&label, msg),
+            error: err(label, msg),
             dead_letter: true,
             alert: true,
         };
     }
     if status == 429 || status >= 500 || TRANSIENT.contains(&rpc) {
-        return retry(&label, msg, after);
+        return retry(label, msg, after);
     }
     if let Some((_, c, m)) = errors.first() {
         return classify_code(c, m, 1, after, waits);
     }
-    rejected(&label, msg)
+    rejected(label, msg)
 }
 
 #[cfg(test)]
@@ -330,7 +338,10 @@ mod tests {
         assert_eq!(
             out[4],
             Outcome::Retryable {
-                error: err("TOO_RECENT_EVENT", "TOO_RECENT_EVENT message"),
+                error: err(
+                    ErrorCode::platform("TOO_RECENT_EVENT"),
+                    "TOO_RECENT_EVENT message"
+                ),
                 after: Some(TOO_RECENT_WAIT)
             }
         );
@@ -375,7 +386,10 @@ mod tests {
         assert_eq!(
             classify_ads_error_t(429, &quota.to_string()),
             Outcome::Retryable {
-                error: err("RESOURCE_EXHAUSTED", "Too many requests"),
+                error: err(
+                    ErrorCode::platform("RESOURCE_EXHAUSTED"),
+                    "Too many requests"
+                ),
                 after: Some(Duration::from_secs(120))
             }
         );

@@ -6,7 +6,9 @@ use super::rows::{GoogleItem, Kind, build_item};
 use super::{Api, GooglePlatform, REQUEST_ID_PREFIX, err, rejected, retry};
 use async_trait::async_trait;
 use bridge_core::correction::CorrectionStep;
-use bridge_core::delivery::{Answer, Attempt, DeliveryStatus, Destination, ErrorInfo, Outcome};
+use bridge_core::delivery::{
+    Answer, Attempt, DeliveryStatus, Destination, ErrorCode, ErrorInfo, Outcome,
+};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::timestamp::Timestamp;
 use serde_json::{Value, json};
@@ -119,9 +121,9 @@ pub fn classify_datamanager(status: u16, body: &str) -> Answer {
         .find_map(|d| d["reason"].as_str())
         .unwrap_or("");
     let label = |reason: &str| match reason {
-        "" if rpc.is_empty() => format!("http_{status}"),
-        "" => rpc.to_string(),
-        r => r.to_string(),
+        "" if rpc.is_empty() => ErrorCode::http(status),
+        "" => ErrorCode::platform(rpc),
+        r => ErrorCode::platform(r),
     };
     let config = violations
         .iter()
@@ -129,7 +131,7 @@ pub fn classify_datamanager(status: u16, body: &str) -> Answer {
     if let Some((field, reason, description)) = config {
         return Answer::Whole(Outcome::Rejected {
             error: err(
-                &label(reason),
+                label(reason),
                 format!(
                     "{field}: {}",
                     if description.is_empty() {
@@ -145,13 +147,13 @@ pub fn classify_datamanager(status: u16, body: &str) -> Answer {
     }
     if status == 401 || status == 403 || DM_CONFIGURATION.contains(&info_reason) {
         return Answer::Whole(Outcome::Rejected {
-            error: err(&label(info_reason), message),
+            error: err(label(info_reason), message),
             dead_letter: true,
             alert: true,
         });
     }
     if status == 429 || status >= 500 || DM_TRANSIENT.contains(&rpc) {
-        return Answer::Whole(retry(&label(""), message, retry_delay(e)));
+        return Answer::Whole(retry(label(""), message, retry_delay(e)));
     }
     let mut bad: BTreeMap<usize, ErrorInfo> = BTreeMap::new();
     for (field, reason, description) in &violations {
@@ -159,7 +161,7 @@ pub fn classify_datamanager(status: u16, body: &str) -> Answer {
             let cause = if reason.is_empty() {
                 label("")
             } else {
-                reason.to_string()
+                ErrorCode::platform(reason)
             };
             let why = if description.is_empty() {
                 message.as_str()
@@ -167,11 +169,11 @@ pub fn classify_datamanager(status: u16, body: &str) -> Answer {
                 description
             };
             bad.entry(i)
-                .or_insert_with(|| err(&cause, format!("{field}: {why}")));
+                .or_insert_with(|| err(cause, format!("{field}: {why}")));
         }
     }
     if bad.is_empty() {
-        Answer::Whole(rejected(&label(info_reason), message))
+        Answer::Whole(rejected(label(info_reason), message))
     } else {
         Answer::BadItems(bad.into_iter().collect())
     }
@@ -280,7 +282,7 @@ impl GooglePlatform {
                 .unwrap_or((w, s))
         });
         let unconfirmed = |why: String, after: Duration| Outcome::Wait {
-            error: err("original_unconfirmed", why),
+            error: err(ErrorCode::OriginalUnconfirmed, why),
             after,
             on_deadline: Some(DeliveryStatus::Unconfirmed),
         };
@@ -304,7 +306,7 @@ impl GooglePlatform {
             "SUCCESS" => Ok(()),
             "PROCESSING" => Err(Outcome::Wait {
                 error: err(
-                    "original_processing",
+                    ErrorCode::OriginalProcessing,
                     format!("Data Manager is still processing the won's request {request_id}"),
                 ),
                 after: PROCESSING_WAIT,
@@ -348,19 +350,20 @@ impl GooglePlatform {
             .timeout(self.cfg.timeout)
             .send()
             .await
-            .map_err(|e| retry("network", crate::http::error_text(e), None))?;
+            .map_err(|e| retry(ErrorCode::Network, crate::http::error_text(e), None))?;
         let status = resp.status().as_u16();
         let text = resp
             .text()
             .await
-            .map_err(|e| retry("response_read", crate::http::error_text(e), None))?;
+            .map_err(|e| retry(ErrorCode::ResponseRead, crate::http::error_text(e), None))?;
         if !(200..300).contains(&status) {
             return Err(match classify_datamanager(status, &text) {
                 Answer::Whole(o) => o,
-                _ => rejected(&format!("http_{status}"), text),
+                _ => rejected(ErrorCode::http(status), text),
             });
         }
-        serde_json::from_str(&text).map_err(|e| rejected("unreadable_status", e.to_string()))
+        serde_json::from_str(&text)
+            .map_err(|e| rejected(ErrorCode::UnreadableStatus, e.to_string()))
     }
 }
 
@@ -380,7 +383,7 @@ fn status_request(
 impl bridge_core::reconcile::run::RequestStatus for GooglePlatform {
     async fn retrieve(&self, request_id: &str) -> Result<Value, String> {
         self.request_status(request_id).await.map_err(|o| {
-            let code = o.error().map(|e| e.code.clone()).unwrap_or_default();
+            let code = o.error().map(|e| e.code.to_string()).unwrap_or_default();
             format!("{} {code}", o.result().as_str()).trim().to_string()
         })
     }

@@ -17,7 +17,7 @@ pub use oauth::TokenSource;
 pub use rows::{GoogleItem, Kind, build_item};
 
 use async_trait::async_trait;
-use bridge_core::delivery::{DeliveryStatus, Destination, ErrorInfo};
+use bridge_core::delivery::{DeliveryStatus, Destination, ErrorCode, ErrorInfo};
 use bridge_core::delivery::{Limits, Outcome, deliver_isolating};
 use bridge_core::event::CanonicalEvent;
 use bridge_core::mapping::Mapping;
@@ -108,14 +108,11 @@ pub struct GoogleConfig {
     pub terms_ttl: Duration,
 }
 
-fn err(code: &str, message: impl Into<String>) -> ErrorInfo {
-    ErrorInfo {
-        code: code.into(),
-        message: message.into(),
-    }
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo::new(code, message)
 }
 
-fn rejected(code: &str, message: impl Into<String>) -> Outcome {
+fn rejected(code: ErrorCode, message: impl Into<String>) -> Outcome {
     Outcome::Rejected {
         error: err(code, message),
         dead_letter: true,
@@ -123,7 +120,7 @@ fn rejected(code: &str, message: impl Into<String>) -> Outcome {
     }
 }
 
-fn retry(code: &str, message: impl Into<String>, after: Option<Duration>) -> Outcome {
+fn retry(code: ErrorCode, message: impl Into<String>, after: Option<Duration>) -> Outcome {
     Outcome::Retryable {
         error: err(code, message),
         after,
@@ -206,9 +203,9 @@ impl GooglePlatform {
                 // A timeout may come after Google imported the rows: the retry carries the
                 // same order ids / transaction ids, which Google deduplicates.
                 Err(e) if e.is_timeout() => {
-                    return Err(retry("timeout", "no answer in time", None));
+                    return Err(retry(ErrorCode::Timeout, "no answer in time", None));
                 }
-                Err(e) => return Err(retry("network", crate::http::error_text(e), None)),
+                Err(e) => return Err(retry(ErrorCode::Network, crate::http::error_text(e), None)),
             };
             let status = resp.status().as_u16();
             if status == 401 && !refreshed {
@@ -219,7 +216,7 @@ impl GooglePlatform {
             let text = resp
                 .text()
                 .await
-                .map_err(|e| retry("response_read", crate::http::error_text(e), None))?;
+                .map_err(|e| retry(ErrorCode::ResponseRead, crate::http::error_text(e), None))?;
             return Ok((status, text));
         }
     }

@@ -2,7 +2,7 @@
 //! before expiry, one refresh shared by concurrent requests.
 
 use super::{GoogleCredentials, err, retry};
-use bridge_core::delivery::Outcome;
+use bridge_core::delivery::{ErrorCode, Outcome};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -77,7 +77,7 @@ impl TokenSource {
             .await
             .map_err(|e| {
                 retry(
-                    "oauth_unavailable",
+                    ErrorCode::OauthUnavailable,
                     format!("token endpoint: {}", crate::http::error_text(e)),
                     None,
                 )
@@ -85,7 +85,7 @@ impl TokenSource {
         let status = resp.status().as_u16();
         let body = resp.text().await.map_err(|e| {
             retry(
-                "oauth_unavailable",
+                ErrorCode::OauthUnavailable,
                 format!("token endpoint: {}", crate::http::error_text(e)),
                 None,
             )
@@ -99,18 +99,18 @@ impl TokenSource {
         }
         if status == 429 || status >= 500 {
             return Err(retry(
-                "oauth_unavailable",
+                ErrorCode::OauthUnavailable,
                 format!("token endpoint answered {status}"),
                 None,
             ));
         }
         // invalid_grant (revoked refresh token), invalid_client: a person must fix the credentials.
-        let code = v["error"].as_str().unwrap_or("oauth_error");
+        let code = v["error"].as_str().unwrap_or("error");
         let description = v["error_description"]
             .as_str()
             .unwrap_or("token refresh refused");
         Err(Outcome::Rejected {
-            error: err(&format!("oauth_{code}"), description),
+            error: err(ErrorCode::oauth(code), description),
             dead_letter: true,
             alert: true,
         })

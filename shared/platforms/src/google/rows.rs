@@ -4,7 +4,7 @@
 use super::err;
 use bridge_core::consent::{Consent, GoogleSignal};
 use bridge_core::correction::{Correction, CorrectionStep, Held, where_held};
-use bridge_core::delivery::{DeliveryStatus, Destination, ErrorInfo};
+use bridge_core::delivery::{DeliveryStatus, Destination, ErrorCode, ErrorInfo};
 use bridge_core::event::{CanonicalEvent, EventName};
 use bridge_core::identity::{ClickIds, GoogleHashes};
 use bridge_core::mapping::{
@@ -186,10 +186,16 @@ pub fn build_item(
     now: Timestamp,
 ) -> Result<GoogleItem, ErrorInfo> {
     let Some(g) = &mapping.google else {
-        return Err(err("not_mapped", "Google is not enabled in the mapping"));
+        return Err(err(
+            ErrorCode::NotMapped,
+            "Google is not enabled in the mapping",
+        ));
     };
     if e.occurred_at.secs_since(&now) > 60 {
-        return Err(err("event_in_future", "occurred_at is in the future"));
+        return Err(err(
+            ErrorCode::EventInFuture,
+            "occurred_at is in the future",
+        ));
     }
     // The attempt in this retry budget: claims that only waited (a refund for its won) and
     // attempts before an operator's redrive do not count, so CONVERSION_NOT_FOUND's few tries
@@ -206,7 +212,7 @@ pub fn build_item(
     }
     let Some(conv) = g.conversions.get(&e.event_name) else {
         return Err(err(
-            "not_mapped",
+            ErrorCode::NotMapped,
             format!(
                 "{} is not mapped to a Google conversion action",
                 e.event_name
@@ -217,7 +223,7 @@ pub fn build_item(
     let click = click_id(&e.identity.click);
     if click.is_none() && !conv.allow_without_click_id {
         return Err(err(
-            "no_click_id",
+            ErrorCode::NoClickId,
             format!(
                 "{} needs a gclid, gbraid or wbraid: the action is not set up for enhanced conversions for leads (allow_without_click_id)",
                 conv.action
@@ -226,7 +232,7 @@ pub fn build_item(
     }
     if e.event_name.is_revenue() && (e.value.is_none() || e.currency.is_none()) {
         return Err(err(
-            "missing_value",
+            ErrorCode::MissingValue,
             "a revenue conversion needs value and currency",
         ));
     }
@@ -245,7 +251,7 @@ pub fn build_item(
             let ids = ads_identifiers(&e.identity.google);
             if click.is_none() && ids.is_empty() {
                 return Err(err(
-                    "no_identifier",
+                    ErrorCode::NoIdentifier,
                     "no click id and no hashed email or phone to match on",
                 ));
             }
@@ -322,7 +328,7 @@ fn dm_event(
     }
     if ev.get("adIdentifiers").is_none() && ev.get("userData").is_none() {
         return Err(err(
-            "no_identifier",
+            ErrorCode::NoIdentifier,
             "no click id and no hashed user data to match on",
         ));
     }
@@ -343,12 +349,15 @@ fn build_adjustment(
 ) -> Result<GoogleItem, ErrorInfo> {
     if g.refund_policy == GoogleRefundPolicy::Skip {
         return Err(err(
-            "not_mapped",
+            ErrorCode::NotMapped,
             "refunds are not sent to Google (refund_policy = skip)",
         ));
     }
     let Some(mapped) = g.conversions.get(&EventName::Won) else {
-        return Err(err("not_mapped", "no Google conversion action for won"));
+        return Err(err(
+            ErrorCode::NotMapped,
+            "no Google conversion action for won",
+        ));
     };
     let order_id = refund.order_id.as_deref().unwrap_or_default();
     let delivered = |e: &CanonicalEvent| {
@@ -370,7 +379,7 @@ fn build_adjustment(
     };
     let Some(won) = won else {
         return Err(err(
-            "original_not_delivered",
+            ErrorCode::OriginalNotDelivered,
             format!("no delivered won event for order {order_id}"),
         ));
     };
@@ -381,7 +390,7 @@ fn build_adjustment(
         Held::Moved(action) => GoogleConversion::from_resource(&action),
         Held::Retracted => {
             return Err(err(
-                "conversion_retracted",
+                ErrorCode::ConversionRetracted,
                 format!(
                     "a correction retracted the conversion of order {order_id} and its upload under the new action was not delivered"
                 ),
@@ -395,11 +404,14 @@ fn build_adjustment(
     };
     let conv = sent_under.as_ref().unwrap_or(mapped);
     let (Some(won_value), Some(currency)) = (won.value, won.currency.as_deref()) else {
-        return Err(err("missing_value", "the won event has no value to adjust"));
+        return Err(err(
+            ErrorCode::MissingValue,
+            "the won event has no value to adjust",
+        ));
     };
     if refund.currency.as_deref() != Some(currency) {
         return Err(err(
-            "currency_mismatch",
+            ErrorCode::CurrencyMismatch,
             format!(
                 "refund in {} for a conversion in {currency}",
                 refund.currency.as_deref().unwrap_or("no currency")
@@ -476,7 +488,7 @@ fn build_correction(
         CorrectionStep::Retract => {
             let Some(from) = GoogleConversion::from_resource(&c.from) else {
                 return Err(err(
-                    "invalid_action",
+                    ErrorCode::InvalidAction,
                     format!("{} is not a conversion action resource name", c.from),
                 ));
             };
@@ -486,7 +498,7 @@ fn build_correction(
             let age_days = now.secs_since(&e.occurred_at) / 86_400;
             if age_days > bridge_core::correction::MAX_AGE_DAYS {
                 return Err(err(
-                    "conversion_too_old",
+                    ErrorCode::ConversionTooOld,
                     format!(
                         "the conversion is {age_days} days old: too close to Google's 54-day limit on adjustments (CONVERSION_EXPIRED) to move it"
                     ),
@@ -494,7 +506,7 @@ fn build_correction(
             }
             correction_upload(e, c, order, mapping, g, now).map_err(|x| {
                 err(
-                    "upload_would_fail",
+                    ErrorCode::UploadWouldFail,
                     format!(
                         "not retracted, since the upload that must follow would fail: {}",
                         x.message
@@ -507,7 +519,7 @@ fn build_correction(
                 && g.full_refund_policy != FullRefundPolicy::RetractViaAdsApi
             {
                 return Err(err(
-                    "retraction_unsupported",
+                    ErrorCode::RetractionUnsupported,
                     "the conversion went through the Data Manager API, which cannot retract (full_refund_policy is not retract_via_ads_api)",
                 ));
             }
@@ -536,11 +548,14 @@ fn build_correction(
                     // No refund: restated to the won's own value, which changes nothing but
                     // keeps the step's outcome a platform answer.
                     let (Some(value), Some(currency)) = (e.value, e.currency.as_deref()) else {
-                        return Err(err("missing_value", "the won has no value to restate"));
+                        return Err(err(
+                            ErrorCode::MissingValue,
+                            "the won has no value to restate",
+                        ));
                     };
                     let Some(to) = GoogleConversion::from_resource(&c.to) else {
                         return Err(err(
-                            "invalid_action",
+                            ErrorCode::InvalidAction,
                             format!("{} is not a conversion action resource name", c.to),
                         ));
                     };
@@ -553,7 +568,7 @@ fn build_correction(
             };
             if item.action() != c.to {
                 return Err(err(
-                    "correction_not_uploaded",
+                    ErrorCode::CorrectionNotUploaded,
                     format!(
                         "the restatement would go to {}, not {}: the upload is not delivered",
                         item.action(),
@@ -590,7 +605,7 @@ fn correction_upload(
     let item = build_item(&won, &[], mapping, now)?;
     if item.action() != c.to {
         return Err(err(
-            "mapping_changed",
+            ErrorCode::MappingChanged,
             format!(
                 "the mapping now sends won to {}, not {}: plan the correction again",
                 item.action(),
