@@ -334,6 +334,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn lifecycle_against_dynamodb() {
     lifecycle_scenario(&dynamo("lifecycle").await).await;
 }
@@ -344,6 +345,7 @@ async fn lifecycle_against_memory_store() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn concurrent_claims_of_one_event_have_exactly_one_winner() {
     let store = Arc::new(dynamo("claim_race").await);
     let e = sample_event("C-race", "lead", None, None, "2026-11-27T10:00:00Z");
@@ -382,6 +384,7 @@ async fn concurrent_claims_of_one_event_have_exactly_one_winner() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn revenue_events_are_found_by_order_id() {
     let store = dynamo("by_order").await;
     let won = sample_event(
@@ -431,6 +434,7 @@ async fn revenue_events_are_found_by_order_id() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn sweep_index_holds_open_pairs_only() {
     let store = dynamo("sweep").await;
     let now = Timestamp::now();
@@ -529,6 +533,7 @@ async fn sweep_index_holds_open_pairs_only() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn batch_reads_span_several_round_trips() {
     let store = dynamo("batch_get").await;
     let mut ids = Vec::new();
@@ -552,6 +557,7 @@ async fn batch_reads_span_several_round_trips() {
 /// An event item written before identity items existed (release 1 and earlier) holds its
 /// identity itself: it is read whole, found by the privacy scans, scrubbed and erased in place.
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased() {
     use aws_sdk_dynamodb::types::AttributeValue;
     let stack = Stack::create("inline_identity", &[]);
@@ -645,6 +651,7 @@ async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased()
 /// and from the in-memory store alike (the report reads no identifier, so the DynamoDB store
 /// leaves the identity item unread).
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn events_of_a_period_are_read_for_the_report() {
     let dynamo = dynamo("period").await;
     let memory = MemoryStore::new();
@@ -674,6 +681,7 @@ async fn events_of_a_period_are_read_for_the_report() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn expired_items_read_as_missing() {
     let stack = Stack::create("ttl", &[]);
     let store = DynamoStore::new(
@@ -878,6 +886,7 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn exactly_once_against_dynamodb() {
     exactly_once_scenario(&dynamo("exactly_once").await).await;
 }
@@ -888,6 +897,7 @@ async fn exactly_once_against_memory_store() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn an_item_over_dynamodbs_size_limit_is_too_large_not_unavailable() {
     let store = dynamo("too_large").await;
     let mut e = sample_event("L-1", "lead", None, None, "2026-11-27T10:00:00Z");
@@ -904,6 +914,7 @@ async fn an_item_over_dynamodbs_size_limit_is_too_large_not_unavailable() {
 /// events hashed from its E.164 form, empties their identity, keeps the events themselves, and
 /// reports them; someone else's event is untouched; a second run finds nothing.
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn the_erase_command_finds_a_phone_number_however_it_is_written() {
     let stack = Stack::create("erase-cli", &[]);
     let store = DynamoStore::new(

@@ -418,6 +418,7 @@ async fn terms_not_accepted_strips_user_data_from_click_rows_and_holds_the_rest(
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn refunds_restate_and_retract_in_order_and_out_of_order_against_the_emulator() {
     let fake = FakeGoogle::start().await;
     let (_stack, store, _sqs, queue) = bridge_tests::emulated("google_refunds", &[]).await;
@@ -731,6 +732,7 @@ fn won_action(id: &str, version: &str) -> Mapping {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn a_mapping_change_moves_each_order_to_the_new_action_once_and_a_replay_changes_nothing() {
     use bridge_core::correction::{CorrectionStep, apply, plan_from_store};
     let fake = FakeGoogle::start().await;

@@ -143,6 +143,7 @@ fn lead(entity: &str, consent: &str) -> Value {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn generic_batch_stores_valid_items_names_bad_fields_and_enqueues_only_what_consent_allows() {
     let e = env("generic_batch", None).await;
     let body = json!([
@@ -210,6 +211,7 @@ async fn generic_batch_stores_valid_items_names_bad_fields_and_enqueues_only_wha
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn ten_deliveries_of_one_webhook_store_one_event_and_enqueue_once_per_destination() {
     let e = env("duplicates", None).await;
     let body = json!({"event_name": "won", "occurred_at": Timestamp::now().minus_secs(600).canonical(),
@@ -252,6 +254,7 @@ async fn ten_deliveries_of_one_webhook_store_one_event_and_enqueue_once_per_dest
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn signatures_wrong_stale_or_missing_are_refused_and_nothing_is_stored() {
     let e = env("signatures", None).await;
     let body = lead("L-sig", "granted").to_string();
@@ -333,6 +336,7 @@ async fn signatures_wrong_stale_or_missing_are_refused_and_nothing_is_stored() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn salesforce_revenue_is_stored_but_never_sent_when_hubspot_is_the_system_of_record() {
     let e = env("salesforce_sor", None).await;
     let body = json!({"object": "Opportunity", "id": "006XYZ", "stage": "Closed Won",
@@ -391,6 +395,7 @@ async fn salesforce_revenue_is_stored_but_never_sent_when_hubspot_is_the_system_
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
     let hs = FakeHubSpot::start("pat-test-token").await;
     let occurred = Timestamp::now().minus_secs(120).unix_ms();

@@ -390,6 +390,7 @@ fn meta_refunds(deduped: &[(String, Value)]) -> BTreeMap<String, f64> {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     let entities: usize = std::env::var("CHAOS_ENTITIES")
         .ok()

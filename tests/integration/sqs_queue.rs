@@ -74,6 +74,7 @@ async fn receive_once(
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn enqueue_routes_by_destination_in_batches() {
     let (stack, client, queue) = setup("enqueue", &[]).await;
     let mut msgs: Vec<_> = (0..25)
@@ -99,6 +100,7 @@ async fn enqueue_routes_by_destination_in_batches() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn enqueue_to_an_unconfigured_destination_reports_failure() {
     let stack = Stack::create("unconfigured", &[]);
     let client = bridge_aws::clients::sqs(&sdk_config().await);
@@ -117,6 +119,7 @@ async fn enqueue_to_an_unconfigured_destination_reports_failure() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn template_redrive_moves_a_message_to_the_dlq_after_max_receive_count() {
     let (stack, client, queue) = setup("redrive", &[("MaxReceiveCount", "2")]).await;
     queue
@@ -143,6 +146,7 @@ async fn template_redrive_moves_a_message_to_the_dlq_after_max_receive_count() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn change_visibility_hides_a_message_for_the_retry_delay() {
     let (stack, client, queue) = setup("visibility", &[]).await;
     queue
@@ -175,6 +179,7 @@ async fn change_visibility_hides_a_message_for_the_retry_delay() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
 async fn dead_letters_carry_the_reason_as_attributes() {
     let (stack, client, queue) = setup("dead_letter", &[]).await;
     let dl = DeadLetter {
