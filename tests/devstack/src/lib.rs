@@ -55,6 +55,17 @@ pub struct Stack {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// How a stack is deployed: its name, whether an existing stack of that name is used as it is
+/// (`bridge-local up` reuses its stack across runs), its parameters, and where the local
+/// runtime's plan and the stack's variables are written.
+pub struct StackSpec<'a> {
+    pub name: String,
+    pub reuse: bool,
+    pub params: &'a [(String, String)],
+    pub plan: Option<&'a std::path::Path>,
+    pub env_file: Option<&'a std::path::Path>,
+}
+
 impl Stack {
     /// Creates a stack named after the test, with template parameters `params`. Panics with
     /// instructions when the emulator is not running: an integration test must not pass
@@ -66,42 +77,76 @@ impl Stack {
     /// Like `create`, and also writes the local runtime's plan (functions, mappings,
     /// schedules) resolved from the same template; returns its path.
     pub fn create_with_plan(test: &str, params: &[(&str, &str)]) -> (Stack, PathBuf) {
-        let dir = repo_root().join("target/local-plans");
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join(format!("{test}-{}.json", std::process::id()));
+        let path = Self::plan_path(test);
         (Self::create_inner(test, params, Some(&path)), path)
     }
 
-    fn create_inner(test: &str, params: &[(&str, &str)], plan: Option<&std::path::Path>) -> Stack {
-        let name = format!(
+    /// Where a test's plan is written.
+    pub fn plan_path(test: &str) -> PathBuf {
+        let dir = repo_root().join("target/local-plans");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("{test}-{}.json", std::process::id()))
+    }
+
+    /// A stack name of its own for one test in this process.
+    pub fn unique_name(test: &str) -> String {
+        format!(
             "it-{}-{}-{}",
             test.replace('_', "-"),
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        )
+    }
+
+    fn create_inner(test: &str, params: &[(&str, &str)], plan: Option<&std::path::Path>) -> Stack {
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::deploy(&StackSpec {
+            name: Self::unique_name(test),
+            reuse: false,
+            params: &params,
+            plan,
+            env_file: None,
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Deploys `infra/template.yaml` into the emulator with `infra/local/deploy.py`; the error
+    /// says what to run when the venv or the emulator is missing.
+    pub fn deploy(spec: &StackSpec) -> Result<Stack, String> {
         let python = std::env::var("BRIDGE_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|_| repo_root().join(".venv/bin/python"));
         let mut cmd = Command::new(&python);
         cmd.arg(repo_root().join("infra/local/deploy.py"))
             .arg("--stack-name")
-            .arg(&name)
+            .arg(&spec.name)
             .env("AWS_ENDPOINT_URL", endpoint());
-        for (k, v) in params {
+        if spec.reuse {
+            cmd.arg("--reuse");
+        }
+        for (k, v) in spec.params {
             cmd.arg("--param").arg(format!("{k}={v}"));
         }
-        if let Some(p) = plan {
+        if let Some(p) = spec.plan {
             cmd.arg("--plan").arg(p);
         }
-        let out = cmd.output().unwrap_or_else(|e| {
-            panic!("cannot run {}: {e}. Run the tests through infra/local/test.sh, which sets up the venv and moto.", python.display())
-        });
-        assert!(
-            out.status.success(),
-            "creating stack {name} at {} failed (is moto running? infra/local/test.sh starts it):\n{}",
-            endpoint(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Some(p) = spec.env_file {
+            cmd.arg("--env-file").arg(p);
+        }
+        let out = cmd.output().map_err(|e| {
+            format!("cannot run {}: {e}. Run through infra/local/test.sh or up.sh, which set up the venv and moto.", python.display())
+        })?;
+        if !out.status.success() {
+            return Err(format!(
+                "creating stack {} at {} failed (is moto running? infra/local/test.sh and up.sh start it):\n{}",
+                spec.name,
+                endpoint(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
         let env = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
@@ -109,7 +154,10 @@ impl Stack {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect();
-        Stack { name, env }
+        Ok(Stack {
+            name: spec.name.clone(),
+            env,
+        })
     }
 
     pub fn var(&self, k: &str) -> String {

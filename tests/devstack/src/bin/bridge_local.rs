@@ -9,14 +9,12 @@
 //!   bridge-local status
 
 use bridge_core::store::EventStore;
-use bridge_devstack::fakes::google::FakeGoogle;
-use bridge_devstack::fakes::hubspot::FakeHubSpot;
-use bridge_devstack::fakes::meta::FakeMeta;
-use bridge_devstack::local::{self, Options, Plan, Running};
+use bridge_devstack::local::bridge::{Bridge, BridgeConfig, Destinations, Secrets};
+use bridge_devstack::local::{self, Plan};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,43 +51,6 @@ fn env_or(k: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-async fn put_parameter(ssm: &aws_sdk_ssm::Client, name: &str, value: &str) -> Result<()> {
-    ssm.put_parameter()
-        .name(name)
-        .value(value)
-        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
-        .overwrite(true)
-        .send()
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("SSM {name}: {e}"))
-}
-
-fn deploy(stack: &str, params: &BTreeMap<String, String>, plan: &Path) -> Result<()> {
-    let python = std::env::var("BRIDGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join(".venv/bin/python"));
-    let mut cmd = std::process::Command::new(&python);
-    cmd.arg(root().join("infra/local/deploy.py"))
-        .args(["--stack-name", stack, "--reuse", "--plan"])
-        .arg(plan)
-        .arg("--env-file")
-        .arg(state_dir().join("bridge.env"));
-    for (k, v) in params {
-        cmd.arg("--param").arg(format!("{k}={v}"));
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{}: {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "deploy.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
 async fn up(args: &[String]) -> Result<()> {
     let port: u16 = arg(args, "--port")
         .or_else(|| std::env::var("BRIDGE_PORT").ok())
@@ -121,14 +82,10 @@ async fn up(args: &[String]) -> Result<()> {
     let stack = env_or("STACK_NAME", "bridge-local");
     let endpoint = bridge_devstack::endpoint();
     std::fs::create_dir_all(state_dir().join("logs")).map_err(|e| e.to_string())?;
-    let aws = bridge_devstack::sdk_config().await;
-    let ssm = aws_sdk_ssm::Client::new(&aws);
 
     // Destinations: the strict fakes unless real endpoints are configured.
-    let mut params: BTreeMap<String, String> = BTreeMap::new();
+    let mut params: Vec<(String, String)> = Vec::new();
     let real = std::env::var("BRIDGE_REAL_DESTINATIONS").is_ok_and(|v| v == "1");
-    let mut started = Vec::new();
-    let _fakes;
     if real {
         for (var, param) in [
             ("META_GRAPH_BASE_URL", "MetaGraphBaseUrl"),
@@ -137,54 +94,13 @@ async fn up(args: &[String]) -> Result<()> {
             ("GOOGLE_OAUTH_TOKEN_URL", "GoogleOAuthTokenUrl"),
         ] {
             if let Ok(v) = std::env::var(var) {
-                params.insert(param.into(), v);
+                params.push((param.into(), v));
             }
         }
-        started.push("destinations: the endpoints in the environment (BRIDGE_REAL_DESTINATIONS=1); secrets must already be in SSM".to_string());
     } else {
-        let meta = FakeMeta::start_on(&format!("127.0.0.1:{}", port + 100), META_TOKEN).await;
-        let google = FakeGoogle::start_on(&format!("127.0.0.1:{}", port + 101)).await;
-        let hubspot =
-            FakeHubSpot::start_on(&format!("127.0.0.1:{}", port + 102), HUBSPOT_TOKEN).await;
-        // The sample records; `post-samples` records their stage changes at its own times.
-        hubspot.seed_samples(
-            bridge_core::timestamp::Timestamp::now()
-                .minus_secs(7200)
-                .unix_ms(),
-        );
-        params.insert("HubSpotPortalId".into(), SAMPLE_PORTAL.into());
-        params.insert("MetaGraphBaseUrl".into(), meta.base_url.clone());
-        params.insert("MetaPixelId".into(), "1234567890".into());
-        params.insert("GoogleAdsBaseUrl".into(), google.base_url.clone());
-        params.insert("GoogleDataManagerBaseUrl".into(), google.base_url.clone());
-        params.insert("GoogleOAuthTokenUrl".into(), google.token_url());
-        params.insert("HubSpotApiBaseUrl".into(), hubspot.base_url.clone());
-        put_parameter(&ssm, "/conversion-bridge/meta/access-token", META_TOKEN).await?;
-        put_parameter(
-            &ssm,
-            "/conversion-bridge/google/credentials",
-            &google.credentials_json(),
-        )
-        .await?;
-        put_parameter(
-            &ssm,
-            "/conversion-bridge/webhooks/hubspot-token",
-            HUBSPOT_TOKEN,
-        )
-        .await?;
-        for (name, secret) in SECRETS {
-            put_parameter(&ssm, &format!("/conversion-bridge/webhooks/{name}"), secret).await?;
-        }
-        started.push(format!("fake Meta Conversions API   {}", meta.base_url));
-        started.push(format!(
-            "fake Google Ads/Data Manager {} (OAuth {})",
-            google.base_url,
-            google.token_url()
-        ));
-        started.push(format!("fake HubSpot CRM API        {}", hubspot.base_url));
-        _fakes = Some((meta, google, hubspot));
+        params.push(("HubSpotPortalId".into(), SAMPLE_PORTAL.into()));
     }
-    params.insert("PublicBaseUrl".into(), format!("http://127.0.0.1:{port}"));
+    params.push(("PublicBaseUrl".into(), format!("http://127.0.0.1:{port}")));
     for p in args
         .iter()
         .enumerate()
@@ -192,12 +108,9 @@ async fn up(args: &[String]) -> Result<()> {
         .map(|(i, _)| i + 1)
     {
         if let Some((k, v)) = args.get(p).and_then(|kv| kv.split_once('=')) {
-            params.insert(k.into(), v.into());
+            params.push((k.into(), v.into()));
         }
     }
-    let plan_path = state_dir().join("plan.json");
-    deploy(&stack, &params, &plan_path)?;
-    let plan = Plan::load(&plan_path)?;
 
     let logs = Arc::new(Mutex::new(BTreeMap::<String, std::fs::File>::new()));
     let sink_logs = logs.clone();
@@ -214,32 +127,60 @@ async fn up(args: &[String]) -> Result<()> {
         }
     });
     let mut env = BTreeMap::new();
-    env.insert("AWS_ENDPOINT_URL".into(), endpoint.clone());
-    env.insert("AWS_REGION".into(), "us-east-1".into());
-    env.insert(
-        "AWS_ACCESS_KEY_ID".into(),
-        env_or("AWS_ACCESS_KEY_ID", "test"),
-    );
-    env.insert(
-        "AWS_SECRET_ACCESS_KEY".into(),
-        env_or("AWS_SECRET_ACCESS_KEY", "test"),
-    );
     if let Some(path) = &mapping {
         env.insert("MAPPING_PATH".into(), path.display().to_string());
     }
-    let running = Running::start(
-        &plan,
-        bridge_aws::clients::sqs(&aws),
-        Options {
-            bin_dir,
-            url_addr: format!("127.0.0.1:{port}"),
-            instances,
-            env,
-            schedules: true,
-            sink,
+    let bridge = Bridge::start(BridgeConfig {
+        stack: stack.clone(),
+        reuse_stack: true,
+        params,
+        ssm_prefix: "/conversion-bridge".into(),
+        secrets: Secrets {
+            meta_token: META_TOKEN.into(),
+            meta_app_secret: None,
+            hubspot_token: HUBSPOT_TOKEN.into(),
+            webhooks: SECRETS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         },
-    )
+        destinations: if real {
+            Destinations::Real
+        } else {
+            Destinations::Fakes {
+                base_port: Some(port),
+            }
+        },
+        plan_path: state_dir().join("plan.json"),
+        env_file: Some(state_dir().join("bridge.env")),
+        bin_dir,
+        url_addr: format!("127.0.0.1:{port}"),
+        instances,
+        env,
+        schedules: true,
+        sink,
+    })
     .await?;
+    let mut started = Vec::new();
+    match &bridge.fakes {
+        None => started.push("destinations: the endpoints in the environment (BRIDGE_REAL_DESTINATIONS=1); secrets must already be in SSM".to_string()),
+        Some(f) => {
+            // The sample records; `post-samples` records their stage changes at its own times.
+            f.hubspot.seed_samples(
+                bridge_core::timestamp::Timestamp::now()
+                    .minus_secs(7200)
+                    .unix_ms(),
+            );
+            started.push(format!("fake Meta Conversions API   {}", f.meta.base_url));
+            started.push(format!(
+                "fake Google Ads/Data Manager {} (OAuth {})",
+                f.google.base_url,
+                f.google.token_url()
+            ));
+            started.push(format!("fake HubSpot CRM API        {}", f.hubspot.base_url));
+        }
+    }
+    let (plan, running) = (&bridge.plan, &bridge.running);
     println!("local AWS (moto)             {endpoint}, stack {stack} from infra/template.yaml");
     match &mapping {
         Some(p) => println!(

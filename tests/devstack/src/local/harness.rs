@@ -2,7 +2,7 @@
 //! secrets, the strict fakes as destinations, the functions' optimised binaries under the local runtime,
 //! and helpers to post signed webhooks and wait until every event has settled.
 
-use super::{Options, Plan, Running};
+use super::bridge::{Bridge, BridgeConfig, Destinations, Fakes, Secrets};
 use crate::Stack;
 use crate::fakes::google::FakeGoogle;
 use crate::fakes::hubspot::FakeHubSpot;
@@ -25,9 +25,8 @@ pub const SECRET: &str = "e2e-signing-secret";
 pub const HUBSPOT_APP_SECRET: &str = "e2e-hubspot-app-secret";
 
 pub struct LocalBridge {
-    pub stack: Stack,
-    pub plan: Plan,
-    pub running: Running,
+    /// The stack, its plan and the running functions: one `Bridge`, as `bridge-local up` runs it.
+    pub bridge: Bridge,
     pub meta: FakeMeta,
     pub google: FakeGoogle,
     pub hubspot: FakeHubSpot,
@@ -37,9 +36,13 @@ pub struct LocalBridge {
     /// Every line every function wrote (for the PII scan).
     pub logs: Arc<Mutex<Vec<String>>>,
     http: reqwest::Client,
-    /// The functions' environment and instances, for `redeploy`.
-    env: BTreeMap<String, String>,
-    instances: usize,
+}
+
+impl std::ops::Deref for LocalBridge {
+    type Target = Bridge;
+    fn deref(&self) -> &Bridge {
+        &self.bridge
+    }
 }
 
 /// Where the functions' binaries are: `BRIDGE_BIN_DIR`, else `target/debug` (infra/local/build.sh).
@@ -63,84 +66,26 @@ impl LocalBridge {
         instances: usize,
         extra_env: &[(&str, &str)],
     ) -> LocalBridge {
-        let meta = FakeMeta::start(META_TOKEN).await;
-        meta.set_app_secret(Some(META_APP_SECRET));
-        let google = FakeGoogle::start().await;
-        let hubspot = FakeHubSpot::start(HUBSPOT_TOKEN).await;
-        let prefix = format!("/e2e/{test}-{}", std::process::id());
-        let secrets_path = format!("{prefix}/webhooks");
-        let meta_param = format!("{prefix}/meta-token");
-        let meta_secret_param = format!("{prefix}/meta-app-secret");
-        let google_param = format!("{prefix}/google");
-        let mut all: Vec<(String, String)> = vec![
-            ("MetaGraphBaseUrl".into(), meta.base_url.clone()),
-            ("MetaPixelId".into(), "1234567890".into()),
-            ("GoogleAdsBaseUrl".into(), google.base_url.clone()),
-            ("GoogleDataManagerBaseUrl".into(), google.base_url.clone()),
-            ("GoogleOAuthTokenUrl".into(), google.token_url()),
-            ("HubSpotApiBaseUrl".into(), hubspot.base_url.clone()),
-            ("HubSpotPortalId".into(), "62515".into()),
-            ("WebhookSecretsParameterPath".into(), secrets_path.clone()),
-            ("MetaAccessTokenParameter".into(), meta_param.clone()),
-            ("MetaAppSecretParameter".into(), meta_secret_param.clone()),
-            ("GoogleCredentialsParameter".into(), google_param.clone()),
-            ("MetaBatchingWindowSeconds".into(), "1".into()),
-            ("GoogleBatchingWindowSeconds".into(), "1".into()),
+        let mut all: Vec<(String, String)> = [
+            ("HubSpotPortalId", "62515"),
+            ("MetaBatchingWindowSeconds", "1"),
+            ("GoogleBatchingWindowSeconds", "1"),
             // The template's test value: queue visibility 60 s (six times it) and a 10 s lease
             // follow from it.
-            ("SenderTimeoutSeconds".into(), "10".into()),
+            ("SenderTimeoutSeconds", "10"),
             // Requests short enough to fit in that timeout with the senders' 5 s margin.
-            ("MetaTimeoutSeconds".into(), "3".into()),
-            ("GoogleTimeoutSeconds".into(), "3".into()),
-            ("RetryBaseSeconds".into(), "1".into()),
-            ("RetryCapSeconds".into(), "3".into()),
-            ("RefundWaitSeconds".into(), "2".into()),
-            ("PublicBaseUrl".into(), "http://bridge.test".into()),
-        ];
+            ("MetaTimeoutSeconds", "3"),
+            ("GoogleTimeoutSeconds", "3"),
+            ("RetryBaseSeconds", "1"),
+            ("RetryCapSeconds", "3"),
+            ("RefundWaitSeconds", "2"),
+            ("PublicBaseUrl", "http://bridge.test"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec();
         for (k, v) in params {
             all.retain(|(x, _)| x != k);
             all.push((k.to_string(), v.to_string()));
-        }
-        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let (stack, plan_path) = Stack::create_with_plan(test, &refs);
-        let plan = Plan::load(&plan_path).unwrap_or_else(|e| panic!("{e}"));
-        let aws = crate::sdk_config().await;
-        let ssm = aws_sdk_ssm::Client::new(&aws);
-        let mut params = vec![
-            (meta_param, META_TOKEN.to_string()),
-            (meta_secret_param, META_APP_SECRET.to_string()),
-            (google_param, google.credentials_json()),
-            (
-                format!("{secrets_path}/hubspot-token"),
-                HUBSPOT_TOKEN.to_string(),
-            ),
-            (
-                format!("{secrets_path}/hubspot-app-secret"),
-                HUBSPOT_APP_SECRET.to_string(),
-            ),
-        ];
-        for s in ["generic", "hubspot", "salesforce"] {
-            params.push((format!("{secrets_path}/{s}"), SECRET.to_string()));
-        }
-        for (name, value) in params {
-            ssm.put_parameter()
-                .name(name)
-                .value(value)
-                .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
-                .overwrite(true)
-                .send()
-                .await
-                .expect("put SSM parameter");
-        }
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink_logs = logs.clone();
-        let mut env = BTreeMap::new();
-        env.insert("AWS_ENDPOINT_URL".to_string(), crate::endpoint());
-        env.insert("AWS_REGION".to_string(), "us-east-1".to_string());
-        env.insert("AWS_ACCESS_KEY_ID".to_string(), "test".to_string());
-        env.insert("AWS_SECRET_ACCESS_KEY".to_string(), "test".to_string());
-        for (k, v) in extra_env {
-            env.insert(k.to_string(), v.to_string());
         }
         let dir = bin_dir();
         assert!(
@@ -148,84 +93,83 @@ impl LocalBridge {
             "the functions' binaries are not in {} (infra/local/test.sh builds them with infra/local/build.sh)",
             dir.display()
         );
-        let running = Self::run(&plan, &aws, dir, instances, env.clone(), sink_logs).await;
-        let url = running.url.clone().expect("function URL");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink_logs = logs.clone();
+        let mut webhooks: Vec<(String, String)> = ["generic", "hubspot", "salesforce"]
+            .map(|s| (s.to_string(), SECRET.to_string()))
+            .to_vec();
+        webhooks.push(("hubspot-app-secret".into(), HUBSPOT_APP_SECRET.into()));
+        let bridge = Bridge::start(BridgeConfig {
+            stack: Stack::unique_name(test),
+            reuse_stack: false,
+            params: all,
+            ssm_prefix: format!("/e2e/{test}-{}", std::process::id()),
+            secrets: Secrets {
+                meta_token: META_TOKEN.into(),
+                meta_app_secret: Some(META_APP_SECRET.into()),
+                hubspot_token: HUBSPOT_TOKEN.into(),
+                webhooks,
+            },
+            destinations: Destinations::Fakes { base_port: None },
+            plan_path: Stack::plan_path(test),
+            env_file: None,
+            bin_dir: dir,
+            url_addr: "127.0.0.1:0".into(),
+            instances,
+            env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            schedules: false,
+            sink: Arc::new(move |f: &str, l: &str| {
+                if let Ok(mut v) = sink_logs.lock() {
+                    v.push(format!("{f}: {l}"));
+                }
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Some(Fakes {
+            meta,
+            google,
+            hubspot,
+        }) = bridge.fakes.clone()
+        else {
+            panic!("a test bridge sends to the fakes");
+        };
+        let url = bridge.running.url.clone().expect("function URL");
         let store = DynamoStore::new(
-            bridge_aws::clients::dynamodb(&aws),
-            stack.var("TABLE_NAME"),
+            bridge_aws::clients::dynamodb(&bridge.aws),
+            bridge.stack.var("TABLE_NAME"),
             400,
         );
+        let sqs = bridge_aws::clients::sqs(&bridge.aws);
         LocalBridge {
-            stack,
-            plan,
-            running,
+            bridge,
             meta,
             google,
             hubspot,
             store,
-            sqs: bridge_aws::clients::sqs(&aws),
+            sqs,
             url,
             logs,
             http: bridge_platforms::http::client().expect("HTTP client"),
-            env,
-            instances,
         }
-    }
-
-    async fn run(
-        plan: &Plan,
-        aws: &aws_config::SdkConfig,
-        bin_dir: PathBuf,
-        instances: usize,
-        env: BTreeMap<String, String>,
-        logs: Arc<Mutex<Vec<String>>>,
-    ) -> Running {
-        Running::start(
-            plan,
-            bridge_aws::clients::sqs(aws),
-            Options {
-                bin_dir,
-                url_addr: "127.0.0.1:0".into(),
-                instances,
-                env,
-                schedules: false,
-                sink: Arc::new(move |f: &str, l: &str| {
-                    if let Ok(mut v) = logs.lock() {
-                        v.push(format!("{f}: {l}"));
-                    }
-                }),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Deploys again with `extra_env` changed (a new `MAPPING_PATH`, say), as a stack update
     /// would: the functions stop, and new instances start on the same table, queues and fakes.
     pub async fn redeploy(&mut self, extra_env: &[(&str, &str)]) {
-        self.running.stop();
-        // Idle pollers see the stop within their one-second receive: none takes a message
-        // meant for the new instances.
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        for (k, v) in extra_env {
-            self.env.insert(k.to_string(), v.to_string());
-        }
-        let aws = crate::sdk_config().await;
-        self.running = Self::run(
-            &self.plan,
-            &aws,
-            bin_dir(),
-            self.instances,
-            self.env.clone(),
-            self.logs.clone(),
-        )
-        .await;
-        self.url = self.running.url.clone().expect("function URL");
+        self.bridge
+            .redeploy(extra_env)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.url = self.bridge.running.url.clone().expect("function URL");
     }
 
     /// The environment the functions run with (what an operator's command is given too).
     pub fn function_env(&self) -> &BTreeMap<String, String> {
-        &self.env
+        &self.bridge.env
     }
 
     /// Runs the operator's `bridge-backfill` with `args` as an operator would (the reconcile

@@ -3,6 +3,7 @@
 //! Lambda runtime, SQS event source mappings, the reconcile schedule, the function URL, and
 //! the console's DLQ redrive.
 
+pub mod bridge;
 pub mod harness;
 pub mod runtime;
 
