@@ -63,6 +63,28 @@ fn transition_after(
     }
 }
 
+/// Claims the pair at `at` with a lease until `until`, as a sender does.
+async fn claim(
+    store: &dyn EventStore,
+    key: &str,
+    d: Destination,
+    at: Timestamp,
+    until: Timestamp,
+) -> ClaimOutcome {
+    store.claim(key, d, at, until, None).await.unwrap()
+}
+
+/// Completes the pair's attempt `attempt`; whether the store took it (the lease still held).
+async fn complete(
+    store: &dyn EventStore,
+    key: &str,
+    d: Destination,
+    attempt: u32,
+    t: &Transition,
+) -> bool {
+    store.complete(key, d, attempt, t).await.unwrap()
+}
+
 fn transition(status: DeliveryStatus, now: Timestamp, attempt: u32) -> Transition {
     transition_after(&[], status, now, attempt)
 }
@@ -117,10 +139,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
 
     // Claim, lose the lease, let another worker take over; the first worker's late result loses.
     let lease = now.plus_secs(60);
-    let ClaimOutcome::Claimed(c1) = store
-        .claim(&e.event_id, Destination::Meta, now, lease, None)
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(c1) = claim(store, &e.event_id, Destination::Meta, now, lease).await
     else {
         panic!("first claim wins")
     };
@@ -129,45 +148,40 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         c1.destinations[&Destination::Meta].status,
         DeliveryStatus::Sending
     );
-    match store
-        .claim(
-            &e.event_id,
-            Destination::Meta,
-            now.plus_secs(1),
-            now.plus_secs(61),
-            None,
-        )
-        .await
-        .unwrap()
+    match claim(
+        store,
+        &e.event_id,
+        Destination::Meta,
+        now.plus_secs(1),
+        now.plus_secs(61),
+    )
+    .await
     {
         ClaimOutcome::Refused(Claimability::Leased { until }, _) => assert_eq!(until, lease),
         other => panic!("a live lease refuses: {other:?}"),
     }
     let later = now.plus_secs(61);
-    let ClaimOutcome::Claimed(c2) = store
-        .claim(
-            &e.event_id,
-            Destination::Meta,
-            later,
-            later.plus_secs(60),
-            None,
-        )
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(c2) = claim(
+        store,
+        &e.event_id,
+        Destination::Meta,
+        later,
+        later.plus_secs(60),
+    )
+    .await
     else {
         panic!("an expired lease can be taken over")
     };
     assert_eq!(c2.destinations[&Destination::Meta].attempts, 2);
     assert!(
-        !store
-            .complete(
-                &e.event_id,
-                Destination::Meta,
-                1,
-                &transition(DeliveryStatus::Delivered, later, 1)
-            )
-            .await
-            .unwrap()
+        !complete(
+            store,
+            &e.event_id,
+            Destination::Meta,
+            1,
+            &transition(DeliveryStatus::Delivered, later, 1)
+        )
+        .await
     );
 
     // Retry with a due time; an early claim is refused; on time it succeeds.
@@ -182,60 +196,48 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         waiting_since: None,
         scrub_browser: false,
     };
-    assert!(
-        store
-            .complete(&e.event_id, Destination::Meta, 2, &t)
-            .await
-            .unwrap()
-    );
-    match store
-        .claim(
-            &e.event_id,
-            Destination::Meta,
-            later.plus_secs(10),
-            later.plus_secs(70),
-            None,
-        )
-        .await
-        .unwrap()
+    assert!(complete(store, &e.event_id, Destination::Meta, 2, &t).await);
+    match claim(
+        store,
+        &e.event_id,
+        Destination::Meta,
+        later.plus_secs(10),
+        later.plus_secs(70),
+    )
+    .await
     {
         ClaimOutcome::Refused(Claimability::NotDue { at }, _) => assert_eq!(at, retry_at),
         other => panic!("not due yet: {other:?}"),
     }
-    let ClaimOutcome::Claimed(_) = store
-        .claim(
-            &e.event_id,
-            Destination::Meta,
-            retry_at,
-            retry_at.plus_secs(60),
-            None,
-        )
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(_) = claim(
+        store,
+        &e.event_id,
+        Destination::Meta,
+        retry_at,
+        retry_at.plus_secs(60),
+    )
+    .await
     else {
         panic!("due retry claims")
     };
     assert!(
-        store
-            .complete(
-                &e.event_id,
-                Destination::Meta,
-                3,
-                &transition_after(&t.log, DeliveryStatus::Delivered, retry_at, 3)
-            )
-            .await
-            .unwrap()
-    );
-    match store
-        .claim(
+        complete(
+            store,
             &e.event_id,
             Destination::Meta,
-            retry_at,
-            retry_at.plus_secs(60),
-            None,
+            3,
+            &transition_after(&t.log, DeliveryStatus::Delivered, retry_at, 3)
         )
         .await
-        .unwrap()
+    );
+    match claim(
+        store,
+        &e.event_id,
+        Destination::Meta,
+        retry_at,
+        retry_at.plus_secs(60),
+    )
+    .await
     {
         ClaimOutcome::Refused(Claimability::AlreadyDelivered, _) => {}
         other => panic!("a delivered pair is never sent again: {other:?}"),
@@ -265,40 +267,35 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
 
     // Dead letter: a stray message cannot re-open it; an operator's redrive (the message
     // carrying the dead-letter token) can, with a fresh budget.
-    let ClaimOutcome::Claimed(_) = store
-        .claim(
-            &e.event_id,
-            Destination::Google,
-            now,
-            now.plus_secs(60),
-            None,
-        )
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(_) = claim(
+        store,
+        &e.event_id,
+        Destination::Google,
+        now,
+        now.plus_secs(60),
+    )
+    .await
     else {
         panic!()
     };
     assert!(
-        store
-            .complete(
-                &e.event_id,
-                Destination::Google,
-                1,
-                &transition(DeliveryStatus::DeadLetter, now, 1)
-            )
-            .await
-            .unwrap()
-    );
-    match store
-        .claim(
+        complete(
+            store,
             &e.event_id,
             Destination::Google,
-            now,
-            now.plus_secs(60),
-            None,
+            1,
+            &transition(DeliveryStatus::DeadLetter, now, 1)
         )
         .await
-        .unwrap()
+    );
+    match claim(
+        store,
+        &e.event_id,
+        Destination::Google,
+        now,
+        now.plus_secs(60),
+    )
+    .await
     {
         ClaimOutcome::Refused(Claimability::Closed(DeliveryStatus::DeadLetter), _) => {}
         other => panic!("a stray message leaves a dead-lettered pair alone: {other:?}"),
@@ -324,10 +321,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
 
     // Unknown events.
     assert_eq!(
-        store
-            .claim("no-such-event", Destination::Meta, now, now, None)
-            .await
-            .unwrap(),
+        claim(store, "no-such-event", Destination::Meta, now, now).await,
         ClaimOutcome::Missing
     );
     assert!(store.get("no-such-event").await.unwrap().is_none());
@@ -354,12 +348,9 @@ async fn concurrent_claims_of_one_event_have_exactly_one_winner() {
     let attempts = (0..8).map(|_| {
         let store = store.clone();
         let id = e.event_id.clone();
-        tokio::spawn(async move {
-            store
-                .claim(&id, Destination::Meta, now, now.plus_secs(60), None)
-                .await
-                .unwrap()
-        })
+        tokio::spawn(
+            async move { claim(store.as_ref(), &id, Destination::Meta, now, now.plus_secs(60)).await },
+        )
     });
     let results: Vec<_> = join_all(attempts)
         .await
@@ -443,23 +434,26 @@ async fn sweep_index_holds_open_pairs_only() {
     store.put_new(&a).await.unwrap();
     store.put_new(&b).await.unwrap();
     // b is delivered to Meta, so only a is open for Meta.
-    let ClaimOutcome::Claimed(_) = store
-        .claim(&b.event_id, Destination::Meta, now, now.plus_secs(30), None)
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(_) = claim(
+        &store,
+        &b.event_id,
+        Destination::Meta,
+        now,
+        now.plus_secs(30),
+    )
+    .await
     else {
         panic!()
     };
     assert!(
-        store
-            .complete(
-                &b.event_id,
-                Destination::Meta,
-                1,
-                &transition(DeliveryStatus::Delivered, now, 1)
-            )
-            .await
-            .unwrap()
+        complete(
+            &store,
+            &b.event_id,
+            Destination::Meta,
+            1,
+            &transition(DeliveryStatus::Delivered, now, 1)
+        )
+        .await
     );
 
     let far = now.plus_secs(3600);
@@ -472,10 +466,14 @@ async fn sweep_index_holds_open_pairs_only() {
     // A claim leaves the pair where the sweep will look (moving an index key is billed as a
     // delete and a put): still listed, at the same time, with the status it was put with.
     let pending_due = stuck[0].due;
-    let ClaimOutcome::Claimed(_) = store
-        .claim(&a.event_id, Destination::Meta, now, now.plus_secs(30), None)
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(_) = claim(
+        &store,
+        &a.event_id,
+        Destination::Meta,
+        now,
+        now.plus_secs(30),
+    )
+    .await
     else {
         panic!()
     };
@@ -620,10 +618,8 @@ async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased()
         store.get_many(&[e.key.clone()]).await.unwrap()[0].identity,
         ident
     );
-    let ClaimOutcome::Claimed(claimed) = store
-        .claim(&e.key, Destination::Meta, now, now.plus_secs(30), None)
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(claimed) =
+        claim(&store, &e.key, Destination::Meta, now, now.plus_secs(30)).await
     else {
         panic!()
     };
@@ -710,10 +706,8 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
         "2026-11-27T10:00:00Z",
     );
     store.put_new(&e).await.unwrap();
-    let ClaimOutcome::Claimed(c) = store
-        .claim(&e.key, Destination::Meta, now, now.plus_secs(60), None)
-        .await
-        .unwrap()
+    let ClaimOutcome::Claimed(c) =
+        claim(store, &e.key, Destination::Meta, now, now.plus_secs(60)).await
     else {
         panic!()
     };
@@ -727,12 +721,7 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
         waiting_since: Some(now),
         scrub_browser: false,
     };
-    assert!(
-        store
-            .complete(&e.key, Destination::Meta, 1, &wait)
-            .await
-            .unwrap()
-    );
+    assert!(complete(store, &e.key, Destination::Meta, 1, &wait).await);
     let s = store.get(&e.key).await.unwrap().unwrap().destinations[&Destination::Meta].clone();
     assert_eq!((s.attempts, s.attempts_in_budget()), (1, 0));
     assert_eq!(s.waiting_since, Some(now));

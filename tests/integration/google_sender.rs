@@ -2,15 +2,13 @@
 //! OAuth endpoint, with the DynamoDB store and SQS queues in the emulator (and in memory where
 //! only batching and classification are measured).
 
-use bridge_aws::dynamodb::DynamoStore;
-use bridge_aws::sqs::SqsQueue;
 use bridge_core::delivery::Backoff;
 use bridge_core::delivery::pipeline::{BatchReport, PipelineConfig, Record, process_batch};
 use bridge_core::delivery::{DeliveryStatus, Destination};
 use bridge_core::event::CanonicalEvent;
 use bridge_core::mapping::{GoogleBackend, Mapping};
-use bridge_core::queue::DeliveryMessage;
 use bridge_core::queue::memory::MemoryQueue;
+use bridge_core::queue::{DeliveryMessage, DeliveryQueue};
 use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
@@ -121,15 +119,7 @@ async fn deliver(
     p: &GooglePlatform,
 ) -> (MemoryStore, MemoryQueue, BatchReport) {
     let (store, queue) = memory(events).await;
-    let r = process_batch(
-        records(events, "m"),
-        p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let r = run_batch(&store, &queue, &p, events, "m", Timestamp::now()).await;
     (store, queue, r)
 }
 
@@ -218,12 +208,12 @@ async fn replay_after_accept_then_timeout_is_not_double_counted() {
     fake.inject(Fault::AcceptThenTimeout(Duration::from_millis(1500)));
     let (store, queue, r) = deliver(&events, &p).await;
     assert_eq!(r.failures.len(), 4, "a timeout is retried");
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
+    let r = run_batch(
         &store,
         &queue,
-        &cfg(),
+        &p,
+        &events,
+        "m",
         Timestamp::now().plus_secs(5),
     )
     .await;
@@ -244,15 +234,7 @@ async fn token_expiry_mid_run_refreshes_once_and_delivers() {
     let second: Vec<_> = (0..3).map(|i| won(&format!("L{i}"), 5.0)).collect();
     let (store, queue) = memory(&[first.clone(), second.clone()].concat()).await;
     let p = platform(&fake, GoogleBackend::AdsApi);
-    let r = process_batch(
-        records(&first, "a"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let r = run_batch(&store, &queue, &p, &first, "a", Timestamp::now()).await;
     assert!(r.failures.is_empty());
     assert_eq!(
         fake.with(|d| d.token_grants),
@@ -260,15 +242,7 @@ async fn token_expiry_mid_run_refreshes_once_and_delivers() {
         "one token for the terms check and the upload"
     );
     fake.expire_tokens();
-    let r = process_batch(
-        records(&second, "b"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let r = run_batch(&store, &queue, &p, &second, "b", Timestamp::now()).await;
     assert!(r.failures.is_empty(), "{r:?}");
     assert_eq!(
         fake.with(|d| (d.token_grants, d.unauthenticated)),
@@ -289,7 +263,7 @@ async fn quota_errors_honour_retry_delay_and_outages_retry() {
             "errors": [{"errorCode": {"quotaError": "RESOURCE_EXHAUSTED"}, "message": "Too many requests. Retry in 900 seconds.",
                 "details": {"quotaErrorDetails": {"rateScope": "DEVELOPER", "rateName": "Requests", "retryDelay": "900s"}}}]}]}})));
     let now = Timestamp::now();
-    let r = process_batch(records(&events, "m"), &p, &store, &queue, &cfg(), now).await;
+    let r = run_batch(&store, &queue, &p, &events, "m", now).await;
     assert_eq!(r.failures.len(), 2);
     let s = store.get_sync(&events[0].event_id).destinations[&Destination::Google].clone();
     assert_eq!(s.last_error.unwrap().code, "RESOURCE_EXHAUSTED");
@@ -300,17 +274,9 @@ async fn quota_errors_honour_retry_delay_and_outages_retry() {
     );
     fake.inject(Fault::Respond(503, json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "The service is currently unavailable."}})));
     let later = now.plus_secs(901);
-    let r = process_batch(records(&events, "m"), &p, &store, &queue, &cfg(), later).await;
+    let r = run_batch(&store, &queue, &p, &events, "m", later).await;
     assert_eq!(r.failures.len(), 2, "5xx retried");
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        later.plus_secs(10),
-    )
-    .await;
+    let r = run_batch(&store, &queue, &p, &events, "m", later.plus_secs(10)).await;
     assert!(r.failures.is_empty(), "{r:?}");
     assert_eq!(fake.count(), 2);
 }
@@ -326,22 +292,14 @@ async fn data_manager_aborted_is_retried() {
     let (status_code, body) = dm_aborted();
     fake.inject(Fault::Respond(status_code, body));
     let now = Timestamp::now();
-    let r = process_batch(records(&events, "m"), &p, &store, &queue, &cfg(), now).await;
+    let r = run_batch(&store, &queue, &p, &events, "m", now).await;
     assert_eq!(r.failures.len(), 2, "{r:?}");
     assert_eq!(r.alerts, 0);
     for e in &events {
         let (st, code) = status(&store, e);
         assert_eq!((st, code.as_str()), (DeliveryStatus::Retry, "ABORTED"));
     }
-    let r = process_batch(
-        records(&events, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        now.plus_secs(10),
-    )
-    .await;
+    let r = run_batch(&store, &queue, &p, &events, "m", now.plus_secs(10)).await;
     assert!(r.failures.is_empty(), "{r:?}");
     fake.dm_complete_all();
     assert_eq!(fake.dm_count(), 2);
@@ -372,15 +330,7 @@ async fn terms_not_accepted_strips_user_data_from_click_rows_and_holds_the_rest(
         c.allow_without_click_id = true;
     }
     let p = platform_with(&fake, m, 10_000, false);
-    let r = process_batch(
-        records(&all, "m"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let r = run_batch(&store, &queue, &p, &all, "m", Timestamp::now()).await;
     assert_eq!(r.alerts, 1);
     assert_eq!(status(&store, &with_click).0, DeliveryStatus::Delivered);
     assert_eq!(status(&store, &click_only).0, DeliveryStatus::Delivered);
@@ -405,15 +355,7 @@ async fn terms_not_accepted_strips_user_data_from_click_rows_and_holds_the_rest(
     // The answer is cached: a second batch does not ask again.
     let more = won("U4", 5.0);
     store.put_new(&more).await.unwrap();
-    process_batch(
-        records(&[more], "n"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    run_batch(&store, &queue, &p, &[more], "n", Timestamp::now()).await;
     assert_eq!(fake.with(|d| d.searches), 1);
 }
 
@@ -575,15 +517,7 @@ async fn data_manager_delivers_isolates_bad_events_and_restates_refunds() {
     let (store, queue) =
         memory(&[wins.clone(), vec![full.clone(), partial.clone()]].concat()).await;
     let p = platform(&fake, GoogleBackend::DataManager);
-    let r = process_batch(
-        records(&wins, "w"),
-        &p,
-        &store,
-        &queue,
-        &cfg(),
-        Timestamp::now(),
-    )
-    .await;
+    let r = run_batch(&store, &queue, &p, &wins, "w", Timestamp::now()).await;
     assert!(r.failures.is_empty(), "{r:?}");
     let ingests = fake.requests("events:ingest");
     assert_eq!(
@@ -673,15 +607,7 @@ async fn validate_only_dry_run_imports_nothing() {
     ] {
         let (store, queue) = memory(&events).await;
         let p = platform_with(&fake, mapping(backend), 10_000, true);
-        let r: BatchReport = process_batch(
-            records(&events, "m"),
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            Timestamp::now(),
-        )
-        .await;
+        let r: BatchReport = run_batch(&store, &queue, &p, &events, "m", Timestamp::now()).await;
         assert!(r.failures.is_empty(), "{r:?}");
         let req = fake.requests(kind);
         assert_eq!(req.len(), 1);
@@ -707,9 +633,10 @@ fn held(fake: &FakeGoogle, order: &str, action_id: &str) -> Option<(f64, bool)> 
         .map(|(_, c)| (c.value, c.retracted))
 }
 
+/// One invocation of the Google sender with one message per event (ids `{tag}0`, `{tag}1`, ...).
 async fn run_batch(
-    store: &DynamoStore,
-    queue: &SqsQueue,
+    store: &dyn EventStore,
+    queue: &dyn DeliveryQueue,
     p: &GooglePlatform,
     evs: &[CanonicalEvent],
     tag: &str,

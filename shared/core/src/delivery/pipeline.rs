@@ -1224,6 +1224,18 @@ mod tests {
         )
     }
 
+    /// One invocation with the one message `m{n}` for `key`, under the tests' configuration.
+    async fn one<P: Platform>(
+        p: &P,
+        store: &MemoryStore,
+        queue: &MemoryQueue,
+        n: usize,
+        key: &str,
+        at: Timestamp,
+    ) -> BatchReport {
+        process_batch(vec![record(n, key)], p, store, queue, &cfg(), at).await
+    }
+
     fn record(n: usize, key: &str) -> Record {
         Record::new(
             format!("m{n}"),
@@ -1344,16 +1356,8 @@ mod tests {
         let queue = MemoryQueue::new(5, Duration::from_secs(30));
         let id = stored(&store, "A").await;
         let p = Scripted::new(vec![]);
-        process_batch(vec![record(0, &id)], &p, &store, &queue, &cfg(), now()).await;
-        let r = process_batch(
-            vec![record(1, &id)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now().plus_secs(5),
-        )
-        .await;
+        one(&p, &store, &queue, 0, &id, now()).await;
+        let r = one(&p, &store, &queue, 1, &id, now().plus_secs(5)).await;
         assert_eq!(r.results["m1"], PairResult::AlreadyDelivered);
         assert!(r.failures.is_empty());
         assert_eq!(p.sent().len(), 1);
@@ -1389,7 +1393,7 @@ mod tests {
         ]);
         let mut t = now();
         for n in 0..3 {
-            let r = process_batch(vec![record(n, &id)], &p, &store, &queue, &cfg(), t).await;
+            let r = one(&p, &store, &queue, n, &id, t).await;
             t = state(&store, &id).next_attempt_at.unwrap_or(t).plus_secs(1);
             let status = state(&store, &id).status;
             if n < 2 {
@@ -1425,15 +1429,7 @@ mod tests {
             .await
             .unwrap();
         let p = Scripted::new(vec![]);
-        let r = process_batch(
-            vec![record(0, &id)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now().plus_secs(1),
-        )
-        .await;
+        let r = one(&p, &store, &queue, 0, &id, now().plus_secs(1)).await;
         assert_eq!(
             (r.failures.as_slice(), r.results["m0"]),
             (["m0".to_string()].as_slice(), PairResult::Deferred)
@@ -1449,15 +1445,7 @@ mod tests {
         store.put_new(&refund).await.unwrap();
         let p = Scripted::new(vec![]);
         // The refund arrives first: it waits and nothing is sent.
-        let r = process_batch(
-            vec![record(0, &refund.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        let r = one(&p, &store, &queue, 0, &refund.key, now()).await;
         assert_eq!(r.failures, ["m0"]);
         assert_eq!(r.results["m0"], PairResult::Waiting);
         let s = state(&store, &refund.key);
@@ -1470,17 +1458,9 @@ mod tests {
         // The won event is delivered; the refund goes out on its next attempt.
         let won = revenue("won", "D-1", "O-1", "2026-11-28T10:00:00Z", 100.0);
         store.put_new(&won).await.unwrap();
-        process_batch(vec![record(1, &won.key)], &p, &store, &queue, &cfg(), now()).await;
+        one(&p, &store, &queue, 1, &won.key, now()).await;
         let later = now().plus_secs(900);
-        let r = process_batch(
-            vec![record(2, &refund.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            later,
-        )
-        .await;
+        let r = one(&p, &store, &queue, 2, &refund.key, later).await;
         assert!(r.failures.is_empty());
         assert_eq!(state(&store, &refund.key).status, DeliveryStatus::Delivered);
         assert_eq!(p.sent(), [vec!["D-1".to_string()], vec!["D-1".to_string()]]);
@@ -1497,15 +1477,7 @@ mod tests {
         store.put_new(&won).await.unwrap();
         store.put_new(&refund).await.unwrap();
         let p = Scripted::new(vec![]);
-        let r = process_batch(
-            vec![record(0, &refund.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        let r = one(&p, &store, &queue, 0, &refund.key, now()).await;
         assert!(r.failures.is_empty());
         let s = state(&store, &refund.key);
         assert_eq!(
@@ -1535,34 +1507,10 @@ mod tests {
             store.put_new(e).await.unwrap();
         }
         let p = Scripted::new(vec![]);
-        let r = process_batch(
-            vec![record(0, &refund.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        let r = one(&p, &store, &queue, 0, &refund.key, now()).await;
         assert_eq!(r.results["m0"], PairResult::Waiting);
-        process_batch(
-            vec![record(1, &real.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
-        let r = process_batch(
-            vec![record(2, &refund.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now().plus_secs(900),
-        )
-        .await;
+        one(&p, &store, &queue, 1, &real.key, now()).await;
+        let r = one(&p, &store, &queue, 2, &refund.key, now().plus_secs(900)).await;
         assert_eq!(r.results["m2"], PairResult::Delivered);
     }
 
@@ -1612,24 +1560,8 @@ mod tests {
         store.put_new(&first).await.unwrap();
         store.put_new(&again).await.unwrap();
         let p = Scripted::new(vec![]);
-        process_batch(
-            vec![record(0, &first.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
-        let r = process_batch(
-            vec![record(1, &again.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        one(&p, &store, &queue, 0, &first.key, now()).await;
+        let r = one(&p, &store, &queue, 1, &again.key, now()).await;
         assert_eq!(r.results["m1"], PairResult::DuplicateOrder);
         assert_eq!(
             state(&store, &again.key).status,
@@ -1663,17 +1595,9 @@ mod tests {
         store.put_new(&bad).await.unwrap();
         store.put_new(&good).await.unwrap();
         let p = Scripted::new(vec![]);
-        process_batch(vec![record(0, &bad.key)], &p, &store, &queue, &cfg(), now()).await;
+        one(&p, &store, &queue, 0, &bad.key, now()).await;
         assert_eq!(state(&store, &bad.key).status, DeliveryStatus::Rejected);
-        let r = process_batch(
-            vec![record(1, &good.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        let r = one(&p, &store, &queue, 1, &good.key, now()).await;
         assert_eq!(r.results["m1"], PairResult::Delivered);
     }
 
@@ -1688,15 +1612,7 @@ mod tests {
         let again = revenue("won", "D-7", "O-7", "2026-11-28T10:00:00Z", 100.0);
         store.put_new(&again).await.unwrap();
         let p = Scripted::new(vec![]);
-        let r = process_batch(
-            vec![record(0, &again.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        let r = one(&p, &store, &queue, 0, &again.key, now()).await;
         assert_eq!(r.results["m0"], PairResult::DuplicateOrder);
         assert!(p.sent().is_empty());
     }
@@ -1711,10 +1627,10 @@ mod tests {
             dead_letter: true,
             alert: false,
         }]);
-        process_batch(vec![record(0, &id)], &p, &store, &queue, &cfg(), now()).await;
+        one(&p, &store, &queue, 0, &id, now()).await;
         assert_eq!(state(&store, &id).status, DeliveryStatus::DeadLetter);
         // A duplicate of the original message (or the sweep's): acknowledged, nothing sent.
-        let r = process_batch(vec![record(1, &id)], &p, &store, &queue, &cfg(), now()).await;
+        let r = one(&p, &store, &queue, 1, &id, now()).await;
         assert_eq!((r.results["m1"], r.failures.len()), (PairResult::Closed, 0));
         assert_eq!(p.sends(), 1);
         // The operator redrives the DLQ: that message re-opens it, with a fresh budget.
@@ -1738,7 +1654,7 @@ mod tests {
             dead_letter: true,
             alert: false,
         }]);
-        process_batch(vec![record(0, &id)], &p, &store, &queue, &cfg(), now()).await;
+        one(&p, &store, &queue, 0, &id, now()).await;
         // The old DLQ body had no token; the bridge always set the `attempts` attribute.
         let mut old = record(1, &id);
         old.attributes.insert("attempts".into(), "1".into());
@@ -1874,7 +1790,7 @@ mod tests {
             error: e("quota"),
             after: Some(Duration::MAX),
         }]);
-        let r = process_batch(vec![record(0, &id)], &p, &store, &queue, &cfg(), now()).await;
+        let r = one(&p, &store, &queue, 0, &id, now()).await;
         assert_eq!(r.results["m0"], PairResult::Retry);
         let s = state(&store, &id);
         assert_eq!(s.next_attempt_at, Some(now().plus(MAX_VISIBILITY)));
@@ -1895,7 +1811,7 @@ mod tests {
         );
         store.put_new(&e).await.unwrap();
         let p = Scripted::new(vec![]);
-        process_batch(vec![record(0, &e.key)], &p, &store, &queue, &cfg(), now()).await;
+        one(&p, &store, &queue, 0, &e.key, now()).await;
         let kept = store.get_sync(&e.key).identity.click;
         assert!(
             kept.client_ip_address.is_some(),
@@ -1933,7 +1849,7 @@ mod tests {
             dead_letter: true,
             alert: false,
         }]);
-        process_batch(vec![record(0, &ev.key)], &p, &store, &queue, &cfg(), now()).await;
+        one(&p, &store, &queue, 0, &ev.key, now()).await;
         assert_eq!(state(&store, &ev.key).status, DeliveryStatus::DeadLetter);
         let browser = |store: &MemoryStore| {
             let c = store.get_sync(&ev.key).identity.click;
@@ -1965,7 +1881,7 @@ mod tests {
             dead_letter: true,
             alert: false,
         }]);
-        process_batch(vec![record(2, &ev.key)], &p, &store, &queue, &cfg(), now()).await;
+        one(&p, &store, &queue, 2, &ev.key, now()).await;
         let gone = now().plus_secs(crate::privacy::DLQ_RETENTION_SECS + 3600);
         let report = crate::privacy::apply_retention(&store, gone).await.unwrap();
         assert_eq!(report.browser_data_removed, 1);
