@@ -348,9 +348,16 @@ async fn concurrent_claims_of_one_event_have_exactly_one_winner() {
     let attempts = (0..8).map(|_| {
         let store = store.clone();
         let id = e.event_id.clone();
-        tokio::spawn(
-            async move { claim(store.as_ref(), &id, Destination::Meta, now, now.plus_secs(60)).await },
-        )
+        tokio::spawn(async move {
+            claim(
+                store.as_ref(),
+                &id,
+                Destination::Meta,
+                now,
+                now.plus_secs(60),
+            )
+            .await
+        })
     });
     let results: Vec<_> = join_all(attempts)
         .await

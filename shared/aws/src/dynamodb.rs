@@ -46,6 +46,30 @@ use std::collections::HashMap;
 
 type Item = HashMap<String, AttributeValue>;
 
+/// One page of a scan or query: its items, and where the next page starts (none after the last).
+type Page = (Vec<Item>, Option<Item>);
+
+/// The adapter's one pagination loop, for scans and queries alike: reads `page(start)` from
+/// the first page on, hands each page's items to `each`, and stops after the last page or once
+/// `each` answers that it has enough.
+async fn paginate<Fut>(
+    mut page: impl FnMut(Option<Item>) -> Fut,
+    mut each: impl FnMut(Vec<Item>) -> Result<bool, StoreError>,
+) -> Result<(), StoreError>
+where
+    Fut: std::future::Future<Output = Result<Page, StoreError>>,
+{
+    let mut start = None;
+    loop {
+        let (items, next) = page(start).await?;
+        let enough = each(items)?;
+        match next {
+            Some(n) if !enough => start = Some(n),
+            _ => return Ok(()),
+        }
+    }
+}
+
 /// Shards of each sweep index partition key: spreads the index's write load (a single key
 /// caps at about 1,000 writes a second) at the price of 8 small queries per sweep.
 pub const SWEEP_SHARDS: u32 = 8;
@@ -406,41 +430,47 @@ impl DynamoStore {
         let mut keys: Vec<String> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let mut q = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .filter_expression(filter)
-                .expression_attribute_values(":ev", s(EVENT_SK))
-                .set_exclusive_start_key(start);
-            if whole {
-                q = q.projection_expression("pk");
-            }
-            if filter.contains(":idk") {
-                q = q.expression_attribute_values(":idk", s(IDENTITY_SK));
-            }
-            let page = bind(q).send().await.map_err(unavailable)?;
-            for item in page.items() {
-                if !whole {
-                    if let Some(e) = from_item(item, now)? {
-                        out.push(e);
-                    }
-                } else if let Some(AttributeValue::S(p)) = item.get("pk")
-                    && let Some(k) = p.strip_prefix("EV#")
-                    && seen.insert(k.to_string())
-                {
-                    keys.push(k.to_string());
+        let mut q = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .filter_expression(filter)
+            .expression_attribute_values(":ev", s(EVENT_SK));
+        if whole {
+            q = q.projection_expression("pk");
+        }
+        if filter.contains(":idk") {
+            q = q.expression_attribute_values(":idk", s(IDENTITY_SK));
+        }
+        let q = bind(q);
+        paginate(
+            |start| {
+                let q = q.clone().set_exclusive_start_key(start);
+                async move {
+                    let page = q.send().await.map_err(unavailable)?;
+                    Ok((page.items.unwrap_or_default(), page.last_evaluated_key))
                 }
-            }
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() || keys.len().max(out.len()) >= limit {
-                return match whole {
-                    true => self.get_many(&keys).await,
-                    false => Ok(out),
-                };
-            }
+            },
+            |items| {
+                for item in &items {
+                    if !whole {
+                        if let Some(e) = from_item(item, now)? {
+                            out.push(e);
+                        }
+                    } else if let Some(AttributeValue::S(p)) = item.get("pk")
+                        && let Some(k) = p.strip_prefix("EV#")
+                        && seen.insert(k.to_string())
+                    {
+                        keys.push(k.to_string());
+                    }
+                }
+                Ok(keys.len().max(out.len()) >= limit)
+            },
+        )
+        .await?;
+        match whole {
+            true => self.get_many(&keys).await,
+            false => Ok(out),
         }
     }
 }
@@ -684,31 +714,33 @@ impl EventStore for DynamoStore {
     /// consistently from the table, in the index's order (business time).
     async fn find_by_order(&self, order_id: &str) -> Result<Vec<CanonicalEvent>, StoreError> {
         let mut keys = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(ORDER_INDEX)
-                .key_condition_expression("ord = :o")
-                .expression_attribute_values(":o", s(order_id))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(unavailable)?;
-            for item in page.items() {
-                if let Some(AttributeValue::S(p)) = item.get("pk")
-                    && let Some(k) = p.strip_prefix("EV#")
-                {
-                    keys.push(k.to_string());
+        let q = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(ORDER_INDEX)
+            .key_condition_expression("ord = :o")
+            .expression_attribute_values(":o", s(order_id));
+        paginate(
+            |start| {
+                let q = q.clone().set_exclusive_start_key(start);
+                async move {
+                    let page = q.send().await.map_err(unavailable)?;
+                    Ok((page.items.unwrap_or_default(), page.last_evaluated_key))
                 }
-            }
-            start = page.last_evaluated_key().cloned();
-            if start.is_none() {
-                break;
-            }
-        }
+            },
+            |items| {
+                for item in &items {
+                    if let Some(AttributeValue::S(p)) = item.get("pk")
+                        && let Some(k) = p.strip_prefix("EV#")
+                    {
+                        keys.push(k.to_string());
+                    }
+                }
+                Ok(false)
+            },
+        )
+        .await?;
         self.get_many(&keys).await
     }
 
@@ -1191,51 +1223,53 @@ impl EventStore for DynamoStore {
     ) -> Result<Vec<StuckRef>, StoreError> {
         let mut out = Vec::new();
         for sh in 0..SWEEP_SHARDS {
-            let mut start: Option<Item> = None;
-            loop {
-                let page = self
-                    .client
-                    .query()
-                    .table_name(&self.table)
-                    .index_name(sweep_index(destination))
-                    .key_condition_expression("#sw = :s AND #due < :before")
-                    .expression_attribute_names("#sw", format!("{destination}_sw"))
-                    .expression_attribute_names("#due", format!("{destination}_due"))
-                    .expression_attribute_values(":s", s(sh.to_string()))
-                    .expression_attribute_values(":before", s(before.canonical()))
-                    .limit(limit.clamp(1, 1000) as i32)
-                    .set_exclusive_start_key(start)
-                    .send()
-                    .await
-                    .map_err(unavailable)?;
-                for item in page.items() {
-                    let (Some(AttributeValue::S(p)), Some(AttributeValue::S(due))) =
-                        (item.get("pk"), item.get(&format!("{destination}_due")))
-                    else {
-                        continue;
-                    };
-                    let Some((at, st)) = due.split_once('#') else {
-                        continue;
-                    };
-                    let (Some(id), Ok(at), Some(status)) = (
-                        p.strip_prefix("EV#"),
-                        Timestamp::parse_rfc3339(at),
-                        DeliveryStatus::parse(st),
-                    ) else {
-                        continue;
-                    };
-                    out.push(StuckRef {
-                        key: id.to_string(),
-                        destination,
-                        status,
-                        due: at,
-                    });
-                }
-                start = page.last_evaluated_key().cloned();
-                if start.is_none() || out.len() >= limit * SWEEP_SHARDS as usize {
-                    break;
-                }
-            }
+            let q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(sweep_index(destination))
+                .key_condition_expression("#sw = :s AND #due < :before")
+                .expression_attribute_names("#sw", format!("{destination}_sw"))
+                .expression_attribute_names("#due", format!("{destination}_due"))
+                .expression_attribute_values(":s", s(sh.to_string()))
+                .expression_attribute_values(":before", s(before.canonical()))
+                .limit(limit.clamp(1, 1000) as i32);
+            paginate(
+                |start| {
+                    let q = q.clone().set_exclusive_start_key(start);
+                    async move {
+                        let page = q.send().await.map_err(unavailable)?;
+                        Ok((page.items.unwrap_or_default(), page.last_evaluated_key))
+                    }
+                },
+                |items| {
+                    for item in &items {
+                        let (Some(AttributeValue::S(p)), Some(AttributeValue::S(due))) =
+                            (item.get("pk"), item.get(&format!("{destination}_due")))
+                        else {
+                            continue;
+                        };
+                        let Some((at, st)) = due.split_once('#') else {
+                            continue;
+                        };
+                        let (Some(id), Ok(at), Some(status)) = (
+                            p.strip_prefix("EV#"),
+                            Timestamp::parse_rfc3339(at),
+                            DeliveryStatus::parse(st),
+                        ) else {
+                            continue;
+                        };
+                        out.push(StuckRef {
+                            key: id.to_string(),
+                            destination,
+                            status,
+                            due: at,
+                        });
+                    }
+                    Ok(out.len() >= limit * SWEEP_SHARDS as usize)
+                },
+            )
+            .await?;
         }
         out.sort_by(|a, b| (a.due, &a.key).cmp(&(b.due, &b.key)));
         out.truncate(limit);
