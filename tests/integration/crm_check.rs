@@ -8,17 +8,17 @@
 //! mid-run), where a missed opportunity or lead status change is replayed as its Flow would
 //! have posted it.
 
-use bridge_core::crm_check::{Period, check_hubspot, check_salesforce, repair, restate};
+use bridge_core::crm_check::{CrmCheck, Period, check_hubspot, check_salesforce, repair, restate};
 use bridge_core::delivery::pipeline::{PipelineConfig, REFUND_WAIT, WAIT_DEADLINE};
 use bridge_core::delivery::{Backoff, Destination};
 use bridge_core::identity::parse_region;
-use bridge_core::ingest::{IngestConfig, ItemStatus, ingest};
+use bridge_core::ingest::{IngestConfig, IngestReport, ItemStatus, ingest};
 use bridge_core::mapping::Mapping;
 use bridge_core::queue::memory::MemoryQueue;
 use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
-use bridge_core::webhook::hubspot::{HubSpotEvent, ResolveOptions, resolve};
+use bridge_core::webhook::hubspot::{HubSpotEvent, HubSpotRecords, ResolveOptions, resolve};
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_platforms::hubspot::HubSpotClient;
 use bridge_platforms::meta::{MetaConfig, MetaPlatform};
@@ -134,6 +134,29 @@ async fn drain(
 }
 
 /// The strict fakes of Meta and Google, and the senders' platforms pointed at them.
+/// Repairs what `check` found, now, as `bridge-backfill crm-check --repair` does (HubSpot's
+/// deals are read again through `hubspot`).
+async fn repair_now(
+    check: &CrmCheck,
+    hubspot: Option<&HubSpotClient>,
+    mapping: &Mapping,
+    store: &MemoryStore,
+    queue: &MemoryQueue,
+) -> IngestReport {
+    let opts = opts();
+    let hubspot = hubspot.map(|c| (c as &dyn HubSpotRecords, &opts));
+    repair(
+        check,
+        hubspot,
+        mapping,
+        &cfg(),
+        Timestamp::now(),
+        store,
+        queue,
+    )
+    .await
+}
+
 async fn platforms(mapping: &Mapping) -> (FakeMeta, FakeGoogle, MetaPlatform, GooglePlatform) {
     let http = bridge_platforms::http::client().unwrap();
     let meta_fake = FakeMeta::start("meta-token").await;
@@ -349,16 +372,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         funnel.per_stage
     );
 
-    let r = repair(
-        &check,
-        Some((&client, &opts())),
-        &mapping,
-        &cfg(),
-        Timestamp::now(),
-        &store,
-        &queue,
-    )
-    .await;
+    let r = repair_now(&check, Some(&client), &mapping, &store, &queue).await;
     assert_eq!(r.results.len(), dropped.len() + dropped_stages.len());
     assert!(r.results.iter().all(|x| x.status == ItemStatus::Accepted));
     let restated = restate(&check, &store, &queue, Timestamp::now())
@@ -412,16 +426,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         .await
         .unwrap();
     assert_eq!((r.stored, r.existing), (0, 0));
-    let r = repair(
-        &again,
-        Some((&client, &opts())),
-        &mapping,
-        &cfg(),
-        Timestamp::now(),
-        &store,
-        &queue,
-    )
-    .await;
+    let r = repair_now(&again, Some(&client), &mapping, &store, &queue).await;
     assert!(r.results.is_empty());
     drain(&meta, &google, &store, &queue).await;
     assert_eq!(meta_fake.purchases_deduped().len(), DEALS);
@@ -609,16 +614,7 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         funnel.missed.len()
     );
 
-    let r = repair(
-        &check,
-        None,
-        &mapping,
-        &cfg(),
-        Timestamp::now(),
-        &store,
-        &queue,
-    )
-    .await;
+    let r = repair_now(&check, None, &mapping, &store, &queue).await;
     assert_eq!(r.results.len(), dropped.len() + dropped_leads.len());
     assert!(
         r.results.iter().all(|x| x.status == ItemStatus::Accepted),
@@ -656,16 +652,7 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         .unwrap();
     assert!(again.missed.is_empty());
     assert!(again.funnel.as_ref().unwrap().missed.is_empty());
-    let r = repair(
-        &again,
-        None,
-        &mapping,
-        &cfg(),
-        Timestamp::now(),
-        &store,
-        &queue,
-    )
-    .await;
+    let r = repair_now(&again, None, &mapping, &store, &queue).await;
     assert!(r.results.is_empty());
     assert_eq!(meta_fake.purchases_deduped().len(), OPPS);
 }
