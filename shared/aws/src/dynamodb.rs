@@ -136,6 +136,19 @@ fn conditional_failed<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
         .is_some_and(|s| s.code() == Some("ConditionalCheckFailedException"))
 }
 
+/// Whether a conditional write was applied: false when its condition failed.
+fn applied<T, E, R>(r: Result<T, SdkError<E, R>>) -> Result<bool, StoreError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if conditional_failed(&e) => Ok(false),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 fn shard(event_id: &str) -> String {
     (event_id
         .bytes()
@@ -391,11 +404,7 @@ impl DynamoStore {
                 }
             }
         };
-        match req.update_expression(expr).send().await {
-            Ok(_) => Ok(true),
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(unavailable(e)),
-        }
+        applied(req.update_expression(expr).send().await)
     }
 
     /// One event item, whole (with its identity), or None.
@@ -1014,11 +1023,7 @@ impl EventStore for DynamoStore {
             .expression_attribute_values(":from", s(from))
             .send()
             .await;
-        match r {
-            Ok(_) => Ok(true),
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(unavailable(e)),
-        }
+        applied(r)
     }
 
     async fn scrub(
