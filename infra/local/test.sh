@@ -40,7 +40,9 @@ export BRIDGE_BIN_DIR="$root/target/debug"
 # Tests that need the emulator are #[ignore]d with that reason, so a bare `cargo test
 # --workspace` passes and names them; here, with the emulator running, they all run.
 if [[ $# -gt 0 ]]; then
-  if [[ " $* " == *" -- "* ]]; then
+  if [[ " $* " == *" --ignored "* || " $* " == *" --include-ignored "* ]]; then
+    cargo test --workspace "$@"
+  elif [[ " $* " == *" -- "* ]]; then
     cargo test --workspace "$@" --include-ignored
   else
     cargo test --workspace "$@" -- --include-ignored

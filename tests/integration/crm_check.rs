@@ -133,7 +133,6 @@ async fn drain(
     panic!("the queues did not drain");
 }
 
-/// The strict fakes of Meta and Google, and the senders' platforms pointed at them.
 /// Repairs what `check` found, now, as `bridge-backfill crm-check --repair` does (HubSpot's
 /// deals are read again through `hubspot`).
 async fn repair_now(
@@ -157,6 +156,7 @@ async fn repair_now(
     .await
 }
 
+/// The strict fakes of Meta and Google, and the senders' platforms pointed at them.
 async fn platforms(mapping: &Mapping) -> (FakeMeta, FakeGoogle, MetaPlatform, GooglePlatform) {
     let http = bridge_platforms::http::client().unwrap();
     let meta_fake = FakeMeta::start("meta-token").await;

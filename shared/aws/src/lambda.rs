@@ -105,7 +105,7 @@ fn deadline(
     std::time::Instant::now().checked_add(std::time::Duration::from_millis(left))
 }
 
-/// A non-empty environment variable.
+/// An environment variable that is set to something (blank counts as unset).
 pub fn env(k: &str) -> Option<String> {
-    std::env::var(k).ok().filter(|v| !v.is_empty())
+    std::env::var(k).ok().filter(|v| !v.trim().is_empty())
 }

@@ -74,13 +74,6 @@ impl Stack {
         Self::create_inner(test, params, None)
     }
 
-    /// Like `create`, and also writes the local runtime's plan (functions, mappings,
-    /// schedules) resolved from the same template; returns its path.
-    pub fn create_with_plan(test: &str, params: &[(&str, &str)]) -> (Stack, PathBuf) {
-        let path = Self::plan_path(test);
-        (Self::create_inner(test, params, Some(&path)), path)
-    }
-
     /// Where a test's plan is written.
     pub fn plan_path(test: &str) -> PathBuf {
         let dir = repo_root().join("target/local-plans");

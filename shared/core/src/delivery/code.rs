@@ -36,11 +36,12 @@ macro_rules! bridge_codes {
                 }
             }
 
-            /// Reads a stored code back: one of the bridge's own, else the platform's.
+            /// Reads a code: one of the bridge's own, else the platform's (bounded to
+            /// [`MAX_CODE_CHARS`]), so the same text is always the same code.
             pub fn parse(text: &str) -> ErrorCode {
                 match text {
                     $($text => Self::$variant,)+
-                    other => Self::platform(other),
+                    other => Self::Platform(other.chars().take(MAX_CODE_CHARS).collect()),
                 }
             }
         }
@@ -147,22 +148,23 @@ bridge_codes! {
 }
 
 impl ErrorCode {
-    /// A platform's code as it answered, bounded to [`MAX_CODE_CHARS`].
+    /// A platform's code as it answered, bounded to [`MAX_CODE_CHARS`] (text that is one of
+    /// the bridge's own names reads as that code).
     pub fn platform(text: &str) -> ErrorCode {
-        ErrorCode::Platform(text.chars().take(MAX_CODE_CHARS).collect())
+        ErrorCode::parse(text)
     }
 
     /// Meta's error `code` and `error_subcode`.
     pub fn meta(code: i64, subcode: Option<i64>) -> ErrorCode {
         match subcode {
-            Some(s) => ErrorCode::Platform(format!("meta_{code}_{s}")),
-            None => ErrorCode::Platform(format!("meta_{code}")),
+            Some(s) => ErrorCode::platform(&format!("meta_{code}_{s}")),
+            None => ErrorCode::platform(&format!("meta_{code}")),
         }
     }
 
     /// An HTTP status from an answer that carried no code of its own.
     pub fn http(status: u16) -> ErrorCode {
-        ErrorCode::Platform(format!("http_{status}"))
+        ErrorCode::platform(&format!("http_{status}"))
     }
 
     /// An OAuth 2.0 `error` (RFC 6749 §5.2) from a token endpoint.
@@ -232,5 +234,8 @@ mod tests {
             ErrorCode::platform(&"X".repeat(1000)).as_str().len(),
             MAX_CODE_CHARS
         );
+        // The same text is the same code, however it was built.
+        assert_eq!(ErrorCode::platform("timeout"), ErrorCode::Timeout);
+        assert_eq!(ErrorCode::oauth("unavailable"), ErrorCode::OauthUnavailable);
     }
 }
