@@ -119,7 +119,7 @@ async fn deliver(
     p: &GooglePlatform,
 ) -> (MemoryStore, MemoryQueue, BatchReport) {
     let (store, queue) = memory(events).await;
-    let r = run_batch(&store, &queue, &p, events, "m", Timestamp::now()).await;
+    let r = run_batch(&store, &queue, p, events, "m", Timestamp::now()).await;
     (store, queue, r)
 }
 
