@@ -111,19 +111,11 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
-    }
+    use bridge_platforms::config::lookup_in;
 
     #[test]
     fn defaults_follow_the_configuration_contract() {
-        let s = Settings::from_lookup(lookup(&[
+        let s = Settings::from_lookup(lookup_in(&[
             ("TABLE_NAME", "t"),
             ("META_QUEUE_URL", "http://q/meta"),
         ]))
@@ -145,20 +137,22 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        let e = Settings::from_lookup(lookup(&[])).unwrap_err().to_string();
+        let e = Settings::from_lookup(lookup_in(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("TABLE_NAME"), "{e}");
-        let e = Settings::from_lookup(lookup(&[("TABLE_NAME", "t"), ("LEASE_SECS", "forever")]))
+        let e = Settings::from_lookup(lookup_in(&[("TABLE_NAME", "t"), ("LEASE_SECS", "forever")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("LEASE_SECS"), "{e}");
-        let e = Settings::from_lookup(lookup(&[
+        let e = Settings::from_lookup(lookup_in(&[
             ("TABLE_NAME", "t"),
             ("META_GRAPH_BASE_URL", "graph"),
         ]))
         .unwrap_err()
         .to_string();
         assert!(e.contains("META_GRAPH_BASE_URL"), "{e}");
-        let e = Settings::from_lookup(lookup(&[
+        let e = Settings::from_lookup(lookup_in(&[
             ("TABLE_NAME", "t"),
             ("DEFAULT_PHONE_REGION", "XX"),
         ]))
@@ -169,7 +163,7 @@ mod tests {
 
     #[test]
     fn base_urls_are_overridable() {
-        let s = Settings::from_lookup(lookup(&[
+        let s = Settings::from_lookup(lookup_in(&[
             ("TABLE_NAME", "t"),
             ("META_GRAPH_BASE_URL", "http://127.0.0.1:9100/"),
         ]))

@@ -204,22 +204,23 @@ impl PlatformSettings {
     }
 }
 
+/// A variable lookup over fixed pairs instead of the environment, for tests and for tools that
+/// take their settings from elsewhere.
+pub fn lookup_in(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let m: std::collections::HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| m.get(k).cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
-    }
 
     #[test]
     fn defaults_follow_the_configuration_contract() {
-        let s = PlatformSettings::from_lookup(&lookup(&[])).unwrap();
+        let s = PlatformSettings::from_lookup(&lookup_in(&[])).unwrap();
         let e = &s.endpoints;
         assert_eq!(e.meta_graph_base_url, "https://graph.facebook.com");
         assert_eq!(e.meta_api_version, "v26.0");
@@ -244,14 +245,14 @@ mod tests {
             ("GOOGLE_TOO_RECENT_WAIT_SECS", "21601"),
             ("META_GRAPH_BASE_URL", "graph.facebook.com"),
         ] {
-            let e = PlatformSettings::from_lookup(&lookup(&[(var, value)])).unwrap_err();
+            let e = PlatformSettings::from_lookup(&lookup_in(&[(var, value)])).unwrap_err();
             assert_eq!(e.var, var, "{e}");
         }
     }
 
     #[test]
     fn values_and_base_urls_are_overridable() {
-        let s = PlatformSettings::from_lookup(&lookup(&[
+        let s = PlatformSettings::from_lookup(&lookup_in(&[
             ("META_GRAPH_BASE_URL", "http://127.0.0.1:9100/"),
             ("GOOGLE_VALIDATE_ONLY", "true"),
             ("GOOGLE_TOO_RECENT_WAIT_SECS", "10"),
