@@ -49,19 +49,40 @@ type Item = HashMap<String, AttributeValue>;
 /// One page of a scan or query: its items, and where the next page starts (none after the last).
 type Page = (Vec<Item>, Option<Item>);
 
-/// The adapter's one pagination loop, for scans and queries alike: reads `page(start)` from
-/// the first page on, hands each page's items to `each`, and stops after the last page or once
+/// A scan or a query, read one page at a time.
+trait Paged: Clone {
+    async fn page(self, start: Option<Item>) -> Result<Page, StoreError>;
+}
+
+macro_rules! paged {
+    ($($builder:ty),+) => {$(
+        impl Paged for $builder {
+            async fn page(self, start: Option<Item>) -> Result<Page, StoreError> {
+                let page = self
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                Ok((page.items.unwrap_or_default(), page.last_evaluated_key))
+            }
+        }
+    )+};
+}
+paged!(
+    aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
+    aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder
+);
+
+/// The adapter's one pagination loop, for scans and queries alike: reads `request` from the
+/// first page on, hands each page's items to `each`, and stops after the last page or once
 /// `each` answers that it has enough.
-async fn paginate<Fut>(
-    mut page: impl FnMut(Option<Item>) -> Fut,
+async fn paginate(
+    request: impl Paged,
     mut each: impl FnMut(Vec<Item>) -> Result<bool, StoreError>,
-) -> Result<(), StoreError>
-where
-    Fut: std::future::Future<Output = Result<Page, StoreError>>,
-{
+) -> Result<(), StoreError> {
     let mut start = None;
     loop {
-        let (items, next) = page(start).await?;
+        let (items, next) = request.clone().page(start).await?;
         let enough = each(items)?;
         match next {
             Some(n) if !enough => start = Some(n),
@@ -451,31 +472,21 @@ impl DynamoStore {
         if filter.contains(":idk") {
             q = q.expression_attribute_values(":idk", s(IDENTITY_SK));
         }
-        let q = bind(q);
-        paginate(
-            |start| {
-                let q = q.clone().set_exclusive_start_key(start);
-                async move {
-                    let page = q.send().await.map_err(unavailable)?;
-                    Ok((page.items.unwrap_or_default(), page.last_evaluated_key))
-                }
-            },
-            |items| {
-                for item in &items {
-                    if !whole {
-                        if let Some(e) = from_item(item, now)? {
-                            out.push(e);
-                        }
-                    } else if let Some(AttributeValue::S(p)) = item.get("pk")
-                        && let Some(k) = p.strip_prefix("EV#")
-                        && seen.insert(k.to_string())
-                    {
-                        keys.push(k.to_string());
+        paginate(bind(q), |items| {
+            for item in &items {
+                if !whole {
+                    if let Some(e) = from_item(item, now)? {
+                        out.push(e);
                     }
+                } else if let Some(AttributeValue::S(p)) = item.get("pk")
+                    && let Some(k) = p.strip_prefix("EV#")
+                    && seen.insert(k.to_string())
+                {
+                    keys.push(k.to_string());
                 }
-                Ok(keys.len().max(out.len()) >= limit)
-            },
-        )
+            }
+            Ok(keys.len().max(out.len()) >= limit)
+        })
         .await?;
         match whole {
             true => self.get_many(&keys).await,
@@ -730,25 +741,16 @@ impl EventStore for DynamoStore {
             .index_name(ORDER_INDEX)
             .key_condition_expression("ord = :o")
             .expression_attribute_values(":o", s(order_id));
-        paginate(
-            |start| {
-                let q = q.clone().set_exclusive_start_key(start);
-                async move {
-                    let page = q.send().await.map_err(unavailable)?;
-                    Ok((page.items.unwrap_or_default(), page.last_evaluated_key))
+        paginate(q, |items| {
+            for item in &items {
+                if let Some(AttributeValue::S(p)) = item.get("pk")
+                    && let Some(k) = p.strip_prefix("EV#")
+                {
+                    keys.push(k.to_string());
                 }
-            },
-            |items| {
-                for item in &items {
-                    if let Some(AttributeValue::S(p)) = item.get("pk")
-                        && let Some(k) = p.strip_prefix("EV#")
-                    {
-                        keys.push(k.to_string());
-                    }
-                }
-                Ok(false)
-            },
-        )
+            }
+            Ok(false)
+        })
         .await?;
         self.get_many(&keys).await
     }
@@ -1239,41 +1241,32 @@ impl EventStore for DynamoStore {
                 .expression_attribute_values(":s", s(sh.to_string()))
                 .expression_attribute_values(":before", s(before.canonical()))
                 .limit(limit.clamp(1, 1000) as i32);
-            paginate(
-                |start| {
-                    let q = q.clone().set_exclusive_start_key(start);
-                    async move {
-                        let page = q.send().await.map_err(unavailable)?;
-                        Ok((page.items.unwrap_or_default(), page.last_evaluated_key))
-                    }
-                },
-                |items| {
-                    for item in &items {
-                        let (Some(AttributeValue::S(p)), Some(AttributeValue::S(due))) =
-                            (item.get("pk"), item.get(&format!("{destination}_due")))
-                        else {
-                            continue;
-                        };
-                        let Some((at, st)) = due.split_once('#') else {
-                            continue;
-                        };
-                        let (Some(id), Ok(at), Some(status)) = (
-                            p.strip_prefix("EV#"),
-                            Timestamp::parse_rfc3339(at),
-                            DeliveryStatus::parse(st),
-                        ) else {
-                            continue;
-                        };
-                        out.push(StuckRef {
-                            key: id.to_string(),
-                            destination,
-                            status,
-                            due: at,
-                        });
-                    }
-                    Ok(out.len() >= limit * SWEEP_SHARDS as usize)
-                },
-            )
+            paginate(q, |items| {
+                for item in &items {
+                    let (Some(AttributeValue::S(p)), Some(AttributeValue::S(due))) =
+                        (item.get("pk"), item.get(&format!("{destination}_due")))
+                    else {
+                        continue;
+                    };
+                    let Some((at, st)) = due.split_once('#') else {
+                        continue;
+                    };
+                    let (Some(id), Ok(at), Some(status)) = (
+                        p.strip_prefix("EV#"),
+                        Timestamp::parse_rfc3339(at),
+                        DeliveryStatus::parse(st),
+                    ) else {
+                        continue;
+                    };
+                    out.push(StuckRef {
+                        key: id.to_string(),
+                        destination,
+                        status,
+                        due: at,
+                    });
+                }
+                Ok(out.len() >= limit * SWEEP_SHARDS as usize)
+            })
             .await?;
         }
         out.sort_by(|a, b| (a.due, &a.key).cmp(&(b.due, &b.key)));

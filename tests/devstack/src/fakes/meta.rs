@@ -530,17 +530,7 @@ impl FakeMeta {
         FakeMeta { base_url, ..fake }
     }
 
-    pub fn with<R>(&self, f: impl FnOnce(&mut Data) -> R) -> R {
-        f(&mut lock(&self.data))
-    }
-
-    pub fn inject(&self, f: Fault) {
-        self.with(|d| d.faults.push_back(f));
-    }
-
-    pub fn set_chaos(&self, chaos: Option<Chaos>) {
-        self.with(|d| d.chaos = chaos);
-    }
+    super::state_controls!();
 
     /// Strict mode also enforces the rules whose reaction Meta does not document.
     pub fn set_strict(&self, strict: bool) {
@@ -568,14 +558,6 @@ impl FakeMeta {
 
     pub fn set_token_state(&self, token: &str, state: TokenState) {
         self.with(|d| d.tokens.insert(token.to_string(), state));
-    }
-
-    pub fn set_clock(&self, clock: Clock) {
-        self.with(|d| d.clock = clock);
-    }
-
-    pub fn clock(&self) -> Clock {
-        self.with(|d| d.clock.clone())
     }
 
     pub fn unpoison_all(&self) {

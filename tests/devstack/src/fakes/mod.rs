@@ -96,6 +96,34 @@ impl Clock {
     }
 }
 
+/// The controls the Meta and Google fakes share over their state (`data`, with `faults`,
+/// `chaos` and `clock`): run a closure on it, queue a fault for the next requests, set the
+/// chaos, set and read the clock.
+macro_rules! state_controls {
+    () => {
+        pub fn with<R>(&self, f: impl FnOnce(&mut Data) -> R) -> R {
+            f(&mut lock(&self.data))
+        }
+
+        pub fn inject(&self, f: Fault) {
+            self.with(|d| d.faults.push_back(f));
+        }
+
+        pub fn set_chaos(&self, chaos: Option<Chaos>) {
+            self.with(|d| d.chaos = chaos);
+        }
+
+        pub fn set_clock(&self, clock: Clock) {
+            self.with(|d| d.clock = clock);
+        }
+
+        pub fn clock(&self) -> Clock {
+            self.with(|d| d.clock.clone())
+        }
+    };
+}
+pub(crate) use state_controls;
+
 /// A fault a fake injects into one request, in place of or around its normal processing.
 #[derive(Clone)]
 pub enum Fault {

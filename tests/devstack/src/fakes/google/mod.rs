@@ -255,25 +255,7 @@ impl FakeGoogle {
         .to_string()
     }
 
-    pub fn with<R>(&self, f: impl FnOnce(&mut Data) -> R) -> R {
-        f(&mut lock(&self.data))
-    }
-
-    pub fn inject(&self, f: Fault) {
-        self.with(|d| d.faults.push_back(f));
-    }
-
-    pub fn set_chaos(&self, chaos: Option<Chaos>) {
-        self.with(|d| d.chaos = chaos);
-    }
-
-    pub fn set_clock(&self, clock: Clock) {
-        self.with(|d| d.clock = clock);
-    }
-
-    pub fn clock(&self) -> Clock {
-        self.with(|d| d.clock.clone())
-    }
+    super::state_controls!();
 
     pub fn set_strict(&self, strict: bool) {
         self.with(|d| d.strict = strict);
