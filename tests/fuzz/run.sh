@@ -20,8 +20,12 @@ host="$(rustup run nightly rustc -vV | sed -n 's/^host: //p')"
 # The flags cargo-fuzz passes: libFuzzer's coverage instrumentation and the fuzzing cfg.
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
--Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks \
--Zsanitizer=address"
+-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
+# No AddressSanitizer by default (cargo-fuzz's `--sanitizer none`): the fuzzed crate is
+# `#![forbid(unsafe_code)]`, so ASan guards only the dependencies' unsafe code, and measured on
+# this tree it cost 22% of the build (186 s against 146 s) and three quarters of the inputs
+# (webhook_generic 188k against 730k in 12 s). FUZZ_SANITIZER=address puts it back.
+if [[ -n "${FUZZ_SANITIZER:-}" ]]; then RUSTFLAGS="$RUSTFLAGS -Zsanitizer=$FUZZ_SANITIZER"; fi
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-target}"
 start=$(date +%s)
 rustup run nightly cargo build --release --quiet --target "$host" --bins

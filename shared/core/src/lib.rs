@@ -6,6 +6,11 @@
 //! The compiler keeps the layers: this crate's manifest has no AWS SDK, reqwest or Lambda
 //! runtime dependency. The AWS side of the ports is `bridge-aws`; the platforms (Meta, Google,
 //! the CRM APIs) are `bridge-platforms`.
+//!
+//! No unsafe code: everything an outside party controls is parsed here, and the fuzz targets
+//! (tests/fuzz) run without AddressSanitizer on that promise.
+
+#![forbid(unsafe_code)]
 
 pub mod backfill;
 pub mod consent;
