@@ -8,9 +8,11 @@
 //! mid-run), where a missed opportunity or lead status change is replayed as its Flow would
 //! have posted it.
 
-use bridge_core::crm_check::{CrmCheck, Period, check_hubspot, check_salesforce, repair, restate};
-use bridge_core::delivery::pipeline::{PipelineConfig, REFUND_WAIT, WAIT_DEADLINE};
-use bridge_core::delivery::{Backoff, Destination};
+use bridge_core::crm_check::{
+    CrmCheck, CrmFigures, Period, check_hubspot, check_salesforce, repair, restate,
+};
+use bridge_core::delivery::Destination;
+use bridge_core::delivery::pipeline::PipelineConfig;
 use bridge_core::identity::parse_region;
 use bridge_core::ingest::{IngestConfig, IngestReport, ItemStatus, ingest};
 use bridge_core::mapping::Mapping;
@@ -53,17 +55,7 @@ fn opts() -> ResolveOptions {
 }
 
 fn pipeline() -> PipelineConfig {
-    PipelineConfig {
-        lease_secs: 30,
-        max_attempts: 5,
-        backoff: Backoff {
-            base: Duration::from_millis(10),
-            cap: Duration::from_millis(20),
-            floor: Duration::from_millis(10),
-        },
-        refund_wait: REFUND_WAIT,
-        wait_deadline: WAIT_DEADLINE,
-    }
+    bridge_tests::pipeline(5, Duration::from_millis(10), Duration::from_millis(20))
 }
 
 fn deal_id(i: usize) -> String {
@@ -189,6 +181,25 @@ async fn platforms(mapping: &Mapping) -> (FakeMeta, FakeGoogle, MetaPlatform, Go
         mapping.clone(),
     );
     (meta_fake, google_fake, meta, google)
+}
+
+/// The deals a check found changed since they were won, sorted: (deal id, reason).
+fn changed(check: &CrmCheck) -> Vec<(String, &'static str)> {
+    let mut changed: Vec<(String, &str)> = check
+        .changed
+        .iter()
+        .map(|c| (c.deal_id.clone(), c.reason))
+        .collect();
+    changed.sort();
+    changed
+}
+
+/// One currency's figures, with the deals the CRM counts won and those no webhook brought
+/// checked.
+fn figures<'a>(check: &'a CrmCheck, currency: &str, won: usize, missed: usize) -> &'a CrmFigures {
+    let f = &check.per_currency[currency];
+    assert_eq!((f.crm_deals, f.missed), (won as u64, missed as u64));
+    f
 }
 
 #[tokio::test]
@@ -319,14 +330,8 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
     let missed: HashSet<String> = check.missed.iter().map(|m| m.deal_id.clone()).collect();
     assert_eq!(missed, dropped, "every dropped webhook found, nothing else");
     assert!(check.missed.iter().all(|m| m.notes.is_empty()));
-    let mut changed: Vec<(String, &str)> = check
-        .changed
-        .iter()
-        .map(|c| (c.deal_id.clone(), c.reason))
-        .collect();
-    changed.sort();
     assert_eq!(
-        changed,
+        changed(&check),
         [
             (deal_id(1), "reopened_in_crm"),
             (deal_id(2), "amount_changed_after_won"),
@@ -340,11 +345,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
             .iter()
             .any(|r| r == "batch read deals archived=true")
     );
-    let eur = &check.per_currency["EUR"];
-    assert_eq!(
-        (eur.crm_deals, eur.missed),
-        ((DEALS - 2) as u64, dropped.len() as u64)
-    );
+    let eur = figures(&check, "EUR", DEALS - 2, dropped.len());
     println!(
         "crm check: {} deals won in HubSpot, {} stored, {} missed by webhook ({:.2} EUR), {} changed",
         eur.crm_deals,
@@ -573,21 +574,11 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         "{:?}",
         check.missed
     );
-    let mut changed: Vec<(String, &str)> = check
-        .changed
-        .iter()
-        .map(|c| (c.deal_id.clone(), c.reason))
-        .collect();
-    changed.sort();
     assert_eq!(
-        changed,
+        changed(&check),
         [(opp(1), "reopened_in_crm"), (opp(2), "deleted_in_crm")]
     );
-    let usd = &check.per_currency["USD"];
-    assert_eq!(
-        (usd.crm_deals, usd.missed),
-        ((OPPS - 2) as u64, dropped.len() as u64)
-    );
+    let usd = figures(&check, "USD", OPPS - 2, dropped.len());
     println!(
         "salesforce check: {} won opportunities, {} stored, {} missed by callout ({:.2} USD), {} changed, {} API requests",
         usd.crm_deals,

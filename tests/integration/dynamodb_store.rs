@@ -89,6 +89,17 @@ fn transition(status: DeliveryStatus, now: Timestamp, attempt: u32) -> Transitio
     transition_after(&[], status, now, attempt)
 }
 
+/// A whole erasure of `key`'s identity, which then reads back empty.
+async fn erased_whole(store: &dyn EventStore, key: &str, now: Timestamp) {
+    assert!(
+        store
+            .scrub(key, bridge_core::store::Scrub::All, now)
+            .await
+            .unwrap()
+    );
+    assert!(store.get(key).await.unwrap().unwrap().identity.is_empty());
+}
+
 /// The retention path on a stored event with browser data and a click id: it is a retention
 /// candidate, the browser data then the click ids are scrubbed (the hashes stay), and the
 /// erasure scan still finds it by the person's email hash, which it returns.
@@ -633,21 +644,7 @@ async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased()
     assert_eq!(claimed.identity, ident, "the sender gets the identity");
     let found = browser_then_click_ids_scrubbed(&store, &e.key, &person, now).await;
     assert_eq!(found.len(), 1);
-    assert!(
-        store
-            .scrub(&e.key, bridge_core::store::Scrub::All, now)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .get(&e.key)
-            .await
-            .unwrap()
-            .unwrap()
-            .identity
-            .is_empty()
-    );
+    erased_whole(&store, &e.key, now).await;
 }
 
 /// The reconciliation report's read: the events of a business-time period, from the table
@@ -816,21 +813,7 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
         .await
         .unwrap();
     assert_eq!(by_entity.len(), 1);
-    assert!(
-        store
-            .scrub(&p.key, bridge_core::store::Scrub::All, now)
-            .await
-            .unwrap()
-    );
-    assert!(
-        store
-            .get(&p.key)
-            .await
-            .unwrap()
-            .unwrap()
-            .identity
-            .is_empty()
-    );
+    erased_whole(store, &p.key, now).await;
     // The CRM sends the webhook again: a duplicate, and the erased identity stays erased.
     assert_eq!(store.put_new(&p).await.unwrap(), PutOutcome::Duplicate);
     let back = store.get(&p.key).await.unwrap().unwrap();

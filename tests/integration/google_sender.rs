@@ -2,7 +2,6 @@
 //! OAuth endpoint, with the DynamoDB store and SQS queues in the emulator (and in memory where
 //! only batching and classification are measured).
 
-use bridge_core::delivery::Backoff;
 use bridge_core::delivery::pipeline::{BatchReport, PipelineConfig, Record, process_batch};
 use bridge_core::delivery::{DeliveryStatus, Destination};
 use bridge_core::event::CanonicalEvent;
@@ -52,17 +51,7 @@ fn platform(fake: &FakeGoogle, backend: GoogleBackend) -> GooglePlatform {
 }
 
 fn cfg() -> PipelineConfig {
-    PipelineConfig {
-        lease_secs: 30,
-        max_attempts: 5,
-        backoff: Backoff {
-            base: Duration::from_secs(1),
-            cap: Duration::from_secs(2),
-            floor: Duration::from_secs(1),
-        },
-        refund_wait: bridge_core::delivery::pipeline::REFUND_WAIT,
-        wait_deadline: bridge_core::delivery::pipeline::WAIT_DEADLINE,
-    }
+    bridge_tests::pipeline(5, Duration::from_secs(1), Duration::from_secs(2))
 }
 
 fn hours_ago(h: i64) -> String {

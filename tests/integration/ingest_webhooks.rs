@@ -105,6 +105,15 @@ fn signed(source: &str, body: &str, secret: &str, t: i64) -> Request {
         .unwrap()
 }
 
+/// `body` posted to `source`'s webhook, signed with `secret` now.
+async fn post_now(app: &App, source: &str, secret: &str, body: &str) -> (StatusCode, Value) {
+    call(
+        app,
+        signed(source, body, secret, Timestamp::now().unix_secs()),
+    )
+    .await
+}
+
 async fn call(app: &App, req: Request) -> (StatusCode, Value) {
     let resp = app.handle(req).await;
     let status = resp.status();
@@ -152,16 +161,7 @@ async fn generic_batch_stores_valid_items_names_bad_fields_and_enqueues_only_wha
         {"event_name": "won", "occurred_at": "yesterday", "entity_type": "opportunity", "entity_id": "D-9", "value": -1}
     ])
     .to_string();
-    let (status, resp) = call(
-        &e.app,
-        signed(
-            "generic",
-            &body,
-            "generic-secret",
-            Timestamp::now().unix_secs(),
-        ),
-    )
-    .await;
+    let (status, resp) = post_now(&e.app, "generic", "generic-secret", &body).await;
     assert_eq!(status, StatusCode::MULTI_STATUS, "{resp}");
     let results = resp["results"].as_array().unwrap();
     assert_eq!(
@@ -220,16 +220,7 @@ async fn ten_deliveries_of_one_webhook_store_one_event_and_enqueue_once_per_dest
     .to_string();
     let mut ids = Vec::new();
     for n in 0..10 {
-        let (status, resp) = call(
-            &e.app,
-            signed(
-                "hubspot",
-                &body,
-                "hs-bridge-secret",
-                Timestamp::now().unix_secs(),
-            ),
-        )
-        .await;
+        let (status, resp) = post_now(&e.app, "hubspot", "hs-bridge-secret", &body).await;
         assert_eq!(
             status,
             if n == 0 {
@@ -343,16 +334,7 @@ async fn salesforce_revenue_is_stored_but_never_sent_when_hubspot_is_the_system_
         "changed_at": Timestamp::now().minus_secs(60).canonical(), "amount": 5000, "currency": "USD",
         "email": "cfo@example.com", "consent": {"status": "granted"}})
     .to_string();
-    let (status, resp) = call(
-        &e.app,
-        signed(
-            "salesforce",
-            &body,
-            "sf-secret",
-            Timestamp::now().unix_secs(),
-        ),
-    )
-    .await;
+    let (status, resp) = post_now(&e.app, "salesforce", "sf-secret", &body).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
     assert_eq!(
         resp["destinations"]["meta"],

@@ -2,7 +2,6 @@
 //! and the DynamoDB store in the emulator (and in memory where only batching is measured).
 
 use aws_sdk_sqs::Client as Sqs;
-use bridge_core::delivery::Backoff;
 use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
 use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState, ErrorCode};
 use bridge_core::event::CanonicalEvent;
@@ -42,17 +41,7 @@ fn platform_for(fake: &FakeMeta, timeout_ms: u64, pixel_id: &str) -> MetaPlatfor
 }
 
 fn fast_retries() -> PipelineConfig {
-    PipelineConfig {
-        lease_secs: 30,
-        max_attempts: 5,
-        backoff: Backoff {
-            base: Duration::from_secs(1),
-            cap: Duration::from_secs(2),
-            floor: Duration::from_secs(1),
-        },
-        refund_wait: bridge_core::delivery::pipeline::REFUND_WAIT,
-        wait_deadline: bridge_core::delivery::pipeline::WAIT_DEADLINE,
-    }
+    bridge_tests::pipeline(5, Duration::from_secs(1), Duration::from_secs(2))
 }
 
 fn recent(entity: &str) -> CanonicalEvent {

@@ -19,7 +19,7 @@
 //!   MODEL_CASES=10000 cargo test -p bridge-tests --test model -- --nocapture
 
 use bridge_core::delivery::pipeline::PipelineConfig;
-use bridge_core::delivery::{Backoff, DeliveryStatus, Destination};
+use bridge_core::delivery::{DeliveryStatus, Destination};
 use bridge_core::event::{CanonicalEvent, parse_event_json};
 use bridge_core::identity::parse_region;
 use bridge_core::ingest::{IngestConfig, ingest};
@@ -166,15 +166,9 @@ const CRASH_AFTER: Duration = Duration::from_millis(150);
 
 fn pipeline() -> PipelineConfig {
     PipelineConfig {
-        lease_secs: 30,
-        max_attempts: 8,
-        backoff: Backoff {
-            base: Duration::from_secs(1),
-            cap: Duration::from_secs(5),
-            floor: Duration::from_secs(1),
-        },
         refund_wait: Duration::from_secs(10),
         wait_deadline: Duration::from_secs(6 * 3600),
+        ..bridge_tests::pipeline(8, Duration::from_secs(1), Duration::from_secs(5))
     }
 }
 

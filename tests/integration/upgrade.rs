@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine;
 use bridge_aws::dynamodb::DynamoStore;
 use bridge_core::delivery::pipeline::PipelineConfig;
-use bridge_core::delivery::{Backoff, DeliveryStatus, Destination};
+use bridge_core::delivery::{DeliveryStatus, Destination};
 use bridge_core::event::parse_event_json;
 use bridge_core::identity::parse_region;
 use bridge_core::ingest::{IngestConfig, ItemStatus, ingest};
@@ -216,15 +216,9 @@ async fn a_release_0_table_upgrades_without_a_resend_and_its_waiting_refunds_fin
         mapping.clone(),
     );
     let pcfg = PipelineConfig {
-        lease_secs: 30,
-        max_attempts: 8,
-        backoff: Backoff {
-            base: Duration::from_secs(1),
-            cap: Duration::from_secs(5),
-            floor: Duration::from_secs(1),
-        },
         refund_wait: Duration::from_secs(10),
         wait_deadline: Duration::from_secs(6 * 3600),
+        ..bridge_tests::pipeline(8, Duration::from_secs(1), Duration::from_secs(5))
     };
     let mut t = now.plus_secs(3600);
     for _ in 0..60 {

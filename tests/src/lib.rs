@@ -8,6 +8,24 @@ use bridge_core::event::{CanonicalEvent, ValidationContext, parse_event, validat
 use bridge_core::timestamp::Timestamp;
 pub use bridge_devstack::{Stack, browser, endpoint, fakes, local, repo_root, sdk_config};
 
+/// The tests' delivery configuration: a 30 s lease, `max_attempts` attempts, and retries
+/// backing off from `base` (also the floor) up to `cap`; the waits are the deploy defaults.
+pub fn pipeline(
+    max_attempts: u32,
+    base: std::time::Duration,
+    cap: std::time::Duration,
+) -> bridge_core::delivery::pipeline::PipelineConfig {
+    bridge_core::delivery::pipeline::PipelineConfig::new(
+        30,
+        max_attempts,
+        bridge_core::delivery::Backoff {
+            base,
+            cap,
+            floor: base,
+        },
+    )
+}
+
 /// The business time `mins` minutes ago, as a webhook carries it.
 pub fn minutes_ago(mins: i64) -> String {
     Timestamp::now().minus_secs(mins * 60).canonical()

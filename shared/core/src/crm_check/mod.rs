@@ -237,6 +237,14 @@ impl CrmCheck {
     pub fn missed_count(&self) -> usize {
         self.missed.len() + self.funnel.as_ref().map_or(0, |f| f.missed.len())
     }
+
+    /// Why `deal_id` changed in the CRM after it was won, if it did.
+    pub fn change_of(&self, deal_id: &str) -> Option<&'static str> {
+        self.changed
+            .iter()
+            .find(|c| c.deal_id == deal_id)
+            .map(|c| c.reason)
+    }
 }
 
 const UNKNOWN_CURRENCY: &str = "(none)";
@@ -1059,13 +1067,7 @@ mod tests {
         let gone = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
             .await
             .unwrap();
-        assert!(
-            gone.changed
-                .iter()
-                .any(|c| c.deal_id == "1001" && c.reason == "deleted_in_crm"),
-            "{:?}",
-            gone.changed
-        );
+        assert_eq!(gone.change_of("1001"), Some("deleted_in_crm"));
     }
 
     #[tokio::test]

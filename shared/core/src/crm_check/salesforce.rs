@@ -653,13 +653,7 @@ mod tests {
         let gone = check_salesforce(&org, &store, &m, from, to, now())
             .await
             .unwrap();
-        assert!(
-            gone.changed
-                .iter()
-                .any(|c| c.deal_id == "006B00000000001AAA" && c.reason == "deleted_in_crm"),
-            "{:?}",
-            gone.changed
-        );
+        assert_eq!(gone.change_of("006B00000000001AAA"), Some("deleted_in_crm"));
     }
 
     #[tokio::test]

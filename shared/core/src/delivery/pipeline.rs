@@ -1252,10 +1252,31 @@ mod tests {
         store.get_sync(key).destinations[&Destination::Meta].clone()
     }
 
+    /// An empty store, and a queue whose redrive policy allows `max_receives` receives.
+    fn memory(max_receives: u32) -> (MemoryStore, MemoryQueue) {
+        (
+            MemoryStore::new(),
+            MemoryQueue::new(max_receives, Duration::from_secs(30)),
+        )
+    }
+
+    /// Event "A" stored, and a platform that refuses its first send for good: after one
+    /// message the pair is dead-lettered.
+    async fn dead_lettered() -> (MemoryStore, MemoryQueue, String, Scripted) {
+        let (store, queue) = memory(50);
+        let id = stored(&store, "A").await;
+        let p = Scripted::new(vec![Outcome::Rejected {
+            error: e("meta_100"),
+            dead_letter: true,
+            alert: false,
+        }]);
+        one(&p, &store, &queue, 0, &id, now()).await;
+        (store, queue, id, p)
+    }
+
     #[tokio::test]
     async fn configuration_errors_count_once_per_code_not_per_event() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let ids = [
             stored(&store, "A").await,
             stored(&store, "B").await,
@@ -1284,8 +1305,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_outcome_class_gets_its_state_and_sqs_route() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let ids = [
             stored(&store, "A").await,
             stored(&store, "B").await,
@@ -1352,8 +1372,7 @@ mod tests {
 
     #[tokio::test]
     async fn redelivery_of_a_delivered_event_sends_nothing() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let id = stored(&store, "A").await;
         let p = Scripted::new(vec![]);
         one(&p, &store, &queue, 0, &id, now()).await;
@@ -1365,8 +1384,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_invocations_racing_for_one_event_send_it_once() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let id = stored(&store, "A").await;
         let p = Scripted::new(vec![]);
         let c = cfg();
@@ -1381,8 +1399,7 @@ mod tests {
 
     #[tokio::test]
     async fn transient_failures_end_in_the_dlq_after_the_attempt_limit() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let (store, queue) = memory(50);
         let id = stored(&store, "A").await;
         let p = Scripted::new(vec![
             Outcome::Retryable {
@@ -1421,8 +1438,7 @@ mod tests {
 
     #[tokio::test]
     async fn early_or_leased_messages_wait_without_sending() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let id = stored(&store, "A").await;
         store
             .claim(&id, Destination::Meta, now(), now().plus_secs(60), None)
@@ -1439,8 +1455,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refund_waits_for_its_won_event_to_be_delivered() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let refund = revenue("refund", "D-1", "O-1", "2026-11-28T11:00:00Z", 20.0);
         store.put_new(&refund).await.unwrap();
         let p = Scripted::new(vec![]);
@@ -1468,8 +1483,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refund_of_a_won_event_that_was_never_sent_is_rejected() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let mut won = revenue("won", "D-2", "O-2", "2026-11-28T10:00:00Z", 5.0);
         won.destinations.get_mut(&Destination::Meta).unwrap().status =
             DeliveryStatus::BlockedConsent;
@@ -1492,8 +1506,7 @@ mod tests {
         // The system of record's won is still pending; another source posted a won with the
         // same order id (stored rejected_not_system_of_record). The refund must wait for the
         // real won, not be closed because of the other one.
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let real = revenue("won", "D-3", "O-3", "2026-11-28T10:00:00Z", 50.0);
         let mut foreign = revenue("won", "X-3", "O-3", "2026-11-28T10:01:00Z", 50.0);
         foreign.source = "billing".into();
@@ -1516,8 +1529,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_spends_no_attempt_and_ends_at_its_own_deadline() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(500, Duration::from_secs(30));
+        let (store, queue) = memory(500);
         let refund = revenue("refund", "D-4", "O-4", "2026-11-28T11:00:00Z", 20.0);
         store.put_new(&refund).await.unwrap();
         let p = Scripted::new(vec![]);
@@ -1552,8 +1564,7 @@ mod tests {
     async fn a_re_won_deal_is_counted_once() {
         // Won, reopened and won again: a second event id for the same order. It is closed as
         // a duplicate of the order and never sent.
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let first = revenue("won", "D-5", "O-5", "2026-11-28T09:00:00Z", 100.0);
         let again = revenue("won", "D-5", "O-5", "2026-11-28T10:00:00Z", 100.0);
         assert_ne!(first.event_id, again.event_id);
@@ -1588,8 +1599,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_won_that_will_never_count_hands_the_order_to_the_next() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let bad = revenue("won", "BAD-6", "O-6", "2026-11-28T09:00:00Z", 100.0);
         let good = revenue("won", "D-6", "O-6", "2026-11-28T10:00:00Z", 100.0);
         store.put_new(&bad).await.unwrap();
@@ -1604,8 +1614,7 @@ mod tests {
     #[tokio::test]
     async fn a_won_delivered_before_order_holds_existed_still_counts_the_order() {
         // An upgraded stack: the first won was delivered by a release without order items.
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let mut old = revenue("won", "D-7", "O-7", "2026-11-28T09:00:00Z", 100.0);
         old.destinations.get_mut(&Destination::Meta).unwrap().status = DeliveryStatus::Delivered;
         store.put_new(&old).await.unwrap();
@@ -1619,15 +1628,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stray_message_never_reopens_a_dead_lettered_pair() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(50, Duration::from_secs(30));
-        let id = stored(&store, "A").await;
-        let p = Scripted::new(vec![Outcome::Rejected {
-            error: e("meta_100"),
-            dead_letter: true,
-            alert: false,
-        }]);
-        one(&p, &store, &queue, 0, &id, now()).await;
+        let (store, queue, id, p) = dead_lettered().await;
         assert_eq!(state(&store, &id).status, DeliveryStatus::DeadLetter);
         // A duplicate of the original message (or the sweep's): acknowledged, nothing sent.
         let r = one(&p, &store, &queue, 1, &id, now()).await;
@@ -1646,15 +1647,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pair_dead_lettered_by_a_previous_release_reopens_from_its_attempts_attribute() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(50, Duration::from_secs(30));
-        let id = stored(&store, "A").await;
-        let p = Scripted::new(vec![Outcome::Rejected {
-            error: e("meta_100"),
-            dead_letter: true,
-            alert: false,
-        }]);
-        one(&p, &store, &queue, 0, &id, now()).await;
+        let (store, queue, id, p) = dead_lettered().await;
         // The old DLQ body had no token; the bridge always set the `attempts` attribute.
         let mut old = record(1, &id);
         old.attributes.insert("attempts".into(), "1".into());
@@ -1666,8 +1659,7 @@ mod tests {
     async fn claims_past_the_budget_are_dead_lettered_without_a_send() {
         // A pair whose every attempt crashed its sender: claimed again and again, never
         // recorded. Past the budget plus a margin it is parked, and the sweep leaves it.
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let (store, queue) = memory(50);
         let id = stored(&store, "A").await;
         let c = cfg();
         let mut t = now();
@@ -1699,8 +1691,7 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_starts_without_time_to_record_it() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let (store, queue) = memory(50);
         let ids = [stored(&store, "A").await, stored(&store, "B").await];
         let mut p = Scripted::new(vec![]);
         p.max = 1;
@@ -1726,8 +1717,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_row_per_order_in_a_request() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(50, Duration::from_secs(30));
+        let (store, queue) = memory(50);
         // Same row key (before `~`): two equal items and one different.
         let a = stored(&store, "K~1").await;
         let b = {
@@ -1766,8 +1756,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_are_cut_at_the_platform_limit() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let mut records = Vec::new();
         for n in 0..25 {
             records.push(record(n, &stored(&store, &format!("E{n}")).await));
@@ -1783,8 +1772,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_huge_retry_delay_from_a_platform_cannot_panic() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let id = stored(&store, "A").await;
         let p = Scripted::new(vec![Outcome::Retryable {
             error: e("quota"),
@@ -1798,8 +1786,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_write_that_closes_the_last_pair_removes_the_ip_address_and_user_agent() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let mut e = event(
             json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:00:00Z",
             "entity_type": "lead", "entity_id": "IP-1", "identity": {"email": "x@example.com",
@@ -1836,8 +1823,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_lettered_pair_keeps_the_ip_address_and_user_agent_its_redrive_needs() {
-        let store = MemoryStore::new();
-        let queue = MemoryQueue::new(5, Duration::from_secs(30));
+        let (store, queue) = memory(5);
         let ev = event(
             json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T10:00:00Z",
             "entity_type": "lead", "entity_id": "IP-2", "identity": {"email": "x@example.com",

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use bridge_core::timestamp::Timestamp;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The sample records behind `events/webhooks/hubspot-*.json`: contact 101 (Ada) and deal 9001
 /// won for 1,200.50 GBP, the one place the local stack and the tests seed them.
@@ -95,6 +95,47 @@ fn gate(d: &mut Data, h: &HeaderMap, token: &str) -> Option<Response> {
     None
 }
 
+/// Opens a read: the data locked, `gate`'s checks passed, and the request recorded as `line`.
+/// The error is the handler's answer, returned as is (hence its size).
+#[allow(clippy::result_large_err)]
+fn open<'a>(
+    s: &'a AppState,
+    h: &HeaderMap,
+    line: String,
+) -> Result<MutexGuard<'a, Data>, Response> {
+    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = gate(&mut d, h, &s.token) {
+        return Err(r);
+    }
+    d.requests.push(line);
+    Ok(d)
+}
+
+/// A single-object read's answer: the object with the `propertiesWithHistory` asked for, or
+/// HubSpot's 404.
+fn single(
+    d: &Data,
+    kind: &str,
+    id: &str,
+    q: &HashMap<String, String>,
+    body: Option<Value>,
+) -> Response {
+    match body {
+        Some(mut body) => {
+            if q.contains_key("propertiesWithHistory") {
+                body["propertiesWithHistory"] =
+                    histories(d, kind, id, q.get("propertiesWithHistory"));
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "OBJECT_NOT_FOUND",
+            "resource not found",
+        ),
+    }
+}
+
 /// `propertiesWithHistory` for the properties asked, newest first.
 fn histories(d: &Data, kind: &str, id: &str, wanted: Option<&String>) -> Value {
     let mut out = Map::new();
@@ -123,30 +164,20 @@ async fn contact(
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> Response {
-    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(r) = gate(&mut d, &h, &s.token) {
-        return r;
-    }
-    d.requests.push(format!(
+    let line = format!(
         "contact {id} properties={} history={}",
         q.get("properties").cloned().unwrap_or_default(),
         q.get("propertiesWithHistory").cloned().unwrap_or_default()
-    ));
-    match d.contacts.get(&id) {
-        Some(props) => {
-            let mut body = json!({"id": id, "properties": props, "archived": false});
-            if q.contains_key("propertiesWithHistory") {
-                body["propertiesWithHistory"] =
-                    histories(&d, "contact", &id, q.get("propertiesWithHistory"));
-            }
-            (StatusCode::OK, Json(body)).into_response()
-        }
-        None => error(
-            StatusCode::NOT_FOUND,
-            "OBJECT_NOT_FOUND",
-            "resource not found",
-        ),
-    }
+    );
+    let d = match open(&s, &h, line) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let body = d
+        .contacts
+        .get(&id)
+        .map(|props| json!({"id": id, "properties": props, "archived": false}));
+    single(&d, "contact", &id, &q, body)
 }
 
 async fn deal(
@@ -155,35 +186,28 @@ async fn deal(
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> Response {
-    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(r) = gate(&mut d, &h, &s.token) {
-        return r;
-    }
-    d.requests.push(format!(
+    let line = format!(
         "deal {id} associations={} history={}",
         q.get("associations").cloned().unwrap_or_default(),
         q.get("propertiesWithHistory").cloned().unwrap_or_default()
-    ));
-    match d.deals.get(&id).filter(|_| !d.archived.contains(&id)) {
-        Some((props, contact)) => {
+    );
+    let d = match open(&s, &h, line) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let body = d
+        .deals
+        .get(&id)
+        .filter(|_| !d.archived.contains(&id))
+        .map(|(props, contact)| {
             let assoc = contact
                 .iter()
                 .map(|c| json!({"id": c, "type": "deal_to_contact"}))
                 .collect::<Vec<_>>();
-            let mut body = json!({"id": id, "properties": props, "archived": false,
-                                  "associations": {"contacts": {"results": assoc}}});
-            if q.contains_key("propertiesWithHistory") {
-                body["propertiesWithHistory"] =
-                    histories(&d, "deal", &id, q.get("propertiesWithHistory"));
-            }
-            (StatusCode::OK, Json(body)).into_response()
-        }
-        None => error(
-            StatusCode::NOT_FOUND,
-            "OBJECT_NOT_FOUND",
-            "resource not found",
-        ),
-    }
+            json!({"id": id, "properties": props, "archived": false,
+                   "associations": {"contacts": {"results": assoc}}})
+        });
+    single(&d, "deal", &id, &q, body)
 }
 
 /// One search filter against one deal's properties. source: HS-SEARCH (enumeration properties
@@ -246,14 +270,14 @@ fn search(
     Json(body): Json<Value>,
     object: &str,
 ) -> Response {
-    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(r) = gate(&mut d, &h, &s.token) {
-        return r;
-    }
-    d.requests.push(format!(
+    let line = format!(
         "search {object} after={}",
         body["after"].as_str().unwrap_or("")
-    ));
+    );
+    let d = match open(&s, &h, line) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
     let invalid = |m: &str| error(StatusCode::BAD_REQUEST, "VALIDATION_ERROR", m);
     let groups = body["filterGroups"].as_array().cloned().unwrap_or_default();
     let filters: usize = groups
@@ -378,13 +402,11 @@ fn batch_read(
     Json(body): Json<Value>,
     object: &str,
 ) -> Response {
-    let mut d = s.data.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(r) = gate(&mut d, &h, &s.token) {
-        return r;
-    }
     let archived = q.get("archived").map(String::as_str) == Some("true");
-    d.requests
-        .push(format!("batch read {object} archived={archived}"));
+    let d = match open(&s, &h, format!("batch read {object} archived={archived}")) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
     let list = |k: &str| -> Vec<String> {
         body[k]
             .as_array()

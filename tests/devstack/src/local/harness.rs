@@ -199,17 +199,8 @@ impl LocalBridge {
         let t = bridge_core::timestamp::Timestamp::now().unix_secs();
         let sig =
             bridge_core::webhook::signature::bridge_sign(SECRET.as_bytes(), t, text.as_bytes());
-        let r = self
-            .http
-            .post(format!("{}/webhooks/{source}", self.url))
-            .header("content-type", "application/json")
-            .header("x-bridge-signature", sig)
-            .body(text)
-            .send()
+        self.post_signed(source, text, &[("x-bridge-signature", sig)])
             .await
-            .expect("post webhook");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     /// POSTs a HubSpot subscription delivery with HubSpot's v3 signature.
@@ -226,16 +217,33 @@ impl LocalBridge {
             text.as_bytes(),
             &ts,
         );
-        let r = self
+        self.post_signed(
+            "hubspot",
+            text,
+            &[
+                ("x-hubspot-signature-v3", sig),
+                ("x-hubspot-request-timestamp", ts),
+            ],
+        )
+        .await
+    }
+
+    /// POSTs `text` to `source`'s webhook with the signature `headers`: the status and the
+    /// JSON answer.
+    async fn post_signed(
+        &self,
+        source: &str,
+        text: String,
+        headers: &[(&str, String)],
+    ) -> (u16, Value) {
+        let mut req = self
             .http
-            .post(format!("{}/webhooks/hubspot", self.url))
-            .header("content-type", "application/json")
-            .header("x-hubspot-signature-v3", sig)
-            .header("x-hubspot-request-timestamp", ts)
-            .body(text)
-            .send()
-            .await
-            .expect("post webhook");
+            .post(format!("{}/webhooks/{source}", self.url))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let r = req.body(text).send().await.expect("post webhook");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }

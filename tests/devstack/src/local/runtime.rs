@@ -322,14 +322,18 @@ impl Function {
         }
     }
 
-    /// Kills every instance at once (a crash); each restarts with a cold start.
-    pub fn crash(&self) {
-        let pids: Vec<u32> = self
-            .shared
+    /// The process ids of the running instances.
+    fn pids(&self) -> Vec<u32> {
+        self.shared
             .pids
             .lock()
             .map(|p| p.values().copied().collect())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Kills every instance at once (a crash); each restarts with a cold start.
+    pub fn crash(&self) {
+        let pids = self.pids();
         for pid in pids {
             let _ = std::process::Command::new("kill")
                 .arg("-9")
@@ -354,12 +358,7 @@ impl Function {
 
     /// The highest resident memory any instance reached, in MB.
     pub fn peak_rss_mb(&self) -> f64 {
-        let pids: Vec<u32> = self
-            .shared
-            .pids
-            .lock()
-            .map(|p| p.values().copied().collect())
-            .unwrap_or_default();
+        let pids = self.pids();
         for pid in pids {
             if let Some(kb) = rss_kb(pid) {
                 self.shared.peak_rss_kb.fetch_max(kb, Ordering::Relaxed);

@@ -75,19 +75,9 @@ async fn form_multipart_and_query_json_all_carry_the_parameters_and_the_proof_is
         ("data", data.to_string()),
         ("test_event_code", "TEST1".to_string()),
     ];
-    let r = bridge_platforms::http::client()
-        .expect("HTTP client")
-        .post(format!("{}/v26.0/{DEFAULT_PIXEL}/events", fake.base_url))
-        .form(&form)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(
-        r.status().as_u16(),
-        200,
-        "{}",
-        r.text().await.unwrap_or_default()
-    );
+    let events = format!("{}/v26.0/{DEFAULT_PIXEL}/events", fake.base_url);
+    let http = bridge_platforms::http::client().expect("HTTP client");
+    accepted(http.post(&events).form(&form)).await;
 
     let boundary = "XyZ";
     let mut body = String::new();
@@ -97,23 +87,15 @@ async fn form_multipart_and_query_json_all_carry_the_parameters_and_the_proof_is
         ));
     }
     body.push_str(&format!("--{boundary}--\r\n"));
-    let r = bridge_platforms::http::client()
-        .expect("HTTP client")
-        .post(format!("{}/v26.0/{DEFAULT_PIXEL}/events", fake.base_url))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(
-        r.status().as_u16(),
-        200,
-        "{}",
-        r.text().await.unwrap_or_default()
-    );
+    accepted(
+        http.post(&events)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body),
+    )
+    .await;
     assert_eq!(
         fake.transports(),
         [Transport::QueryJson, Transport::Form, Transport::Multipart]
@@ -348,5 +330,16 @@ fn multipart_fields_are_read_by_name() {
     assert_eq!(
         multipart_fields("multipart/form-data", body.as_bytes()),
         None
+    );
+}
+
+/// Sends `req` and checks Graph answered 200.
+async fn accepted(req: reqwest::RequestBuilder) {
+    let r = req.send().await.expect("send");
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "{}",
+        r.text().await.unwrap_or_default()
     );
 }

@@ -1,6 +1,6 @@
 //! The fake Google Ads API: what it keeps, counts and refuses.
 
-use super::{CUSTOMER, Client, ads_time, hash, request_error, row_errors};
+use super::{CUSTOMER, Client, adjust, ads_time, hash, request_error, row_errors, upload};
 use crate::fakes::Clock;
 use crate::fakes::google::{ADWORDS_SCOPE, Conversion, ConversionKey, FakeGoogle, OrderKey};
 use bridge_core::timestamp::Timestamp;
@@ -18,14 +18,6 @@ fn click(order: Option<&str>, action_id: &str, at: &str, value: f64) -> Value {
         r["orderId"] = json!(o);
     }
     r
-}
-
-fn upload(rows: Vec<Value>) -> Value {
-    json!({"conversions": rows, "partialFailure": true})
-}
-
-fn adjust(rows: Vec<Value>) -> Value {
-    json!({"conversionAdjustments": rows, "partialFailure": true})
 }
 
 fn restate(order: &str, action_id: &str, at: &str, value: f64) -> Value {
@@ -46,28 +38,13 @@ async fn the_first_conversion_per_action_and_order_is_kept() {
     let fake = FakeGoogle::start().await;
     let c = Client::new(&fake).await;
     let at = hours_ago(30);
-    let (s, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![click(Some("O-1"), "1", &at, 10.0)]),
-        )
-        .await;
+    let (s, b) = c.upload(vec![click(Some("O-1"), "1", &at, 10.0)]).await;
     assert_eq!((s, row_errors(&b)), (200, vec![]), "{b}");
-    let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![click(Some("O-1"), "1", &at, 20.0)]),
-        )
-        .await;
+    let (_, b) = c.upload(vec![click(Some("O-1"), "1", &at, 20.0)]).await;
     assert_eq!(row_errors(&b), [(0, "ORDER_ID_ALREADY_IN_USE".to_string())]);
     assert_eq!(b["results"], json!([{}]));
     // The same order id under another action is another conversion.
-    let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![click(Some("O-1"), "2", &at, 20.0)]),
-        )
-        .await;
+    let (_, b) = c.upload(vec![click(Some("O-1"), "2", &at, 20.0)]).await;
     assert_eq!(row_errors(&b), vec![]);
     assert_eq!(fake.count(), 2);
     assert_eq!(
@@ -90,14 +67,11 @@ async fn a_repeated_order_fails_every_row_and_unordered_rows_are_all_kept() {
     let c = Client::new(&fake).await;
     let (a, b_) = (hours_ago(30), hours_ago(29));
     let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![
-                click(Some("O-2"), "1", &a, 1.0),
-                click(Some("O-2"), "1", &b_, 1.0),
-                click(Some("O-3"), "1", &a, 1.0),
-            ]),
-        )
+        .upload(vec![
+            click(Some("O-2"), "1", &a, 1.0),
+            click(Some("O-2"), "1", &b_, 1.0),
+            click(Some("O-3"), "1", &a, 1.0),
+        ])
         .await;
     assert_eq!(
         row_errors(&b),
@@ -109,31 +83,18 @@ async fn a_repeated_order_fails_every_row_and_unordered_rows_are_all_kept() {
     assert_eq!(fake.count(), 1, "none of the repeated order imported");
     // Rows without an order id: one per request, each kept (none overwrites another).
     for at in [&a, &b_] {
-        let (_, b) = c
-            .ads(
-                "uploadClickConversions",
-                upload(vec![click(None, "1", at, 2.0)]),
-            )
-            .await;
+        let (_, b) = c.upload(vec![click(None, "1", at, 2.0)]).await;
         assert_eq!(row_errors(&b), vec![]);
     }
     assert_eq!(fake.count(), 3);
-    let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![click(None, "1", &a, 2.0)]),
-        )
-        .await;
+    let (_, b) = c.upload(vec![click(None, "1", &a, 2.0)]).await;
     assert_eq!(
         row_errors(&b),
         [(0, "CLICK_CONVERSION_ALREADY_EXISTS".to_string())]
     );
     let t = hours_ago(28);
     let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![click(None, "1", &t, 2.0), click(None, "1", &t, 2.0)]),
-        )
+        .upload(vec![click(None, "1", &t, 2.0), click(None, "1", &t, 2.0)])
         .await;
     assert_eq!(row_errors(&b).len(), 2);
     assert!(
@@ -149,11 +110,8 @@ async fn a_repeated_order_fails_every_row_and_unordered_rows_are_all_kept() {
 async fn the_latest_restatement_wins_and_a_retraction_is_final() {
     let fake = FakeGoogle::start().await;
     let c = Client::new(&fake).await;
-    c.ads(
-        "uploadClickConversions",
-        upload(vec![click(Some("O-A"), "1", &hours_ago(30), 100.0)]),
-    )
-    .await;
+    c.upload(vec![click(Some("O-A"), "1", &hours_ago(30), 100.0)])
+        .await;
     let (t1, t15, t2, t3, t4) = (
         hours_ago(10),
         hours_ago(9),
@@ -161,7 +119,7 @@ async fn the_latest_restatement_wins_and_a_retraction_is_final() {
         hours_ago(7),
         hours_ago(6),
     );
-    let run = |rows: Vec<Value>| c.ads("uploadConversionAdjustments", adjust(rows));
+    let run = |rows: Vec<Value>| c.adjust(rows);
     assert_eq!(
         row_errors(&run(vec![restate("O-A", "1", &t1, 70.0)]).await.1),
         vec![]
@@ -211,11 +169,7 @@ async fn the_latest_restatement_wins_and_a_retraction_is_final() {
     assert!(fake.conversions()["O-A"].retracted);
     // A gclid + time pair names a conversion without an order id; both at once is refused.
     let at = hours_ago(30);
-    c.ads(
-        "uploadClickConversions",
-        upload(vec![click(None, "1", &at, 5.0)]),
-    )
-    .await;
+    c.upload(vec![click(None, "1", &at, 5.0)]).await;
     let pair = json!({"conversionAction": action("1"), "adjustmentType": "RESTATEMENT", "adjustmentDateTime": t1,
         "gclidDateTimePair": {"gclid": "G-1", "conversionDateTime": at}, "restatementValue": {"adjustedValue": 4.0}});
     assert_eq!(row_errors(&run(vec![pair.clone()]).await.1), vec![]);
@@ -236,21 +190,14 @@ async fn consent_terms_and_allowlist_are_enforced_per_row_or_request() {
     let mut personalised = click(Some("O-P"), "1", &at, 1.0);
     personalised["consent"]["adPersonalization"] = json!("GRANTED");
     assert_eq!(
-        row_errors(
-            &c.ads("uploadClickConversions", upload(vec![personalised]))
-                .await
-                .1
-        ),
+        row_errors(&c.upload(vec![personalised]).await.1),
         [(0, "VALUE_MUST_BE_UNSET".to_string())]
     );
     fake.with(|d| d.terms.insert(CUSTOMER.into(), false));
     let mut with_data = click(Some("O-U"), "1", &at, 1.0);
     with_data["userIdentifiers"] = json!([{"hashedEmail": hash("ada@example.com")}]);
     let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![with_data, click(Some("O-C"), "1", &at, 1.0)]),
-        )
+        .upload(vec![with_data, click(Some("O-C"), "1", &at, 1.0)])
         .await;
     assert_eq!(
         row_errors(&b),
@@ -260,27 +207,15 @@ async fn consent_terms_and_allowlist_are_enforced_per_row_or_request() {
     let mut address = click(Some("O-X"), "1", &at, 1.0);
     address["userIdentifiers"] = json!([{"addressInfo": {"hashedFirstName": hash("ada")}}]);
     assert_eq!(
-        row_errors(
-            &c.ads("uploadClickConversions", upload(vec![address]))
-                .await
-                .1
-        ),
+        row_errors(&c.upload(vec![address]).await.1),
         [(0, "UNSUPPORTED_USER_IDENTIFIER".to_string())]
     );
     // An enum value the API does not know fails the whole request (proto3 JSON mapping).
     let mut bad = click(Some("O-E"), "1", &at, 1.0);
     bad["consent"]["adUserData"] = json!("YES");
-    assert_eq!(
-        c.ads("uploadClickConversions", upload(vec![bad])).await.0,
-        400
-    );
+    assert_eq!(c.upload(vec![bad]).await.0, 400);
     fake.set_allowlisted(CUSTOMER, false);
-    let (s, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![click(Some("O-N"), "1", &at, 1.0)]),
-        )
-        .await;
+    let (s, b) = c.upload(vec![click(Some("O-N"), "1", &at, 1.0)]).await;
     assert_eq!(
         (s, request_error(&b)),
         (
@@ -296,13 +231,10 @@ async fn consent_terms_and_allowlist_are_enforced_per_row_or_request() {
     fake.add_conversion_action("1", "UPLOAD_CLICKS");
     fake.add_conversion_action("3", "WEBPAGE");
     let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![
-                click(Some("O-9"), "9", &at, 1.0),
-                click(Some("O-9"), "3", &at, 1.0),
-            ]),
-        )
+        .upload(vec![
+            click(Some("O-9"), "9", &at, 1.0),
+            click(Some("O-9"), "3", &at, 1.0),
+        ])
         .await;
     assert_eq!(
         row_errors(&b),
@@ -322,16 +254,12 @@ async fn click_times_on_the_fakes_clock_drive_the_timing_codes() {
     let now = clock.now();
     fake.add_click("G-1", now.minus_secs(3600));
     let row = click(Some("O-R"), "1", &ads_time(now.minus_secs(1800)), 1.0);
-    let (_, b) = c
-        .ads("uploadClickConversions", upload(vec![row.clone()]))
-        .await;
+    let (_, b) = c.upload(vec![row.clone()]).await;
     assert_eq!(row_errors(&b), [(0, "TOO_RECENT_EVENT".to_string())]);
     clock.advance(Duration::from_secs(6 * 3600));
     c.refresh().await;
     let early = click(Some("O-E"), "1", &ads_time(now.minus_secs(7200)), 1.0);
-    let (_, b) = c
-        .ads("uploadClickConversions", upload(vec![row, early]))
-        .await;
+    let (_, b) = c.upload(vec![row, early]).await;
     assert_eq!(
         row_errors(&b),
         [(1, "CONVERSION_PRECEDES_EVENT".to_string())]
@@ -340,21 +268,14 @@ async fn click_times_on_the_fakes_clock_drive_the_timing_codes() {
     let mut unknown = click(Some("O-U"), "1", &ads_time(now), 1.0);
     unknown["gclid"] = json!("G-2");
     assert_eq!(
-        row_errors(
-            &c.ads("uploadClickConversions", upload(vec![unknown]))
-                .await
-                .1
-        ),
+        row_errors(&c.upload(vec![unknown]).await.1),
         [(0, "EVENT_NOT_FOUND".to_string())]
     );
     // 55 days after the conversion, it can no longer be adjusted.
     clock.advance(Duration::from_secs(55 * 86_400));
     c.refresh().await;
     let (_, b) = c
-        .ads(
-            "uploadConversionAdjustments",
-            adjust(vec![retract("O-R", "1", &ads_time(clock.now()))]),
-        )
+        .adjust(vec![retract("O-R", "1", &ads_time(clock.now()))])
         .await;
     assert_eq!(row_errors(&b), [(0, "CONVERSION_EXPIRED".to_string())]);
 }
@@ -383,7 +304,7 @@ async fn the_frame_partial_failure_row_limits_job_ids_and_scopes() {
     let many: Vec<Value> = (0..2001)
         .map(|i| click(Some(&format!("M-{i}")), "1", &at, 1.0))
         .collect();
-    let (s, b) = c.ads("uploadClickConversions", upload(many)).await;
+    let (s, b) = c.upload(many).await;
     assert_eq!(
         (s, request_error(&b).1),
         (400, "TOO_MANY_CONVERSIONS_IN_REQUEST".into())
@@ -430,10 +351,7 @@ async fn a_lead_without_a_click_needs_enhanced_conversions_for_leads_turned_on()
     };
     fake.with(|d| d.ec_for_leads_disabled.insert(CUSTOMER.into()));
     let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![lead("O-L1"), click(Some("O-C1"), "1", &at, 1.0)]),
-        )
+        .upload(vec![lead("O-L1"), click(Some("O-C1"), "1", &at, 1.0)])
         .await;
     assert_eq!(
         row_errors(&b),
@@ -449,9 +367,7 @@ async fn a_lead_without_a_click_needs_enhanced_conversions_for_leads_turned_on()
         "a row with a click id is not a lead conversion"
     );
     fake.with(|d| d.ec_for_leads_disabled.clear());
-    let (_, b) = c
-        .ads("uploadClickConversions", upload(vec![lead("O-L2")]))
-        .await;
+    let (_, b) = c.upload(vec![lead("O-L2")]).await;
     assert_eq!(row_errors(&b), vec![], "{b}");
     assert_eq!(fake.count(), 2);
 }
@@ -486,17 +402,14 @@ async fn account_action_and_click_configuration_refuse_their_rows() {
         d.ec_prohibited.insert(CUSTOMER.into());
     });
     let (_, b) = c
-        .ads(
-            "uploadClickConversions",
-            upload(vec![
-                braid("O-B7", "7"),
-                braid("O-B1", "1"),
-                with_click("O-OTHER", "G-OTHER"),
-                with_click("O-FOREIGN", "G-FOREIGN"),
-                with_click("O-MINE", "G-MINE"),
-                enhanced,
-            ]),
-        )
+        .upload(vec![
+            braid("O-B7", "7"),
+            braid("O-B1", "1"),
+            with_click("O-OTHER", "G-OTHER"),
+            with_click("O-FOREIGN", "G-FOREIGN"),
+            with_click("O-MINE", "G-MINE"),
+            enhanced,
+        ])
         .await;
     assert_eq!(
         row_errors(&b),
@@ -554,10 +467,7 @@ async fn account_action_and_click_configuration_refuse_their_rows() {
     };
     fake.with(|d| d.not_enhanceable_actions.insert("9".into()));
     let (_, b) = c
-        .ads(
-            "uploadConversionAdjustments",
-            adjust(vec![enhance("O-W9", "9"), enhance("O-W8", "8")]),
-        )
+        .adjust(vec![enhance("O-W9", "9"), enhance("O-W8", "8")])
         .await;
     assert_eq!(
         row_errors(&b),
@@ -571,11 +481,6 @@ async fn account_action_and_click_configuration_refuse_their_rows() {
         "{b}"
     );
     fake.with(|d| d.ec_prohibited.clear());
-    let (_, b) = c
-        .ads(
-            "uploadConversionAdjustments",
-            adjust(vec![enhance("O-W8", "8")]),
-        )
-        .await;
+    let (_, b) = c.adjust(vec![enhance("O-W8", "8")]).await;
     assert_eq!(row_errors(&b), vec![], "{b}");
 }

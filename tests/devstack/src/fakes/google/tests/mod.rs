@@ -6,7 +6,7 @@ mod dm;
 
 use super::FakeGoogle;
 use bridge_core::timestamp::Timestamp;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 pub(super) const CUSTOMER: &str = "1234567890";
 
@@ -53,6 +53,16 @@ impl Client {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `uploadClickConversions` of `rows`, with partial failure as the bridge sends it.
+    pub async fn upload(&self, rows: Vec<Value>) -> (u16, Value) {
+        self.ads("uploadClickConversions", upload(rows)).await
+    }
+
+    /// `uploadConversionAdjustments` of `rows`, with partial failure.
+    pub async fn adjust(&self, rows: Vec<Value>) -> (u16, Value) {
+        self.ads("uploadConversionAdjustments", adjust(rows)).await
+    }
+
     pub async fn ads(&self, method: &str, body: Value) -> (u16, Value) {
         let url = format!("{}/v26/customers/{CUSTOMER}:{method}", self.fake.base_url);
         Self::answer(
@@ -80,6 +90,16 @@ impl Client {
         };
         Self::answer(r.bearer_auth(&self.token)).await
     }
+}
+
+/// An `uploadClickConversions` body of `rows`, with partial failure as the bridge sends it.
+pub(super) fn upload(rows: Vec<Value>) -> Value {
+    json!({"conversions": rows, "partialFailure": true})
+}
+
+/// An `uploadConversionAdjustments` body of `rows`, with partial failure.
+pub(super) fn adjust(rows: Vec<Value>) -> Value {
+    json!({"conversionAdjustments": rows, "partialFailure": true})
 }
 
 /// The row errors of a partial failure: (row, enum value).
