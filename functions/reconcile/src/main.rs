@@ -6,7 +6,7 @@
 
 use bridge_aws::config::Settings;
 use bridge_aws::dynamodb::DynamoStore;
-use bridge_aws::lambda::env;
+use bridge_aws::lambda::{env, required};
 use bridge_aws::s3::S3Sink;
 use bridge_aws::sqs::SqsQueue;
 use bridge_core::ingest::IngestConfig;
@@ -83,7 +83,7 @@ async fn main() -> Result<(), Error> {
     bridge_aws::telemetry::init();
     let settings = Settings::from_env()?;
     let repair = parse_flag(&env, "CRM_REPAIR", false)?;
-    let bucket = env("REPORTS_BUCKET").ok_or("REPORTS_BUCKET is required")?;
+    let bucket = required("REPORTS_BUCKET")?;
     let aws = bridge_aws::clients::sdk_config().await?;
     // Emulators serve buckets by path, not by virtual host.
     let path_style = env("AWS_ENDPOINT_URL").is_some() || env("AWS_ENDPOINT_URL_S3").is_some();

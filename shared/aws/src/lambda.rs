@@ -31,6 +31,23 @@ pub fn batch_response(report: &BatchReport) -> SqsBatchResponse {
     resp
 }
 
+/// What a sender builds first at init: telemetry, its settings (validated), the AWS
+/// configuration, and an SSM client for its secrets.
+pub async fn sender_init() -> Result<
+    (
+        crate::config::Settings,
+        aws_config::SdkConfig,
+        aws_sdk_ssm::Client,
+    ),
+    lambda_runtime::Error,
+> {
+    crate::telemetry::init();
+    let settings = crate::config::Settings::from_env()?;
+    let aws = crate::clients::sdk_config().await?;
+    let ssm = crate::clients::ssm(&aws);
+    Ok((settings, aws, ssm))
+}
+
 /// Runs a sender Lambda: every SQS batch through `process_batch` for `platform`, with the
 /// store, queue and pipeline settings built once at init from `settings`.
 pub async fn run_sender<P: bridge_core::delivery::pipeline::Platform>(
@@ -108,4 +125,9 @@ fn deadline(
 /// An environment variable that is set to something (blank counts as unset).
 pub fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// A variable the function cannot start without: its value, or an error naming it.
+pub fn required(k: &str) -> Result<String, lambda_runtime::Error> {
+    env(k).ok_or_else(|| format!("{k} is required").into())
 }

@@ -333,15 +333,30 @@ impl SalesforceClient {
 }
 
 impl SalesforceClient {
+    /// The records of `soql`, each read by `row` (one it cannot read is skipped).
+    async fn read<T>(
+        &self,
+        soql: &str,
+        row: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Vec<T>, CrmError> {
+        Ok(self
+            .query(soql, false)
+            .await?
+            .iter()
+            .filter_map(row)
+            .collect())
+    }
+
     /// The records of `select` (a SOQL statement without its id filter) whose `field` is one
-    /// of `ids`; none without a query when `ids` is empty.
-    async fn for_ids(
+    /// of `ids`, each read by `row`; none without a query when `ids` is empty.
+    async fn for_ids<T>(
         &self,
         select: &str,
         field: &str,
         ids: &[String],
         all: bool,
-    ) -> Result<Vec<Value>, CrmError> {
+        row: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Vec<T>, CrmError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -355,7 +370,12 @@ impl SalesforceClient {
             None => (select, String::new()),
         };
         let soql = format!("{head} {joiner} {field} IN {}{order}", soql_list(ids));
-        self.query(&soql, all).await
+        Ok(self
+            .query(&soql, all)
+            .await?
+            .iter()
+            .filter_map(row)
+            .collect())
     }
 }
 
@@ -411,16 +431,12 @@ impl SalesforceApi for SalesforceClient {
     }
 
     async fn stage_history(&self, ids: &[String]) -> Result<Vec<(String, HistoryEntry)>, CrmError> {
-        Ok(self
-            .for_ids(
-                "SELECT OpportunityId, StageName, CreatedDate FROM OpportunityHistory ORDER BY CreatedDate",
-                "OpportunityId",
-                ids,
-                false,
-            )
-            .await?
-            .iter()
-            .filter_map(|r| {
+        self.for_ids(
+            "SELECT OpportunityId, StageName, CreatedDate FROM OpportunityHistory ORDER BY CreatedDate",
+            "OpportunityId",
+            ids,
+            false,
+            |r| {
                 Some((
                     text(r, "OpportunityId")?,
                     HistoryEntry {
@@ -428,21 +444,18 @@ impl SalesforceApi for SalesforceClient {
                         at: parse_datetime(r["CreatedDate"].as_str()?)?,
                     },
                 ))
-            })
-            .collect())
+            },
+        )
+        .await
     }
 
     async fn primary_contacts(&self, ids: &[String]) -> Result<Vec<(String, SfContact)>, CrmError> {
-        Ok(self
-            .for_ids(
-                "SELECT OpportunityId, Contact.Email, Contact.Phone, Contact.FirstName, Contact.LastName FROM OpportunityContactRole WHERE IsPrimary = true",
-                "OpportunityId",
-                ids,
-                false,
-            )
-            .await?
-            .iter()
-            .filter_map(|r| {
+        self.for_ids(
+            "SELECT OpportunityId, Contact.Email, Contact.Phone, Contact.FirstName, Contact.LastName FROM OpportunityContactRole WHERE IsPrimary = true",
+            "OpportunityId",
+            ids,
+            false,
+            |r| {
                 let c = &r["Contact"];
                 Some((
                     text(r, "OpportunityId")?,
@@ -453,8 +466,9 @@ impl SalesforceApi for SalesforceClient {
                         last_name: text(c, "LastName"),
                     },
                 ))
-            })
-            .collect())
+            },
+        )
+        .await
     }
 
     async fn lead_status_changes(
@@ -466,26 +480,13 @@ impl SalesforceApi for SalesforceClient {
             "{LEAD_STATUS_ROWS} AND {} ORDER BY CreatedDate",
             created_in(from, to)
         );
-        Ok(self
-            .query(&soql, false)
-            .await?
-            .iter()
-            .filter_map(status_change)
-            .collect())
+        self.read(&soql, status_change).await
     }
 
     async fn lead_status_history(&self, ids: &[String]) -> Result<Vec<SfStatusChange>, CrmError> {
-        Ok(self
-            .for_ids(
-                &format!("{LEAD_STATUS_ROWS} ORDER BY CreatedDate"),
-                "LeadId",
-                ids,
-                false,
-            )
-            .await?
-            .iter()
-            .filter_map(status_change)
-            .collect())
+        let select = format!("{LEAD_STATUS_ROWS} ORDER BY CreatedDate");
+        self.for_ids(&select, "LeadId", ids, false, status_change)
+            .await
     }
 
     async fn leads_created(&self, from: Timestamp, to: Timestamp) -> Result<Vec<SfLead>, CrmError> {
@@ -493,41 +494,28 @@ impl SalesforceApi for SalesforceClient {
             "{LEAD_FIELDS} WHERE {} ORDER BY CreatedDate, Id",
             created_in(from, to)
         );
-        Ok(self
-            .query(&soql, false)
-            .await?
-            .iter()
-            .filter_map(lead)
-            .collect())
+        self.read(&soql, lead).await
     }
 
     async fn leads(&self, ids: &[String]) -> Result<Vec<SfLead>, CrmError> {
-        Ok(self
-            .for_ids(LEAD_FIELDS, "Id", ids, false)
-            .await?
-            .iter()
-            .filter_map(lead)
-            .collect())
+        self.for_ids(LEAD_FIELDS, "Id", ids, false, lead).await
     }
 
     async fn opportunities_all(&self, ids: &[String]) -> Result<Vec<SfOpportunity>, CrmError> {
-        Ok(self
-            .for_ids(
-                "SELECT Id, StageName, IsDeleted FROM Opportunity",
-                "Id",
-                ids,
-                true,
-            )
-            .await?
-            .iter()
-            .filter_map(|r| {
+        self.for_ids(
+            "SELECT Id, StageName, IsDeleted FROM Opportunity",
+            "Id",
+            ids,
+            true,
+            |r| {
                 Some(SfOpportunity {
                     id: text(r, "Id")?,
                     stage: text(r, "StageName").unwrap_or_default(),
                     is_deleted: r["IsDeleted"].as_bool().unwrap_or(false),
                 })
-            })
-            .collect())
+            },
+        )
+        .await
     }
 }
 
