@@ -25,7 +25,11 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 # `#![forbid(unsafe_code)]`, so ASan guards only the dependencies' unsafe code, and measured on
 # this tree it cost 22% of the build (186 s against 146 s) and three quarters of the inputs
 # (webhook_generic 188k against 730k in 12 s). FUZZ_SANITIZER=address puts it back.
-if [[ -n "${FUZZ_SANITIZER:-}" ]]; then RUSTFLAGS="$RUSTFLAGS -Zsanitizer=$FUZZ_SANITIZER"; fi
+case "${FUZZ_SANITIZER:-none}" in
+  none) ;;
+  address|memory|thread|leak) RUSTFLAGS="$RUSTFLAGS -Zsanitizer=$FUZZ_SANITIZER" ;;
+  *) echo "fuzz: FUZZ_SANITIZER must be none, address, memory, thread or leak" >&2; exit 2 ;;
+esac
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-target}"
 start=$(date +%s)
 rustup run nightly cargo build --release --quiet --target "$host" --bins

@@ -3,16 +3,10 @@
 #![no_main]
 
 use bridge_core::event::{ValidationContext, validate};
-use bridge_core::mapping::Mapping;
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::{Incoming, salesforce, split_items};
+use bridge_fuzz::mapping;
 use libfuzzer_sys::fuzz_target;
-use std::sync::OnceLock;
-
-fn mapping() -> &'static Mapping {
-    static M: OnceLock<Mapping> = OnceLock::new();
-    M.get_or_init(|| Mapping::bundled().unwrap_or_else(|e| panic!("bundled mapping: {e}")))
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(body) = std::str::from_utf8(data) else {
