@@ -154,8 +154,9 @@ async fn write_units_and_requests_per_lifecycle_event() {
         .filter(|s| s.status == DeliveryStatus::Delivered)
         .count() as f64;
     let pairs = events.values().map(|e| e.destinations.len()).sum::<usize>() as f64;
-    // Every attempt after a pair's first is billed again (a claim and a result): name them, so
-    // a figure over the budget says whether the store grew or a send was retried.
+    // Every claim after a pair's first is billed again (the claim and its result): name them,
+    // so a figure over the budget says whether the store grew or a pair was claimed again (a
+    // retried send, or a claim that waited).
     let retried: Vec<String> = events
         .values()
         .flat_map(|e| {
@@ -302,13 +303,13 @@ async fn write_units_and_requests_per_lifecycle_event() {
     );
 
     println!(
-        "cost: pairs sent more than once: {} {retried:?}",
+        "cost: pairs claimed more than once: {} {retried:?}",
         retried.len()
     );
     assert!(
         per_event <= WRITE_UNIT_BUDGET,
         "{per_event:.2} write units per lifecycle event, over the budget of {WRITE_UNIT_BUDGET} \
-         ({} pairs sent more than once: {retried:?})",
+         ({} pairs claimed more than once: {retried:?})",
         retried.len()
     );
     b.running.stop();
