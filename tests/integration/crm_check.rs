@@ -9,7 +9,7 @@
 //! have posted it.
 
 use bridge_core::crm_check::{
-    CrmCheck, CrmFigures, Period, check_hubspot, check_salesforce, repair, restate,
+    CrmCheck, CrmFigures, Funnel, Period, check_hubspot, check_salesforce, repair, restate,
 };
 use bridge_core::delivery::Destination;
 use bridge_core::delivery::pipeline::PipelineConfig;
@@ -194,6 +194,15 @@ fn changed(check: &CrmCheck) -> Vec<(String, &'static str)> {
     changed
 }
 
+/// The stage changes a funnel check found missed: (record id, stage).
+fn missed_stages(funnel: &Funnel) -> HashSet<(String, String)> {
+    funnel
+        .missed
+        .iter()
+        .map(|m| (m.record_id.clone(), m.stage.clone()))
+        .collect()
+}
+
 /// One currency's figures, with the deals the CRM counts won and those no webhook brought
 /// checked.
 fn figures<'a>(check: &'a CrmCheck, currency: &str, won: usize, missed: usize) -> &'a CrmFigures {
@@ -357,11 +366,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
 
     // The funnel: every dropped stage change found in the contacts' histories, nothing else.
     let funnel = check.funnel.as_ref().expect("HubSpot's funnel is read");
-    let found: HashSet<(String, String)> = funnel
-        .missed
-        .iter()
-        .map(|m| (m.record_id.clone(), m.stage.clone()))
-        .collect();
+    let found = missed_stages(funnel);
     assert_eq!(found, dropped_stages);
     let changes: u64 = funnel.per_stage.values().map(|f| f.crm_changes).sum();
     let stored: u64 = funnel.per_stage.values().map(|f| f.stored).sum();
@@ -592,11 +597,7 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
     // The funnel: the leads created in the period and LeadHistory's Status rows show every
     // dropped callout, nothing else.
     let funnel = check.funnel.as_ref().expect("Salesforce's funnel is read");
-    let found: HashSet<(String, String)> = funnel
-        .missed
-        .iter()
-        .map(|m| (m.record_id.clone(), m.stage.clone()))
-        .collect();
+    let found = missed_stages(funnel);
     assert_eq!(found, dropped_leads);
     let changes: u64 = funnel.per_stage.values().map(|f| f.crm_changes).sum();
     assert_eq!(changes as usize, lead_changes.len());

@@ -85,6 +85,23 @@ async fn complete(
     store.complete(key, d, attempt, t).await.unwrap()
 }
 
+/// One scenario as two tests: against DynamoDB (a table named after `table` on the emulator)
+/// and against the in-memory store, which must behave the same.
+macro_rules! against_both {
+    ($dynamo:ident, $memory:ident, $scenario:ident, $table:literal) => {
+        #[tokio::test]
+        #[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
+        async fn $dynamo() {
+            $scenario(&dynamo($table).await).await;
+        }
+
+        #[tokio::test]
+        async fn $memory() {
+            $scenario(&MemoryStore::new()).await;
+        }
+    };
+}
+
 fn transition(status: DeliveryStatus, now: Timestamp, attempt: u32) -> Transition {
     transition_after(&[], status, now, attempt)
 }
@@ -338,16 +355,12 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
     assert!(store.get("no-such-event").await.unwrap().is_none());
 }
 
-#[tokio::test]
-#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
-async fn lifecycle_against_dynamodb() {
-    lifecycle_scenario(&dynamo("lifecycle").await).await;
-}
-
-#[tokio::test]
-async fn lifecycle_against_memory_store() {
-    lifecycle_scenario(&MemoryStore::new()).await;
-}
+against_both!(
+    lifecycle_against_dynamodb,
+    lifecycle_against_memory_store,
+    lifecycle_scenario,
+    "lifecycle"
+);
 
 #[tokio::test]
 #[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
@@ -864,16 +877,12 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
     );
 }
 
-#[tokio::test]
-#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
-async fn exactly_once_against_dynamodb() {
-    exactly_once_scenario(&dynamo("exactly_once").await).await;
-}
-
-#[tokio::test]
-async fn exactly_once_against_memory_store() {
-    exactly_once_scenario(&MemoryStore::new()).await;
-}
+against_both!(
+    exactly_once_against_dynamodb,
+    exactly_once_against_memory_store,
+    exactly_once_scenario,
+    "exactly_once"
+);
 
 #[tokio::test]
 #[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]

@@ -105,6 +105,22 @@ fn signed(source: &str, body: &str, secret: &str, t: i64) -> Request {
         .unwrap()
 }
 
+/// A HubSpot delivery of `body`, signed now with HubSpot's v3 signature (the app secret).
+fn hubspot_signed(body: &str) -> Request {
+    let ts = Timestamp::now().unix_ms().to_string();
+    let uri = "https://bridge.example.com/webhooks/hubspot";
+    lambda_http::http::Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header(
+            "x-hubspot-signature-v3",
+            hubspot_sign(b"hs-app-secret", "POST", uri, body.as_bytes(), &ts),
+        )
+        .header("x-hubspot-request-timestamp", &ts)
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
 /// `body` posted to `source`'s webhook, signed with `secret` now.
 async fn post_now(app: &App, source: &str, secret: &str, body: &str) -> (StatusCode, Value) {
     call(
@@ -392,19 +408,7 @@ async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
          "propertyName": "lifecyclestage", "propertyValue": "customer", "changeSource": "CRM"}
     ])
     .to_string();
-    let ts = Timestamp::now().unix_ms().to_string();
-    let uri = "https://bridge.example.com/webhooks/hubspot";
-    let req = lambda_http::http::Request::builder()
-        .method("POST")
-        .uri(uri)
-        .header(
-            "x-hubspot-signature-v3",
-            hubspot_sign(b"hs-app-secret", "POST", uri, body.as_bytes(), &ts),
-        )
-        .header("x-hubspot-request-timestamp", &ts)
-        .body(Body::from(body.clone()))
-        .unwrap();
-    let (status, resp) = call(&e.app, req).await;
+    let (status, resp) = call(&e.app, hubspot_signed(&body)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
     let results = resp["results"].as_array().unwrap();
     assert_eq!(results[0]["status"], "accepted");
@@ -449,19 +453,7 @@ async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
     assert_eq!((meta.len(), google.len()), (1, 1));
 
     // HubSpot redelivers it: answered as a duplicate without reading the CRM again.
-    let sign = |body: &str| {
-        let ts = Timestamp::now().unix_ms().to_string();
-        lambda_http::http::Request::builder()
-            .method("POST")
-            .uri(uri)
-            .header(
-                "x-hubspot-signature-v3",
-                hubspot_sign(b"hs-app-secret", "POST", uri, body.as_bytes(), &ts),
-            )
-            .header("x-hubspot-request-timestamp", &ts)
-            .body(Body::from(body.to_string()))
-            .unwrap()
-    };
+    let sign = hubspot_signed;
     let reads = hs.requests().len();
     let (status, resp) = call(&e.app, sign(&body)).await;
     assert_eq!(status, StatusCode::OK, "{resp}");
@@ -513,16 +505,9 @@ async fn hubspot_deal_won_is_fetched_from_the_crm_mapped_stored_and_enqueued() {
 
     // A tampered delivery is refused before anything is fetched.
     let before = hs.requests().len();
-    let bad = lambda_http::http::Request::builder()
-        .method("POST")
-        .uri(uri)
-        .header(
-            "x-hubspot-signature-v3",
-            hubspot_sign(b"hs-app-secret", "POST", uri, b"[]", &ts),
-        )
-        .header("x-hubspot-request-timestamp", &ts)
-        .body(Body::from(body))
-        .unwrap();
+    // Signed for an empty delivery, carrying another body.
+    let mut bad = hubspot_signed("[]");
+    *bad.body_mut() = Body::from(body);
     assert_eq!(call(&e.app, bad).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(hs.requests().len(), before);
 }

@@ -471,41 +471,24 @@ pub async fn process_batch<P: Platform>(
     }
     for (group, idx) in groups {
         let (reps, followers, put_off) = collapse(platform, &claimed, &idx);
-        let later: Vec<(usize, Outcome, Timestamp)> = put_off
-            .into_iter()
-            .map(|i| {
-                (
-                    i,
-                    Outcome::put_off(
-                        ErrorCode::OrderInRequest,
-                        "another row of this order is in this request; sent in the next one",
-                        Duration::from_secs(1),
-                    ),
-                    now,
-                )
-            })
-            .collect();
+        let later = put_off_a_second(
+            put_off,
+            ErrorCode::OrderInRequest,
+            "another row of this order is in this request; sent in the next one",
+            now,
+        );
         record(&claimed, later, dest, store, cfg, &mut routing).await;
         for chunk in reps.chunks(platform.max_batch().max(1)) {
             let members = |i: usize| {
                 std::iter::once(i).chain(followers.get(&i).into_iter().flatten().copied())
             };
             if start_by.is_some_and(|t| Instant::now() >= t) {
-                let out_of_time: Vec<_> = chunk
-                    .iter()
-                    .flat_map(|&i| members(i))
-                    .map(|i| {
-                        (
-                            i,
-                            Outcome::put_off(
-                                ErrorCode::OutOfTime,
-                                "not sent: the invocation's time was up",
-                                Duration::from_secs(1),
-                            ),
-                            now,
-                        )
-                    })
-                    .collect();
+                let out_of_time = put_off_a_second(
+                    chunk.iter().flat_map(|&i| members(i)),
+                    ErrorCode::OutOfTime,
+                    "not sent: the invocation's time was up",
+                    now,
+                );
                 record(&claimed, out_of_time, dest, store, cfg, &mut routing).await;
                 continue;
             }
@@ -608,6 +591,23 @@ fn collapse<P: Platform>(
 }
 
 /// Records outcomes (bounded concurrency) and notes how each message is routed.
+/// The claimed pairs at `indices`, each put off a second with `code`: sent again by the next
+/// invocation, outside the retry budget (a wait, not a failed send).
+fn put_off_a_second(
+    indices: impl IntoIterator<Item = usize>,
+    code: ErrorCode,
+    why: &str,
+    now: Timestamp,
+) -> Vec<(usize, Outcome, Timestamp)> {
+    indices
+        .into_iter()
+        .map(|i| {
+            let after = Duration::from_secs(1);
+            (i, Outcome::put_off(code.clone(), why, after), now)
+        })
+        .collect()
+}
+
 async fn record<I>(
     claimed: &[Claimed<I>],
     settled: Vec<(usize, Outcome, Timestamp)>,
