@@ -31,6 +31,9 @@ case "${FUZZ_SANITIZER:-none}" in
   *) echo "fuzz: FUZZ_SANITIZER must be none, address, memory, thread or leak" >&2; exit 2 ;;
 esac
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-target}"
+# CI lints the bridge's workspace through clippy-driver as its rustc wrapper (.ci/run); a stable
+# driver cannot build with the nightly toolchain, and this crate is not the bridge's workspace.
+unset RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS
 start=$(date +%s)
 rustup run nightly cargo build --release --quiet --target "$host" --bins
 echo "fuzz: built in $(( $(date +%s) - start )) s"
