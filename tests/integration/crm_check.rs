@@ -14,7 +14,7 @@ use bridge_core::crm_check::{
 use bridge_core::delivery::Destination;
 use bridge_core::delivery::pipeline::PipelineConfig;
 use bridge_core::identity::parse_region;
-use bridge_core::ingest::{IngestConfig, IngestReport, ItemStatus, ingest};
+use bridge_core::ingest::{IngestConfig, IngestReport, Intake, ItemStatus, ingest};
 use bridge_core::mapping::Mapping;
 use bridge_core::queue::memory::MemoryQueue;
 use bridge_core::store::EventStore;
@@ -136,16 +136,9 @@ async fn repair_now(
 ) -> IngestReport {
     let opts = opts();
     let hubspot = hubspot.map(|c| (c as &dyn HubSpotRecords, &opts));
-    repair(
-        check,
-        hubspot,
-        mapping,
-        &cfg(),
-        Timestamp::now(),
-        store,
-        queue,
-    )
-    .await
+    let cfg = cfg();
+    let to = Intake::new(mapping, &cfg, store, queue);
+    repair(check, hubspot, to, Timestamp::now()).await
 }
 
 /// The strict fakes of Meta and Google, and the senders' platforms pointed at them.
@@ -276,16 +269,9 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
         delivered.push(hook);
     }
     let items = resolve(&delivered, &client, &mapping, &opts(), &HashSet::new()).await;
-    let r = ingest(
-        items,
-        "hubspot",
-        &mapping,
-        &cfg(),
-        Timestamp::now(),
-        &store,
-        &queue,
-    )
-    .await;
+    let cfg = cfg();
+    let to = Intake::new(&mapping, &cfg, &store, &queue);
+    let r = ingest(items, "hubspot", to, Timestamp::now()).await;
     assert!(
         r.results.iter().all(|x| x.status == ItemStatus::Accepted),
         "{:?}",
@@ -526,16 +512,9 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
             &mapping,
         ));
     }
-    let r = ingest(
-        items,
-        "salesforce",
-        &mapping,
-        &cfg(),
-        Timestamp::now(),
-        &store,
-        &queue,
-    )
-    .await;
+    let cfg = cfg();
+    let to = Intake::new(&mapping, &cfg, &store, &queue);
+    let r = ingest(items, "salesforce", to, Timestamp::now()).await;
     assert!(r.results.iter().all(|x| x.status == ItemStatus::Accepted));
     // After their callouts: one reopened, one deleted (in the recycle bin).
     sf.stage_change(&opp(1), "Negotiation/Review", 201.0, "USD", now);

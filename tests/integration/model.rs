@@ -22,7 +22,7 @@ use bridge_core::delivery::pipeline::PipelineConfig;
 use bridge_core::delivery::{DeliveryStatus, Destination};
 use bridge_core::event::{CanonicalEvent, parse_event_json};
 use bridge_core::identity::parse_region;
-use bridge_core::ingest::{IngestConfig, ingest};
+use bridge_core::ingest::{IngestConfig, Intake, ingest};
 use bridge_core::mapping::{GoogleBackend, Mapping};
 use bridge_core::queue::memory::MemoryQueue;
 use bridge_core::store::memory::MemoryStore;
@@ -380,7 +380,8 @@ impl World {
                 by_source.entry(source).or_default().push(item);
             }
             for (source, items) in by_source {
-                let r = ingest(items, source, mapping, &cfg, now, &store, &queue).await;
+                let to = Intake::new(mapping, &cfg, &store, &queue);
+                let r = ingest(items, source, to, now).await;
                 for item in &r.results {
                     prop_assert!(item.errors.is_empty(), "ingest refused an item: {item:?}");
                 }

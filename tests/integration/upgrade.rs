@@ -13,7 +13,7 @@ use bridge_core::delivery::pipeline::PipelineConfig;
 use bridge_core::delivery::{DeliveryStatus, Destination};
 use bridge_core::event::parse_event_json;
 use bridge_core::identity::parse_region;
-use bridge_core::ingest::{IngestConfig, ItemStatus, ingest};
+use bridge_core::ingest::{IngestConfig, Intake, ItemStatus, ingest};
 use bridge_core::mapping::{GoogleBackend, Mapping};
 use bridge_core::queue::memory::MemoryQueue;
 use bridge_core::reconcile::sweep;
@@ -153,16 +153,8 @@ async fn a_release_0_table_upgrades_without_a_resend_and_its_waiting_refunds_fin
     for w in fixture["webhooks"].as_array().expect("webhooks") {
         let source = w["source"].as_str().expect("source");
         let input = parse_event_json(&w["event"].to_string()).expect("a release-0 webhook");
-        let r = ingest(
-            vec![Incoming::Event(Box::new(input))],
-            source,
-            &mapping,
-            &cfg,
-            now,
-            &store,
-            &queue,
-        )
-        .await;
+        let to = Intake::new(&mapping, &cfg, &store, &queue);
+        let r = ingest(vec![Incoming::Event(Box::new(input))], source, to, now).await;
         assert_eq!(r.results.len(), 1);
         assert_eq!(
             r.results[0].status,

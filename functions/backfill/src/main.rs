@@ -36,7 +36,7 @@ use backfill::load;
 use bridge_aws::config::Settings;
 use bridge_aws::lambda::env;
 use bridge_core::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
-use bridge_core::ingest::IngestConfig;
+use bridge_core::ingest::{IngestConfig, Intake};
 use bridge_core::reconcile::run::CrmApi;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
@@ -388,7 +388,11 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
             max_future_skew_secs: settings.max_future_skew_secs,
         };
         let report = client
-            .repair(&check, &settings.mapping, &cfg, now, &store, &queue)
+            .repair(
+                &check,
+                Intake::new(&settings.mapping, &cfg, &store, &queue),
+                now,
+            )
             .await;
         let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
         for r in &report.results {

@@ -3,7 +3,7 @@
 
 use bridge_aws::config::Settings;
 use bridge_core::event::parse_event_json;
-use bridge_core::ingest::{IngestConfig, IngestReport, ItemStatus, ingest};
+use bridge_core::ingest::{IngestConfig, IngestReport, Intake, ItemStatus, ingest};
 use bridge_core::queue::DeliveryQueue;
 use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
@@ -222,16 +222,9 @@ impl App {
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e.field, e.reason),
             }
         };
-        let report = ingest(
-            items,
-            &source,
-            mapping,
-            &self.ingest_config(),
-            now,
-            self.store.as_ref(),
-            self.queue.as_ref(),
-        )
-        .await;
+        let cfg = self.ingest_config();
+        let to = Intake::new(mapping, &cfg, self.store.as_ref(), self.queue.as_ref());
+        let report = ingest(items, &source, to, now).await;
         bridge_core::metrics::emit(&ingest_metrics(&report, &source, now.unix_ms()));
         shape(report, batch)
     }

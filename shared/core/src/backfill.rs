@@ -9,7 +9,7 @@ use crate::delivery::Outcome;
 use crate::delivery::pipeline::Platform;
 use crate::delivery::{DeliveryStatus, Destination};
 use crate::event::{EventName, FieldError, parse_event_json};
-use crate::ingest::{IngestConfig, ItemStatus, ingest};
+use crate::ingest::{IngestConfig, Intake, ItemStatus, ingest};
 use crate::mapping::Mapping;
 use crate::queue::memory::MemoryQueue;
 use crate::store::memory::MemoryStore;
@@ -78,7 +78,13 @@ pub async fn dry_run(
     let queue = MemoryQueue::new(1000, std::time::Duration::from_secs(30));
     let line_numbers: Vec<usize> = lines.iter().map(|(n, _)| *n).collect();
     let items: Vec<Incoming> = lines.into_iter().map(|(_, i)| i).collect();
-    let report = ingest(items, source, mapping, cfg, now, &store, &queue).await;
+    let report = ingest(
+        items,
+        source,
+        Intake::new(mapping, cfg, &store, &queue),
+        now,
+    )
+    .await;
     let mut out = DryRunReport {
         lines: line_numbers.len(),
         ..Default::default()

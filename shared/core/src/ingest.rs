@@ -180,17 +180,47 @@ async fn first_seen_click_ids(items: &mut [Incoming], store: &dyn EventStore) {
     }
 }
 
+/// What an ingest reads and writes through: the mapping contract and the ingest settings it
+/// follows, the event store it writes first and the delivery queues it fills. One value for
+/// every way in (webhooks, backfill, a CRM check's repair).
+#[derive(Clone, Copy)]
+pub struct Intake<'a> {
+    pub mapping: &'a Mapping,
+    pub cfg: &'a IngestConfig,
+    pub store: &'a dyn EventStore,
+    pub queue: &'a dyn DeliveryQueue,
+}
+
+impl<'a> Intake<'a> {
+    pub fn new(
+        mapping: &'a Mapping,
+        cfg: &'a IngestConfig,
+        store: &'a dyn EventStore,
+        queue: &'a dyn DeliveryQueue,
+    ) -> Self {
+        Intake {
+            mapping,
+            cfg,
+            store,
+            queue,
+        }
+    }
+}
+
 /// Runs one webhook delivery from `source` through validation, the conditional write and the
 /// enqueue. Every item gets a result; one bad item never stops the others.
 pub async fn ingest(
     items: Vec<Incoming>,
     source: &str,
-    mapping: &Mapping,
-    cfg: &IngestConfig,
+    to: Intake<'_>,
     now: Timestamp,
-    store: &dyn EventStore,
-    queue: &dyn DeliveryQueue,
 ) -> IngestReport {
+    let Intake {
+        mapping,
+        cfg,
+        store,
+        queue,
+    } = to;
     let default_consent = mapping
         .source(source)
         .map_or(ConsentStatus::Unknown, |s| s.consent_default);
@@ -423,7 +453,13 @@ mod tests {
         queue: &MemoryQueue,
     ) -> IngestReport {
         let mapping = Mapping::bundled().unwrap();
-        ingest(items, source, &mapping, &cfg(), now(), store, queue).await
+        ingest(
+            items,
+            source,
+            Intake::new(&mapping, &cfg(), store, queue),
+            now(),
+        )
+        .await
     }
 
     #[tokio::test]

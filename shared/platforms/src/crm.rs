@@ -6,9 +6,8 @@ use crate::hubspot::HubSpotClient;
 use crate::salesforce::{DEFAULT_API_VERSION, SalesforceClient, SalesforceCredentials};
 use async_trait::async_trait;
 use bridge_core::crm_check::{CheckError, CrmCheck, Period, check_hubspot, check_salesforce};
-use bridge_core::ingest::{IngestConfig, IngestReport};
+use bridge_core::ingest::{IngestReport, Intake};
 use bridge_core::mapping::Mapping;
-use bridge_core::queue::DeliveryQueue;
 use bridge_core::reconcile::run::CrmApi;
 use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
@@ -116,35 +115,16 @@ impl CrmApi for CrmClient {
         }
     }
 
-    async fn repair(
-        &self,
-        check: &CrmCheck,
-        mapping: &Mapping,
-        cfg: &IngestConfig,
-        now: Timestamp,
-        store: &dyn EventStore,
-        queue: &dyn DeliveryQueue,
-    ) -> IngestReport {
+    async fn repair(&self, check: &CrmCheck, to: Intake<'_>, now: Timestamp) -> IngestReport {
         match self {
             CrmClient::HubSpot { client, portal_id } => {
                 let opts = ResolveOptions {
                     portal_id: *portal_id,
                     ..Default::default()
                 };
-                bridge_core::crm_check::repair(
-                    check,
-                    Some((client, &opts)),
-                    mapping,
-                    cfg,
-                    now,
-                    store,
-                    queue,
-                )
-                .await
+                bridge_core::crm_check::repair(check, Some((client, &opts)), to, now).await
             }
-            CrmClient::Salesforce(_) => {
-                bridge_core::crm_check::repair(check, None, mapping, cfg, now, store, queue).await
-            }
+            CrmClient::Salesforce(_) => bridge_core::crm_check::repair(check, None, to, now).await,
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod salesforce;
 
 use crate::delivery::DeliveryStatus;
 use crate::event::{CanonicalEvent, EventName};
-use crate::ingest::{IngestConfig, IngestReport, ingest};
+use crate::ingest::{IngestReport, Intake, ingest};
 use crate::mapping::Mapping;
 use crate::money::Money;
 use crate::queue::DeliveryMessage;
@@ -534,12 +534,10 @@ async fn funnel(
 pub async fn repair(
     check: &CrmCheck,
     hubspot: Option<(&dyn HubSpotRecords, &ResolveOptions)>,
-    mapping: &Mapping,
-    cfg: &IngestConfig,
+    to: Intake<'_>,
     now: Timestamp,
-    store: &dyn EventStore,
-    queue: &dyn DeliveryQueue,
 ) -> IngestReport {
+    let mapping = to.mapping;
     let mut hooks: Vec<HubSpotEvent> = Vec::new();
     let mut items: Vec<Incoming> = Vec::new();
     let funnel = check.funnel.iter().flat_map(|f| &f.missed);
@@ -569,7 +567,7 @@ pub async fn repair(
             })),
         }
     }
-    ingest(items, check.source, mapping, cfg, now, store, queue).await
+    ingest(items, check.source, to, now).await
 }
 
 /// What restating changed amounts did.
@@ -753,7 +751,7 @@ fn csv(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::identity::Region;
-    use crate::ingest::ItemStatus;
+    use crate::ingest::{IngestConfig, ItemStatus};
     use crate::queue::memory::MemoryQueue;
     use crate::store::memory::MemoryStore;
     use crate::webhook::hubspot::{HistoryEntry, HubSpotRecord};
@@ -967,7 +965,9 @@ mod tests {
         queue: &MemoryQueue,
     ) -> IngestReport {
         let m = Mapping::bundled().unwrap();
-        repair(check, Some((crm, &opts())), &m, &cfg(), now(), store, queue).await
+        let cfg = cfg();
+        let to = Intake::new(&m, &cfg, store, queue);
+        repair(check, Some((crm, &opts())), to, now()).await
     }
 
     /// What the webhook path stores for these deliveries.
@@ -980,7 +980,13 @@ mod tests {
         let m = Mapping::bundled().unwrap();
         let hooks: Vec<HubSpotEvent> = ids.iter().map(|id| crm.webhook(id)).collect();
         let items = resolve(&hooks, crm, &m, &opts(), &HashSet::new()).await;
-        ingest(items, "hubspot", &m, &cfg(), now(), store, queue).await
+        ingest(
+            items,
+            "hubspot",
+            Intake::new(&m, &cfg(), store, queue),
+            now(),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -1100,7 +1106,13 @@ mod tests {
             }
         }
         let items = resolve(&hooks, &crm, &m, &opts(), &HashSet::new()).await;
-        let r = ingest(items, "hubspot", &m, &cfg(), now(), &store, &queue).await;
+        let r = ingest(
+            items,
+            "hubspot",
+            Intake::new(&m, &cfg(), &store, &queue),
+            now(),
+        )
+        .await;
         assert!(
             r.results.iter().all(|x| x.status == ItemStatus::Accepted),
             "{r:?}"
@@ -1160,7 +1172,13 @@ mod tests {
         // The webhook that was only late is a duplicate of the repair.
         let late = crm.contact_webhook("202", "marketingqualifiedlead", t - DAY_MS);
         let items = resolve(&[late], &crm, &m, &opts(), &HashSet::new()).await;
-        let r = ingest(items, "hubspot", &m, &cfg(), now(), &store, &queue).await;
+        let r = ingest(
+            items,
+            "hubspot",
+            Intake::new(&m, &cfg(), &store, &queue),
+            now(),
+        )
+        .await;
         assert_eq!(r.results[0].status, ItemStatus::Duplicate);
     }
 

@@ -368,7 +368,7 @@ impl CrmSide for SalesforceSide<'_> {
 mod tests {
     use super::*;
     use crate::identity::Region;
-    use crate::ingest::{IngestConfig, ItemStatus, ingest};
+    use crate::ingest::{IngestConfig, Intake, ItemStatus, ingest};
     use crate::queue::memory::MemoryQueue;
     use crate::store::memory::MemoryStore;
     use crate::webhook::salesforce::parse_item;
@@ -592,7 +592,13 @@ mod tests {
             }
             let raw = raw.to_string();
             let items = vec![parse_item(&raw, "salesforce", &m)];
-            let r = ingest(items, "salesforce", &m, &cfg(), now(), &store, &queue).await;
+            let r = ingest(
+                items,
+                "salesforce",
+                Intake::new(&m, &cfg(), &store, &queue),
+                now(),
+            )
+            .await;
             assert_eq!(r.results[0].status, ItemStatus::Accepted, "{r:?}");
         }
         // Then C was reopened.
@@ -624,7 +630,8 @@ mod tests {
         assert_eq!((usd.crm_deals, usd.stored_wons, usd.missed), (2, 1, 1));
         assert_eq!(usd.missed_revenue, 900.0);
 
-        let r = super::super::repair(&check, None, &m, &cfg(), now(), &store, &queue).await;
+        let r = super::super::repair(&check, None, Intake::new(&m, &cfg(), &store, &queue), now())
+            .await;
         assert_eq!(r.results.len(), 1);
         assert_eq!(r.results[0].status, ItemStatus::Accepted, "{r:?}");
         let won = store.find_by_order("006A00000000001AAA").await.unwrap();
@@ -712,7 +719,13 @@ mod tests {
             .iter()
             .map(|raw| parse_item(raw, "salesforce", &m))
             .collect();
-        let r = ingest(items, "salesforce", &m, &cfg(), now(), &store, &queue).await;
+        let r = ingest(
+            items,
+            "salesforce",
+            Intake::new(&m, &cfg(), &store, &queue),
+            now(),
+        )
+        .await;
         assert!(
             r.results.iter().all(|x| x.status == ItemStatus::Accepted),
             "{r:?}"
@@ -741,7 +754,8 @@ mod tests {
         );
         assert!(funnel.missed.iter().all(|x| x.notes.is_empty()));
 
-        let r = super::super::repair(&check, None, &m, &cfg(), now(), &store, &queue).await;
+        let r = super::super::repair(&check, None, Intake::new(&m, &cfg(), &store, &queue), now())
+            .await;
         let statuses: Vec<ItemStatus> = r.results.iter().map(|x| x.status).collect();
         assert_eq!(statuses, [ItemStatus::Accepted, ItemStatus::Accepted]);
         let stored = store.events_between(from, to).await.unwrap();
@@ -761,7 +775,13 @@ mod tests {
             "salesforce",
             &m,
         );
-        let r = ingest(vec![late], "salesforce", &m, &cfg(), now(), &store, &queue).await;
+        let r = ingest(
+            vec![late],
+            "salesforce",
+            Intake::new(&m, &cfg(), &store, &queue),
+            now(),
+        )
+        .await;
         assert_eq!(r.results[0].status, ItemStatus::Duplicate);
     }
 }

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::crm_check::{CheckError, CrmCheck, restate};
 use crate::delivery::Destination;
-use crate::ingest::{IngestConfig, IngestReport};
+use crate::ingest::{IngestConfig, IngestReport, Intake};
 use crate::mapping::Mapping;
 use crate::queue::DeliveryQueue;
 use crate::store::{EventStore, StoreError};
@@ -65,15 +65,7 @@ pub trait CrmApi: Send + Sync {
         now: Timestamp,
     ) -> Result<CrmCheck, CheckError>;
     /// Ingests what `check` found missed, as its webhooks would have been.
-    async fn repair(
-        &self,
-        check: &CrmCheck,
-        mapping: &Mapping,
-        cfg: &IngestConfig,
-        now: Timestamp,
-        store: &dyn EventStore,
-        queue: &dyn DeliveryQueue,
-    ) -> IngestReport;
+    async fn repair(&self, check: &CrmCheck, to: Intake<'_>, now: Timestamp) -> IngestReport;
 }
 
 /// The CRM side of a run: the API, whether to repair (template parameter CrmRepair), and the
@@ -201,7 +193,11 @@ pub async fn crm_section(
     if crm.repair && check.missed_count() > 0 {
         let report = crm
             .api
-            .repair(&check, crm.mapping, &crm.ingest, now, store, queue)
+            .repair(
+                &check,
+                Intake::new(crm.mapping, &crm.ingest, store, queue),
+                now,
+            )
             .await;
         let mut counts = BTreeMap::new();
         for r in &report.results {
@@ -353,17 +349,9 @@ mod tests {
                 funnel: None,
             })
         }
-        async fn repair(
-            &self,
-            check: &CrmCheck,
-            mapping: &Mapping,
-            cfg: &IngestConfig,
-            now: Timestamp,
-            store: &dyn EventStore,
-            queue: &dyn DeliveryQueue,
-        ) -> IngestReport {
+        async fn repair(&self, check: &CrmCheck, to: Intake<'_>, now: Timestamp) -> IngestReport {
             *self.repairs.lock().unwrap() += 1;
-            crate::crm_check::repair(check, None, mapping, cfg, now, store, queue).await
+            crate::crm_check::repair(check, None, to, now).await
         }
     }
 
