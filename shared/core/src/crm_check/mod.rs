@@ -747,6 +747,23 @@ fn csv(s: &str) -> String {
     }
 }
 
+/// The unit tests' ingest into `store` and `queue`: the rules of `m`, numbers read as US ones.
+#[cfg(test)]
+pub(crate) async fn test_ingest(
+    items: Vec<Incoming>,
+    source: &str,
+    m: &Mapping,
+    store: &dyn EventStore,
+    queue: &dyn DeliveryQueue,
+    now: Timestamp,
+) -> IngestReport {
+    let cfg = crate::ingest::IngestConfig {
+        default_region: crate::identity::Region::US,
+        max_future_skew_secs: 300,
+    };
+    ingest(items, source, Intake::new(m, &cfg, store, queue), now).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1106,13 +1123,7 @@ mod tests {
             }
         }
         let items = resolve(&hooks, &crm, &m, &opts(), &HashSet::new()).await;
-        let r = ingest(
-            items,
-            "hubspot",
-            Intake::new(&m, &cfg(), &store, &queue),
-            now(),
-        )
-        .await;
+        let r = test_ingest(items, "hubspot", &m, &store, &queue, now()).await;
         assert!(
             r.results.iter().all(|x| x.status == ItemStatus::Accepted),
             "{r:?}"
@@ -1172,13 +1183,7 @@ mod tests {
         // The webhook that was only late is a duplicate of the repair.
         let late = crm.contact_webhook("202", "marketingqualifiedlead", t - DAY_MS);
         let items = resolve(&[late], &crm, &m, &opts(), &HashSet::new()).await;
-        let r = ingest(
-            items,
-            "hubspot",
-            Intake::new(&m, &cfg(), &store, &queue),
-            now(),
-        )
-        .await;
+        let r = test_ingest(items, "hubspot", &m, &store, &queue, now()).await;
         assert_eq!(r.results[0].status, ItemStatus::Duplicate);
     }
 

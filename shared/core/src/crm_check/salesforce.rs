@@ -367,8 +367,9 @@ impl CrmSide for SalesforceSide<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crm_check::test_ingest;
     use crate::identity::Region;
-    use crate::ingest::{IngestConfig, Intake, ItemStatus, ingest};
+    use crate::ingest::{IngestConfig, Intake, ItemStatus};
     use crate::queue::memory::MemoryQueue;
     use crate::store::memory::MemoryStore;
     use crate::webhook::salesforce::parse_item;
@@ -592,13 +593,7 @@ mod tests {
             }
             let raw = raw.to_string();
             let items = vec![parse_item(&raw, "salesforce", &m)];
-            let r = ingest(
-                items,
-                "salesforce",
-                Intake::new(&m, &cfg(), &store, &queue),
-                now(),
-            )
-            .await;
+            let r = test_ingest(items, "salesforce", &m, &store, &queue, now()).await;
             assert_eq!(r.results[0].status, ItemStatus::Accepted, "{r:?}");
         }
         // Then C was reopened.
@@ -719,13 +714,7 @@ mod tests {
             .iter()
             .map(|raw| parse_item(raw, "salesforce", &m))
             .collect();
-        let r = ingest(
-            items,
-            "salesforce",
-            Intake::new(&m, &cfg(), &store, &queue),
-            now(),
-        )
-        .await;
+        let r = test_ingest(items, "salesforce", &m, &store, &queue, now()).await;
         assert!(
             r.results.iter().all(|x| x.status == ItemStatus::Accepted),
             "{r:?}"
@@ -775,13 +764,7 @@ mod tests {
             "salesforce",
             &m,
         );
-        let r = ingest(
-            vec![late],
-            "salesforce",
-            Intake::new(&m, &cfg(), &store, &queue),
-            now(),
-        )
-        .await;
+        let r = test_ingest(vec![late], "salesforce", &m, &store, &queue, now()).await;
         assert_eq!(r.results[0].status, ItemStatus::Duplicate);
     }
 }

@@ -1244,6 +1244,14 @@ mod tests {
         )
     }
 
+    /// One message per key, `m0`, `m1`, ... in order.
+    fn records_for(keys: &[String]) -> Vec<Record> {
+        keys.iter()
+            .enumerate()
+            .map(|(n, key)| record(n, key))
+            .collect()
+    }
+
     fn e(code: &str) -> ErrorInfo {
         ErrorInfo::new(ErrorCode::parse(code), code)
     }
@@ -1293,11 +1301,7 @@ mod tests {
             refused("meta_190"),
         ]);
         p.max = 1;
-        let records: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .map(|(n, id)| record(n, id))
-            .collect();
+        let records = records_for(&ids);
         let r = process_batch(records, &p, &store, &queue, &cfg(), now()).await;
         assert_eq!(r.alerts, 2, "two codes, one of them on two events");
         assert_eq!(r.count(PairResult::DeadLetter), 3);
@@ -1329,11 +1333,7 @@ mod tests {
             },
         ]);
         p.max = 1;
-        let records: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .map(|(n, id)| record(n, id))
-            .collect();
+        let records = records_for(&ids);
         let r = process_batch(records, &p, &store, &queue, &cfg(), now()).await;
         assert_eq!(r.failures, ["m1"], "only the retry stays on the queue");
         assert_eq!(r.alerts, 1);
