@@ -7,7 +7,7 @@ use bridge_core::ingest::IngestConfig;
 use bridge_core::mapping::Mapping;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_platforms::meta::{MetaAccess, MetaConfig, MetaPlatform};
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::meta::FakeMeta;
 use serde_json::json;
@@ -36,12 +36,11 @@ async fn dry_run_validates_everything_and_imports_nothing() {
             base_url: meta.base_url.clone(),
             api_version: "v26.0".into(),
             pixel_id: "1234567890".into(),
-            access_token: "bf-token".into(),
-            app_secret: None,
             test_event_code: Some("TEST123".into()),
             timeout: Duration::from_secs(10),
         },
         mapping.clone(),
+        MetaAccess::new("bf-token".into(), None),
     ));
     let google_p = Checked(GooglePlatform::new(
         bridge_platforms::http::client().expect("HTTP client"),
@@ -50,7 +49,9 @@ async fn dry_run_validates_everything_and_imports_nothing() {
             ads_api_version: "v26".into(),
             datamanager_base_url: google.base_url.clone(),
             token_url: google.token_url(),
-            credentials: GoogleCredentials::from_json(&google.credentials_json()).unwrap(),
+            credentials: GoogleCredentials::from_json(&google.credentials_json())
+                .unwrap()
+                .into(),
             validate_only: true,
             timeout: Duration::from_secs(10),
             terms_ttl: Duration::from_secs(3600),

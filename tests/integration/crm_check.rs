@@ -23,7 +23,7 @@ use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::hubspot::{HubSpotEvent, HubSpotRecords, ResolveOptions, resolve};
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_platforms::hubspot::HubSpotClient;
-use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_platforms::meta::{MetaAccess, MetaConfig, MetaPlatform};
 use bridge_platforms::salesforce::{SalesforceClient, SalesforceCredentials};
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::hubspot::FakeHubSpot;
@@ -152,12 +152,11 @@ async fn platforms(mapping: &Mapping) -> (FakeMeta, FakeGoogle, MetaPlatform, Go
             base_url: meta_fake.base_url.clone(),
             api_version: "v26.0".into(),
             pixel_id: "1234567890".into(),
-            access_token: "meta-token".into(),
-            app_secret: None,
             test_event_code: None,
             timeout: Duration::from_secs(10),
         },
         mapping.clone(),
+        MetaAccess::new("meta-token".into(), None),
     );
     let google = GooglePlatform::new(
         http,
@@ -166,7 +165,9 @@ async fn platforms(mapping: &Mapping) -> (FakeMeta, FakeGoogle, MetaPlatform, Go
             ads_api_version: "v26".into(),
             datamanager_base_url: google_fake.base_url.clone(),
             token_url: google_fake.token_url(),
-            credentials: GoogleCredentials::from_json(&google_fake.credentials_json()).unwrap(),
+            credentials: GoogleCredentials::from_json(&google_fake.credentials_json())
+                .unwrap()
+                .into(),
             validate_only: false,
             timeout: Duration::from_secs(10),
             terms_ttl: Duration::from_secs(3600),

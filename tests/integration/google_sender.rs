@@ -11,6 +11,7 @@ use bridge_core::queue::{DeliveryMessage, DeliveryQueue};
 use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
+use bridge_platforms::credentials::{Deferred, ReadError};
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_tests::fakes::google::{DmKey, FakeGoogle, Fault, dm_aborted};
 use bridge_tests::sample_event;
@@ -23,6 +24,22 @@ fn mapping(backend: GoogleBackend) -> Mapping {
     m
 }
 
+/// The configuration for `fake`, with its credentials given.
+fn platform_config(fake: &FakeGoogle) -> GoogleConfig {
+    GoogleConfig {
+        ads_base_url: fake.base_url.clone(),
+        ads_api_version: "v26".into(),
+        datamanager_base_url: fake.base_url.clone(),
+        token_url: fake.token_url(),
+        credentials: GoogleCredentials::from_json(&fake.credentials_json())
+            .unwrap()
+            .into(),
+        validate_only: false,
+        timeout: Duration::from_secs(10),
+        terms_ttl: Duration::from_secs(3600),
+    }
+}
+
 fn platform_with(
     fake: &FakeGoogle,
     m: Mapping,
@@ -30,14 +47,9 @@ fn platform_with(
     validate_only: bool,
 ) -> GooglePlatform {
     let cfg = GoogleConfig {
-        ads_base_url: fake.base_url.clone(),
-        ads_api_version: "v26".into(),
-        datamanager_base_url: fake.base_url.clone(),
-        token_url: fake.token_url(),
-        credentials: GoogleCredentials::from_json(&fake.credentials_json()).unwrap(),
         validate_only,
         timeout: Duration::from_millis(timeout_ms),
-        terms_ttl: Duration::from_secs(3600),
+        ..platform_config(fake)
     };
     GooglePlatform::new(
         bridge_platforms::http::client().expect("HTTP client"),
@@ -1028,4 +1040,42 @@ async fn leads_without_enhanced_conversions_for_leads_turned_on_alert() {
     assert_eq!(r.alerts, 1, "{r:?}");
     assert_eq!(status(&store, &w).0, DeliveryStatus::Delivered);
     assert_eq!(fake.count(), 1);
+}
+
+/// A credentials parameter whose JSON is not Google's credentials (read at the first send, as
+/// the sender Lambda reads it) is a configuration error: no token request, no upload, one
+/// alert, and every pair dead-lettered with the reason, for an operator to fix and redrive.
+#[tokio::test]
+async fn credentials_that_do_not_parse_send_nothing_and_dead_letter_every_pair_with_one_alert() {
+    let fake = FakeGoogle::start().await;
+    let json = "{\"client_id\": \"only\"}".to_string();
+    let credentials = Deferred::read(move || {
+        let json = json.clone();
+        async move {
+            GoogleCredentials::from_json(&json).map_err(|e| ReadError {
+                message: format!("SSM parameter /bridge/google: {e}"),
+                permanent: true,
+            })
+        }
+    });
+    let p = GooglePlatform::new(
+        bridge_platforms::http::client().expect("HTTP client"),
+        GoogleConfig {
+            credentials,
+            ..platform_config(&fake)
+        },
+        mapping(GoogleBackend::AdsApi),
+    );
+    let events: Vec<_> = (0..50).map(|i| won(&format!("K{i}"), 10.0)).collect();
+    let (store, queue, r) = deliver(&events, &p).await;
+    assert_eq!(r.alerts, 1, "{r:?}");
+    assert!(fake.requests("uploadClickConversions").is_empty());
+    assert_eq!(fake.count(), 0);
+    for e in [&events[0], &events[49]] {
+        assert_eq!(
+            status(&store, e),
+            (DeliveryStatus::DeadLetter, "credentials_unavailable".into())
+        );
+    }
+    assert_eq!(queue.dlq(Destination::Google).len(), 50);
 }

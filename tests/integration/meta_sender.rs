@@ -3,7 +3,7 @@
 
 use aws_sdk_sqs::Client as Sqs;
 use bridge_core::delivery::pipeline::{PipelineConfig, Record, process_batch};
-use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState, ErrorCode};
+use bridge_core::delivery::{DeliveryStatus, Destination, DestinationState, ErrorCode, PairResult};
 use bridge_core::event::CanonicalEvent;
 use bridge_core::mapping::Mapping;
 use bridge_core::queue::memory::MemoryQueue;
@@ -11,7 +11,8 @@ use bridge_core::queue::{DeliveryMessage, DeliveryQueue};
 use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
-use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_platforms::credentials::{Deferred, ReadError};
+use bridge_platforms::meta::{MetaAccess, MetaConfig, MetaPlatform};
 use bridge_tests::fakes::meta::{FakeMeta, Fault};
 use bridge_tests::sample_event;
 use serde_json::json;
@@ -28,8 +29,6 @@ fn platform_for(fake: &FakeMeta, timeout_ms: u64, pixel_id: &str) -> MetaPlatfor
         base_url: fake.base_url.clone(),
         api_version: "v26.0".into(),
         pixel_id: pixel_id.into(),
-        access_token: fake.token.clone(),
-        app_secret: Some("app-secret".into()),
         test_event_code: None,
         timeout: Duration::from_millis(timeout_ms),
     };
@@ -37,6 +36,7 @@ fn platform_for(fake: &FakeMeta, timeout_ms: u64, pixel_id: &str) -> MetaPlatfor
         bridge_platforms::http::client().expect("HTTP client"),
         cfg,
         Mapping::bundled().unwrap(),
+        MetaAccess::new(fake.token.clone(), Some("app-secret")),
     )
 }
 
@@ -375,8 +375,6 @@ async fn a_configured_test_event_code_goes_on_every_request() {
         base_url: fake.base_url.clone(),
         api_version: "v26.0".into(),
         pixel_id: "1234567890".into(),
-        access_token: fake.token.clone(),
-        app_secret: None,
         test_event_code: Some("TEST4242".into()),
         timeout: Duration::from_secs(10),
     };
@@ -384,6 +382,7 @@ async fn a_configured_test_event_code_goes_on_every_request() {
         bridge_platforms::http::client().expect("HTTP client"),
         cfg,
         Mapping::bundled().unwrap(),
+        MetaAccess::new(fake.token.clone(), None),
     );
     let events: Vec<_> = (0..1500).map(|i| recent(&format!("X-{i}"))).collect();
     let (_, _, r) = deliver(&events, &p).await;
@@ -430,12 +429,11 @@ async fn a_refused_connection_leaves_no_secret_in_logs_store_or_dlq() {
             base_url: base_url.clone(),
             api_version: "v26.0".into(),
             pixel_id: "1234567890".into(),
-            access_token: token.into(),
-            app_secret: Some(app_secret.into()),
             test_event_code: None,
             timeout: Duration::from_secs(5),
         },
         Mapping::bundled().unwrap(),
+        MetaAccess::new(token.to_string(), Some(app_secret)),
     );
     let cfg = PipelineConfig {
         max_attempts: 2,
@@ -506,4 +504,97 @@ async fn a_refused_connection_leaves_no_secret_in_logs_store_or_dlq() {
         }
         assert!(!text.contains(&base_url), "the URL in {place}");
     }
+}
+
+/// The Meta platform with credentials read on first use, as the sender Lambda builds it, from
+/// `read` (standing in for the SSM read).
+fn platform_reading<F, Fut>(fake: &FakeMeta, read: F) -> MetaPlatform
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<MetaAccess, ReadError>> + Send + 'static,
+{
+    MetaPlatform::new(
+        bridge_platforms::http::client().expect("HTTP client"),
+        MetaConfig {
+            base_url: fake.base_url.clone(),
+            api_version: "v26.0".into(),
+            pixel_id: "1234567890".into(),
+            test_event_code: None,
+            timeout: Duration::from_secs(10),
+        },
+        Mapping::bundled().unwrap(),
+        Deferred::read(read),
+    )
+}
+
+/// A token parameter that does not exist is a configuration error, not a row's: a 1,000-event
+/// batch sends nothing, raises one alert and dead-letters every pair with the reason (an
+/// operator fixes the parameter and redrives).
+#[tokio::test]
+async fn credentials_that_do_not_exist_send_nothing_and_dead_letter_every_pair_with_one_alert() {
+    let fake = FakeMeta::start("meta-token").await;
+    let p = platform_reading(&fake, || async {
+        Err(ReadError {
+            message: "SSM parameter /bridge/meta-token does not exist".into(),
+            permanent: true,
+        })
+    });
+    let events: Vec<_> = (0..1000).map(|i| recent(&format!("C-{i}"))).collect();
+    let (store, queue, r) = deliver(&events, &p).await;
+    assert_eq!(fake.requests(), 0);
+    assert_eq!(r.alerts, 1, "{r:?}");
+    for e in [&events[0], &events[999]] {
+        let s = store.get_sync(&e.event_id).destinations[&Destination::Meta].clone();
+        assert_eq!(s.status, DeliveryStatus::DeadLetter);
+        let error = s.last_error.unwrap();
+        assert_eq!(error.code, "credentials_unavailable");
+        assert!(error.message.contains("/bridge/meta-token"), "{error:?}");
+    }
+    assert_eq!(queue.dlq(Destination::Meta).len(), 1000);
+}
+
+/// SSM failing for a while (throttled, unreachable) costs a retry of each pair, not a dead
+/// letter: once the read succeeds, the same messages deliver, each once.
+#[tokio::test]
+async fn credentials_read_once_ssm_answers_again_deliver_the_retried_pairs() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let fake = FakeMeta::start("meta-token").await;
+    let up = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let (up_r, reads_r, token) = (up.clone(), reads.clone(), fake.token.clone());
+    let p = platform_reading(&fake, move || {
+        reads_r.fetch_add(1, Ordering::SeqCst);
+        let (up, token) = (up_r.load(Ordering::SeqCst), token.clone());
+        async move {
+            if up {
+                Ok(MetaAccess::new(token, None))
+            } else {
+                Err(ReadError {
+                    message: "SSM GetParameters failed: throttled".into(),
+                    permanent: false,
+                })
+            }
+        }
+    });
+    let events: Vec<_> = (0..20).map(|i| recent(&format!("T-{i}"))).collect();
+    let (store, queue, records) = in_memory(&events).await;
+    let now = Timestamp::now();
+    let r = process_batch(records.clone(), &p, &store, &queue, &fast_retries(), now).await;
+    assert_eq!(r.count(PairResult::Retry), 20, "{r:?}");
+    assert_eq!(fake.requests(), 0);
+    let s = store.get_sync(&events[0].event_id).destinations[&Destination::Meta].clone();
+    assert_eq!(s.last_error.unwrap().code, "credentials_unavailable");
+
+    up.store(true, Ordering::SeqCst);
+    let later = now.plus_secs(60);
+    let r = process_batch(records, &p, &store, &queue, &fast_retries(), later).await;
+    assert_eq!(r.count(PairResult::Delivered), 20, "{r:?}");
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(fake.distinct().len(), 20);
+    // Read once more after SSM answered, then kept: later batches read nothing.
+    let before = reads.load(Ordering::SeqCst);
+    let _ = deliver(&[recent("T-after")], &p).await;
+    assert_eq!(reads.load(Ordering::SeqCst), before);
+    assert!(queue.dlq(Destination::Meta).is_empty());
 }

@@ -29,7 +29,7 @@ use bridge_core::store::memory::MemoryStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::Incoming;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_platforms::meta::{MetaAccess, MetaConfig, MetaPlatform};
 use bridge_tests::fakes::Fault;
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::meta::FakeMeta;
@@ -222,8 +222,6 @@ impl World {
             base_url: self.meta.base_url.clone(),
             api_version: "v26.0".into(),
             pixel_id: "1234567890".into(),
-            access_token: "model-token".into(),
-            app_secret: None,
             test_event_code: None,
             timeout: PLATFORM_TIMEOUT,
         };
@@ -231,6 +229,7 @@ impl World {
             bridge_platforms::http::client().expect("HTTP client"),
             cfg,
             self.mapping.clone(),
+            MetaAccess::new("model-token".into(), None),
         )
     }
 
@@ -241,7 +240,8 @@ impl World {
             datamanager_base_url: self.google.base_url.clone(),
             token_url: self.google.token_url(),
             credentials: GoogleCredentials::from_json(&self.google.credentials_json())
-                .map_err(|e| TestCaseError::fail(format!("credentials: {e}")))?,
+                .map_err(|e| TestCaseError::fail(format!("credentials: {e}")))?
+                .into(),
             validate_only: false,
             timeout: PLATFORM_TIMEOUT,
             terms_ttl: Duration::from_secs(3600),

@@ -21,7 +21,7 @@ use bridge_core::store::EventStore;
 use bridge_core::timestamp::Timestamp;
 use bridge_core::webhook::Incoming;
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
-use bridge_platforms::meta::{MetaConfig, MetaPlatform};
+use bridge_platforms::meta::{MetaAccess, MetaConfig, MetaPlatform};
 use bridge_tests::fakes::google::FakeGoogle;
 use bridge_tests::fakes::meta::FakeMeta;
 use bridge_tests::{Stack, invoke_sender, receive_records, sdk_config};
@@ -185,12 +185,11 @@ async fn a_release_0_table_upgrades_without_a_resend_and_its_waiting_refunds_fin
             base_url: fake_meta.base_url.clone(),
             api_version: "v26.0".into(),
             pixel_id: "1234567890".into(),
-            access_token: "upgrade-token".into(),
-            app_secret: None,
             test_event_code: None,
             timeout: Duration::from_secs(10),
         },
         mapping.clone(),
+        MetaAccess::new("upgrade-token".into(), None),
     );
     let google = GooglePlatform::new(
         bridge_platforms::http::client().expect("HTTP client"),
@@ -200,7 +199,8 @@ async fn a_release_0_table_upgrades_without_a_resend_and_its_waiting_refunds_fin
             datamanager_base_url: fake_google.base_url.clone(),
             token_url: fake_google.token_url(),
             credentials: GoogleCredentials::from_json(&fake_google.credentials_json())
-                .expect("credentials"),
+                .expect("credentials")
+                .into(),
             validate_only: false,
             timeout: Duration::from_secs(10),
             terms_ttl: Duration::from_secs(3600),

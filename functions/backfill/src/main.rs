@@ -40,7 +40,7 @@ use bridge_core::ingest::{IngestConfig, Intake};
 use bridge_core::reconcile::run::CrmApi;
 use bridge_core::timestamp::Timestamp;
 use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
-use bridge_platforms::meta::MetaPlatform;
+use bridge_platforms::meta::{MetaAccess, MetaPlatform};
 use serde_json::{Value, json};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -66,8 +66,9 @@ async fn dry(source: &str, text: &str) -> Result<Value, String> {
     if let (Some(token), Some(pixel)) = (env("META_ACCESS_TOKEN"), env("META_PIXEL_ID")) {
         platforms.push(Box::new(Checked(MetaPlatform::new(
             http.clone(),
-            tuning.meta_config(pixel, token, env("META_APP_SECRET")),
+            tuning.meta_config(pixel),
             settings.mapping.clone(),
+            MetaAccess::new(token, env("META_APP_SECRET").as_deref()),
         ))));
     }
     if let Some(creds) = env("GOOGLE_CREDENTIALS") {

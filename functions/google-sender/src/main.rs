@@ -1,21 +1,31 @@
 //! The Google sender Lambda (SQS-triggered): delivers claimed events to the Google Ads API or
-//! the Data Manager API, per account. Clients, credentials and the mapping are loaded once here.
+//! the Data Manager API, per account. Clients and the mapping are built once here, at init;
+//! the credentials are read from SSM from here on and waited for by the first request.
 
-use bridge_aws::lambda::required;
+use bridge_aws::lambda::{SenderInit, required};
+use bridge_platforms::credentials::ReadError;
 use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
 use lambda_runtime::Error;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let (settings, aws, ssm) = bridge_aws::lambda::sender_init().await?;
+    let aws = bridge_aws::lambda::start().await?;
     let param = required("GOOGLE_CREDENTIALS_PARAMETER")?;
-    let credentials =
-        GoogleCredentials::from_json(&bridge_aws::clients::parameter(&ssm, &param).await?)?;
+    let credentials = bridge_aws::clients::deferred_parameters(&aws, vec![param.clone()], {
+        move |mut values| {
+            let json = values.remove(&param).unwrap_or_default();
+            GoogleCredentials::from_json(&json).map_err(|e| ReadError {
+                message: format!("SSM parameter {param}: {e}"),
+                permanent: true,
+            })
+        }
+    });
+    let init = SenderInit::new(&aws)?;
     let platform = GooglePlatform::new(
         bridge_platforms::http::client()?,
-        settings.platforms.google_config(credentials),
-        settings.mapping.clone(),
+        init.settings.platforms.google_config(credentials),
+        init.settings.mapping.clone(),
     )
-    .with_waits(settings.platforms.google_waits());
-    bridge_aws::lambda::run_sender(platform, &settings, &aws).await
+    .with_waits(init.settings.platforms.google_waits());
+    bridge_aws::lambda::run_sender(platform, init).await
 }

@@ -13,23 +13,38 @@ use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    bridge_aws::telemetry::init();
-    // Pay phonenumber's lazy metadata load (tens of ms) during init, not on the first request,
-    // and on its own thread so it overlaps the network-bound SDK and SSM setup below.
+    let aws = bridge_aws::lambda::start().await?;
+    // Pay phonenumber's lazy metadata load during init, not on the first request, on its own
+    // thread.
     let warm = tokio::task::spawn_blocking(bridge_core::identity::warm_up);
-    let settings = Settings::from_env()?;
-    let aws = bridge_aws::clients::sdk_config().await?;
-    let secrets = match std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH") {
-        Ok(path) => {
-            bridge_aws::clients::parameters_by_path(&bridge_aws::clients::ssm(&aws), &path).await?
+    // The secrets are read (one SSM round trip per cold start) while the rest is built. Ingest
+    // cannot take a request before: every webhook's signature is checked first.
+    let secrets = tokio::spawn({
+        let ssm = bridge_aws::clients::ssm(&aws);
+        let path = std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH").ok();
+        async move {
+            match path {
+                Some(path) => bridge_aws::clients::parameters_by_path(&ssm, &path).await,
+                None => Ok(Default::default()),
+            }
         }
-        Err(_) => Default::default(),
-    };
+    });
+    let settings = Settings::from_env()?;
+    let store = Arc::new(DynamoStore::new(
+        bridge_aws::clients::dynamodb(&aws),
+        &settings.table_name,
+        settings.retention_days,
+    ));
+    let queue = Arc::new(SqsQueue::new(
+        bridge_aws::clients::sqs(&aws),
+        settings.queues.clone(),
+    ));
     let http = bridge_platforms::http::builder()
         .connect_timeout(bridge_platforms::hubspot::CONNECT_TIMEOUT)
         .build()?;
     let lookup = bridge_aws::lambda::env;
     let hubspot_base = parse_url(&lookup, "HUBSPOT_API_BASE_URL", "https://api.hubapi.com")?;
+    let secrets = secrets.await??;
     let hubspot: Option<Arc<dyn HubSpotRecords>> = secrets.get("hubspot-token").map(|token| {
         Arc::new(HubSpotClient::new(
             http.clone(),
@@ -50,15 +65,8 @@ async fn main() -> Result<(), Error> {
         return Err("HUBSPOT_PORTAL_ID is required when hubspot-app-secret is configured".into());
     }
     let app = App {
-        store: Arc::new(DynamoStore::new(
-            bridge_aws::clients::dynamodb(&aws),
-            &settings.table_name,
-            settings.retention_days,
-        )),
-        queue: Arc::new(SqsQueue::new(
-            bridge_aws::clients::sqs(&aws),
-            settings.queues.clone(),
-        )),
+        store,
+        queue,
         secrets,
         hubspot,
         // A function URL takes at most 6 MB per request.

@@ -1,31 +1,40 @@
 //! The Meta sender Lambda (SQS-triggered): delivers claimed events to the Conversions API.
-//! Clients, the access token and the mapping are loaded once here, at init.
+//! Clients and the mapping are built once here, at init; the access token is read from SSM
+//! from here on and waited for by the first send.
 
-use bridge_aws::lambda::{env, required};
-use bridge_platforms::meta::MetaPlatform;
+use bridge_aws::lambda::{SenderInit, env, required};
+use bridge_platforms::credentials::ReadError;
+use bridge_platforms::meta::{MetaAccess, MetaPlatform};
 use lambda_runtime::Error;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let (settings, aws, ssm) = bridge_aws::lambda::sender_init().await?;
+    let aws = bridge_aws::lambda::start().await?;
     let token_param = required("META_ACCESS_TOKEN_PARAMETER")?;
     let secret_param = env("META_APP_SECRET_PARAMETER");
-    // Both secrets in one request: each SSM round trip is paid by every cold start.
-    let names: Vec<&str> = std::iter::once(token_param.as_str())
-        .chain(secret_param.as_deref())
+    // Both secrets in one request, which runs while the rest is built and the first batch is
+    // claimed.
+    let names = std::iter::once(token_param.clone())
+        .chain(secret_param.clone())
         .collect();
-    let mut values = bridge_aws::clients::parameters(&ssm, &names).await?;
-    let access_token = values
-        .remove(&token_param)
-        .ok_or("META_ACCESS_TOKEN_PARAMETER has no value")?;
-    let app_secret = secret_param.and_then(|p| values.remove(&p));
-    let cfg = settings
+    let access = bridge_aws::clients::deferred_parameters(&aws, names, move |mut values| {
+        let token = values.remove(&token_param).ok_or_else(|| ReadError {
+            message: format!("SSM parameter {token_param} has no value"),
+            permanent: true,
+        })?;
+        let app_secret = secret_param.as_ref().and_then(|p| values.remove(p));
+        Ok(MetaAccess::new(token, app_secret.as_deref()))
+    });
+    let init = SenderInit::new(&aws)?;
+    let cfg = init
+        .settings
         .platforms
-        .meta_config(required("META_PIXEL_ID")?, access_token, app_secret);
+        .meta_config(required("META_PIXEL_ID")?);
     let platform = MetaPlatform::new(
         bridge_platforms::http::client()?,
         cfg,
-        settings.mapping.clone(),
+        init.settings.mapping.clone(),
+        access,
     );
-    bridge_aws::lambda::run_sender(platform, &settings, &aws).await
+    bridge_aws::lambda::run_sender(platform, init).await
 }

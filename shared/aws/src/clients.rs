@@ -8,6 +8,7 @@
 use crate::lambda::env;
 pub use aws_config::SdkConfig;
 use bridge_platforms::config::InvalidVar;
+use bridge_platforms::credentials::{Deferred, ReadError};
 
 /// The SDK configuration a function runs with: its region, credentials and endpoint from the
 /// environment Lambda sets (`AWS_REGION`; `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -26,11 +27,15 @@ pub async fn sdk_config() -> Result<SdkConfig, InvalidVar> {
         })?;
     let mut b = SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(region))
+        .region(aws_config::Region::new(region.clone()))
         .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
             aws_config::environment::credentials::EnvironmentVariableCredentialsProvider::new(),
         ))
-        .http_client(http_client());
+        .http_client(http_client(SdkTrust::for_lambda(
+            &region,
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )));
     if let Some(url) = env("AWS_ENDPOINT_URL") {
         b = b.endpoint_url(url);
     }
@@ -38,26 +43,62 @@ pub async fn sdk_config() -> Result<SdkConfig, InvalidVar> {
 }
 
 /// The SDK configuration with aws-config's whole default chain (profiles, SSO, assumed roles,
-/// instance metadata): what a person running `bridge-backfill` on their own machine has.
+/// instance metadata): what a person running `bridge-backfill` on their own machine has. It
+/// trusts Mozilla's whole set of roots, since a profile may name any endpoint.
 pub async fn operator_sdk_config() -> SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(http_client())
+        .http_client(http_client(SdkTrust::Mozilla))
         .load()
         .await
 }
 
+/// Which root certificates the SDK's HTTP client trusts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SdkTrust {
+    /// Amazon Trust Services' roots only: what AWS's own service endpoints chain to.
+    Aws,
+    /// Every root Mozilla trusts: for an endpoint that is not AWS's own (an emulator, a proxy).
+    Mozilla,
+}
+
+impl SdkTrust {
+    /// The roots a Lambda function needs: Amazon Trust Services' when it talks to AWS's own
+    /// endpoints in a commercial or GovCloud Region, Mozilla's whole set when an endpoint is
+    /// overridden with an `https` URL (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_<SERVICE>`: a
+    /// proxy or emulator with a certificate of its own) or the Region is in the China
+    /// partition, whose endpoints are run apart from AWS's own. A plain `http` emulator needs
+    /// no roots, so it runs with the same trust as a deployed function.
+    pub fn for_lambda(region: &str, vars: impl IntoIterator<Item = (String, String)>) -> SdkTrust {
+        let tls_override = vars.into_iter().any(|(k, v)| {
+            k.starts_with("AWS_ENDPOINT_URL")
+                && !v.trim().to_ascii_lowercase().starts_with("http://")
+        });
+        if tls_override || region.starts_with("cn-") {
+            SdkTrust::Mozilla
+        } else {
+            SdkTrust::Aws
+        }
+    }
+}
+
 /// The SDK's HTTP client on rustls with ring (the SDK's default is aws-lc): the same crypto as
-/// the platform clients (bridge_platforms::http), so one TLS stack ships. It trusts the same
-/// roots too, Mozilla's as `webpki-root-certs` compiles them in (Amazon Trust Services' roots
-/// among them), instead of reading and parsing the system's certificate files at every cold
-/// start.
-pub fn http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
+/// the platform clients (bridge_platforms::http), so one TLS stack ships. Its roots are
+/// compiled in (`webpki-root-certs`, Mozilla's set) instead of read from the system's
+/// certificate files at every cold start.
+///
+/// The SDK takes roots only as PEM and decodes and parses all of them for each connector it
+/// builds: Mozilla's ~150 were 40% of a sender's cold-start CPU (perf, local profile). AWS
+/// serves every service endpoint with a certificate from Amazon Trust Services, whose five
+/// roots (Amazon Root CA 1-4, Starfield Services Root CA G2) are what AWS tells clients with
+/// a restricted trust list to trust (AWS Security Blog, "How to Prepare for AWS's Move to Its
+/// Own Certificate Authority"), so [`SdkTrust::Aws`] trusts those alone.
+pub fn http_client(trust: SdkTrust) -> aws_sdk_dynamodb::config::SharedHttpClient {
     use aws_smithy_http_client::tls;
     let builder = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(
         tls::rustls_provider::CryptoMode::Ring,
     ));
     match tls::TlsContext::builder()
-        .with_trust_store(tls::TrustStore::empty().with_pem_certificate(root_pem()))
+        .with_trust_store(tls::TrustStore::empty().with_pem_certificate(root_pem(trust)))
         .build()
     {
         Ok(ctx) => builder.tls_context(ctx).build_https(),
@@ -68,13 +109,36 @@ pub fn http_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
     }
 }
 
-/// The compiled-in root certificates as one PEM bundle, the form the SDK's trust store takes.
-/// Only those rustls accepts: the SDK adds each with an `expect`, so one it refused would
-/// panic in the first request, not here.
-fn root_pem() -> Vec<u8> {
+/// Amazon Trust Services' root certificates, by the subject each names itself with.
+const AWS_ROOTS: &[&[u8]] = &[
+    b"Amazon Root CA 1",
+    b"Amazon Root CA 2",
+    b"Amazon Root CA 3",
+    b"Amazon Root CA 4",
+    b"Starfield Services Root Certificate Authority - G2",
+];
+
+/// The compiled-in roots `trust` takes.
+fn roots(trust: SdkTrust) -> Vec<&'static rustls::pki_types::CertificateDer<'static>> {
+    let all = webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter();
+    if trust == SdkTrust::Mozilla {
+        return all.collect();
+    }
+    // A root is self-signed, so a name it carries is its own: no other root's DER holds
+    // Amazon's names. memmem, not a naive scan: this runs at every cold start over ~200 kB.
+    let names: Vec<memchr::memmem::Finder> =
+        AWS_ROOTS.iter().map(memchr::memmem::Finder::new).collect();
+    all.filter(|cert| names.iter().any(|n| n.find(cert.as_ref()).is_some()))
+        .collect()
+}
+
+/// The roots `trust` takes as one PEM bundle, the form the SDK's trust store takes. Only
+/// those rustls accepts: the SDK adds each with an `expect`, so one it refused would panic in
+/// the first request, not here.
+fn root_pem(trust: SdkTrust) -> Vec<u8> {
     use base64::Engine;
     let mut pem = String::new();
-    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+    for cert in roots(trust) {
         if rustls::RootCertStore::empty().add(cert.clone()).is_err() {
             continue;
         }
@@ -197,23 +261,121 @@ pub async fn parameters(
         .collect())
 }
 
+/// Credentials built from the SSM parameters `names`, read in one request that starts now and
+/// is waited for at their first use (see [`Deferred`]). A name SSM does not have, or values
+/// `build` refuses, are permanent errors; a failed call is retried at the next use.
+pub fn deferred_parameters<T, B>(cfg: &SdkConfig, names: Vec<String>, build: B) -> Deferred<T>
+where
+    T: Send + Sync + 'static,
+    B: Fn(std::collections::HashMap<String, String>) -> Result<T, ReadError>
+        + Send
+        + Sync
+        + 'static,
+{
+    let ssm = ssm(cfg);
+    let build = std::sync::Arc::new(build);
+    Deferred::read(move || {
+        let (ssm, names, build) = (ssm.clone(), names.clone(), build.clone());
+        async move {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let read = parameters(&ssm, &refs).await.map_err(|e| match &e {
+                ParameterError::Missing(_) => ReadError {
+                    message: e.to_string(),
+                    permanent: true,
+                },
+                ParameterError::Ssm(source) => ReadError {
+                    message: format!("{e}: {}", aws_sdk_ssm::error::DisplayErrorContext(source)),
+                    permanent: false,
+                },
+            });
+            match read {
+                Ok(values) => build(values),
+                Err(e) => {
+                    tracing::warn!(parameters = ?names, error = %e, "credentials not read");
+                    Err(e)
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
-    #[test]
-    fn the_sdk_trusts_every_compiled_in_root_and_reads_its_pem() {
-        let pem = super::root_pem();
-        let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(&pem)
+    use super::{AWS_ROOTS, SdkTrust, root_pem};
+
+    fn parsed(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+        let certs: Vec<CertificateDer> = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<_, _>>()
             .unwrap();
+        let mut store = rustls::RootCertStore::empty();
+        for c in &certs {
+            store.add(c.clone()).unwrap();
+        }
+        certs
+    }
+
+    #[test]
+    fn with_mozillas_roots_the_sdk_trusts_every_compiled_in_root_and_reads_its_pem() {
+        let certs = parsed(&root_pem(SdkTrust::Mozilla));
         assert_eq!(certs.len(), webpki_root_certs::TLS_SERVER_ROOT_CERTS.len());
         assert!(certs.len() > 100);
-        let mut store = rustls::RootCertStore::empty();
-        for c in certs {
-            store.add(c).unwrap();
+        let _client = super::http_client(SdkTrust::Mozilla);
+    }
+
+    #[test]
+    fn with_aws_roots_the_sdk_trusts_each_amazon_trust_services_root_once() {
+        let certs = parsed(&root_pem(SdkTrust::Aws));
+        assert_eq!(certs.len(), AWS_ROOTS.len());
+        for name in AWS_ROOTS {
+            let holding = certs
+                .iter()
+                .filter(|c| c.as_ref().windows(name.len()).any(|w| w == *name))
+                .count();
+            assert_eq!(holding, 1, "{}", String::from_utf8_lossy(name));
         }
-        let _client = super::http_client();
+        let _client = super::http_client(SdkTrust::Aws);
+    }
+
+    #[test]
+    fn an_https_endpoint_override_or_the_china_partition_trusts_mozillas_roots() {
+        let vars = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let trust = |region, v: &[(&str, &str)]| SdkTrust::for_lambda(region, vars(v));
+        assert_eq!(
+            trust(
+                "eu-west-1",
+                &[("AWS_REGION", "eu-west-1"), ("TABLE_NAME", "t")]
+            ),
+            SdkTrust::Aws
+        );
+        assert_eq!(trust("us-gov-west-1", &[]), SdkTrust::Aws);
+        assert_eq!(
+            trust(
+                "eu-west-1",
+                &[("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")]
+            ),
+            SdkTrust::Aws
+        );
+        assert_eq!(
+            trust(
+                "eu-west-1",
+                &[("AWS_ENDPOINT_URL", "https://localhost.localstack.cloud")]
+            ),
+            SdkTrust::Mozilla
+        );
+        assert_eq!(
+            trust(
+                "eu-west-1",
+                &[("AWS_ENDPOINT_URL_SSM", "HTTPS://proxy.example")]
+            ),
+            SdkTrust::Mozilla
+        );
+        assert_eq!(trust("cn-north-1", &[]), SdkTrust::Mozilla);
     }
 }

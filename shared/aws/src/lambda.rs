@@ -31,31 +31,49 @@ pub fn batch_response(report: &BatchReport) -> SqsBatchResponse {
     resp
 }
 
-/// What a sender builds first at init: telemetry, its settings (validated), the AWS
-/// configuration, and an SSM client for its secrets.
-pub async fn sender_init() -> Result<
-    (
-        crate::config::Settings,
-        aws_config::SdkConfig,
-        aws_sdk_ssm::Client,
-    ),
-    lambda_runtime::Error,
-> {
+/// What every function builds first: telemetry, and the AWS SDK configuration from Lambda's
+/// environment.
+pub async fn start() -> Result<aws_config::SdkConfig, lambda_runtime::Error> {
     crate::telemetry::init();
-    let settings = crate::config::Settings::from_env()?;
-    let aws = crate::clients::sdk_config().await?;
-    let ssm = crate::clients::ssm(&aws);
-    Ok((settings, aws, ssm))
+    Ok(crate::clients::sdk_config().await?)
+}
+
+/// What a sender runs with: its settings (validated), and its store and queue clients.
+pub struct SenderInit {
+    pub settings: crate::config::Settings,
+    pub store: crate::dynamodb::DynamoStore,
+    pub queue: crate::sqs::SqsQueue,
+}
+
+impl SenderInit {
+    pub fn new(aws: &aws_config::SdkConfig) -> Result<SenderInit, lambda_runtime::Error> {
+        let settings = crate::config::Settings::from_env()?;
+        let store = crate::dynamodb::DynamoStore::new(
+            crate::clients::dynamodb(aws),
+            &settings.table_name,
+            settings.retention_days,
+        );
+        let queue = crate::sqs::SqsQueue::new(crate::clients::sqs(aws), settings.queues.clone());
+        Ok(SenderInit {
+            settings,
+            store,
+            queue,
+        })
+    }
 }
 
 /// Runs a sender Lambda: every SQS batch through `process_batch` for `platform`, with the
-/// store, queue and pipeline settings built once at init from `settings`.
+/// store, queue and pipeline settings built once at init.
 pub async fn run_sender<P: bridge_core::delivery::pipeline::Platform>(
     platform: P,
-    settings: &crate::config::Settings,
-    aws: &aws_config::SdkConfig,
+    init: SenderInit,
 ) -> Result<(), lambda_runtime::Error> {
     use bridge_core::delivery::pipeline::{PipelineConfig, SEND_MARGIN, process_batch};
+    let SenderInit {
+        settings,
+        store,
+        queue,
+    } = init;
     if let Some(timeout) = settings.sender_timeout_secs {
         // A send that cannot finish, and be recorded, inside the function's timeout would be
         // put off forever; a lease shorter than the function lets a second worker take over a
@@ -77,12 +95,6 @@ pub async fn run_sender<P: bridge_core::delivery::pipeline::Platform>(
             .into());
         }
     }
-    let store = crate::dynamodb::DynamoStore::new(
-        crate::clients::dynamodb(aws),
-        &settings.table_name,
-        settings.retention_days,
-    );
-    let queue = crate::sqs::SqsQueue::new(crate::clients::sqs(aws), settings.queues.clone());
     let pipeline = PipelineConfig {
         lease_secs: settings.lease_secs,
         max_attempts: settings.max_attempts,

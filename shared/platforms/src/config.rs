@@ -3,6 +3,7 @@
 //! dry-run switches, and the one constructor of each platform's config built from them. The
 //! senders, reconcile and `bridge-backfill` all read the same variables here.
 
+use crate::credentials::Deferred;
 use crate::google::{GoogleConfig, GoogleCredentials, TOO_RECENT_WAIT, Waits};
 use crate::meta::MetaConfig;
 use std::time::Duration;
@@ -163,32 +164,29 @@ impl PlatformSettings {
         })
     }
 
-    /// The Meta client's configuration for a pixel and its token (and app secret).
-    pub fn meta_config(
-        &self,
-        pixel_id: String,
-        access_token: String,
-        app_secret: Option<String>,
-    ) -> MetaConfig {
+    /// The Meta client's configuration for a pixel (its credentials are given apart, as
+    /// [`crate::meta::MetaAccess`]).
+    pub fn meta_config(&self, pixel_id: String) -> MetaConfig {
         MetaConfig {
             base_url: self.endpoints.meta_graph_base_url.clone(),
             api_version: self.endpoints.meta_api_version.clone(),
             pixel_id,
-            access_token,
-            app_secret,
             test_event_code: self.meta_test_event_code.clone(),
             timeout: self.meta_timeout,
         }
     }
 
-    /// The Google client's configuration for these credentials.
-    pub fn google_config(&self, credentials: GoogleCredentials) -> GoogleConfig {
+    /// The Google client's configuration for these credentials (given, or read at first use).
+    pub fn google_config(
+        &self,
+        credentials: impl Into<Deferred<GoogleCredentials>>,
+    ) -> GoogleConfig {
         GoogleConfig {
             ads_base_url: self.endpoints.google_ads_base_url.clone(),
             ads_api_version: self.endpoints.google_ads_api_version.clone(),
             datamanager_base_url: self.endpoints.google_datamanager_base_url.clone(),
             token_url: self.endpoints.google_oauth_token_url.clone(),
-            credentials,
+            credentials: credentials.into(),
             validate_only: self.google_validate_only,
             timeout: self.google_timeout,
             terms_ttl: self.google_terms_ttl,
@@ -262,7 +260,7 @@ mod tests {
         assert_eq!(s.endpoints.meta_graph_base_url, "http://127.0.0.1:9100");
         assert!(s.google_validate_only);
         assert_eq!(s.google_waits().too_recent, Duration::from_secs(10));
-        let m = s.meta_config("1".into(), "t".into(), None);
+        let m = s.meta_config("1".into());
         assert_eq!(m.test_event_code.as_deref(), Some("TEST123"));
         assert_eq!(m.base_url, "http://127.0.0.1:9100");
     }

@@ -2,6 +2,7 @@
 //! Ads API and the Data Manager API) as delivery `Platform`s, and the CRM API clients (HubSpot, Salesforce).
 
 pub mod config;
+pub mod credentials;
 pub mod crm;
 pub mod google;
 pub mod http;

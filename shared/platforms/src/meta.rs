@@ -4,6 +4,7 @@
 //! appsecret_proof travel in the form-encoded body, never in a URL, so no error text or log
 //! line can carry them.
 
+use crate::credentials::Deferred;
 use async_trait::async_trait;
 use bridge_core::delivery::pipeline::Platform;
 use bridge_core::delivery::{Answer, Attempt, Limits, Outcome, deliver_isolating};
@@ -24,9 +25,6 @@ pub struct MetaConfig {
     pub base_url: String,
     pub api_version: String,
     pub pixel_id: String,
-    pub access_token: String,
-    /// When set, requests carry `appsecret_proof`.
-    pub app_secret: Option<String>,
     /// Dry runs: events go to Events Manager's Test Events tool.
     pub test_event_code: Option<String>,
     pub timeout: Duration,
@@ -243,27 +241,48 @@ pub fn classify(status: u16, body: &str, sent: usize) -> Outcome {
     }
 }
 
+/// What Meta's requests are authorised with: the access token and, when the app secret is
+/// configured, its `appsecret_proof` (HMAC-SHA256 of the token keyed by the app secret).
+pub struct MetaAccess {
+    token: String,
+    proof: Option<String>,
+}
+
+impl MetaAccess {
+    pub fn new(access_token: String, app_secret: Option<&str>) -> Self {
+        let proof = app_secret.and_then(|secret| {
+            let mut m =
+                <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).ok()?;
+            m.update(access_token.as_bytes());
+            Some(bridge_core::hashing::hex(&m.finalize().into_bytes()))
+        });
+        MetaAccess {
+            token: access_token,
+            proof,
+        }
+    }
+}
+
 /// The Meta destination over HTTP.
 pub struct MetaPlatform {
     http: reqwest::Client,
     cfg: MetaConfig,
     mapping: Mapping,
-    proof: Option<String>,
+    access: Deferred<MetaAccess>,
 }
 
 impl MetaPlatform {
-    pub fn new(http: reqwest::Client, cfg: MetaConfig, mapping: Mapping) -> Self {
-        let proof = cfg.app_secret.as_ref().and_then(|secret| {
-            let mut m =
-                <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).ok()?;
-            m.update(cfg.access_token.as_bytes());
-            Some(bridge_core::hashing::hex(&m.finalize().into_bytes()))
-        });
+    pub fn new(
+        http: reqwest::Client,
+        cfg: MetaConfig,
+        mapping: Mapping,
+        access: impl Into<Deferred<MetaAccess>>,
+    ) -> Self {
         MetaPlatform {
             http,
             cfg,
             mapping,
-            proof,
+            access: access.into(),
         }
     }
 
@@ -276,12 +295,16 @@ impl MetaPlatform {
         // Python SDK sends the body form-encoded: nothing secret goes into the URL, so no
         // transport error, log line or stored message can carry it.
         // source: M-USE (curl -F data=... -F access_token=...), facebook_business/api.py
+        let access = match self.access.get().await {
+            Ok(a) => a,
+            Err(e) => return e.outcome(),
+        };
         let data = serde_json::to_string(events).unwrap_or_else(|_| "[]".into());
         let mut form: Vec<(&str, &str)> = vec![
             ("data", data.as_str()),
-            ("access_token", self.cfg.access_token.as_str()),
+            ("access_token", access.token.as_str()),
         ];
-        if let Some(p) = &self.proof {
+        if let Some(p) = &access.proof {
             form.push(("appsecret_proof", p.as_str()));
         }
         if let Some(code) = &self.cfg.test_event_code {
@@ -367,6 +390,12 @@ impl Platform for MetaPlatform {
     /// A whole-request rejection holding more than one event is bisected, so the bad event
     /// ends alone with its own error and the rest are delivered.
     async fn send(&self, pixel: &str, items: &[Value], limits: Limits) -> Vec<Outcome> {
+        // Credentials that cannot be read are no row's fault: every row gets that outcome,
+        // without the bisection a refused request gets.
+        if let Err(e) = self.access.get().await {
+            tracing::error!(destination = "meta", error = %e, permanent = e.permanent, "credentials unavailable");
+            return vec![e.outcome(); items.len()];
+        }
         let request = PixelRequest {
             platform: self,
             pixel,

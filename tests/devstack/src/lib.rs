@@ -33,7 +33,9 @@ pub fn endpoint() -> String {
 pub async fn sdk_config() -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .app_name(aws_config::AppName::new("bridge-devstack").expect("a valid app name"))
-        .http_client(bridge_aws::clients::http_client())
+        .http_client(bridge_aws::clients::http_client(
+            bridge_aws::clients::SdkTrust::Mozilla,
+        ))
         .endpoint_url(endpoint())
         .region(Region::new(
             std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),

@@ -127,6 +127,9 @@ bridge_codes! {
     MappingChanged = "mapping_changed",
 
     // Talking to a platform.
+    /// The platform's credentials could not be read (from SSM, at the first send after a
+    /// cold start); nothing was sent.
+    CredentialsUnavailable = "credentials_unavailable",
     /// No answer within the request timeout.
     Timeout = "timeout",
     /// The request did not reach the platform, or its connection broke.

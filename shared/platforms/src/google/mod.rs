@@ -16,6 +16,7 @@ pub use data_manager::classify_datamanager;
 pub use oauth::TokenSource;
 pub use rows::{GoogleItem, Kind, build_item};
 
+use crate::credentials::Deferred;
 use async_trait::async_trait;
 use bridge_core::delivery::{DeliveryStatus, Destination, ErrorCode, ErrorInfo};
 use bridge_core::delivery::{Limits, Outcome, deliver_isolating};
@@ -100,7 +101,9 @@ pub struct GoogleConfig {
     pub ads_api_version: String,
     pub datamanager_base_url: String,
     pub token_url: String,
-    pub credentials: GoogleCredentials,
+    /// Given, or read at the first request (a sender reads them from SSM while its first
+    /// batch is claimed).
+    pub credentials: Deferred<GoogleCredentials>,
     /// Dry runs: `validateOnly: true` on every request; Google checks and imports nothing.
     pub validate_only: bool,
     pub timeout: Duration,
@@ -191,7 +194,9 @@ impl GooglePlatform {
                 .json(body)
                 .timeout(self.cfg.timeout);
             if let Api::Ads = api {
-                if let Some(d) = &self.cfg.credentials.developer_token {
+                // Read already: the token above needed them.
+                let credentials = self.cfg.credentials.get().await.map_err(|e| e.outcome())?;
+                if let Some(d) = &credentials.developer_token {
                     req = req.header("developer-token", d);
                 }
                 if let Some(l) = login {
@@ -280,6 +285,12 @@ impl bridge_core::delivery::pipeline::Platform for GooglePlatform {
     async fn send(&self, _group: &str, items: &[GoogleItem], limits: Limits) -> Vec<Outcome> {
         if items.is_empty() {
             return Vec::new();
+        }
+        // Credentials that cannot be read are no row's fault: every row gets that outcome,
+        // without the bisection a refused request gets.
+        if let Err(e) = self.cfg.credentials.get().await {
+            tracing::error!(destination = "google", error = %e, permanent = e.permanent, "credentials unavailable");
+            return vec![e.outcome(); items.len()];
         }
         match items[0].kind {
             Kind::DataManager => {

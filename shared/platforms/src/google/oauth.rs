@@ -2,6 +2,7 @@
 //! before expiry, one refresh shared by concurrent requests.
 
 use super::{GoogleCredentials, err, retry};
+use crate::credentials::Deferred;
 use bridge_core::delivery::{ErrorCode, Outcome};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 pub struct TokenSource {
     http: reqwest::Client,
     url: String,
-    credentials: GoogleCredentials,
+    credentials: Deferred<GoogleCredentials>,
     timeout: Duration,
     cached: tokio::sync::Mutex<Option<(String, Instant)>>,
 }
@@ -23,7 +24,7 @@ impl TokenSource {
     pub fn new(
         http: reqwest::Client,
         url: String,
-        credentials: GoogleCredentials,
+        credentials: Deferred<GoogleCredentials>,
         timeout: Duration,
     ) -> Self {
         TokenSource {
@@ -61,7 +62,7 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<(String, Duration), Outcome> {
-        let c = &self.credentials;
+        let c = self.credentials.get().await.map_err(|e| e.outcome())?;
         let form = [
             ("grant_type", "refresh_token"),
             ("client_id", c.client_id.as_str()),

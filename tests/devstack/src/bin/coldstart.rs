@@ -6,7 +6,7 @@
 //! ingest <= 1.5x, senders <= 1.2x).
 //!
 //! Run (moto up) on optimised binaries, which the `local` profile builds:
-//! `cargo build --profile local -p ingest -p meta-sender -p google-sender -p bridge-devstack --bins`
+//! `cargo build --profile local -p ingest -p meta-sender -p google-sender -p reconcile -p bridge-devstack --bins`
 //! then `target/local/bridge-coldstart [runs]` (default 15). The functions are taken from this
 //! binary's directory unless `BRIDGE_BIN_DIR` says otherwise.
 

@@ -1,0 +1,209 @@
+//! Credentials a platform reads once, when it first sends: a sender starts the read at init
+//! and its first send waits for it, so the read (an SSM round trip, its TLS handshake
+//! included) runs while the first batch is loaded and claimed in the store, not before the
+//! function may take work.
+
+use bridge_core::delivery::{ErrorCode, ErrorInfo, Outcome};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Why credentials could not be read. The message names what was read (a parameter's name),
+/// never a value.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ReadError {
+    pub message: String,
+    /// A person must fix it (a parameter that does not exist, a value that does not parse);
+    /// otherwise the next send reads again.
+    pub permanent: bool,
+}
+
+impl ReadError {
+    /// What every row of a request gets when the credentials it needs could not be read:
+    /// a retry, or for a permanent error a dead letter with an alert.
+    pub fn outcome(&self) -> Outcome {
+        let error = ErrorInfo::new(ErrorCode::CredentialsUnavailable, self.message.clone());
+        if self.permanent {
+            Outcome::Rejected {
+                error,
+                dead_letter: true,
+                alert: true,
+            }
+        } else {
+            Outcome::Retryable { error, after: None }
+        }
+    }
+}
+
+type Read<T> =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<T, ReadError>> + Send>> + Send + Sync>;
+
+/// A platform's credentials: given (tests, operators' tools) or read on first use. A read
+/// that failed is not kept, so the next use reads again (after an operator fixed a
+/// parameter, a redrive succeeds without a new deploy).
+pub struct Deferred<T> {
+    cell: Arc<tokio::sync::OnceCell<T>>,
+    read: Option<Read<T>>,
+}
+
+impl<T> Clone for Deferred<T> {
+    fn clone(&self) -> Self {
+        Deferred {
+            cell: self.cell.clone(),
+            read: self.read.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Deferred<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = if self.cell.initialized() {
+            "read"
+        } else {
+            "not read"
+        };
+        write!(f, "Deferred(<redacted>, {state})")
+    }
+}
+
+impl<T> From<T> for Deferred<T> {
+    fn from(value: T) -> Self {
+        Deferred {
+            cell: Arc::new(tokio::sync::OnceCell::new_with(Some(value))),
+            read: None,
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Deferred<T> {
+    /// Credentials `read` gives, read first now (in the background, on the current Tokio
+    /// runtime) and waited for at their first use.
+    pub fn read<F, Fut>(read: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, ReadError>> + Send + 'static,
+    {
+        let d = Deferred {
+            cell: Arc::new(tokio::sync::OnceCell::new()),
+            read: Some(Arc::new(move || Box::pin(read()))),
+        };
+        let first = d.clone();
+        tokio::spawn(async move {
+            // A failure here is met again, and reported, by the send that needs the value.
+            let _ = first.get().await;
+        });
+        d
+    }
+
+    /// The credentials, read now if no read has succeeded yet (concurrent callers share one
+    /// read).
+    pub async fn get(&self) -> Result<&T, ReadError> {
+        match &self.read {
+            Some(read) => self.cell.get_or_try_init(|| read()).await,
+            None => self.cell.get().ok_or_else(|| ReadError {
+                message: "no credentials were given".into(),
+                permanent: true,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn given_credentials_are_there_at_once() {
+        let d = Deferred::from("token".to_string());
+        assert_eq!(d.get().await.unwrap(), "token");
+    }
+
+    #[tokio::test]
+    async fn a_read_starts_at_once_and_is_shared_by_every_use() {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let counted = reads.clone();
+        let d = Deferred::read(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok::<_, ReadError>("token".to_string())
+            }
+        });
+        let (a, b) = tokio::join!(d.get(), d.clone().get_owned());
+        assert_eq!(a.unwrap(), "token");
+        assert_eq!(b.unwrap(), "token");
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_is_not_kept_and_the_next_use_reads_again() {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let counted = reads.clone();
+        let d = Deferred::read(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(ReadError {
+                        message: "SSM parameter /bridge/token does not exist".into(),
+                        permanent: true,
+                    })
+                } else {
+                    Ok("token".to_string())
+                }
+            }
+        });
+        // Let the first read (started at once) finish and fail.
+        while reads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(d.get().await.unwrap(), "token");
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_permanent_error_dead_letters_with_an_alert_and_a_transient_one_retries() {
+        let permanent = ReadError {
+            message: "SSM parameter /bridge/token does not exist".into(),
+            permanent: true,
+        };
+        match permanent.outcome() {
+            Outcome::Rejected {
+                error,
+                dead_letter: true,
+                alert: true,
+            } => {
+                assert_eq!(error.code, ErrorCode::CredentialsUnavailable);
+                assert!(error.message.contains("/bridge/token"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let transient = ReadError {
+            message: "SSM GetParameters failed".into(),
+            permanent: false,
+        };
+        assert!(matches!(
+            transient.outcome(),
+            Outcome::Retryable { after: None, .. }
+        ));
+    }
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let d = Deferred::from("s3cr3t".to_string());
+        assert!(!format!("{d:?}").contains("s3cr3t"));
+    }
+
+    impl<T: Send + Sync + 'static> Deferred<T> {
+        async fn get_owned(self) -> Result<T, ReadError>
+        where
+            T: Clone,
+        {
+            self.get().await.cloned()
+        }
+    }
+}
