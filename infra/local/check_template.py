@@ -6,6 +6,8 @@
 - queue visibility is at least six times the senders' timeout and the claim lease at least the
   timeout (both come from the SenderTimeouts mapping);
 - least privilege: no wildcard actions or resources, SSM access scoped to its parameters;
+- each function may call every SSM action its code calls (read from functions/<name>/src:
+  IAM is not enforced by the emulator, so a missing action shows only in a deployment);
 - every function logs to a group with a retention; one log level knob;
 - the event table is protected from deletion; the reports bucket refuses plain HTTP;
 - the public ingest function has reserved concurrency, each SQS mapping a maximum concurrency;
@@ -21,7 +23,31 @@ from pathlib import Path
 
 from samcli.yamlhelper import yaml_parse
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "infra" / "template.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "infra" / "template.yaml"
+
+# The bridge_aws::clients helpers a function's code may call, and the SSM action each makes.
+SSM_HELPERS = {
+    "clients::parameter(": "ssm:GetParameter",
+    "clients::parameters(": "ssm:GetParameters",
+    "clients::deferred_parameters(": "ssm:GetParameters",
+    "clients::parameters_by_path(": "ssm:GetParametersByPath",
+}
+FUNCTION_DIRS = {
+    "IngestFunction": "ingest",
+    "MetaSenderFunction": "meta-sender",
+    "GoogleSenderFunction": "google-sender",
+    "ReconcileFunction": "reconcile",
+}
+
+
+def ssm_calls(function):
+    """The SSM actions a function's own code calls, through the helpers above."""
+    calls = set()
+    for src in (ROOT / "functions" / FUNCTION_DIRS[function] / "src").rglob("*.rs"):
+        text = src.read_text()
+        calls |= {action for helper, action in SSM_HELPERS.items() if helper in text}
+    return calls
 
 
 def props(t, name):
@@ -103,6 +129,14 @@ def check(t):
         for ev in p.get("Events", {}).values():
             if ev.get("Type") == "SQS" and "MaximumConcurrency" not in ev["Properties"].get("ScalingConfig", {}):
                 problems.append(f"{name}: SQS mapping without ScalingConfig.MaximumConcurrency")
+    for function in FUNCTION_DIRS:
+        allowed = set()
+        for policy in props(t, function).get("Policies", []):
+            for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
+                actions = st.get("Action", [])
+                allowed |= set(actions if isinstance(actions, list) else [actions])
+        for action in sorted(ssm_calls(function) - allowed):
+            problems.append(f"{function}: its code calls {action}, which its policy does not allow")
     if "ReservedConcurrentExecutions" not in props(t, "IngestFunction"):
         problems.append("IngestFunction: no ReservedConcurrentExecutions")
 
@@ -168,6 +202,7 @@ def self_test(t):
         "SSM scope": lambda x: ssm_statement(x, "IngestFunction").update(
             Resource={"Fn::Sub": "arn:aws:ssm:${AWS::Region}:${AWS::AccountId}:parameter${WebhookSecretsParameterPath}*"}
         ),
+        "SSM action": lambda x: ssm_statement(x, "GoogleSenderFunction").update(Action=["ssm:GetParameter"]),
         "index wildcard": lambda x: dynamodb_statement(x, "ReconcileFunction").update(
             Resource=[{"Fn::Sub": "${EventsTable.Arn}/index/*"}]
         ),

@@ -3,7 +3,6 @@
 //! the credentials are read from SSM from here on and waited for by the first request.
 
 use bridge_aws::lambda::{SenderInit, required};
-use bridge_platforms::credentials::ReadError;
 use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
 use lambda_runtime::Error;
 
@@ -11,15 +10,10 @@ use lambda_runtime::Error;
 async fn main() -> Result<(), Error> {
     let aws = bridge_aws::lambda::start().await?;
     let param = required("GOOGLE_CREDENTIALS_PARAMETER")?;
-    let credentials = bridge_aws::clients::deferred_parameters(&aws, vec![param.clone()], {
-        move |mut values| {
-            let json = values.remove(&param).unwrap_or_default();
-            GoogleCredentials::from_json(&json).map_err(|e| ReadError {
-                message: format!("SSM parameter {param}: {e}"),
-                permanent: true,
-            })
-        }
-    });
+    let credentials =
+        bridge_aws::clients::deferred_parameters(&aws, vec![param.clone()], move |mut values| {
+            GoogleCredentials::from_parameter(&param, values.remove(&param))
+        });
     let init = SenderInit::new(&aws)?;
     let platform = GooglePlatform::new(
         bridge_platforms::http::client()?,

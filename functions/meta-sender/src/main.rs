@@ -3,7 +3,6 @@
 //! from here on and waited for by the first send.
 
 use bridge_aws::lambda::{SenderInit, env, required};
-use bridge_platforms::credentials::ReadError;
 use bridge_platforms::meta::{MetaAccess, MetaPlatform};
 use lambda_runtime::Error;
 
@@ -17,13 +16,8 @@ async fn main() -> Result<(), Error> {
     let names = std::iter::once(token_param.clone())
         .chain(secret_param.clone())
         .collect();
-    let access = bridge_aws::clients::deferred_parameters(&aws, names, move |mut values| {
-        let token = values.remove(&token_param).ok_or_else(|| ReadError {
-            message: format!("SSM parameter {token_param} has no value"),
-            permanent: true,
-        })?;
-        let app_secret = secret_param.as_ref().and_then(|p| values.remove(p));
-        Ok(MetaAccess::new(token, app_secret.as_deref()))
+    let access = bridge_aws::clients::deferred_parameters(&aws, names, move |values| {
+        MetaAccess::from_parameters(values, &token_param, secret_param.as_deref())
     });
     let init = SenderInit::new(&aws)?;
     let cfg = init

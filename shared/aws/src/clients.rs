@@ -69,9 +69,10 @@ impl SdkTrust {
     /// partition, whose endpoints are run apart from AWS's own. A plain `http` emulator needs
     /// no roots, so it runs with the same trust as a deployed function.
     pub fn for_lambda(region: &str, vars: impl IntoIterator<Item = (String, String)>) -> SdkTrust {
+        // A blank value is unset, as `env` reads it.
         let tls_override = vars.into_iter().any(|(k, v)| {
-            k.starts_with("AWS_ENDPOINT_URL")
-                && !v.trim().to_ascii_lowercase().starts_with("http://")
+            let v = v.trim().to_ascii_lowercase();
+            k.starts_with("AWS_ENDPOINT_URL") && !v.is_empty() && !v.starts_with("http://")
         });
         if tls_override || region.starts_with("cn-") {
             SdkTrust::Mozilla
@@ -239,7 +240,7 @@ pub enum ParameterError {
 }
 
 /// Several parameters' decrypted values in one request (SSM takes up to 10 names), keyed by
-/// name: one round trip of the init instead of one per secret.
+/// name: one round trip per cold start instead of one per secret.
 pub async fn parameters(
     client: &aws_sdk_ssm::Client,
     names: &[&str],
@@ -261,9 +262,43 @@ pub async fn parameters(
         .collect())
 }
 
+/// The longest the credentials' read may take before it counts as failed (and is tried
+/// again at the next use): the SDK bounds only the connection, and a send waits for the read.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// SSM's error codes that a retry cannot mend: the role may not read the parameter or its
+/// KMS key, the key is disabled or gone, the name is malformed, or the parameter is missing.
+const PERMANENT_SSM_CODES: &[&str] = &[
+    "AccessDeniedException",
+    "InvalidKeyId",
+    "ValidationException",
+    "UnrecognizedClientException",
+    "ParameterNotFound",
+    "ParameterVersionNotFound",
+];
+
+/// What reading parameters failed with, as a platform's credentials error: permanent when a
+/// person must act (above), else transient (throttling, a 5xx, a connection that failed).
+pub fn read_error(e: &ParameterError) -> ReadError {
+    use aws_sdk_ssm::error::ProvideErrorMetadata;
+    match e {
+        ParameterError::Missing(_) => ReadError {
+            message: e.to_string(),
+            permanent: true,
+        },
+        ParameterError::Ssm(source) => ReadError {
+            message: format!("{e}: {}", aws_sdk_ssm::error::DisplayErrorContext(source)),
+            permanent: source
+                .code()
+                .is_some_and(|c| PERMANENT_SSM_CODES.contains(&c)),
+        },
+    }
+}
+
 /// Credentials built from the SSM parameters `names`, read in one request that starts now and
-/// is waited for at their first use (see [`Deferred`]). A name SSM does not have, or values
-/// `build` refuses, are permanent errors; a failed call is retried at the next use.
+/// is waited for at their first use (see [`Deferred`]), within [`READ_TIMEOUT`]. What
+/// [`read_error`] calls permanent, or values `build` refuses, are dead-lettered with an alert;
+/// anything else is retried at the next use.
 pub fn deferred_parameters<T, B>(cfg: &SdkConfig, names: Vec<String>, build: B) -> Deferred<T>
 where
     T: Send + Sync + 'static,
@@ -278,20 +313,20 @@ where
         let (ssm, names, build) = (ssm.clone(), names.clone(), build.clone());
         async move {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let read = parameters(&ssm, &refs).await.map_err(|e| match &e {
-                ParameterError::Missing(_) => ReadError {
-                    message: e.to_string(),
-                    permanent: true,
-                },
-                ParameterError::Ssm(source) => ReadError {
-                    message: format!("{e}: {}", aws_sdk_ssm::error::DisplayErrorContext(source)),
+            let read = match tokio::time::timeout(READ_TIMEOUT, parameters(&ssm, &refs)).await {
+                Ok(read) => read.map_err(|e| read_error(&e)),
+                Err(_) => Err(ReadError {
+                    message: format!(
+                        "SSM GetParameters: no answer in {} s",
+                        READ_TIMEOUT.as_secs()
+                    ),
                     permanent: false,
-                },
-            });
+                }),
+            };
             match read {
                 Ok(values) => build(values),
                 Err(e) => {
-                    tracing::warn!(parameters = ?names, error = %e, "credentials not read");
+                    tracing::warn!(parameters = ?names, error = %e, permanent = e.permanent, "credentials not read");
                     Err(e)
                 }
             }
@@ -315,6 +350,38 @@ mod tests {
             store.add(c.clone()).unwrap();
         }
         certs
+    }
+
+    #[test]
+    fn ssm_errors_a_person_must_mend_are_permanent_and_the_rest_transient() {
+        use aws_sdk_ssm::error::ErrorMetadata;
+        use aws_sdk_ssm::operation::get_parameters::GetParametersError;
+        let ssm = |code: &str| {
+            super::ParameterError::Ssm(aws_sdk_ssm::Error::from(GetParametersError::generic(
+                ErrorMetadata::builder()
+                    .code(code)
+                    .message("not authorized to perform ssm:GetParameters")
+                    .build(),
+            )))
+        };
+        for code in [
+            "AccessDeniedException",
+            "InvalidKeyId",
+            "ValidationException",
+        ] {
+            let e = super::read_error(&ssm(code));
+            assert!(e.permanent, "{code}");
+            assert!(e.message.contains(code), "{}", e.message);
+        }
+        for code in ["ThrottlingException", "InternalServerError"] {
+            assert!(!super::read_error(&ssm(code)).permanent, "{code}");
+        }
+        let missing = super::read_error(&super::ParameterError::Missing("/bridge/token".into()));
+        assert!(missing.permanent);
+        assert_eq!(
+            missing.message,
+            "SSM parameter /bridge/token does not exist"
+        );
     }
 
     #[test]
@@ -355,6 +422,10 @@ mod tests {
             SdkTrust::Aws
         );
         assert_eq!(trust("us-gov-west-1", &[]), SdkTrust::Aws);
+        assert_eq!(
+            trust("eu-west-1", &[("AWS_ENDPOINT_URL", " ")]),
+            SdkTrust::Aws
+        );
         assert_eq!(
             trust(
                 "eu-west-1",

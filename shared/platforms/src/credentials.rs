@@ -80,6 +80,9 @@ impl<T> From<T> for Deferred<T> {
 impl<T: Send + Sync + 'static> Deferred<T> {
     /// Credentials `read` gives, read first now (in the background, on the current Tokio
     /// runtime) and waited for at their first use.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (every function's `main` runs in one).
     pub fn read<F, Fut>(read: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -97,8 +100,9 @@ impl<T: Send + Sync + 'static> Deferred<T> {
         d
     }
 
-    /// The credentials, read now if no read has succeeded yet (concurrent callers share one
-    /// read).
+    /// The credentials, read now if no read has succeeded yet. Concurrent callers wait for
+    /// the read in flight; when it fails, each of them reads again in turn (a batch's
+    /// groups, each bounded by the read's own timeout).
     pub async fn get(&self) -> Result<&T, ReadError> {
         match &self.read {
             Some(read) => self.cell.get_or_try_init(|| read()).await,

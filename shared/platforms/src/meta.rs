@@ -261,6 +261,24 @@ impl MetaAccess {
             proof,
         }
     }
+
+    /// The access from SSM parameters as one `GetParameters` answered them (`values`, by
+    /// name): the token from `token_param`, the app secret from `secret_param` when one is
+    /// configured. A token parameter without a value is permanent: a person must set it.
+    pub fn from_parameters(
+        mut values: std::collections::HashMap<String, String>,
+        token_param: &str,
+        secret_param: Option<&str>,
+    ) -> Result<Self, crate::credentials::ReadError> {
+        let token = values
+            .remove(token_param)
+            .ok_or_else(|| crate::credentials::ReadError {
+                message: format!("SSM parameter {token_param} has no value"),
+                permanent: true,
+            })?;
+        let app_secret = secret_param.and_then(|p| values.remove(p));
+        Ok(MetaAccess::new(token, app_secret.as_deref()))
+    }
 }
 
 /// The Meta destination over HTTP.
@@ -417,6 +435,37 @@ mod tests {
     fn event(v: Value) -> CanonicalEvent {
         let ctx = ValidationContext::for_tests(now());
         validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap()
+    }
+
+    #[test]
+    fn access_from_parameters_needs_the_token_and_proves_it_with_the_app_secret() {
+        let values = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let a = MetaAccess::from_parameters(
+            values(&[("/m/token", "EAAB"), ("/m/secret", "app-secret")]),
+            "/m/token",
+            Some("/m/secret"),
+        )
+        .unwrap();
+        assert_eq!(a.token, "EAAB");
+        let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(b"app-secret").unwrap();
+        m.update(b"EAAB");
+        assert_eq!(
+            a.proof.as_deref(),
+            Some(bridge_core::hashing::hex(&m.finalize().into_bytes()).as_str())
+        );
+        let no_secret =
+            MetaAccess::from_parameters(values(&[("/m/token", "EAAB")]), "/m/token", None).unwrap();
+        assert_eq!(no_secret.proof, None);
+        let e = MetaAccess::from_parameters(values(&[]), "/m/token", Some("/m/secret"))
+            .err()
+            .unwrap();
+        assert!(e.permanent);
+        assert_eq!(e.message, "SSM parameter /m/token has no value");
     }
 
     fn won() -> Value {

@@ -67,13 +67,66 @@ impl fmt::Debug for GoogleCredentials {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("Google credentials: {0}")]
-pub struct CredentialsError(#[from] serde_json::Error);
+/// Why a credentials value is not Google's credentials JSON. It names a missing or unknown
+/// field and where the JSON broke, never a value: serde_json quotes the value it met in a
+/// type error (a double-encoded parameter would put every secret in the message), so its
+/// text is not shown, in `Display` or `Debug`, and it is not given as a source.
+pub struct CredentialsError(serde_json::Error);
+
+impl fmt::Display for CredentialsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use serde_json::error::Category;
+        let e = &self.0;
+        let text = e.to_string();
+        let what = match e.classify() {
+            // "missing field `x`" and "unknown field `x`, expected one of ..." carry names only.
+            Category::Data if text.starts_with("missing field `") => text
+                .split(" at line")
+                .next()
+                .unwrap_or("a field is missing"),
+            Category::Data if text.starts_with("unknown field `") => text
+                .split(", expected")
+                .next()
+                .unwrap_or("an unknown field"),
+            Category::Data => "a value is not of the type Google's credentials have",
+            Category::Syntax => "not JSON",
+            Category::Eof => "incomplete JSON",
+            Category::Io => "unreadable",
+        };
+        write!(
+            f,
+            "Google credentials: {what} (line {}, column {})",
+            e.line(),
+            e.column()
+        )
+    }
+}
+
+impl fmt::Debug for CredentialsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CredentialsError({self})")
+    }
+}
+
+impl std::error::Error for CredentialsError {}
 
 impl GoogleCredentials {
     pub fn from_json(text: &str) -> Result<Self, CredentialsError> {
-        Ok(serde_json::from_str(text)?)
+        serde_json::from_str(text).map_err(CredentialsError)
+    }
+
+    /// The credentials the SSM parameter `name` holds (`value`, None when it has none).
+    /// Either error is permanent: a person must fix the parameter.
+    pub fn from_parameter(
+        name: &str,
+        value: Option<String>,
+    ) -> Result<Self, crate::credentials::ReadError> {
+        let permanent = |message| crate::credentials::ReadError {
+            message,
+            permanent: true,
+        };
+        let json = value.ok_or_else(|| permanent(format!("SSM parameter {name} has no value")))?;
+        Self::from_json(&json).map_err(|e| permanent(format!("SSM parameter {name}: {e}")))
     }
 }
 
@@ -320,6 +373,56 @@ mod tests {
         let e = GoogleCredentials::from_json(r#"{"client_id": "id"}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("client_secret"), "{e}");
+        assert!(e.contains("missing field `client_secret`"), "{e}");
+    }
+
+    /// A parameter that holds the JSON as a JSON string (encoded twice): serde_json's own
+    /// text would quote it whole, secrets and all.
+    #[test]
+    fn credentials_errors_never_quote_the_value() {
+        let json = r#"{"client_id": "id", "client_secret": "s3cret", "refresh_token": "r3fresh", "developer_token": "d3v"}"#;
+        let twice = serde_json::to_string(json).unwrap();
+        let wrong_type =
+            r#"{"client_id": "id", "client_secret": ["s3cret"], "refresh_token": "r3fresh"}"#;
+        for bad in [
+            twice.as_str(),
+            wrong_type,
+            "s3cret r3fresh",
+            r#"{"client_id": "s3cret""#,
+        ] {
+            let e = GoogleCredentials::from_json(bad).unwrap_err();
+            for shown in [e.to_string(), format!("{e:?}")] {
+                assert!(
+                    !shown.contains("s3cret")
+                        && !shown.contains("r3fresh")
+                        && !shown.contains("d3v"),
+                    "{shown}"
+                );
+                assert!(
+                    shown.starts_with("Google credentials: ")
+                        || shown.starts_with("CredentialsError("),
+                    "{shown}"
+                );
+            }
+            let read =
+                GoogleCredentials::from_parameter("/bridge/google", Some(bad.into())).unwrap_err();
+            assert!(read.permanent);
+            assert!(
+                read.message.starts_with("SSM parameter /bridge/google: "),
+                "{}",
+                read.message
+            );
+            assert!(!read.message.contains("s3cret"), "{}", read.message);
+        }
+        let unknown =
+            GoogleCredentials::from_json(r#"{"client_id": "id", "secret": "s3cret"}"#).unwrap_err();
+        assert!(
+            unknown.to_string().contains("unknown field `secret`"),
+            "{unknown}"
+        );
+        assert!(!unknown.to_string().contains("s3cret"));
+        let none = GoogleCredentials::from_parameter("/bridge/google", None).unwrap_err();
+        assert_eq!(none.message, "SSM parameter /bridge/google has no value");
+        assert!(GoogleCredentials::from_parameter("/bridge/google", Some(json.into())).is_ok());
     }
 }
