@@ -44,7 +44,10 @@ FUNCTION_DIRS = {
 def ssm_calls(function):
     """The SSM actions a function's own code calls, through the helpers above."""
     calls = set()
-    for src in (ROOT / "functions" / FUNCTION_DIRS[function] / "src").rglob("*.rs"):
+    src_dir = ROOT / "functions" / FUNCTION_DIRS[function] / "src"
+    if not src_dir.is_dir():
+        raise SystemExit(f"check_template.py: {src_dir} does not exist (FUNCTION_DIRS is stale)")
+    for src in src_dir.rglob("*.rs"):
         text = src.read_text()
         calls |= {action for helper, action in SSM_HELPERS.items() if helper in text}
     return calls
@@ -133,6 +136,8 @@ def check(t):
         allowed = set()
         for policy in props(t, function).get("Policies", []):
             for st in policy.get("Statement", []) if isinstance(policy, dict) else []:
+                if st.get("Effect") != "Allow":
+                    continue
                 actions = st.get("Action", [])
                 allowed |= set(actions if isinstance(actions, list) else [actions])
         for action in sorted(ssm_calls(function) - allowed):
@@ -203,6 +208,7 @@ def self_test(t):
             Resource={"Fn::Sub": "arn:aws:ssm:${AWS::Region}:${AWS::AccountId}:parameter${WebhookSecretsParameterPath}*"}
         ),
         "SSM action": lambda x: ssm_statement(x, "GoogleSenderFunction").update(Action=["ssm:GetParameter"]),
+        "SSM action denied": lambda x: ssm_statement(x, "MetaSenderFunction").update(Effect="Deny"),
         "index wildcard": lambda x: dynamodb_statement(x, "ReconcileFunction").update(
             Resource=[{"Fn::Sub": "${EventsTable.Arn}/index/*"}]
         ),

@@ -23,9 +23,17 @@ async fn main() -> Result<(), Error> {
         let ssm = bridge_aws::clients::ssm(&aws);
         let path = std::env::var("WEBHOOK_SECRETS_PARAMETER_PATH").ok();
         async move {
-            match path {
-                Some(path) => bridge_aws::clients::parameters_by_path(&ssm, &path).await,
-                None => Ok(Default::default()),
+            let Some(path) = path else {
+                return Ok(Default::default());
+            };
+            let read = bridge_aws::clients::parameters_by_path(&ssm, &path);
+            match tokio::time::timeout(bridge_aws::clients::READ_TIMEOUT, read).await {
+                Ok(read) => read.map_err(Error::from),
+                Err(_) => Err(format!(
+                    "SSM GetParametersByPath {path}: no answer in {} s",
+                    bridge_aws::clients::READ_TIMEOUT.as_secs()
+                )
+                .into()),
             }
         }
     });

@@ -88,7 +88,7 @@ impl SdkTrust {
 /// certificate files at every cold start.
 ///
 /// The SDK takes roots only as PEM and decodes and parses all of them for each connector it
-/// builds: Mozilla's ~150 were 40% of a sender's cold-start CPU (perf, local profile). AWS
+/// builds: Mozilla's 118 were 40% of a sender's cold-start CPU (perf, local profile). AWS
 /// serves every service endpoint with a certificate from Amazon Trust Services, whose five
 /// roots (Amazon Root CA 1-4, Starfield Services Root CA G2) are what AWS tells clients with
 /// a restricted trust list to trust (AWS Security Blog, "How to Prepare for AWS's Move to Its
