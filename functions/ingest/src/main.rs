@@ -27,14 +27,8 @@ async fn main() -> Result<(), Error> {
                 return Ok(Default::default());
             };
             let read = bridge_aws::clients::parameters_by_path(&ssm, &path);
-            match tokio::time::timeout(bridge_aws::clients::READ_TIMEOUT, read).await {
-                Ok(read) => read.map_err(Error::from),
-                Err(_) => Err(format!(
-                    "SSM GetParametersByPath {path}: no answer in {} s",
-                    bridge_aws::clients::READ_TIMEOUT.as_secs()
-                )
-                .into()),
-            }
+            let what = format!("SSM GetParametersByPath {path}");
+            Ok::<_, Error>(bridge_aws::clients::within_read_timeout(&what, read).await??)
         }
     });
     let settings = Settings::from_env()?;

@@ -266,16 +266,29 @@ pub async fn parameters(
 /// again at the next use): the SDK bounds only the connection, and a send waits for the read.
 pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// SSM's error codes that a retry cannot mend: the role may not read the parameter or its
-/// KMS key, the key is disabled or gone, the name is malformed, or the parameter is missing.
+/// SSM's error codes for `GetParameters` that a retry cannot mend: the role may not read the
+/// parameter or its KMS key, the key is disabled or gone, the request is malformed. Sources:
+/// the operation's own errors as aws-sdk-ssm generates them (`GetParametersError`:
+/// InternalServerError, InvalidKeyId) and the SSM API Reference's "Common Errors"
+/// (AccessDeniedException, ValidationException, UnrecognizedClientException; ThrottlingException
+/// and the 5xx ones are transient). A name SSM does not have is no error: it comes back in
+/// `InvalidParameters` ([`ParameterError::Missing`]).
 const PERMANENT_SSM_CODES: &[&str] = &[
     "AccessDeniedException",
     "InvalidKeyId",
     "ValidationException",
     "UnrecognizedClientException",
-    "ParameterNotFound",
-    "ParameterVersionNotFound",
 ];
+
+/// `read` (an SSM call) within [`READ_TIMEOUT`]; `what` names it in the error when it took longer.
+pub async fn within_read_timeout<T, E>(
+    what: &str,
+    read: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<Result<T, E>, String> {
+    tokio::time::timeout(READ_TIMEOUT, read)
+        .await
+        .map_err(|_| format!("{what}: no answer in {} s", READ_TIMEOUT.as_secs()))
+}
 
 /// What reading parameters failed with, as a platform's credentials error: permanent when a
 /// person must act (above), else transient (throttling, a 5xx, a connection that failed).
@@ -313,13 +326,11 @@ where
         let (ssm, names, build) = (ssm.clone(), names.clone(), build.clone());
         async move {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            let read = match tokio::time::timeout(READ_TIMEOUT, parameters(&ssm, &refs)).await {
+            let read = match within_read_timeout("SSM GetParameters", parameters(&ssm, &refs)).await
+            {
                 Ok(read) => read.map_err(|e| read_error(&e)),
-                Err(_) => Err(ReadError {
-                    message: format!(
-                        "SSM GetParameters: no answer in {} s",
-                        READ_TIMEOUT.as_secs()
-                    ),
+                Err(message) => Err(ReadError {
+                    message,
                     permanent: false,
                 }),
             };

@@ -100,6 +100,15 @@ impl<T: Send + Sync + 'static> Deferred<T> {
         d
     }
 
+    /// Before a send of `rows` rows to `destination`: None when the credentials can be had,
+    /// else the outcome of every row (logged once). Credentials that cannot be read are no
+    /// row's fault, so the rows get that outcome without the bisection a refused request gets.
+    pub async fn unavailable(&self, destination: &str, rows: usize) -> Option<Vec<Outcome>> {
+        let e = self.get().await.err()?;
+        tracing::error!(destination, error = %e, permanent = e.permanent, "credentials unavailable");
+        Some(vec![e.outcome(); rows])
+    }
+
     /// The credentials, read now if no read has succeeded yet. Concurrent callers wait for
     /// the read in flight; when it fails, each of them reads again in turn (a batch's
     /// groups, each bounded by the read's own timeout).

@@ -408,11 +408,8 @@ impl Platform for MetaPlatform {
     /// A whole-request rejection holding more than one event is bisected, so the bad event
     /// ends alone with its own error and the rest are delivered.
     async fn send(&self, pixel: &str, items: &[Value], limits: Limits) -> Vec<Outcome> {
-        // Credentials that cannot be read are no row's fault: every row gets that outcome,
-        // without the bisection a refused request gets.
-        if let Err(e) = self.access.get().await {
-            tracing::error!(destination = "meta", error = %e, permanent = e.permanent, "credentials unavailable");
-            return vec![e.outcome(); items.len()];
+        if let Some(outcomes) = self.access.unavailable("meta", items.len()).await {
+            return outcomes;
         }
         let request = PixelRequest {
             platform: self,

@@ -339,11 +339,13 @@ impl bridge_core::delivery::pipeline::Platform for GooglePlatform {
         if items.is_empty() {
             return Vec::new();
         }
-        // Credentials that cannot be read are no row's fault: every row gets that outcome,
-        // without the bisection a refused request gets.
-        if let Err(e) = self.cfg.credentials.get().await {
-            tracing::error!(destination = "google", error = %e, permanent = e.permanent, "credentials unavailable");
-            return vec![e.outcome(); items.len()];
+        if let Some(outcomes) = self
+            .cfg
+            .credentials
+            .unavailable("google", items.len())
+            .await
+        {
+            return outcomes;
         }
         match items[0].kind {
             Kind::DataManager => {
