@@ -19,7 +19,7 @@ use bridge_core::mapping::Mapping;
 use bridge_core::queue::memory::MemoryQueue;
 use bridge_core::store::EventStore;
 use bridge_core::store::memory::MemoryStore;
-use bridge_core::timestamp::Timestamp;
+use bridge_core::timestamp::{Timestamp, Window};
 use bridge_core::webhook::hubspot::{HubSpotEvent, HubSpotRecords, ResolveOptions, resolve};
 use bridge_platforms::google::{GoogleConfig, GoogleCredentials, GooglePlatform};
 use bridge_platforms::hubspot::HubSpotClient;
@@ -308,8 +308,7 @@ async fn webhooks_dropped_for_a_tenth_of_the_deals_are_found_and_repaired_once()
             &mapping,
             Period {
                 portal_id: Some(PORTAL),
-                from,
-                to,
+                window: Window::new(from, to),
             },
             Timestamp::now(),
         )
@@ -530,14 +529,16 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         SalesforceCredentials::from_json(&sf.credentials_json()).unwrap(),
         "v65.0",
     );
-    let from = Timestamp::from_unix_ms(now - 30 * 24 * HOUR_MS);
-    let to = Timestamp::from_unix_ms(now + 1);
+    let window = Window::new(
+        Timestamp::from_unix_ms(now - 30 * 24 * HOUR_MS),
+        Timestamp::from_unix_ms(now + 1),
+    );
     // A session that expires between runs is renewed once, transparently.
-    let first = check_salesforce(&client, &store, &mapping, from, to, Timestamp::now())
+    let first = check_salesforce(&client, &store, &mapping, window, Timestamp::now())
         .await
         .unwrap();
     sf.expire_sessions();
-    let check = check_salesforce(&client, &store, &mapping, from, to, Timestamp::now())
+    let check = check_salesforce(&client, &store, &mapping, window, Timestamp::now())
         .await
         .unwrap();
     assert_eq!(first, check);
@@ -619,7 +620,7 @@ async fn salesforce_callouts_that_never_arrived_are_found_by_soql_and_repaired_o
         );
     }
 
-    let again = check_salesforce(&client, &store, &mapping, from, to, Timestamp::now())
+    let again = check_salesforce(&client, &store, &mapping, window, Timestamp::now())
         .await
         .unwrap();
     assert!(again.missed.is_empty());
@@ -648,19 +649,19 @@ async fn salesforce_single_currency_orgs_api_limits_and_bad_credentials() {
         )
     };
     let store = MemoryStore::new();
-    let (from, to) = (
+    let window = Window::new(
         Timestamp::from_unix_ms(now - 24 * HOUR_MS),
         Timestamp::from_unix_ms(now + 1),
     );
     let c = client(&sf.credentials_json());
-    let check = check_salesforce(&c, &store, &mapping, from, to, Timestamp::now())
+    let check = check_salesforce(&c, &store, &mapping, window, Timestamp::now())
         .await
         .unwrap();
     assert_eq!(check.per_currency["(none)"].crm_revenue, 75.0);
     assert_eq!(check.missed[0].deal_id, "006SINGLE");
 
     sf.with(|d| d.api_limit = d.api_used);
-    let e = check_salesforce(&c, &store, &mapping, from, to, Timestamp::now())
+    let e = check_salesforce(&c, &store, &mapping, window, Timestamp::now())
         .await
         .unwrap_err()
         .to_string();
@@ -670,7 +671,7 @@ async fn salesforce_single_currency_orgs_api_limits_and_bad_credentials() {
         &json!({"token_url": sf.token_url(), "client_id": "sf-client", "client_secret": "not-it"})
             .to_string(),
     );
-    let e = check_salesforce(&wrong, &store, &mapping, from, to, Timestamp::now())
+    let e = check_salesforce(&wrong, &store, &mapping, window, Timestamp::now())
         .await
         .unwrap_err()
         .to_string();

@@ -38,7 +38,7 @@ use bridge_aws::lambda::env;
 use bridge_core::backfill::{Checked, DryRunPlatform, dry_run, read_jsonl};
 use bridge_core::ingest::{IngestConfig, Intake};
 use bridge_core::reconcile::run::CrmApi;
-use bridge_core::timestamp::Timestamp;
+use bridge_core::timestamp::{Timestamp, Window};
 use bridge_platforms::google::{GoogleCredentials, GooglePlatform};
 use bridge_platforms::meta::{MetaAccess, MetaPlatform};
 use serde_json::{Value, json};
@@ -314,7 +314,7 @@ async fn crm_check(args: &[String]) -> Result<Value, String> {
     let client = crm(&aws, &settings).await?;
     let store = event_store(&aws, &settings);
     let check = client
-        .check(&store, &settings.mapping, from, to, now)
+        .check(&store, &settings.mapping, Window::new(from, to), now)
         .await
         .map_err(|e| e.to_string())?;
     eprintln!(
@@ -453,7 +453,7 @@ async fn report(args: &[String]) -> Result<Value, String> {
     if args.iter().any(|a| a == "--crm") {
         let check = crm(&aws, &settings)
             .await?
-            .check(&store, &settings.mapping, from, to, now)
+            .check(&store, &settings.mapping, Window::new(from, to), now)
             .await
             .map_err(|e| e.to_string())?;
         report.crm = Some(bridge_core::reconcile::CrmSection {

@@ -55,6 +55,13 @@ impl Timestamp {
         self.0.unix_timestamp()
     }
 
+    /// The UTC date, `YYYY-MM-DD`.
+    pub fn date(&self) -> String {
+        let mut s = self.canonical();
+        s.truncate(10);
+        s
+    }
+
     /// Saturating: a delay an outside party controls (a platform's retryDelay) can never
     /// overflow the calendar.
     pub fn plus_secs(&self, secs: i64) -> Self {
@@ -180,9 +187,73 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
+/// A half-open period, `[from, to)`: what one reconciliation covers, and what it asks a CRM
+/// for. One type, so every reader and every query agrees on which end is included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub from: Timestamp,
+    pub to: Timestamp,
+}
+
+impl Window {
+    pub fn new(from: Timestamp, to: Timestamp) -> Self {
+        Window { from, to }
+    }
+
+    pub fn contains(&self, t: Timestamp) -> bool {
+        t >= self.from && t < self.to
+    }
+
+    /// The window with `ms` more at each end (saturating).
+    pub fn widened_ms(&self, ms: i64) -> Window {
+        Window {
+            from: Timestamp::from_unix_ms(self.from.unix_ms().saturating_sub(ms)),
+            to: Timestamp::from_unix_ms(self.to.unix_ms().saturating_add(ms)),
+        }
+    }
+
+    /// The UTC dates of its first and last millisecond, both included: the bounds a
+    /// date-typed field (Salesforce's `CloseDate`) is compared with. An empty window is its
+    /// first day.
+    pub fn days(&self) -> Days {
+        let last = self.to.unix_ms().saturating_sub(1).max(self.from.unix_ms());
+        Days {
+            first: self.from.date(),
+            last: Timestamp::from_unix_ms(last).date(),
+        }
+    }
+}
+
+/// Dates (`YYYY-MM-DD`, UTC), both included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Days {
+    pub first: String,
+    pub last: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_holds_its_start_not_its_end_and_its_days_are_inclusive() {
+        let at = |s: &str| Timestamp::parse_rfc3339(s).unwrap();
+        let w = Window::new(at("2026-03-01T00:00:00Z"), at("2026-03-03T00:00:00Z"));
+        assert!(w.contains(w.from));
+        assert!(!w.contains(w.to));
+        assert!(w.contains(at("2026-03-02T23:59:59.999Z")));
+        let days = w.days();
+        assert_eq!(
+            (days.first.as_str(), days.last.as_str()),
+            ("2026-03-01", "2026-03-02")
+        );
+        let empty = Window::new(w.from, w.from);
+        assert!(!empty.contains(w.from));
+        assert_eq!(empty.days().last, "2026-03-01");
+        let wide = w.widened_ms(1_000);
+        assert_eq!(wide.from, at("2026-02-28T23:59:59Z"));
+        assert_eq!(wide.to, at("2026-03-03T00:00:01Z"));
+    }
 
     #[test]
     fn same_instant_two_ways_is_one_canonical_form() {

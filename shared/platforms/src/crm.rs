@@ -10,7 +10,7 @@ use bridge_core::ingest::{IngestReport, Intake};
 use bridge_core::mapping::Mapping;
 use bridge_core::reconcile::run::CrmApi;
 use bridge_core::store::EventStore;
-use bridge_core::timestamp::Timestamp;
+use bridge_core::timestamp::{Timestamp, Window};
 use bridge_core::webhook::hubspot::ResolveOptions;
 use std::collections::HashMap;
 
@@ -98,20 +98,18 @@ impl CrmApi for CrmClient {
         &self,
         store: &dyn EventStore,
         mapping: &Mapping,
-        from: Timestamp,
-        to: Timestamp,
+        window: Window,
         now: Timestamp,
     ) -> Result<CrmCheck, CheckError> {
         match self {
             CrmClient::HubSpot { client, portal_id } => {
                 let period = Period {
                     portal_id: *portal_id,
-                    from,
-                    to,
+                    window,
                 };
                 check_hubspot(client, client, store, mapping, period, now).await
             }
-            CrmClient::Salesforce(c) => check_salesforce(c, store, mapping, from, to, now).await,
+            CrmClient::Salesforce(c) => check_salesforce(c, store, mapping, window, now).await,
         }
     }
 

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use bridge_core::crm_check::{CrmDeal, HubSpotSearch};
-use bridge_core::timestamp::Timestamp;
+use bridge_core::timestamp::{Timestamp, Window};
 use bridge_core::webhook::hubspot::{
     CONTACT_HISTORY, CONTACT_PROPERTIES, CrmError, DEAL_HISTORY, DEAL_PROPERTIES, HistoryEntry,
     HubSpotRecord, HubSpotRecords, Properties,
@@ -211,7 +211,7 @@ struct NextPage {
     after: String,
 }
 
-enum Window {
+enum Searched {
     Found(Vec<SearchResult>),
     /// More than one query can page through: split the window.
     TooMany,
@@ -259,7 +259,7 @@ impl HubSpotClient {
         q: &Query<'_>,
         from_ms: i64,
         to_ms: i64,
-    ) -> Result<Window, CrmError> {
+    ) -> Result<Searched, CrmError> {
         let mut found = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -274,12 +274,12 @@ impl HubSpotClient {
             }
             let page = self.search_page(q.object, &body).await?;
             if page.total > SEARCH_MAX {
-                return Ok(Window::TooMany);
+                return Ok(Searched::TooMany);
             }
             found.extend(page.results);
             match page.paging.and_then(|p| p.next) {
                 Some(n) => after = Some(n.after),
-                None => return Ok(Window::Found(found)),
+                None => return Ok(Searched::Found(found)),
             }
         }
     }
@@ -299,13 +299,13 @@ impl HubSpotClient {
                 continue;
             }
             match self.search_window(q, a, b).await? {
-                Window::Found(d) => out.extend(d),
-                Window::TooMany if b - a > 1 => {
+                Searched::Found(d) => out.extend(d),
+                Searched::TooMany if b - a > 1 => {
                     let mid = a + (b - a) / 2;
                     windows.push((mid, b));
                     windows.push((a, mid));
                 }
-                Window::TooMany => {
+                Searched::TooMany => {
                     return Err(CrmError::Refused {
                         status: 400,
                         message: format!("more than 10,000 {} in one millisecond", q.object),
@@ -346,12 +346,7 @@ const HISTORY_BATCH: usize = 50;
 
 #[async_trait]
 impl HubSpotSearch for HubSpotClient {
-    async fn won_deals(
-        &self,
-        stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<CrmDeal>, CrmError> {
+    async fn won_deals(&self, stages: &[String], window: Window) -> Result<Vec<CrmDeal>, CrmError> {
         // Enumeration properties (dealstage) match case-sensitively; BETWEEN includes both
         // ends, so the window's end is its last millisecond. Date filters take epoch-ms
         // strings. source: HS-SEARCH
@@ -367,7 +362,9 @@ impl HubSpotSearch for HubSpotClient {
             filters: &filters,
             properties: &["dealstage", "amount", "deal_currency_code", "closedate"],
         };
-        let found = self.search_all(&q, from.unix_ms(), to.unix_ms()).await?;
+        let found = self
+            .search_all(&q, window.from.unix_ms(), window.to.unix_ms())
+            .await?;
         Ok(found
             .into_iter()
             .map(|r| {

@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use bridge_core::crm_check::salesforce::{SfLead, SfStatusChange};
 use bridge_core::crm_check::{CrmDeal, SalesforceApi, SfContact, SfOpportunity};
-use bridge_core::timestamp::Timestamp;
+use bridge_core::timestamp::{Days, Timestamp, Window};
 use bridge_core::webhook::hubspot::{CrmError, HistoryEntry};
 use serde::Deserialize;
 use serde_json::Value;
@@ -113,11 +113,11 @@ fn soql_datetime(at: Timestamp, up: bool) -> String {
 
 /// `CreatedDate` in `[from, to)` as SOQL dateTime bounds (whole seconds, widened to hold the
 /// period; the caller keeps the exact one).
-fn created_in(from: Timestamp, to: Timestamp) -> String {
+fn created_in(window: Window) -> String {
     format!(
         "CreatedDate >= {} AND CreatedDate < {}",
-        soql_datetime(from, false),
-        soql_datetime(to, true)
+        soql_datetime(window.from, false),
+        soql_datetime(window.to, true)
     )
 }
 
@@ -384,9 +384,9 @@ impl SalesforceApi for SalesforceClient {
     async fn won_opportunities(
         &self,
         stages: &[String],
-        from_day: &str,
-        to_day: &str,
+        close_dates: &Days,
     ) -> Result<Vec<CrmDeal>, CrmError> {
+        let (from_day, to_day) = (&close_dates.first, &close_dates.last);
         let day = |d: &str| d.len() == 10 && d.chars().all(|c| c.is_ascii_digit() || c == '-');
         if !day(from_day) || !day(to_day) {
             return Err(CrmError::Refused {
@@ -471,14 +471,10 @@ impl SalesforceApi for SalesforceClient {
         .await
     }
 
-    async fn lead_status_changes(
-        &self,
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<SfStatusChange>, CrmError> {
+    async fn lead_status_changes(&self, window: Window) -> Result<Vec<SfStatusChange>, CrmError> {
         let soql = format!(
             "{LEAD_STATUS_ROWS} AND {} ORDER BY CreatedDate",
-            created_in(from, to)
+            created_in(window)
         );
         self.read(&soql, status_change).await
     }
@@ -489,10 +485,10 @@ impl SalesforceApi for SalesforceClient {
             .await
     }
 
-    async fn leads_created(&self, from: Timestamp, to: Timestamp) -> Result<Vec<SfLead>, CrmError> {
+    async fn leads_created(&self, window: Window) -> Result<Vec<SfLead>, CrmError> {
         let soql = format!(
             "{LEAD_FIELDS} WHERE {} ORDER BY CreatedDate, Id",
-            created_in(from, to)
+            created_in(window)
         );
         self.read(&soql, lead).await
     }

@@ -6,7 +6,7 @@
 use super::{CheckError, CrmDeal, CrmSide, Missed, Period, Replay, StageEntry};
 use crate::mapping::Mapping;
 use crate::store::EventStore;
-use crate::timestamp::Timestamp;
+use crate::timestamp::{Timestamp, Window};
 use crate::webhook::hubspot::{CrmError, HistoryEntry, HubSpotEvent, HubSpotRecords, event_key};
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
@@ -15,13 +15,8 @@ use std::collections::{HashMap, HashSet};
 /// `bridge-platforms`.
 #[async_trait]
 pub trait HubSpotSearch: Send + Sync {
-    /// Every deal in one of `stages` whose close date is in `[from, to)`, all pages read.
-    async fn won_deals(
-        &self,
-        stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<CrmDeal>, CrmError>;
+    /// Every deal in one of `stages` whose close date is in `window`, all pages read.
+    async fn won_deals(&self, stages: &[String], window: Window) -> Result<Vec<CrmDeal>, CrmError>;
     /// Which of `ids` are deleted (archived): the search never lists them.
     async fn archived(&self, ids: &[String]) -> Result<HashSet<String>, CrmError>;
     /// Every contact modified at or after `since`, all pages read: a contact whose lifecycle
@@ -55,7 +50,7 @@ pub async fn check_hubspot(
         records,
         portal_id: period.portal_id,
     };
-    super::check(&side, store, mapping, period.from, period.to, now).await
+    super::check(&side, store, mapping, period.window, now).await
 }
 
 #[async_trait]
@@ -64,15 +59,10 @@ impl CrmSide for HubSpotSide<'_> {
         "hubspot"
     }
 
-    async fn won_deals(
-        &self,
-        stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<CrmDeal>, CrmError> {
+    async fn won_deals(&self, stages: &[String], window: Window) -> Result<Vec<CrmDeal>, CrmError> {
         // The mapping keeps stage values lower-cased; HubSpot's stage ids are lower-case
         // (`closedwon`) or numeric, which its case-sensitive search on `dealstage` matches.
-        self.search.won_deals(stages, from, to).await
+        self.search.won_deals(stages, window).await
     }
 
     async fn explain_missed(
@@ -126,10 +116,9 @@ impl CrmSide for HubSpotSide<'_> {
     async fn stage_entries(
         &self,
         stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
+        window: Window,
     ) -> Result<Option<Vec<StageEntry>>, CheckError> {
-        let ids = self.search.contacts_modified(from).await?;
+        let ids = self.search.contacts_modified(window.from).await?;
         if ids.is_empty() {
             return Ok(Some(Vec::new()));
         }
@@ -141,7 +130,7 @@ impl CrmSide for HubSpotSide<'_> {
             out.extend(
                 history
                     .into_iter()
-                    .filter(|h| h.at >= from && h.at < to)
+                    .filter(|h| window.contains(h.at))
                     .filter(|h| stages.contains(&h.value.trim().to_lowercase()))
                     .map(|h| StageEntry {
                         record_id: id.clone(),

@@ -23,7 +23,7 @@ use crate::queue::DeliveryMessage;
 use crate::queue::DeliveryQueue;
 use crate::store::PutOutcome;
 use crate::store::{EventStore, StoreError};
-use crate::timestamp::Timestamp;
+use crate::timestamp::{Timestamp, Window};
 use crate::webhook::Incoming;
 use crate::webhook::hubspot::{CrmError, HubSpotEvent, HubSpotRecords, ResolveOptions, resolve};
 use async_trait::async_trait;
@@ -52,13 +52,8 @@ pub struct CrmDeal {
 pub trait CrmSide: Send + Sync {
     /// The source name the webhooks of this CRM are stored under.
     fn source(&self) -> &'static str;
-    /// Every deal in one of `stages` whose close date is in `[from, to)`, all pages read.
-    async fn won_deals(
-        &self,
-        stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<CrmDeal>, CrmError>;
+    /// Every deal in one of `stages` whose close date is in `window`, all pages read.
+    async fn won_deals(&self, stages: &[String], window: Window) -> Result<Vec<CrmDeal>, CrmError>;
     /// What each of `deals` (none of them stored) would be as its webhook: when it entered its
     /// stage, and the webhook to replay, or notes saying why there is none.
     async fn explain_missed(
@@ -75,13 +70,12 @@ pub trait CrmSide: Send + Sync {
         stages: &[String],
     ) -> Result<Vec<Option<&'static str>>, CheckError>;
     /// The lead funnel: every entry of a record into one of `stages` (lifecycle stages the
-    /// mapping maps to lead, MQL or SQL) at a time in `[from, to)`, from the CRM's own stage
+    /// mapping maps to lead, MQL or SQL) at a time in `window`, from the CRM's own stage
     /// history. `None` where this side does not read them (the report says so).
     async fn stage_entries(
         &self,
         _stages: &[String],
-        _from: Timestamp,
-        _to: Timestamp,
+        _window: Window,
     ) -> Result<Option<Vec<StageEntry>>, CheckError> {
         Ok(None)
     }
@@ -279,12 +273,11 @@ fn differs(a: Option<f64>, b: Option<f64>) -> bool {
 }
 
 /// What one check covers: the HubSpot account (`portalId`, put on the webhooks a repair
-/// replays; unused for Salesforce) and the period of close dates, `[from, to)`.
+/// replays; unused for Salesforce) and the period of close dates.
 #[derive(Clone, Copy, Debug)]
 pub struct Period {
     pub portal_id: Option<i64>,
-    pub from: Timestamp,
-    pub to: Timestamp,
+    pub window: Window,
 }
 
 /// The stages the mapping contract maps to won for `source`, as the contract spells them.
@@ -322,23 +315,22 @@ fn funnel_stages(mapping: &Mapping, source: &'static str) -> Vec<String> {
     stages
 }
 
-/// Compares the CRM's won deals of `[from, to)` with the stored events. Asks the CRM about
-/// the missed deals (for their replays) and the stored wons it no longer lists; stores nothing.
+/// Compares the CRM's won deals of `window` with the stored events. Asks the CRM about the
+/// missed deals (for their replays) and the stored wons it no longer lists; stores nothing.
 pub async fn check(
     side: &dyn CrmSide,
     store: &dyn EventStore,
     mapping: &Mapping,
-    from: Timestamp,
-    to: Timestamp,
+    window: Window,
     now: Timestamp,
 ) -> Result<CrmCheck, CheckError> {
     let source = side.source();
     let stages = won_stages(mapping, source)?;
-    let deals = side.won_deals(&stages, from, to).await?;
+    let deals = side.won_deals(&stages, window).await?;
     let mut check = CrmCheck {
         source,
-        from,
-        to,
+        from: window.from,
+        to: window.to,
         per_currency: BTreeMap::new(),
         missed: Vec::new(),
         changed: Vec::new(),
@@ -347,15 +339,11 @@ pub async fn check(
     // The period's stored events, and a match window either side for the funnel's changes: a
     // won whose order id is not the CRM's record id (a Flow may send its own `order_id`) is
     // still found by its record (`entity_id`).
-    let around = store
-        .events_between(
-            Timestamp::from_unix_ms(from.unix_ms().saturating_sub(STAGE_MATCH_MS)),
-            Timestamp::from_unix_ms(to.unix_ms().saturating_add(STAGE_MATCH_MS)),
-        )
-        .await?;
+    let wide = window.widened_ms(STAGE_MATCH_MS);
+    let around = store.events_between(wide.from, wide.to).await?;
     let period_events: Vec<&CanonicalEvent> = around
         .iter()
-        .filter(|e| e.occurred_at >= from && e.occurred_at < to)
+        .filter(|e| window.contains(e.occurred_at))
         .collect();
     let order_of_record: HashMap<&str, &str> = period_events
         .iter()
@@ -449,18 +437,17 @@ pub async fn check(
             reason,
         });
     }
-    check.funnel = funnel(side, mapping, &around, from, to, now).await?;
+    check.funnel = funnel(side, mapping, &around, window, now).await?;
     Ok(check)
 }
 
-/// The lead funnel: each stage entry the CRM's history shows in `[from, to)` against the
-/// stored events of the same record and funnel event within [`STAGE_MATCH_MS`] of it.
+/// The lead funnel: each stage entry the CRM's history shows in `window` against the stored
+/// events of the same record and funnel event within [`STAGE_MATCH_MS`] of it.
 async fn funnel(
     side: &dyn CrmSide,
     mapping: &Mapping,
     stored: &[CanonicalEvent],
-    from: Timestamp,
-    to: Timestamp,
+    window: Window,
     now: Timestamp,
 ) -> Result<Option<Funnel>, CheckError> {
     let source = side.source();
@@ -468,7 +455,7 @@ async fn funnel(
     if stages.is_empty() {
         return Ok(None);
     }
-    let Some(entries) = side.stage_entries(&stages, from, to).await? else {
+    let Some(entries) = side.stage_entries(&stages, window).await? else {
         return Ok(None);
     };
     let mut times: HashMap<(&str, EventName), Vec<i64>> = HashMap::new();
@@ -747,6 +734,17 @@ fn csv(s: &str) -> String {
     }
 }
 
+/// The unit tests' view of a check's lead funnel: per event (lead, MQL, SQL), the CRM's
+/// changes, those stored and those missed.
+#[cfg(test)]
+pub(crate) fn funnel_figures(check: &CrmCheck) -> [(u64, u64, u64); 3] {
+    let funnel = check.funnel.as_ref().expect("the side reads the funnel");
+    ["lead", "mql", "sql"].map(|e| {
+        let f = &funnel.per_stage[e];
+        (f.crm_changes, f.stored, f.missed)
+    })
+}
+
 /// The unit tests' ingest into `store` and `queue`: the rules of `m`, numbers read as US ones.
 #[cfg(test)]
 pub(crate) async fn test_ingest(
@@ -896,12 +894,7 @@ mod tests {
 
     #[async_trait]
     impl HubSpotSearch for Crm {
-        async fn won_deals(
-            &self,
-            stages: &[String],
-            from: Timestamp,
-            to: Timestamp,
-        ) -> Result<Vec<CrmDeal>, CrmError> {
+        async fn won_deals(&self, stages: &[String], w: Window) -> Result<Vec<CrmDeal>, CrmError> {
             let deals = self.deals.lock().unwrap();
             let prop = |r: &HubSpotRecord, k: &str| r.properties.get(k).cloned().flatten();
             let mut out: Vec<CrmDeal> = deals
@@ -909,7 +902,7 @@ mod tests {
                 .filter(|(id, _)| !self.deleted.lock().unwrap().contains(*id))
                 .filter(|(_, (r, close))| {
                     prop(r, "dealstage").is_some_and(|s| stages.contains(&s))
-                        && (from.unix_ms()..to.unix_ms()).contains(close)
+                        && w.contains(Timestamp::from_unix_ms(*close))
                 })
                 .map(|(id, (r, _))| CrmDeal {
                     id: id.clone(),
@@ -962,8 +955,7 @@ mod tests {
     fn period(from: Timestamp, to: Timestamp) -> Period {
         Period {
             portal_id: Some(PORTAL),
-            from,
-            to,
+            window: Window::new(from, to),
         }
     }
 
@@ -1132,15 +1124,11 @@ mod tests {
         let check = check_hubspot(&crm, &crm, &store, &m, period(from, to), now())
             .await
             .unwrap();
-        let funnel = check.funnel.clone().expect("HubSpot reads the funnel");
-        let figures = |e: &str| {
-            let f = &funnel.per_stage[e];
-            (f.crm_changes, f.stored, f.missed)
-        };
-        assert_eq!(figures("lead"), (3, 3, 0));
-        assert_eq!(figures("mql"), (2, 1, 1));
-        assert_eq!(figures("sql"), (1, 0, 1));
-        let missed: Vec<(&str, &str, i64)> = funnel
+        assert_eq!(funnel_figures(&check), [(3, 3, 0), (2, 1, 1), (1, 0, 1)]);
+        let missed: Vec<(&str, &str, i64)> = check
+            .funnel
+            .as_ref()
+            .unwrap()
             .missed
             .iter()
             .map(|x| (x.record_id.as_str(), x.event_name, x.entered_at.unix_ms()))

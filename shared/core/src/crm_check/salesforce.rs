@@ -12,7 +12,7 @@ use super::{CheckError, CrmDeal, CrmSide, Missed, Replay, StageEntry};
 use crate::consent::ConsentStatus;
 use crate::mapping::Mapping;
 use crate::store::EventStore;
-use crate::timestamp::Timestamp;
+use crate::timestamp::{Days, Timestamp, Window};
 use crate::webhook::hubspot::{CrmError, HistoryEntry};
 use async_trait::async_trait;
 use serde_json::json;
@@ -60,13 +60,12 @@ pub struct SfStatusChange {
 /// credentials) in `bridge-platforms`.
 #[async_trait]
 pub trait SalesforceApi: Send + Sync {
-    /// Opportunities whose `StageName` is one of `stages` and whose `CloseDate` is within
-    /// `[from_day, to_day]` (dates, `YYYY-MM-DD`, both included), all pages read.
+    /// Opportunities whose `StageName` is one of `stages` and whose `CloseDate` is one of
+    /// `close_dates` (both ends included), all pages read.
     async fn won_opportunities(
         &self,
         stages: &[String],
-        from_day: &str,
-        to_day: &str,
+        close_dates: &Days,
     ) -> Result<Vec<CrmDeal>, CrmError>;
     /// The `OpportunityHistory` rows of `ids`: (opportunity id, stage, when the row was made).
     async fn stage_history(&self, ids: &[String]) -> Result<Vec<(String, HistoryEntry)>, CrmError>;
@@ -74,16 +73,12 @@ pub trait SalesforceApi: Send + Sync {
     async fn primary_contacts(&self, ids: &[String]) -> Result<Vec<(String, SfContact)>, CrmError>;
     /// `ids` through `queryAll`: deleted ones included; ones purged from the recycle bin absent.
     async fn opportunities_all(&self, ids: &[String]) -> Result<Vec<SfOpportunity>, CrmError>;
-    /// The `LeadHistory` rows of `Field = 'Status'` made in `[from, to)`.
-    async fn lead_status_changes(
-        &self,
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<SfStatusChange>, CrmError>;
+    /// The `LeadHistory` rows of `Field = 'Status'` made in `window`.
+    async fn lead_status_changes(&self, window: Window) -> Result<Vec<SfStatusChange>, CrmError>;
     /// Every `Status` row of the leads `ids`, whenever made (for the status each was created in).
     async fn lead_status_history(&self, ids: &[String]) -> Result<Vec<SfStatusChange>, CrmError>;
-    /// The leads created in `[from, to)`.
-    async fn leads_created(&self, from: Timestamp, to: Timestamp) -> Result<Vec<SfLead>, CrmError>;
+    /// The leads created in `window`.
+    async fn leads_created(&self, window: Window) -> Result<Vec<SfLead>, CrmError>;
     /// The leads `ids` (deleted ones absent).
     async fn leads(&self, ids: &[String]) -> Result<Vec<SfLead>, CrmError>;
 }
@@ -99,11 +94,10 @@ pub async fn check_salesforce(
     api: &dyn SalesforceApi,
     store: &dyn EventStore,
     mapping: &Mapping,
-    from: Timestamp,
-    to: Timestamp,
+    window: Window,
     now: Timestamp,
 ) -> Result<super::CrmCheck, CheckError> {
-    super::check(&SalesforceSide { api }, store, mapping, from, to, now).await
+    super::check(&SalesforceSide { api }, store, mapping, window, now).await
 }
 
 /// The note a repair needs when Salesforce's events get a consent other than granted.
@@ -135,30 +129,17 @@ fn flow_item(item: serde_json::Value) -> Replay {
     Replay::Salesforce(serde_json::Value::Object(item).to_string())
 }
 
-/// The UTC date of an instant.
-fn day(t: Timestamp) -> String {
-    t.canonical().chars().take(10).collect()
-}
-
 #[async_trait]
 impl CrmSide for SalesforceSide<'_> {
     fn source(&self) -> &'static str {
         "salesforce"
     }
 
-    async fn won_deals(
-        &self,
-        stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
-    ) -> Result<Vec<CrmDeal>, CrmError> {
+    async fn won_deals(&self, stages: &[String], window: Window) -> Result<Vec<CrmDeal>, CrmError> {
         // CloseDate is a date: the period's days, the last one being the day `to` excludes
         // nothing of. SOQL compares picklists case-insensitively, so the contract's lower-cased
         // stage names match Salesforce's spelling. source: SF-DATE; SOQL comparison operators
-        let last = Timestamp::from_unix_ms(to.unix_ms().saturating_sub(1).max(from.unix_ms()));
-        self.api
-            .won_opportunities(stages, &day(from), &day(last))
-            .await
+        self.api.won_opportunities(stages, &window.days()).await
     }
 
     async fn explain_missed(
@@ -267,12 +248,11 @@ impl CrmSide for SalesforceSide<'_> {
     async fn stage_entries(
         &self,
         stages: &[String],
-        from: Timestamp,
-        to: Timestamp,
+        window: Window,
     ) -> Result<Option<Vec<StageEntry>>, CheckError> {
         let wanted = |s: &str| stages.iter().any(|x| x.eq_ignore_ascii_case(s.trim()));
         let mut out = Vec::new();
-        let created = self.api.leads_created(from, to).await?;
+        let created = self.api.leads_created(window).await?;
         let ids: Vec<String> = created.iter().map(|l| l.id.clone()).collect();
         let mut first: HashMap<String, SfStatusChange> = HashMap::new();
         for chunk in ids.chunks(IDS_PER_QUERY) {
@@ -301,9 +281,9 @@ impl CrmSide for SalesforceSide<'_> {
                 });
             }
         }
-        for c in self.api.lead_status_changes(from, to).await? {
+        for c in self.api.lead_status_changes(window).await? {
             // The query's bounds are whole seconds: the period is exact here.
-            if c.at < from || c.at >= to {
+            if !window.contains(c.at) {
                 continue;
             }
             if let Some(new) = c.new.filter(|n| wanted(n)) {
@@ -367,7 +347,7 @@ impl CrmSide for SalesforceSide<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crm_check::test_ingest;
+    use crate::crm_check::{funnel_figures, test_ingest};
     use crate::identity::Region;
     use crate::ingest::{IngestConfig, Intake, ItemStatus};
     use crate::queue::memory::MemoryQueue;
@@ -403,7 +383,7 @@ mod tests {
                     amount: Some(amount),
                     currency: Some("USD".into()),
                 },
-                day(Timestamp::from_unix_ms(at_ms)),
+                Timestamp::from_unix_ms(at_ms).date(),
                 false,
             ));
             self.history.lock().unwrap().push((
@@ -446,16 +426,9 @@ mod tests {
 
     #[async_trait]
     impl SalesforceApi for Org {
-        async fn lead_status_changes(
-            &self,
-            from: Timestamp,
-            to: Timestamp,
-        ) -> Result<Vec<SfStatusChange>, CrmError> {
+        async fn lead_status_changes(&self, w: Window) -> Result<Vec<SfStatusChange>, CrmError> {
             let h = self.lead_history.lock().unwrap();
-            Ok(h.iter()
-                .filter(|c| c.at >= from && c.at < to)
-                .cloned()
-                .collect())
+            Ok(h.iter().filter(|c| w.contains(c.at)).cloned().collect())
         }
         async fn lead_status_history(
             &self,
@@ -467,15 +440,11 @@ mod tests {
                 .cloned()
                 .collect())
         }
-        async fn leads_created(
-            &self,
-            from: Timestamp,
-            to: Timestamp,
-        ) -> Result<Vec<SfLead>, CrmError> {
+        async fn leads_created(&self, w: Window) -> Result<Vec<SfLead>, CrmError> {
             let leads = self.leads.lock().unwrap();
             Ok(leads
                 .iter()
-                .filter(|l| l.created.is_some_and(|c| c >= from && c < to))
+                .filter(|l| l.created.is_some_and(|c| w.contains(c)))
                 .cloned()
                 .collect())
         }
@@ -490,8 +459,7 @@ mod tests {
         async fn won_opportunities(
             &self,
             stages: &[String],
-            from_day: &str,
-            to_day: &str,
+            days: &Days,
         ) -> Result<Vec<CrmDeal>, CrmError> {
             Ok(self
                 .opps
@@ -501,7 +469,7 @@ mod tests {
                 .filter(|(d, close, deleted)| {
                     !deleted
                         && stages.iter().any(|s| s.eq_ignore_ascii_case(&d.stage))
-                        && (from_day..=to_day).contains(&close.as_str())
+                        && (days.first.as_str()..=days.last.as_str()).contains(&close.as_str())
                 })
                 .map(|(d, _, _)| d.clone())
                 .collect())
@@ -600,7 +568,7 @@ mod tests {
         org.set("006C00000000001AAA", "Negotiation", 250.0, t);
 
         let (from, to) = (now().minus_secs(30 * 86_400), now());
-        let check = check_salesforce(&org, &store, &m, from, to, now())
+        let check = check_salesforce(&org, &store, &m, Window::new(from, to), now())
             .await
             .unwrap();
         assert_eq!(check.source, "salesforce");
@@ -637,7 +605,7 @@ mod tests {
             won[0].identity.meta.em.is_some(),
             "the primary contact's email"
         );
-        let again = check_salesforce(&org, &store, &m, from, to, now())
+        let again = check_salesforce(&org, &store, &m, Window::new(from, to), now())
             .await
             .unwrap();
         assert!(again.missed.is_empty());
@@ -652,7 +620,7 @@ mod tests {
                     *deleted = true;
                 }
             });
-        let gone = check_salesforce(&org, &store, &m, from, to, now())
+        let gone = check_salesforce(&org, &store, &m, Window::new(from, to), now())
             .await
             .unwrap();
         assert_eq!(gone.change_of("006B00000000001AAA"), Some("deleted_in_crm"));
@@ -669,9 +637,15 @@ mod tests {
             now().unix_ms() - DAY_MS,
         );
         let store = MemoryStore::new();
-        let check = check_salesforce(&org, &store, &m, now().minus_secs(86_400 * 2), now(), now())
-            .await
-            .unwrap();
+        let check = check_salesforce(
+            &org,
+            &store,
+            &m,
+            Window::new(now().minus_secs(86_400 * 2), now()),
+            now(),
+        )
+        .await
+        .unwrap();
         let notes = check.missed[0].notes.join(" | ");
         assert!(notes.contains("no primary contact"), "{notes}");
         assert!(notes.contains("consent_default (unknown)"), "{notes}");
@@ -721,17 +695,11 @@ mod tests {
         );
 
         let (from, to) = (now().minus_secs(7 * 86_400), now());
-        let check = check_salesforce(&org, &store, &m, from, to, now())
+        let check = check_salesforce(&org, &store, &m, Window::new(from, to), now())
             .await
             .unwrap();
-        let funnel = check.funnel.clone().expect("Salesforce reads the funnel");
-        let figures = |e: &str| {
-            let f = &funnel.per_stage[e];
-            (f.crm_changes, f.stored, f.missed)
-        };
-        assert_eq!(figures("lead"), (1, 1, 0));
-        assert_eq!(figures("mql"), (2, 1, 1));
-        assert_eq!(figures("sql"), (2, 1, 1));
+        assert_eq!(funnel_figures(&check), [(1, 1, 0), (2, 1, 1), (2, 1, 1)]);
+        let funnel = check.funnel.clone().unwrap();
         let missed: Vec<(&str, &str)> = funnel
             .missed
             .iter()
@@ -754,7 +722,7 @@ mod tests {
             .expect("L2's MQL stored");
         assert_eq!(b.occurred_at, Timestamp::from_unix_ms(t - 2 * DAY_MS));
         assert!(b.identity.meta.em.is_some(), "the lead's own email");
-        let again = check_salesforce(&org, &store, &m, from, to, now())
+        let again = check_salesforce(&org, &store, &m, Window::new(from, to), now())
             .await
             .unwrap();
         assert!(again.funnel.unwrap().missed.is_empty());

@@ -241,6 +241,22 @@ pub struct DeliveryLogEntry {
     pub sent_as: Option<String>,
 }
 
+impl DeliveryLogEntry {
+    /// Attempt `attempt` ended in `result` at `at`, with no request of its own to time (a wait,
+    /// a refusal before sending) and nothing else to note; the other fields are set on top.
+    pub fn new(attempt: u32, result: PairResult, at: Timestamp) -> Self {
+        DeliveryLogEntry {
+            attempt,
+            result,
+            request_at: at,
+            response_at: at,
+            error: None,
+            platform_ref: None,
+            sent_as: None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct DestinationState {
     pub status: DeliveryStatus,
@@ -466,16 +482,7 @@ mod tests {
         let now = Timestamp::from_unix_secs(1_800_000_000);
         let mut s = DestinationState::new(DeliveryStatus::Pending, now);
         for attempt in 1..=25 {
-            let entry = DeliveryLogEntry {
-                attempt,
-                result: PairResult::Retry,
-                request_at: now,
-                response_at: now,
-                error: None,
-                platform_ref: None,
-                sent_as: None,
-            };
-            s.log = s.log_with(entry);
+            s.log = s.log_with(DeliveryLogEntry::new(attempt, PairResult::Retry, now));
         }
         assert_eq!(s.log.len(), LOG_KEEP);
         assert_eq!(s.log[0].attempt, 16);

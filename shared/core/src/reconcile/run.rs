@@ -15,7 +15,7 @@ use crate::ingest::{IngestConfig, IngestReport, Intake};
 use crate::mapping::Mapping;
 use crate::queue::DeliveryQueue;
 use crate::store::{EventStore, StoreError};
-use crate::timestamp::Timestamp;
+use crate::timestamp::{Timestamp, Window};
 use async_trait::async_trait;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -55,13 +55,12 @@ pub trait RequestStatus: Send + Sync {
 #[async_trait]
 pub trait CrmApi: Send + Sync {
     fn source(&self) -> &'static str;
-    /// The CRM's won deals and funnel changes of `[from, to)` against the stored events.
+    /// The CRM's won deals and funnel changes of `window` against the stored events.
     async fn check(
         &self,
         store: &dyn EventStore,
         mapping: &Mapping,
-        from: Timestamp,
-        to: Timestamp,
+        window: Window,
         now: Timestamp,
     ) -> Result<CrmCheck, CheckError>;
     /// Ingests what `check` found missed, as its webhooks would have been.
@@ -182,7 +181,11 @@ pub async fn crm_section(
     now: Timestamp,
 ) -> Option<CrmSection> {
     let source = crm.api.source();
-    let check = match crm.api.check(store, crm.mapping, from, now, now).await {
+    let check = match crm
+        .api
+        .check(store, crm.mapping, Window::new(from, now), now)
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(source, error = %e, "the CRM could not be reconciled");
@@ -237,7 +240,9 @@ pub async fn crm_section(
 mod tests {
     use super::*;
     use crate::crm_check::{CrmFigures, Missed};
-    use crate::delivery::{DeliveryLogEntry, DeliveryStatus, DestinationState, REQUEST_ID_PREFIX};
+    use crate::delivery::{
+        DeliveryLogEntry, DeliveryStatus, DestinationState, PairResult, REQUEST_ID_PREFIX,
+    };
     use crate::event::{ValidationContext, parse_event_json, validate};
     use crate::queue::memory::MemoryQueue;
     use crate::store::memory::MemoryStore;
@@ -315,8 +320,7 @@ mod tests {
             &self,
             _store: &dyn EventStore,
             _mapping: &Mapping,
-            from: Timestamp,
-            to: Timestamp,
+            window: Window,
             _now: Timestamp,
         ) -> Result<CrmCheck, CheckError> {
             if self.down {
@@ -324,8 +328,8 @@ mod tests {
             }
             Ok(CrmCheck {
                 source: "hubspot",
-                from,
-                to,
+                from: window.from,
+                to: window.to,
                 per_currency: BTreeMap::from([(
                     "USD".to_string(),
                     CrmFigures {
@@ -339,7 +343,7 @@ mod tests {
                 missed: vec![Missed {
                     deal_id: "9002".into(),
                     stage: "closedwon".into(),
-                    won_at: Some(to.minus_secs(3600)),
+                    won_at: Some(window.to.minus_secs(3600)),
                     amount: Some(75.0),
                     currency: Some("USD".into()),
                     notes: vec![],
@@ -365,14 +369,9 @@ mod tests {
         for d in Destination::ALL {
             let mut s = DestinationState::new(DeliveryStatus::Delivered, now());
             s.log.push(DeliveryLogEntry {
-                attempt: 1,
-                result: serde_json::from_value(json!("delivered")).unwrap(),
-                request_at: now(),
-                response_at: now(),
-                error: None,
                 platform_ref: (d == Destination::Google)
                     .then(|| format!("{REQUEST_ID_PREFIX}{request}")),
-                sent_as: None,
+                ..DeliveryLogEntry::new(1, PairResult::Delivered, now())
             });
             e.destinations.insert(d, s);
         }
