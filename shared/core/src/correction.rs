@@ -812,13 +812,8 @@ mod tests {
     fn delivered_as(e: &mut CanonicalEvent, d: Destination, sent_as: Option<&str>) {
         let mut s = DestinationState::new(DeliveryStatus::Delivered, now());
         s.log.push(DeliveryLogEntry {
-            attempt: 1,
-            result: PairResult::Delivered,
-            request_at: now(),
-            response_at: now(),
-            error: None,
-            platform_ref: None,
             sent_as: sent_as.map(str::to_string),
+            ..DeliveryLogEntry::new(1, PairResult::Delivered, now())
         });
         e.destinations.insert(d, s);
     }

@@ -630,15 +630,9 @@ mod tests {
         for (d, st, log) in states {
             let mut s = DestinationState::new(*st, now());
             for (i, r) in log.iter().enumerate() {
-                s.log.push(DeliveryLogEntry {
-                    attempt: i as u32 + 1,
-                    result: serde_json::from_value(json!(r)).unwrap(),
-                    request_at: now(),
-                    response_at: now(),
-                    error: None,
-                    platform_ref: None,
-                    sent_as: None,
-                });
+                let result = serde_json::from_value(json!(r)).unwrap();
+                s.log
+                    .push(DeliveryLogEntry::new(i as u32 + 1, result, now()));
             }
             if *st == DeliveryStatus::DeadLetter {
                 s.last_error = Some(ErrorInfo::new(ErrorCode::platform("CLICK_NOT_FOUND"), "x"));

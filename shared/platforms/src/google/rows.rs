@@ -504,7 +504,7 @@ fn build_correction(
                     ),
                 ));
             }
-            correction_upload(e, c, order, mapping, g, now).map_err(|x| {
+            correction_upload(e, &c.to, order, mapping, g, now).map_err(|x| {
                 err(
                     ErrorCode::UploadWouldFail,
                     format!(
@@ -533,7 +533,7 @@ fn build_correction(
         }
         CorrectionStep::Upload => Ok(GoogleItem {
             attempt,
-            ..correction_upload(e, c, order, mapping, g, now)?
+            ..correction_upload(e, &c.to, order, mapping, g, now)?
         }),
         CorrectionStep::Restate => {
             // Every refund known now, whether or not it was known when the move was planned:
@@ -582,12 +582,12 @@ fn build_correction(
 }
 
 /// The upload of a correction: the won again, under the action the mapping this sender runs
-/// names, which must be the correction's. Data Manager keeps the last value written for a
-/// transactionId, so its upload carries the order's net value; the Ads API keeps the first
-/// upload, so it gets the won's value and the restate step brings the refunds over.
+/// names, which must be the correction's target `action`. Data Manager keeps the last value
+/// written for a transactionId, so its upload carries the order's net value; the Ads API keeps
+/// the first upload, so it gets the won's value and the restate step brings the refunds over.
 fn correction_upload(
     e: &CanonicalEvent,
-    c: &Correction,
+    action: &str,
     order: &[CanonicalEvent],
     mapping: &Mapping,
     g: &GoogleMapping,
@@ -596,20 +596,20 @@ fn correction_upload(
     let mut won = e.clone();
     won.event_name = EventName::Won;
     won.correction = None;
-    let to = GoogleConversion::from_resource(&c.to);
+    let to = GoogleConversion::from_resource(action);
     if to.is_some_and(|t| g.backend_for(&t.customer_id) == GoogleBackend::DataManager)
         && let (Some(v), Some(cur)) = (won.value, won.currency.as_deref())
     {
         won.value = Some(v.saturating_sub(refunded(order, cur)));
     }
     let item = build_item(&won, &[], mapping, now)?;
-    if item.action() != c.to {
+    if item.action() != action {
         return Err(err(
             ErrorCode::MappingChanged,
             format!(
                 "the mapping now sends won to {}, not {}: plan the correction again",
                 item.action(),
-                c.to
+                action
             ),
         ));
     }
@@ -677,7 +677,7 @@ fn refunded(order: &[CanonicalEvent], currency: &str) -> Money {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bridge_core::delivery::DestinationState;
+    use bridge_core::delivery::{DeliveryLogEntry, DestinationState, PairResult};
     use bridge_core::event::{ValidationContext, parse_event_json, validate};
     use bridge_core::hashing::sha256_hex;
     use bridge_core::mapping::GoogleBackend;
@@ -720,15 +720,7 @@ mod tests {
             Some(DeliveryStatus::Delivered),
         );
         w.destinations.get_mut(&Destination::Google).unwrap().log =
-            vec![bridge_core::delivery::DeliveryLogEntry {
-                attempt: 1,
-                result: bridge_core::delivery::PairResult::Delivered,
-                request_at: now(),
-                response_at: now(),
-                error: None,
-                platform_ref: None,
-                sent_as: None,
-            }];
+            vec![DeliveryLogEntry::new(1, PairResult::Delivered, now())];
         let mut r = event(
             refund(10.0, "2026-11-27T12:00:00Z"),
             Some(DeliveryStatus::Sending),
@@ -974,14 +966,9 @@ mod tests {
 
     fn delivered_as(e: &mut CanonicalEvent, action: &str) {
         let mut s = DestinationState::new(DeliveryStatus::Delivered, now());
-        s.log = vec![bridge_core::delivery::DeliveryLogEntry {
-            attempt: 1,
-            result: bridge_core::delivery::PairResult::Delivered,
-            request_at: now(),
-            response_at: now(),
-            error: None,
-            platform_ref: None,
+        s.log = vec![DeliveryLogEntry {
             sent_as: Some(action.into()),
+            ..DeliveryLogEntry::new(1, PairResult::Delivered, now())
         }];
         e.destinations.insert(Destination::Google, s);
     }
