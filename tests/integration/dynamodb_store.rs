@@ -5,6 +5,7 @@ use bridge_aws::dynamodb::DynamoStore;
 use bridge_core::delivery::{
     Claimability, DeliveryLogEntry, DeliveryStatus, Destination, ErrorCode, ErrorInfo, PairResult,
 };
+use bridge_core::event::CanonicalEvent;
 use bridge_core::store::memory::MemoryStore;
 use bridge_core::store::{ClaimOutcome, EventStore, OrderHold, PutOutcome, StoreError, Transition};
 use bridge_core::timestamp::Timestamp;
@@ -23,13 +24,8 @@ async fn dynamo(test: &str) -> DynamoStore {
 
 fn log(attempt: u32, result: PairResult, now: Timestamp) -> DeliveryLogEntry {
     DeliveryLogEntry {
-        attempt,
-        result,
-        request_at: now,
-        response_at: now,
-        error: None,
         platform_ref: Some("trace-1".into()),
-        sent_as: None,
+        ..DeliveryLogEntry::new(attempt, result, now)
     }
 }
 
@@ -63,15 +59,36 @@ fn transition_after(
     }
 }
 
-/// Claims the pair at `at` with a lease until `until`, as a sender does.
-async fn claim(
+/// The lease a sender takes in these scenarios.
+const LEASE_SECS: i64 = 60;
+
+/// Claims the pair at `at` with a lease of [`LEASE_SECS`], as a sender does.
+async fn claim(store: &dyn EventStore, key: &str, d: Destination, at: Timestamp) -> ClaimOutcome {
+    store
+        .claim(key, d, at, at.plus_secs(LEASE_SECS), None)
+        .await
+        .unwrap()
+}
+
+/// A claim at `at` that must win: the event as the claim left it.
+async fn claimed(
     store: &dyn EventStore,
     key: &str,
     d: Destination,
     at: Timestamp,
-    until: Timestamp,
-) -> ClaimOutcome {
-    store.claim(key, d, at, until, None).await.unwrap()
+) -> CanonicalEvent {
+    match claim(store, key, d, at).await {
+        ClaimOutcome::Claimed(e) => *e,
+        other => panic!("a claim of {key} at {at} wins: {other:?}"),
+    }
+}
+
+/// A claim at `at` that must be refused: why.
+async fn refused(store: &dyn EventStore, key: &str, d: Destination, at: Timestamp) -> Claimability {
+    match claim(store, key, d, at).await {
+        ClaimOutcome::Refused(why, _) => why,
+        other => panic!("a claim of {key} at {at} is refused: {other:?}"),
+    }
 }
 
 /// Completes the pair's attempt `attempt`; whether the store took it (the lease still held).
@@ -125,7 +142,7 @@ async fn browser_then_click_ids_scrubbed(
     key: &str,
     person: &str,
     now: Timestamp,
-) -> Vec<bridge_core::event::CanonicalEvent> {
+) -> Vec<CanonicalEvent> {
     let retention = store.retention_candidates(now, 10_000).await.unwrap();
     assert!(retention.iter().any(|x| x.key == key));
     for what in [
@@ -166,40 +183,21 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
     );
 
     // Claim, lose the lease, let another worker take over; the first worker's late result loses.
-    let lease = now.plus_secs(60);
-    let ClaimOutcome::Claimed(c1) = claim(store, &e.event_id, Destination::Meta, now, lease).await
-    else {
-        panic!("first claim wins")
-    };
+    let lease = now.plus_secs(LEASE_SECS);
+    let c1 = claimed(store, &e.event_id, Destination::Meta, now).await;
     assert_eq!(c1.destinations[&Destination::Meta].attempts, 1);
     assert_eq!(
         c1.destinations[&Destination::Meta].status,
         DeliveryStatus::Sending
     );
-    match claim(
-        store,
-        &e.event_id,
-        Destination::Meta,
-        now.plus_secs(1),
-        now.plus_secs(61),
-    )
-    .await
-    {
-        ClaimOutcome::Refused(Claimability::Leased { until }, _) => assert_eq!(until, lease),
-        other => panic!("a live lease refuses: {other:?}"),
-    }
+    assert_eq!(
+        refused(store, &e.event_id, Destination::Meta, now.plus_secs(1)).await,
+        Claimability::Leased { until: lease },
+        "a live lease refuses"
+    );
+    // An expired lease can be taken over.
     let later = now.plus_secs(61);
-    let ClaimOutcome::Claimed(c2) = claim(
-        store,
-        &e.event_id,
-        Destination::Meta,
-        later,
-        later.plus_secs(60),
-    )
-    .await
-    else {
-        panic!("an expired lease can be taken over")
-    };
+    let c2 = claimed(store, &e.event_id, Destination::Meta, later).await;
     assert_eq!(c2.destinations[&Destination::Meta].attempts, 2);
     assert!(
         !complete(
@@ -225,29 +223,11 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         scrub_browser: false,
     };
     assert!(complete(store, &e.event_id, Destination::Meta, 2, &t).await);
-    match claim(
-        store,
-        &e.event_id,
-        Destination::Meta,
-        later.plus_secs(10),
-        later.plus_secs(70),
-    )
-    .await
-    {
-        ClaimOutcome::Refused(Claimability::NotDue { at }, _) => assert_eq!(at, retry_at),
-        other => panic!("not due yet: {other:?}"),
-    }
-    let ClaimOutcome::Claimed(_) = claim(
-        store,
-        &e.event_id,
-        Destination::Meta,
-        retry_at,
-        retry_at.plus_secs(60),
-    )
-    .await
-    else {
-        panic!("due retry claims")
-    };
+    assert_eq!(
+        refused(store, &e.event_id, Destination::Meta, later.plus_secs(10)).await,
+        Claimability::NotDue { at: retry_at }
+    );
+    claimed(store, &e.event_id, Destination::Meta, retry_at).await;
     assert!(
         complete(
             store,
@@ -258,18 +238,11 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         )
         .await
     );
-    match claim(
-        store,
-        &e.event_id,
-        Destination::Meta,
-        retry_at,
-        retry_at.plus_secs(60),
-    )
-    .await
-    {
-        ClaimOutcome::Refused(Claimability::AlreadyDelivered, _) => {}
-        other => panic!("a delivered pair is never sent again: {other:?}"),
-    }
+    assert_eq!(
+        refused(store, &e.event_id, Destination::Meta, retry_at).await,
+        Claimability::AlreadyDelivered,
+        "a delivered pair is never sent again"
+    );
     let done = store.get(&e.event_id).await.unwrap().unwrap();
     let meta = &done.destinations[&Destination::Meta];
     assert_eq!(meta.status, DeliveryStatus::Delivered);
@@ -295,17 +268,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
 
     // Dead letter: a stray message cannot re-open it; an operator's redrive (the message
     // carrying the dead-letter token) can, with a fresh budget.
-    let ClaimOutcome::Claimed(_) = claim(
-        store,
-        &e.event_id,
-        Destination::Google,
-        now,
-        now.plus_secs(60),
-    )
-    .await
-    else {
-        panic!()
-    };
+    claimed(store, &e.event_id, Destination::Google, now).await;
     assert!(
         complete(
             store,
@@ -316,18 +279,11 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
         )
         .await
     );
-    match claim(
-        store,
-        &e.event_id,
-        Destination::Google,
-        now,
-        now.plus_secs(60),
-    )
-    .await
-    {
-        ClaimOutcome::Refused(Claimability::Closed(DeliveryStatus::DeadLetter), _) => {}
-        other => panic!("a stray message leaves a dead-lettered pair alone: {other:?}"),
-    }
+    assert_eq!(
+        refused(store, &e.event_id, Destination::Google, now).await,
+        Claimability::Closed(DeliveryStatus::DeadLetter),
+        "a stray message leaves a dead-lettered pair alone"
+    );
     let ClaimOutcome::Claimed(re) = store
         .claim(
             &e.event_id,
@@ -349,7 +305,7 @@ async fn lifecycle_scenario(store: &dyn EventStore) {
 
     // Unknown events.
     assert_eq!(
-        claim(store, "no-such-event", Destination::Meta, now, now).await,
+        claim(store, "no-such-event", Destination::Meta, now).await,
         ClaimOutcome::Missing
     );
     assert!(store.get("no-such-event").await.unwrap().is_none());
@@ -372,16 +328,7 @@ async fn concurrent_claims_of_one_event_have_exactly_one_winner() {
     let attempts = (0..8).map(|_| {
         let store = store.clone();
         let id = e.event_id.clone();
-        tokio::spawn(async move {
-            claim(
-                store.as_ref(),
-                &id,
-                Destination::Meta,
-                now,
-                now.plus_secs(60),
-            )
-            .await
-        })
+        tokio::spawn(async move { claim(store.as_ref(), &id, Destination::Meta, now).await })
     });
     let results: Vec<_> = join_all(attempts)
         .await
@@ -465,17 +412,7 @@ async fn sweep_index_holds_open_pairs_only() {
     store.put_new(&a).await.unwrap();
     store.put_new(&b).await.unwrap();
     // b is delivered to Meta, so only a is open for Meta.
-    let ClaimOutcome::Claimed(_) = claim(
-        &store,
-        &b.event_id,
-        Destination::Meta,
-        now,
-        now.plus_secs(30),
-    )
-    .await
-    else {
-        panic!()
-    };
+    claimed(&store, &b.event_id, Destination::Meta, now).await;
     assert!(
         complete(
             &store,
@@ -497,17 +434,7 @@ async fn sweep_index_holds_open_pairs_only() {
     // A claim leaves the pair where the sweep will look (moving an index key is billed as a
     // delete and a put): still listed, at the same time, with the status it was put with.
     let pending_due = stuck[0].due;
-    let ClaimOutcome::Claimed(_) = claim(
-        &store,
-        &a.event_id,
-        Destination::Meta,
-        now,
-        now.plus_secs(30),
-    )
-    .await
-    else {
-        panic!()
-    };
+    claimed(&store, &a.event_id, Destination::Meta, now).await;
     let stuck = store.stuck(Destination::Meta, far, 100).await.unwrap();
     assert_eq!(
         stuck
@@ -649,11 +576,7 @@ async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased()
         store.get_many(&[e.key.clone()]).await.unwrap()[0].identity,
         ident
     );
-    let ClaimOutcome::Claimed(claimed) =
-        claim(&store, &e.key, Destination::Meta, now, now.plus_secs(30)).await
-    else {
-        panic!()
-    };
+    let claimed = claimed(&store, &e.key, Destination::Meta, now).await;
     assert_eq!(claimed.identity, ident, "the sender gets the identity");
     let found = browser_then_click_ids_scrubbed(&store, &e.key, &person, now).await;
     assert_eq!(found.len(), 1);
@@ -723,11 +646,7 @@ async fn exactly_once_scenario(store: &dyn EventStore) {
         "2026-11-27T10:00:00Z",
     );
     store.put_new(&e).await.unwrap();
-    let ClaimOutcome::Claimed(c) =
-        claim(store, &e.key, Destination::Meta, now, now.plus_secs(60)).await
-    else {
-        panic!()
-    };
+    let c = claimed(store, &e.key, Destination::Meta, now).await;
     let wait = Transition {
         status: DeliveryStatus::Retry,
         now,

@@ -1216,6 +1216,15 @@ mod tests {
         e.key
     }
 
+    /// [`stored`] for each of `entities`, in order: their keys.
+    async fn stored_all(store: &MemoryStore, entities: &[&str]) -> Vec<String> {
+        let mut keys = Vec::new();
+        for entity in entities {
+            keys.push(stored(store, entity).await);
+        }
+        keys
+    }
+
     fn revenue(name: &str, entity: &str, order: &str, at: &str, value: f64) -> CanonicalEvent {
         event(
             json!({"source": "hubspot", "event_name": name, "occurred_at": at, "entity_type": "opportunity",
@@ -1234,6 +1243,16 @@ mod tests {
         at: Timestamp,
     ) -> BatchReport {
         process_batch(vec![record(n, key)], p, store, queue, &cfg(), at).await
+    }
+
+    /// One invocation of `records` at `now()`, under the tests' configuration.
+    async fn run_batch<P: Platform>(
+        records: Vec<Record>,
+        p: &P,
+        store: &MemoryStore,
+        queue: &MemoryQueue,
+    ) -> BatchReport {
+        process_batch(records, p, store, queue, &cfg(), now()).await
     }
 
     fn record(n: usize, key: &str) -> Record {
@@ -1285,11 +1304,7 @@ mod tests {
     #[tokio::test]
     async fn configuration_errors_count_once_per_code_not_per_event() {
         let (store, queue) = memory(5);
-        let ids = [
-            stored(&store, "A").await,
-            stored(&store, "B").await,
-            stored(&store, "C").await,
-        ];
+        let ids = stored_all(&store, &["A", "B", "C"]).await;
         let refused = |code: &str| Outcome::Rejected {
             error: e(code),
             dead_letter: true,
@@ -1302,7 +1317,7 @@ mod tests {
         ]);
         p.max = 1;
         let records = records_for(&ids);
-        let r = process_batch(records, &p, &store, &queue, &cfg(), now()).await;
+        let r = run_batch(records, &p, &store, &queue).await;
         assert_eq!(r.alerts, 2, "two codes, one of them on two events");
         assert_eq!(r.count(PairResult::DeadLetter), 3);
     }
@@ -1310,12 +1325,7 @@ mod tests {
     #[tokio::test]
     async fn each_outcome_class_gets_its_state_and_sqs_route() {
         let (store, queue) = memory(5);
-        let ids = [
-            stored(&store, "A").await,
-            stored(&store, "B").await,
-            stored(&store, "C").await,
-            stored(&store, "BAD").await,
-        ];
+        let ids = stored_all(&store, &["A", "B", "C", "BAD"]).await;
         // One request per event so each gets its own scripted answer.
         let mut p = Scripted::new(vec![
             Outcome::Delivered {
@@ -1334,7 +1344,7 @@ mod tests {
         ]);
         p.max = 1;
         let records = records_for(&ids);
-        let r = process_batch(records, &p, &store, &queue, &cfg(), now()).await;
+        let r = run_batch(records, &p, &store, &queue).await;
         assert_eq!(r.failures, ["m1"], "only the retry stays on the queue");
         assert_eq!(r.alerts, 1);
         let emf: serde_json::Value =
@@ -1584,15 +1594,8 @@ mod tests {
         store.put_new(&first).await.unwrap();
         store.put_new(&again).await.unwrap();
         let p = Scripted::new(vec![]);
-        let r = process_batch(
-            vec![record(0, &first.key), record(1, &again.key)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        let records = vec![record(0, &first.key), record(1, &again.key)];
+        let r = run_batch(records, &p, &store, &queue).await;
         assert_eq!(p.sends(), 1);
         assert_eq!(r.count(PairResult::DuplicateOrder), 1);
     }
@@ -1637,11 +1640,11 @@ mod tests {
         // The operator redrives the DLQ: that message re-opens it, with a fresh budget.
         let dlq = queue.dlq(Destination::Meta);
         let redriven = Record::new("m2", "r2", dlq[0].message.to_body());
-        let r = process_batch(vec![redriven.clone()], &p, &store, &queue, &cfg(), now()).await;
+        let r = run_batch(vec![redriven.clone()], &p, &store, &queue).await;
         assert_eq!(r.results["m2"], PairResult::Delivered);
         assert_eq!(p.sends(), 2);
         // The same redriven message again (redelivered): already delivered.
-        let r = process_batch(vec![redriven], &p, &store, &queue, &cfg(), now()).await;
+        let r = run_batch(vec![redriven], &p, &store, &queue).await;
         assert_eq!(r.results["m2"], PairResult::AlreadyDelivered);
     }
 
@@ -1651,7 +1654,7 @@ mod tests {
         // The old DLQ body had no token; the bridge always set the `attempts` attribute.
         let mut old = record(1, &id);
         old.attributes.insert("attempts".into(), "1".into());
-        let r = process_batch(vec![old], &p, &store, &queue, &cfg(), now()).await;
+        let r = run_batch(vec![old], &p, &store, &queue).await;
         assert_eq!(r.results["m1"], PairResult::Delivered);
     }
 
@@ -1692,7 +1695,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_starts_without_time_to_record_it() {
         let (store, queue) = memory(50);
-        let ids = [stored(&store, "A").await, stored(&store, "B").await];
+        let ids = stored_all(&store, &["A", "B"]).await;
         let mut p = Scripted::new(vec![]);
         p.max = 1;
         p.pause = Duration::from_millis(300);
@@ -1730,15 +1733,8 @@ mod tests {
         };
         let c = stored(&store, "K~2").await;
         let p = Scripted::new(vec![]);
-        let r = process_batch(
-            vec![record(0, &a), record(1, &b), record(2, &c)],
-            &p,
-            &store,
-            &queue,
-            &cfg(),
-            now(),
-        )
-        .await;
+        let records = vec![record(0, &a), record(1, &b), record(2, &c)];
+        let r = run_batch(records, &p, &store, &queue).await;
         assert_eq!(p.sent(), [vec!["K~1".to_string()]], "one row of the order");
         assert_eq!(r.results["m0"], PairResult::Delivered);
         assert_eq!(
@@ -1763,7 +1759,7 @@ mod tests {
         }
         let mut p = Scripted::new(vec![]);
         p.max = 10;
-        process_batch(records, &p, &store, &queue, &cfg(), now()).await;
+        run_batch(records, &p, &store, &queue).await;
         assert_eq!(
             p.sent().iter().map(Vec::len).collect::<Vec<_>>(),
             [10, 10, 5]
@@ -1813,7 +1809,7 @@ mod tests {
         let store2 = MemoryStore::new();
         e2.destinations.get_mut(&Destination::Meta).unwrap().status = DeliveryStatus::Pending;
         store2.put_new(&e2).await.unwrap();
-        process_batch(vec![record(1, &e2.key)], &p, &store2, &queue, &cfg(), now()).await;
+        run_batch(vec![record(1, &e2.key)], &p, &store2, &queue).await;
         let gone = store2.get_sync(&e2.key).identity.click;
         assert_eq!(
             (gone.client_ip_address, gone.client_user_agent),
