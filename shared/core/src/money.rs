@@ -112,26 +112,27 @@ impl std::str::FromStr for Money {
     }
 }
 
-/// Active ISO 4217 codes (2026), including the funds codes platforms accept.
-const ISO_4217: &[&str] = &[
-    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
-    "BGN", "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD",
-    "CDF", "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD",
-    "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ",
-    "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD",
-    "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR",
-    "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR",
-    "MWK", "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN",
-    "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR",
-    "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB",
-    "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS",
-    "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
-];
+/// Active ISO 4217 codes (2026), including the funds codes platforms accept: a data file, one
+/// code a line, sorted, so the list is updated as data. Each line is 4 bytes (3 letters and a
+/// newline), so the file is searched in place.
+const ISO_4217: &[u8] = include_bytes!("iso4217.txt");
+const CODE_LINE: usize = 4;
 
 /// The upper-case ISO 4217 code for `s` (any case), or `None` when it is not one.
 pub fn currency_code(s: &str) -> Option<String> {
     let up = s.trim().to_ascii_uppercase();
-    ISO_4217.binary_search(&up.as_str()).is_ok().then_some(up)
+    let code = |i: usize| ISO_4217.get(i * CODE_LINE..i * CODE_LINE + 3);
+    // A binary search over the fixed-width lines.
+    let (mut lo, mut hi) = (0, ISO_4217.len() / CODE_LINE);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match code(mid)?.cmp(up.as_bytes()) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return Some(up),
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -140,7 +141,16 @@ mod tests {
 
     #[test]
     fn currency_table_is_sorted_for_binary_search() {
-        assert!(ISO_4217.windows(2).all(|w| w[0] < w[1]));
+        let codes: Vec<&[u8]> = ISO_4217.chunks(CODE_LINE).collect();
+        assert_eq!(codes.len(), 156);
+        assert!(codes.iter().all(|c| c.len() == CODE_LINE
+            && c[..3].iter().all(u8::is_ascii_uppercase)
+            && c[3] == b'\n'));
+        assert!(codes.windows(2).all(|w| w[0] < w[1]));
+        for c in &codes {
+            let code = std::str::from_utf8(&c[..3]).unwrap();
+            assert_eq!(currency_code(&code.to_lowercase()).as_deref(), Some(code));
+        }
         assert_eq!(currency_code("usd").as_deref(), Some("USD"));
         assert_eq!(currency_code("EUR").as_deref(), Some("EUR"));
         assert_eq!(currency_code("XYZ"), None);
