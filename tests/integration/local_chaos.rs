@@ -441,7 +441,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
         hold,
     }));
     b.google.with(|d| {
-        d.chaos = Some(Chaos {
+        d.controls.chaos = Some(Chaos {
             rate,
             crash: Some(Arc::new(move || google_fn.crash())),
             hold,
@@ -765,7 +765,7 @@ async fn chaos_traffic_lands_exactly_once_with_revenue_reconciled() {
     b.meta.set_chaos(None);
     b.meta.unpoison_all();
     b.google.with(|d| {
-        d.chaos = None;
+        d.controls.chaos = None;
         d.poison.clear();
     });
     for d in [Destination::Meta, Destination::Google] {

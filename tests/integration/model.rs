@@ -400,8 +400,8 @@ impl World {
             now = now.plus_secs(60);
         }
         // Faults queued for a round that sent nothing must not leak into the next case.
-        self.meta.with(|d| d.faults.clear());
-        self.google.with(|d| d.faults.clear());
+        self.meta.with(|d| d.controls.faults.clear());
+        self.google.with(|d| d.controls.faults.clear());
         // Held answers of this case finish before the next case reads the fakes.
         tokio::time::sleep(if h.faults.is_empty() {
             Duration::ZERO

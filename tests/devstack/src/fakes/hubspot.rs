@@ -128,11 +128,7 @@ fn single(
             }
             (StatusCode::OK, Json(body)).into_response()
         }
-        None => error(
-            StatusCode::NOT_FOUND,
-            "OBJECT_NOT_FOUND",
-            "resource not found",
-        ),
+        None => not_found(),
     }
 }
 
@@ -158,56 +154,67 @@ fn histories(d: &Data, kind: &str, id: &str, wanted: Option<&String>) -> Value {
     Value::Object(out)
 }
 
-async fn contact(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-    h: HeaderMap,
-) -> Response {
-    let line = format!(
-        "contact {id} properties={} history={}",
-        q.get("properties").cloned().unwrap_or_default(),
-        q.get("propertiesWithHistory").cloned().unwrap_or_default()
-    );
-    let d = match open(&s, &h, line) {
-        Ok(d) => d,
-        Err(r) => return r,
-    };
-    let body = d
-        .contacts
-        .get(&id)
-        .map(|props| json!({"id": id, "properties": props, "archived": false}));
-    single(&d, "contact", &id, &q, body)
+/// The object types this fake holds, as HubSpot's paths name them.
+const OBJECTS: [&str; 2] = ["contacts", "deals"];
+
+/// HubSpot's answer for an object or record it does not have.
+fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "OBJECT_NOT_FOUND",
+        "resource not found",
+    )
 }
 
-async fn deal(
+/// `GET /crm/v3/objects/{contacts|deals}/{id}`: a contact with its properties, or a deal with
+/// its associated contact; archived deals answer 404.
+async fn record(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Path((object, id)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> Response {
-    let line = format!(
-        "deal {id} associations={} history={}",
-        q.get("associations").cloned().unwrap_or_default(),
-        q.get("propertiesWithHistory").cloned().unwrap_or_default()
-    );
+    let asked = |k: &str| q.get(k).cloned().unwrap_or_default();
+    let history = asked("propertiesWithHistory");
+    let (kind, line) = match object.as_str() {
+        "contacts" => (
+            "contact",
+            format!(
+                "contact {id} properties={} history={history}",
+                asked("properties")
+            ),
+        ),
+        "deals" => (
+            "deal",
+            format!(
+                "deal {id} associations={} history={history}",
+                asked("associations")
+            ),
+        ),
+        _ => return not_found(),
+    };
     let d = match open(&s, &h, line) {
         Ok(d) => d,
         Err(r) => return r,
     };
-    let body = d
-        .deals
-        .get(&id)
-        .filter(|_| !d.archived.contains(&id))
-        .map(|(props, contact)| {
-            let assoc = contact
-                .iter()
-                .map(|c| json!({"id": c, "type": "deal_to_contact"}))
-                .collect::<Vec<_>>();
-            json!({"id": id, "properties": props, "archived": false,
-                   "associations": {"contacts": {"results": assoc}}})
-        });
-    single(&d, "deal", &id, &q, body)
+    let body = if kind == "contact" {
+        d.contacts
+            .get(&id)
+            .map(|props| json!({"id": id, "properties": props, "archived": false}))
+    } else {
+        d.deals
+            .get(&id)
+            .filter(|_| !d.archived.contains(&id))
+            .map(|(props, contact)| {
+                let assoc = contact
+                    .iter()
+                    .map(|c| json!({"id": c, "type": "deal_to_contact"}))
+                    .collect::<Vec<_>>();
+                json!({"id": id, "properties": props, "archived": false,
+                       "associations": {"contacts": {"results": assoc}}})
+            })
+    };
+    single(&d, kind, &id, &q, body)
 }
 
 /// One search filter against one deal's properties. source: HS-SEARCH (enumeration properties
@@ -252,12 +259,16 @@ fn matches(props: &Value, f: &Value) -> Result<bool, String> {
     })
 }
 
-async fn search_deals(s: State<AppState>, h: HeaderMap, body: Json<Value>) -> Response {
-    search(s, h, body, "deals")
-}
-
-async fn search_contacts(s: State<AppState>, h: HeaderMap, body: Json<Value>) -> Response {
-    search(s, h, body, "contacts")
+async fn search_objects(
+    s: State<AppState>,
+    Path(object): Path<String>,
+    h: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    match OBJECTS.iter().find(|o| **o == object) {
+        Some(o) => search(s, h, body, o),
+        None => not_found(),
+    }
 }
 
 /// `POST /crm/v3/objects/{deals|contacts}/search`. source: HS-SEARCH (at most 5 filter groups
@@ -372,22 +383,17 @@ fn search(
     (StatusCode::OK, Json(reply)).into_response()
 }
 
-async fn batch_read_deals(
+async fn batch_read_objects(
     s: State<AppState>,
+    Path(object): Path<String>,
     q: Query<HashMap<String, String>>,
     h: HeaderMap,
     body: Json<Value>,
 ) -> Response {
-    batch_read(s, q, h, body, "deals")
-}
-
-async fn batch_read_contacts(
-    s: State<AppState>,
-    q: Query<HashMap<String, String>>,
-    h: HeaderMap,
-    body: Json<Value>,
-) -> Response {
-    batch_read(s, q, h, body, "contacts")
+    match OBJECTS.iter().find(|o| **o == object) {
+        Some(o) => batch_read(s, q, h, body, o),
+        None => not_found(),
+    }
 }
 
 /// `POST /crm/v3/objects/{deals|contacts}/batch/read[?archived=true]`. source: crm-apis.md
@@ -531,15 +537,12 @@ impl FakeHubSpot {
             data: data.clone(),
         };
         let app = Router::new()
-            .route("/crm/v3/objects/contacts/{id}", get(contact))
-            .route("/crm/v3/objects/contacts/search", post(search_contacts))
+            .route("/crm/v3/objects/{object}/{id}", get(record))
+            .route("/crm/v3/objects/{object}/search", post(search_objects))
             .route(
-                "/crm/v3/objects/contacts/batch/read",
-                post(batch_read_contacts),
+                "/crm/v3/objects/{object}/batch/read",
+                post(batch_read_objects),
             )
-            .route("/crm/v3/objects/deals/search", post(search_deals))
-            .route("/crm/v3/objects/deals/batch/read", post(batch_read_deals))
-            .route("/crm/v3/objects/deals/{id}", get(deal))
             .route("/_fake/changes", post(changes))
             .with_state(state);
         let base_url = super::serve_on(addr, app).await;

@@ -8,7 +8,7 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-use super::{Chaos, Clock, Reply};
+use super::{Chaos, Clock, Controls, Reply};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use bridge_core::timestamp::Timestamp;
 use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use super::Fault;
@@ -66,12 +66,8 @@ pub struct Received {
 }
 
 pub struct Data {
-    pub faults: VecDeque<Fault>,
-    pub chaos: Option<Chaos>,
-    pub clock: Clock,
-    /// Also enforce the rules whose reaction Meta does not document (each labelled UNCONFIRMED
-    /// in `rules`). On by default.
-    pub strict: bool,
+    /// Strictness covers the rules labelled UNCONFIRMED in `rules`.
+    pub controls: Controls,
     /// In strict mode, refuse Conversion Leads events (custom_data.event_source "crm") without
     /// user_data.lead_id (M-LEADS: "Required"; the refusal is UNCONFIRMED). On by default.
     pub require_lead_id: bool,
@@ -99,10 +95,7 @@ pub struct Data {
 impl Default for Data {
     fn default() -> Self {
         Data {
-            faults: VecDeque::new(),
-            chaos: None,
-            clock: Clock::System,
-            strict: true,
+            controls: Controls::default(),
             require_lead_id: true,
             pixels: HashSet::from([DEFAULT_PIXEL.to_string()]),
             tokens: HashMap::new(),
@@ -374,10 +367,7 @@ async fn events(
         {
             d.secrets_in_url += 1;
         }
-        let chaos = d.chaos.clone();
-        Fault::next(
-            &mut d.faults,
-            chaos.as_ref(),
+        d.controls.next_fault(
             // source: M-ERR, meta-capi.md (80004 throttling, code 2 service down; both transient)
             || {
                 (
@@ -397,7 +387,7 @@ async fn events(
         Ok(f) => f,
         Err(r) => return r,
     };
-    let strict = lock(&s.data).strict;
+    let strict = lock(&s.data).controls.strict;
     let Ok(query) =
         serde_urlencoded::from_str::<HashMap<String, String>>(query.as_deref().unwrap_or(""))
     else {
@@ -416,10 +406,10 @@ async fn events(
             Ok(e) => e,
             Err(r) => return r,
         };
-        let now = d.clock.now();
+        let now = d.controls.clock.now();
         let cx = rules::Context {
             now: now.unix_secs(),
-            strict: d.strict,
+            strict: d.controls.strict,
             require_lead_id: d.require_lead_id,
             poison: &d.poison,
         };
@@ -531,11 +521,6 @@ impl FakeMeta {
     }
 
     super::state_controls!();
-
-    /// Strict mode also enforces the rules whose reaction Meta does not document.
-    pub fn set_strict(&self, strict: bool) {
-        self.with(|d| d.strict = strict);
-    }
 
     /// Whether strict mode refuses Conversion Leads events without a lead_id.
     pub fn set_require_lead_id(&self, required: bool) {

@@ -96,9 +96,47 @@ impl Clock {
     }
 }
 
-/// The controls the Meta and Google fakes share over their state (`data`, with `faults`,
-/// `chaos` and `clock`): run a closure on it, queue a fault for the next requests, set the
-/// chaos, set and read the clock.
+/// What a test controls on a platform fake, whichever it is: faults queued for the next
+/// requests, the chaos weather, the clock, and whether the rules whose reaction the platform
+/// does not document (each labelled UNCONFIRMED where it is checked) are enforced.
+pub struct Controls {
+    pub faults: VecDeque<Fault>,
+    pub chaos: Option<Chaos>,
+    pub clock: Clock,
+    /// On by default.
+    pub strict: bool,
+}
+
+impl Default for Controls {
+    fn default() -> Self {
+        Controls {
+            faults: VecDeque::new(),
+            chaos: None,
+            clock: Clock::System,
+            strict: true,
+        }
+    }
+}
+
+impl Controls {
+    /// The fault for the next request (see [`Fault::next`]).
+    pub(crate) fn next_fault(
+        &mut self,
+        throttled: impl FnOnce() -> (u16, Value),
+        server_error: impl FnOnce() -> (u16, Value),
+    ) -> Option<Fault> {
+        Fault::next(
+            &mut self.faults,
+            self.chaos.as_ref(),
+            throttled,
+            server_error,
+        )
+    }
+}
+
+/// The controls the Meta and Google fakes share over their state (`data`, holding
+/// [`Controls`]): run a closure on it, queue a fault for the next requests, set the chaos, set
+/// and read the clock, turn strictness off.
 macro_rules! state_controls {
     () => {
         pub fn with<R>(&self, f: impl FnOnce(&mut Data) -> R) -> R {
@@ -106,19 +144,23 @@ macro_rules! state_controls {
         }
 
         pub fn inject(&self, f: Fault) {
-            self.with(|d| d.faults.push_back(f));
+            self.with(|d| d.controls.faults.push_back(f));
         }
 
         pub fn set_chaos(&self, chaos: Option<Chaos>) {
-            self.with(|d| d.chaos = chaos);
+            self.with(|d| d.controls.chaos = chaos);
         }
 
         pub fn set_clock(&self, clock: Clock) {
-            self.with(|d| d.clock = clock);
+            self.with(|d| d.controls.clock = clock);
         }
 
         pub fn clock(&self) -> Clock {
-            self.with(|d| d.clock.clone())
+            self.with(|d| d.controls.clock.clone())
+        }
+
+        pub fn set_strict(&self, strict: bool) {
+            self.with(|d| d.controls.strict = strict);
         }
     };
 }

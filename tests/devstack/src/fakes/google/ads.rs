@@ -48,10 +48,7 @@ pub(super) async fn handle(
     };
     let fault = {
         let mut d = lock(&s.data);
-        let chaos = d.chaos.clone();
-        Fault::next(
-            &mut d.faults,
-            chaos.as_ref(),
+        d.controls.next_fault(
             // source: google-ads-api.md (quota errors carry quotaErrorDetails.retryDelay)
             || {
                 (

@@ -329,7 +329,7 @@ fn check_adjustment(
     };
     let conv_at = ads_datetime(&conv.at).unwrap_or(at);
     // source: G-ERR-ADJ #6
-    if d.clock.now_ms() - conv_at.unix_ms() > EXPIRY_MS {
+    if d.controls.clock.now_ms() - conv_at.unix_ms() > EXPIRY_MS {
         return row_error(
             kind,
             "CONVERSION_EXPIRED",

@@ -253,7 +253,7 @@ fn check_click(
         // source: G-CONSENT (ad_personalization "can only be set for OfflineUserDataJobService and
         // UserDataService"). Google's reaction on a ClickConversion is UNCONFIRMED and the code is
         // the fake's own: strict mode only.
-        if d.strict && consent.ad_personalization.is_some() {
+        if d.controls.strict && consent.ad_personalization.is_some() {
             return row_error(
                 "fieldError",
                 "VALUE_MUST_BE_UNSET",
@@ -423,7 +423,7 @@ fn check_click_time(d: &Data, click: &Timestamp, at: Timestamp) -> Result<(), Ro
         );
     }
     // source: G-ERR-UP #44 ("The click ... occurred less than 6 hours ago. Retry after 6 hours")
-    if d.clock.now_ms() - click.unix_ms() < TOO_RECENT_MS {
+    if d.controls.clock.now_ms() - click.unix_ms() < TOO_RECENT_MS {
         return row_error(
             kind,
             "TOO_RECENT_EVENT",

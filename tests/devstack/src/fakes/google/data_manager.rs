@@ -482,7 +482,10 @@ fn check_event(
     };
     // third-party, live-tested (treg #151): an all-digit transactionId is refused, and validateOnly
     // does not catch it. Strict mode only.
-    if d.strict && req.validate_only != Some(true) && txn.bytes().all(|b| b.is_ascii_digit()) {
+    if d.controls.strict
+        && req.validate_only != Some(true)
+        && txn.bytes().all(|b| b.is_ascii_digit())
+    {
         return v(
             "transaction_id",
             "INVALID_FORMAT",
@@ -502,14 +505,14 @@ fn check_event(
     }
     // the fake's own rules (UNCONFIRMED: no source bounds the value or requires the currency).
     // Strict mode only.
-    if d.strict && e.conversion_value.is_some_and(|x| x < 0.0) {
+    if d.controls.strict && e.conversion_value.is_some_and(|x| x < 0.0) {
         return v(
             "conversion_value",
             "INVALID_FORMAT",
             "conversion_value must not be negative (the fake's own rule)",
         );
     }
-    if d.strict && e.conversion_value.is_some() && e.currency.is_none() {
+    if d.controls.strict && e.conversion_value.is_some() && e.currency.is_none() {
         return v(
             "currency",
             "REQUIRED_FIELD_MISSING",
@@ -533,7 +536,7 @@ fn check_event(
     if let Some(a) = &e.ad_identifiers {
         let _ = (&a.session_attributes, &a.landing_page_device_info);
         // the fake's own rule (UNCONFIRMED for Data Manager; the Ads API's GBRAID_WBRAID_BOTH_SET).
-        if d.strict && a.gbraid.is_some() && a.wbraid.is_some() {
+        if d.controls.strict && a.gbraid.is_some() && a.wbraid.is_some() {
             return v(
                 "ad_identifiers",
                 "INVALID_FORMAT",
@@ -674,11 +677,8 @@ pub(super) async fn ingest(State(s): State<FakeGoogle>, headers: HeaderMap, body
     }
     let fault = {
         let mut d = lock(&s.data);
-        let chaos = d.chaos.clone();
         let seq = d.requests.len();
-        Fault::next(
-            &mut d.faults,
-            chaos.as_ref(),
+        d.controls.next_fault(
             // source: DM-LIM (429 RESOURCE_EXHAUSTED over quota)
             || {
                 (
@@ -770,7 +770,7 @@ pub(super) async fn ingest(State(s): State<FakeGoogle>, headers: HeaderMap, body
                     events: events_for(&raw, &req, dst.reference.as_deref().unwrap_or_default()),
                 })
                 .collect();
-            let received_at = d.clock.now();
+            let received_at = d.controls.clock.now();
             d.dm_jobs.push(DmJob {
                 request_id: request_id.clone(),
                 received_at,

@@ -129,7 +129,7 @@ pub struct DmJob {
 
 /// Completes every job that is due: polled enough and old enough on the clock, or forced.
 pub(super) fn process_due(d: &mut Data) {
-    let now = d.clock.now();
+    let now = d.controls.clock.now();
     for i in 0..d.dm_jobs.len() {
         let j = &d.dm_jobs[i];
         let due = j.outcome.is_none()
@@ -212,7 +212,7 @@ fn failure(d: &Data, job: &DmJob, dest: &DmJobDestination, e: &Value) -> Option<
             if at.is_some_and(|t| t.unix_ms() < click.unix_ms()) {
                 return reason("CONVERSION_PRECEDES_CLICK");
             }
-            if d.clock.now_ms() - click.unix_ms() < TOO_RECENT_MS {
+            if d.controls.clock.now_ms() - click.unix_ms() < TOO_RECENT_MS {
                 return reason("TOO_RECENT_CLICK");
             }
         }

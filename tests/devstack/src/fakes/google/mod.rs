@@ -15,13 +15,13 @@ mod shared;
 #[cfg(test)]
 mod tests;
 
-use super::{Chaos, Clock};
+use super::{Chaos, Clock, Controls};
 use axum::Router;
 use axum::routing::{get, post};
 use bridge_core::timestamp::Timestamp;
 use serde_json::{Value, json};
 use shared::lock;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,11 +73,7 @@ pub struct Conversion {
 }
 
 pub struct Data {
-    pub faults: VecDeque<Fault>,
-    pub chaos: Option<Chaos>,
-    pub clock: Clock,
-    /// Also enforce the rules whose reaction Google does not document (each labelled). On by default.
-    pub strict: bool,
+    pub controls: Controls,
 
     // OAuth
     /// Access tokens issued.
@@ -155,10 +151,7 @@ pub struct Data {
 impl Default for Data {
     fn default() -> Self {
         Data {
-            faults: VecDeque::new(),
-            chaos: None,
-            clock: Clock::System,
-            strict: true,
+            controls: Controls::default(),
             tokens: HashMap::new(),
             token_grants: 0,
             token_lifetime_secs: 0,
@@ -256,10 +249,6 @@ impl FakeGoogle {
     }
 
     super::state_controls!();
-
-    pub fn set_strict(&self, strict: bool) {
-        self.with(|d| d.strict = strict);
-    }
 
     /// Invalidates every token issued so far (they "expire" mid-run).
     pub fn expire_tokens(&self) {

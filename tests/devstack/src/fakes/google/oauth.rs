@@ -87,7 +87,7 @@ pub(super) async fn token(State(s): State<FakeGoogle>, body: Bytes) -> Reply {
         d.token_lifetime_secs
     };
     let scopes = d.refresh_token_scopes.clone();
-    let expires_at = d.clock.now().plus_secs(lifetime as i64);
+    let expires_at = d.controls.clock.now().plus_secs(lifetime as i64);
     d.tokens.insert(
         t.clone(),
         Token {
@@ -112,7 +112,7 @@ pub(super) fn authorized(s: &FakeGoogle, headers: &HeaderMap, scope: &str) -> Re
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let mut d = lock(&s.data);
-    let now = d.clock.now();
+    let now = d.controls.clock.now();
     let token = bearer.and_then(|t| d.tokens.get(t)).cloned();
     match token {
         Some(t) if !t.revoked && now < t.expires_at => {
