@@ -508,6 +508,9 @@ async fn a_refused_connection_leaves_no_secret_in_logs_store_or_dlq() {
 
 /// The Meta platform with credentials read on first use, as the sender Lambda builds it, from
 /// `read` (standing in for the SSM read).
+/// How long a failed credentials read answers for here (5 s in the functions).
+const READ_FAILURE_HOLD: Duration = Duration::from_secs(2);
+
 fn platform_reading<F, Fut>(fake: &FakeMeta, read: F) -> MetaPlatform
 where
     F: Fn() -> Fut + Send + Sync + 'static,
@@ -523,7 +526,7 @@ where
             timeout: Duration::from_secs(10),
         },
         Mapping::bundled().unwrap(),
-        Deferred::read(read),
+        Deferred::read(read).with_failure_hold(READ_FAILURE_HOLD),
     )
 }
 
@@ -585,8 +588,15 @@ async fn credentials_read_once_ssm_answers_again_deliver_the_retried_pairs() {
     assert_eq!(fake.requests(), 0);
     let s = store.get_sync(&events[0].event_id).destinations[&Destination::Meta].clone();
     assert_eq!(s.last_error.unwrap().code, "credentials_unavailable");
-
+    // SSM answers again, but within the hold the failure stands without another read: the
+    // batch's other groups, or a batch right after it, do not each wait on SSM.
     up.store(true, Ordering::SeqCst);
+    let reads_failed = reads.load(Ordering::SeqCst);
+    let _ = deliver(&[recent("T-held")], &p).await;
+    assert_eq!(reads.load(Ordering::SeqCst), reads_failed);
+    assert_eq!(fake.requests(), 0);
+
+    tokio::time::sleep(READ_FAILURE_HOLD).await;
     let later = now.plus_secs(60);
     let r = process_batch(records, &p, &store, &queue, &fast_retries(), later).await;
     assert_eq!(r.count(PairResult::Delivered), 20, "{r:?}");

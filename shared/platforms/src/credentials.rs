@@ -7,7 +7,14 @@ use bridge_core::delivery::{ErrorCode, ErrorInfo, Outcome};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a failed read answers for the reads after it: as long as one read may take (the
+/// senders bound an SSM read by 5 s), so the other groups of a batch meet the same error at
+/// once instead of each waiting on SSM again, and an SSM that throttles is not asked harder.
+pub const FAILURE_HOLD: Duration = Duration::from_secs(5);
 
 /// Why credentials could not be read. The message names what was read (a parameter's name),
 /// never a value.
@@ -41,11 +48,13 @@ type Read<T> =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<T, ReadError>> + Send>> + Send + Sync>;
 
 /// A platform's credentials: given (tests, operators' tools) or read on first use. A read
-/// that failed is not kept, so the next use reads again (after an operator fixed a
-/// parameter, a redrive succeeds without a new deploy).
+/// that failed is not kept: its error answers for [`FAILURE_HOLD`], then the next use reads
+/// again (after an operator fixed a parameter, a redrive succeeds without a new deploy).
 pub struct Deferred<T> {
     cell: Arc<tokio::sync::OnceCell<T>>,
     read: Option<Read<T>>,
+    failed: Arc<Mutex<Option<(Instant, ReadError)>>>,
+    hold: Duration,
 }
 
 impl<T> Clone for Deferred<T> {
@@ -53,6 +62,8 @@ impl<T> Clone for Deferred<T> {
         Deferred {
             cell: self.cell.clone(),
             read: self.read.clone(),
+            failed: self.failed.clone(),
+            hold: self.hold,
         }
     }
 }
@@ -73,6 +84,8 @@ impl<T> From<T> for Deferred<T> {
         Deferred {
             cell: Arc::new(tokio::sync::OnceCell::new_with(Some(value))),
             read: None,
+            failed: Arc::default(),
+            hold: FAILURE_HOLD,
         }
     }
 }
@@ -91,6 +104,8 @@ impl<T: Send + Sync + 'static> Deferred<T> {
         let d = Deferred {
             cell: Arc::new(tokio::sync::OnceCell::new()),
             read: Some(Arc::new(move || Box::pin(read()))),
+            failed: Arc::default(),
+            hold: FAILURE_HOLD,
         };
         let first = d.clone();
         tokio::spawn(async move {
@@ -109,17 +124,44 @@ impl<T: Send + Sync + 'static> Deferred<T> {
         Some(vec![e.outcome(); rows])
     }
 
-    /// The credentials, read now if no read has succeeded yet. Concurrent callers wait for
-    /// the read in flight; when it fails, each of them reads again in turn (a batch's
-    /// groups, each bounded by the read's own timeout).
+    /// The same credentials with failures held for `hold` instead of [`FAILURE_HOLD`] (tests
+    /// that cannot wait five seconds).
+    pub fn with_failure_hold(mut self, hold: Duration) -> Self {
+        self.hold = hold;
+        self
+    }
+
+    /// The credentials, read now if no read has succeeded yet and none failed within the
+    /// hold. Concurrent callers wait for the read in flight; when it fails, they get its error.
     pub async fn get(&self) -> Result<&T, ReadError> {
-        match &self.read {
-            Some(read) => self.cell.get_or_try_init(|| read()).await,
-            None => self.cell.get().ok_or_else(|| ReadError {
+        let Some(read) = &self.read else {
+            return self.cell.get().ok_or_else(|| ReadError {
                 message: "no credentials were given".into(),
                 permanent: true,
-            }),
-        }
+            });
+        };
+        self.cell
+            .get_or_try_init(|| async {
+                if let Some(e) = self.held_failure() {
+                    return Err(e);
+                }
+                let result = read().await;
+                if let Err(e) = &result {
+                    *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((Instant::now(), e.clone()));
+                }
+                result
+            })
+            .await
+    }
+
+    /// The last read's error, while it is held.
+    fn held_failure(&self) -> Option<ReadError> {
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < self.hold)
+            .map(|(_, e)| e.clone())
     }
 }
 
@@ -152,7 +194,7 @@ mod tests {
         assert_eq!(reads.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_read_is_not_kept_and_the_next_use_reads_again() {
         let reads = Arc::new(AtomicUsize::new(0));
         let counted = reads.clone();
@@ -174,6 +216,12 @@ mod tests {
             tokio::task::yield_now().await;
         }
         tokio::task::yield_now().await;
+        // Within the hold, every use (concurrent ones too) gets that error without a read.
+        let (a, b) = tokio::join!(d.get(), d.get());
+        assert!(a.is_err() && b.is_err());
+        assert!(a.unwrap_err().message.contains("/bridge/token"));
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        tokio::time::advance(FAILURE_HOLD).await;
         assert_eq!(d.get().await.unwrap(), "token");
         assert_eq!(reads.load(Ordering::SeqCst), 2);
     }
