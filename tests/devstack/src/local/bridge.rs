@@ -165,7 +165,12 @@ impl Bridge {
         }
         let mut env = BTreeMap::new();
         env.insert("AWS_ENDPOINT_URL".to_string(), crate::endpoint());
-        env.insert("AWS_REGION".to_string(), "us-east-1".to_string());
+        // The Region the stack's queues, table and parameters were made in (AWS_REGION, else
+        // us-east-1), so the functions find them.
+        let region = aws
+            .region()
+            .map_or("us-east-1".to_string(), |r| r.to_string());
+        env.insert("AWS_REGION".to_string(), region);
         for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
             let v = std::env::var(k)
                 .ok()
