@@ -506,11 +506,12 @@ async fn a_refused_connection_leaves_no_secret_in_logs_store_or_dlq() {
     }
 }
 
+/// How long a failed credentials read answers for here (5 s in the functions): long enough
+/// that the checks within it never run past it on a loaded machine.
+const READ_FAILURE_HOLD: Duration = Duration::from_secs(3);
+
 /// The Meta platform with credentials read on first use, as the sender Lambda builds it, from
 /// `read` (standing in for the SSM read).
-/// How long a failed credentials read answers for here (5 s in the functions).
-const READ_FAILURE_HOLD: Duration = Duration::from_secs(2);
-
 fn platform_reading<F, Fut>(fake: &FakeMeta, read: F) -> MetaPlatform
 where
     F: Fn() -> Fut + Send + Sync + 'static,

@@ -311,7 +311,8 @@ pub fn read_error(e: &ParameterError) -> ReadError {
 /// Credentials built from the SSM parameters `names`, read in one request that starts now and
 /// is waited for at their first use (see [`Deferred`]), within [`READ_TIMEOUT`]. What
 /// [`read_error`] calls permanent, or values `build` refuses, are dead-lettered with an alert;
-/// anything else is retried at the next use.
+/// anything else is retried with the pair's backoff. Either error answers for
+/// [`bridge_platforms::credentials::FAILURE_HOLD`], then the next use reads again.
 pub fn deferred_parameters<T, B>(cfg: &SdkConfig, names: Vec<String>, build: B) -> Deferred<T>
 where
     T: Send + Sync + 'static,
