@@ -583,6 +583,82 @@ async fn events_stored_with_their_identity_inline_are_read_scrubbed_and_erased()
     erased_whole(&store, &e.key, now).await;
 }
 
+/// An event whose identity is small (an email, for Meta alone) keeps it on its event item:
+/// one write of one unit at ingest instead of two, no identity item, and the readers, the
+/// claim and erasure find it there as they find a release 1 event's (whose retention scrubs
+/// `events_stored_with_their_identity_inline_are_read_scrubbed_and_erased` covers).
+#[tokio::test]
+#[ignore = "needs the local AWS emulator: bash infra/local/test.sh starts it and runs this"]
+async fn a_small_identity_is_written_with_its_event_in_one_unit() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let stack = Stack::create("small_identity", &[]);
+    let table = stack.var("TABLE_NAME");
+    // The functions' own SDK configuration: the emulator's meter bills their requests, not
+    // the harness's.
+    let aws = bridge_aws::clients::sdk_config().await.unwrap();
+    let client = bridge_aws::clients::dynamodb(&aws);
+    let store = DynamoStore::new(client.clone(), table.clone(), 400);
+    let now = Timestamp::now();
+    let person = format!("small-{}@example.com", now.unix_ms());
+    let mut e = sample_event("SMALL-1", "lead", None, None, "2026-01-01T10:00:00Z");
+    e.destinations.remove(&Destination::Google);
+    let (ident, _) = bridge_core::identity::normalize(
+        &bridge_core::identity::IdentityInput {
+            email: Some(person.clone()),
+            ..Default::default()
+        },
+        &bridge_core::identity::IdentityContext {
+            default_region: bridge_core::identity::parse_region("US").unwrap(),
+            occurred_at_ms: 0,
+        },
+    );
+    e.identity = ident.clone();
+    let units = || async {
+        let url = format!(
+            "{}/_bridge/write-units?table={table}",
+            bridge_tests::endpoint()
+        );
+        let http = bridge_platforms::http::client().unwrap();
+        let all: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        (
+            all[&table]["table"].as_f64().unwrap_or(0.0),
+            all[&table]["writes"].as_f64().unwrap_or(0.0),
+        )
+    };
+    let before = units().await;
+    assert_eq!(store.put_new(&e).await.unwrap(), PutOutcome::Created);
+    let after = units().await;
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1.0, 1.0));
+    let item = |sk: &str| {
+        let (client, table, key) = (client.clone(), table.clone(), e.key.clone());
+        let sk = sk.to_string();
+        async move {
+            client
+                .get_item()
+                .table_name(table)
+                .key("pk", AttributeValue::S(format!("EV#{key}")))
+                .key("sk", AttributeValue::S(sk))
+                .consistent_read(true)
+                .send()
+                .await
+                .unwrap()
+                .item()
+                .cloned()
+        }
+    };
+    assert!(item("IDENTITY").await.is_none(), "no identity item");
+    assert!(item("EVENT").await.unwrap().contains_key("identity"));
+    assert_eq!(store.put_new(&e).await.unwrap(), PutOutcome::Duplicate);
+
+    assert_eq!(store.get(&e.key).await.unwrap().unwrap().identity, ident);
+    let claimed = claimed(&store, &e.key, Destination::Meta, now).await;
+    assert_eq!(claimed.identity, ident, "the sender gets the identity");
+    let hash = ident.meta.em.clone().unwrap();
+    let found = store.find_for_erasure(None, &[hash]).await.unwrap();
+    assert_eq!(found.len(), 1);
+    erased_whole(&store, &e.key, now).await;
+}
+
 /// The reconciliation report's read: the events of a business-time period, from the table
 /// and from the in-memory store alike (the report reads no identifier, so the DynamoDB store
 /// leaves the identity item unread).

@@ -12,8 +12,10 @@
 //!   once before the event item and changed only by retention and
 //!   erasure. Kept apart because every claim and result rewrites the event item and is
 //!   billed for its whole size: without the identity (about 600 bytes for a full profile)
-//!   an event item stays within the 1 KB of one write unit. Items written by release 1
-//!   and earlier hold `identity` on the event item; readers take it from there.
+//!   an event item stays within the 1 KB of one write unit. A small identity (an email and
+//!   little else) that keeps the event item within 1 KB through its deliveries stays on the
+//!   event item instead ([`inline_identity`]): one write at ingest, not two. Items written by
+//!   release 1 and earlier hold `identity` on the event item too; readers take it from there.
 //! - `ord`, `ord_sk`: set on revenue events only, keys of the sparse `by-order-keys` index,
 //!   which projects keys only: a state write changes no key, so it writes nothing there.
 //! - `<destination>_sw`, `<destination>_due`: set only while that destination is open, keys
@@ -133,6 +135,59 @@ fn key(event_key: &str) -> Item {
 
 fn identity_key(event_key: &str) -> Item {
     item_key(pk(event_key), IDENTITY_SK)
+}
+
+/// The bytes of one write unit: DynamoDB bills a write for each started KB of the item, the
+/// larger of before and after. source: DynamoDB Developer Guide, "Read/write capacity mode"
+/// (write request units)
+const WRITE_UNIT_BYTES: usize = 1024;
+
+/// What one open destination adds to an event item before it closes: a claim and a result
+/// with its log entry (about 230 bytes), and room for one retry's entry and error (459 bytes
+/// in all, measured in `an_inlined_identity_keeps_the_item_in_one_write_unit_through_a_retry_and_a_delivery`).
+/// A pair retried more than once may then cross 1 KB, and its later writes cost two units.
+const DELIVERY_GROWTH: usize = 480;
+
+/// An item's size as DynamoDB counts it: each attribute's name and value; a string or binary
+/// by its bytes, a number by its significant digits (two a byte, plus one), a boolean or null
+/// 1 byte, a map or list 3 bytes plus 1 per element (and a map element's name). source:
+/// DynamoDB Developer Guide, "Item sizes and formats"
+fn item_bytes(item: &Item) -> usize {
+    item.iter().map(|(k, v)| k.len() + value_bytes(v)).sum()
+}
+
+fn value_bytes(v: &AttributeValue) -> usize {
+    let number = |n: &str| {
+        let mantissa = n.trim_start_matches(['+', '-']);
+        let mantissa = mantissa.split(['e', 'E']).next().unwrap_or_default();
+        let digits = mantissa.replace('.', "");
+        digits.trim_matches('0').len().div_ceil(2) + 1
+    };
+    match v {
+        AttributeValue::S(s) => s.len(),
+        AttributeValue::N(n) => number(n),
+        AttributeValue::B(b) => b.as_ref().len(),
+        AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+        AttributeValue::Ss(v) => v.iter().map(String::len).sum(),
+        AttributeValue::Ns(v) => v.iter().map(|n| number(n)).sum(),
+        AttributeValue::Bs(v) => v.iter().map(|b| b.as_ref().len()).sum(),
+        AttributeValue::L(l) => 3 + l.iter().map(|x| 1 + value_bytes(x)).sum::<usize>(),
+        AttributeValue::M(m) => {
+            3 + m
+                .iter()
+                .map(|(k, x)| 1 + k.len() + value_bytes(x))
+                .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+/// Whether the event item keeps `identity` (the identity item's attribute) itself: when the
+/// item with it, grown by [`DELIVERY_GROWTH`] for each of its `open` destinations, still fits
+/// one write unit. Then ingest is one write, and no claim or result costs more for it.
+fn inline_identity(item: &Item, identity: &AttributeValue, open: usize) -> bool {
+    let with = item_bytes(item) + "identity".len() + value_bytes(identity);
+    with + DELIVERY_GROWTH * open <= WRITE_UNIT_BYTES
 }
 
 fn order_item(order_id: &str) -> Item {
@@ -619,7 +674,19 @@ fn from_item(item: &Item, now: Timestamp) -> Result<Option<CanonicalEvent>, Stor
 #[async_trait]
 impl EventStore for DynamoStore {
     async fn put_new(&self, event: &CanonicalEvent) -> Result<PutOutcome, StoreError> {
-        let (item, identity) = self.to_item(event)?;
+        let (mut item, identity) = self.to_item(event)?;
+        let open = event
+            .destinations
+            .values()
+            .filter(|s| s.sweep_due().is_some())
+            .count();
+        let inline = match identity.get("identity") {
+            Some(idn) if inline_identity(&item, idn, open) => {
+                item.insert("identity".into(), idn.clone());
+                true
+            }
+            _ => false,
+        };
         let mut conflict = None;
         if event.event_id_origin == EventIdOrigin::Provided && event.key != event.event_id {
             match self.reserve_event_id(event).await? {
@@ -642,14 +709,18 @@ impl EventStore for DynamoStore {
         // The identity first, so an event item never exists without it (a crash between the
         // two leaves an identity item the webhook's retry finds and keeps). Only if absent:
         // an erased identity must not come back with a replayed webhook.
-        let r = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(identity))
-            .condition_expression("attribute_not_exists(pk)")
-            .send()
-            .await;
+        let r = match inline {
+            true => Ok(()),
+            false => self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(identity))
+                .condition_expression("attribute_not_exists(pk)")
+                .send()
+                .await
+                .map(|_| ()),
+        };
         if let Err(e) = r
             && !conditional_failed(&e)
         {
@@ -1336,6 +1407,116 @@ mod tests {
         let v = json!({"a": 1200.5, "b": 3, "c": [true, null, "x"]});
         let back = from_av(&to_av(&v, false).unwrap()).unwrap();
         assert_eq!(back, json!({"a": 1200.5, "b": 3, "c": [true, "x"]}));
+    }
+
+    /// A lead for Meta alone, as the bundled contract maps it, with `identity`; the event
+    /// item and identity item `put_new` would start from.
+    fn lead(identity: serde_json::Value) -> (CanonicalEvent, Item, Item) {
+        use bridge_core::event::{ValidationContext, parse_event_json, validate};
+        let now = Timestamp::parse_rfc3339("2026-11-28T12:00:00Z").unwrap();
+        let v = json!({"source": "hubspot", "event_name": "lead", "occurred_at": "2026-11-28T11:00:00Z",
+            "entity_type": "contact", "entity_id": "123456789", "identity": identity,
+            "consent": {"status": "granted"}});
+        let ctx = ValidationContext::for_tests(now);
+        let mut e = validate(&parse_event_json(&v.to_string()).unwrap(), &ctx).unwrap();
+        e.destinations.insert(
+            Destination::Meta,
+            DestinationState::new(DeliveryStatus::Pending, now),
+        );
+        let (item, identity) = unconnected().to_item(&e).unwrap();
+        (e, item, identity)
+    }
+
+    /// A store whose items can be built; it sends nothing.
+    fn unconnected() -> DynamoStore {
+        DynamoStore {
+            client: Client::from_conf(
+                aws_sdk_dynamodb::Config::builder()
+                    .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+                    .build(),
+            ),
+            table: "t".into(),
+            retention_secs: 400 * 86_400,
+        }
+    }
+
+    /// The allowance holds: an email-only lead keeps its identity inline, and after a retry
+    /// (its error and log entry) and a delivery the item is still one write unit; a full
+    /// profile's identity never goes inline.
+    #[test]
+    fn an_inlined_identity_keeps_the_item_in_one_write_unit_through_a_retry_and_a_delivery() {
+        use bridge_core::delivery::{DeliveryLogEntry, ErrorCode, ErrorInfo, PairResult};
+        let (mut e, item, identity) = lead(json!({"email": "first.last@example.com"}));
+        assert!(inline_identity(&item, &identity["identity"], 1));
+        let at = e.received_at;
+        let s = e.destinations.get_mut(&Destination::Meta).unwrap();
+        s.status = DeliveryStatus::Delivered;
+        s.attempts = 2;
+        s.updated_at = at.plus_secs(900);
+        s.last_error = Some(ErrorInfo::new(
+            ErrorCode::http(503),
+            "Meta answered HTTP 503: service temporarily unavailable (code 2, transient)",
+        ));
+        s.log = vec![
+            DeliveryLogEntry {
+                error: s.last_error.clone(),
+                platform_ref: Some("AbCdEfGhIjKlMnOpQrStUvW".into()),
+                ..DeliveryLogEntry::new(1, PairResult::Retry, at.plus_secs(1))
+            },
+            DeliveryLogEntry {
+                platform_ref: Some("AbCdEfGhIjKlMnOpQrStUvW".into()),
+                sent_as: Some("Lead".into()),
+                ..DeliveryLogEntry::new(2, PairResult::Delivered, at.plus_secs(900))
+            },
+        ];
+        let (mut after, _) = unconnected().to_item(&e).unwrap();
+        after.insert("identity".into(), identity["identity"].clone());
+        let before = item_bytes(&item) + "identity".len() + value_bytes(&identity["identity"]);
+        let grown = item_bytes(&after);
+        println!(
+            "an email-only lead: {before} bytes at ingest, {grown} after a retry and a delivery"
+        );
+        assert!(
+            grown <= WRITE_UNIT_BYTES,
+            "{grown} bytes after a retry and a delivery"
+        );
+        assert!(
+            grown - before <= DELIVERY_GROWTH,
+            "grew {} bytes, the allowance is {DELIVERY_GROWTH}",
+            grown - before
+        );
+
+        let full = json!({"email": "a@example.com", "phone": "+1 650 555 1234", "first_name": "Ada",
+            "last_name": "Lovelace", "city": "Menlo Park", "state": "CA", "zip": "94025",
+            "country": "US", "external_id": "crm-1", "gclid": "Cj0-test"});
+        let (_, item, identity) = lead(full);
+        assert!(!inline_identity(&item, &identity["identity"], 1));
+    }
+
+    #[test]
+    fn item_sizes_follow_dynamodbs_rules() {
+        let item = Item::from([
+            ("ab".to_string(), s("héllo")),
+            ("n".to_string(), AttributeValue::N("-1200.50".into())),
+            ("b".to_string(), AttributeValue::B(Blob::new(vec![0u8; 32]))),
+            (
+                "m".to_string(),
+                AttributeValue::M(HashMap::from([(
+                    "x".to_string(),
+                    AttributeValue::Bool(true),
+                )])),
+            ),
+            (
+                "l".to_string(),
+                AttributeValue::L(vec![AttributeValue::Null(true), s("yz")]),
+            ),
+        ]);
+        // "ab" + 6 UTF-8 bytes; "n" + 3 significant digits (12005 -> 5 digits: 3 bytes) + 1;
+        // "b" + 32; "m" + 3 + (1 + "x" + 1); "l" + 3 + (1 + 1) + (1 + 2).
+        assert_eq!(
+            item_bytes(&item),
+            (2 + 6) + (1 + 4) + (1 + 32) + (1 + 6) + (1 + 8)
+        );
     }
 
     #[test]
