@@ -706,9 +706,10 @@ impl EventStore for DynamoStore {
                 Reservation::Other(src) => conflict = Some(src),
             }
         }
-        // The identity first, so an event item never exists without it (a crash between the
-        // two leaves an identity item the webhook's retry finds and keeps). Only if absent:
-        // an erased identity must not come back with a replayed webhook.
+        // An identity of its own is written first, so an event item never exists without it (a
+        // crash between the two leaves an identity item the webhook's retry finds and keeps).
+        // Only if absent: an erased identity must not come back with a replayed webhook. An
+        // inline identity comes with the event item's one conditional write.
         let r = match inline {
             true => Ok(()),
             false => self

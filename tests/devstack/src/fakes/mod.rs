@@ -119,18 +119,30 @@ impl Default for Controls {
 }
 
 impl Controls {
-    /// The fault for the next request (see [`Fault::next`]).
+    /// The fault for the next request: a queued one first, else one rolled from the chaos
+    /// weather. `throttled` and `server_error` give the fake's own shapes for those kinds.
     pub(crate) fn next_fault(
         &mut self,
         throttled: impl FnOnce() -> (u16, Value),
         server_error: impl FnOnce() -> (u16, Value),
     ) -> Option<Fault> {
-        Fault::next(
-            &mut self.faults,
-            self.chaos.as_ref(),
-            throttled,
-            server_error,
-        )
+        if let Some(f) = self.faults.pop_front() {
+            return Some(f);
+        }
+        let c = self.chaos.as_ref()?;
+        Some(match c.roll()? {
+            ChaosKind::Throttled => {
+                let (s, b) = throttled();
+                Fault::Respond(s, b)
+            }
+            ChaosKind::ServerError => {
+                let (s, b) = server_error();
+                Fault::Respond(s, b)
+            }
+            ChaosKind::Slow => Fault::Slow(c.hold),
+            ChaosKind::AcceptThenTimeout => Fault::AcceptThenTimeout(c.hold),
+            ChaosKind::AcceptThenCrash => Fault::AcceptThenCrash(c.crash.clone()?),
+        })
     }
 }
 
@@ -180,33 +192,6 @@ pub enum Fault {
 }
 
 impl Fault {
-    /// The fault for the next request: a queued one first, else one rolled from the chaos
-    /// weather. `throttled` and `server_error` give the fake's own shapes for those kinds.
-    pub(crate) fn next(
-        queue: &mut VecDeque<Fault>,
-        chaos: Option<&Chaos>,
-        throttled: impl FnOnce() -> (u16, Value),
-        server_error: impl FnOnce() -> (u16, Value),
-    ) -> Option<Fault> {
-        if let Some(f) = queue.pop_front() {
-            return Some(f);
-        }
-        let c = chaos?;
-        Some(match c.roll()? {
-            ChaosKind::Throttled => {
-                let (s, b) = throttled();
-                Fault::Respond(s, b)
-            }
-            ChaosKind::ServerError => {
-                let (s, b) = server_error();
-                Fault::Respond(s, b)
-            }
-            ChaosKind::Slow => Fault::Slow(c.hold),
-            ChaosKind::AcceptThenTimeout => Fault::AcceptThenTimeout(c.hold),
-            ChaosKind::AcceptThenCrash => Fault::AcceptThenCrash(c.crash.clone()?),
-        })
-    }
-
     /// Before processing: a `Respond` is the answer (`Err`), a `Slow` waits. What remains to do
     /// after processing is returned.
     pub(crate) async fn before(fault: Option<Fault>) -> Result<Option<Fault>, Reply> {
